@@ -1,0 +1,35 @@
+//! # karibche — a secure data-exchange gateway between state agencies
+//!
+//! Ministries ask each other, and above all the central register of
+//! foreigners, for records about non-citizens. Every request crosses this
+//! gateway, which:
+//!
+//! 1. knows which **agency** asks, from its TLS client certificate ([`tls`], [`identity`]);
+//! 2. knows which **officer** asks and **why**, from a JWT signed by the agency ([`token`]);
+//! 3. decides from the **policy files** administrators edit ([`policy`]);
+//! 4. forwards to the **provider** and releases only the granted fields ([`proxy`], [`minimise`]);
+//! 5. commits a tamper-evident **audit record** before any data leaves ([`audit`]).
+//!
+//! The built-in register of foreigners ([`registry`]) is a provider like any
+//! other, on its own TLS listener. [`admin`] serves health and metrics;
+//! [`store`] holds the database (SQLite by default, PostgreSQL for replicas).
+//! [`serve`](crate::server::serve) runs all of it; the `karibche` binary only
+//! parses its command line and calls into this library.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod minimise;
+pub mod pki;
+pub mod policy;
+pub mod problem;
+pub mod proxy;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod token;
