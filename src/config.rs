@@ -1,1 +1,404 @@
-//! (to be written)
+//! The gateway's own settings: listen addresses, paths, database, limits.
+//!
+//! Every field has a development default, so `karibche serve` with no
+//! arguments runs the whole system from `./var/` and `./policies/`. A real
+//! deployment passes `--config FILE` (TOML, same names as the fields here).
+//! Loading is parse → [`Config::validate`] (every problem reported at once)
+//! → an immutable value the server shares behind an `Arc`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// All settings of one gateway node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where generated development files live (PKI, keys, SQLite database). Default `var`.
+    pub data_dir: PathBuf,
+    /// The policy files administrators edit. Default `policies`.
+    pub policies_dir: PathBuf,
+    /// `sqlite://…` (default `sqlite://<data_dir>/karibche.db`) or `postgres://…`.
+    pub database_url: Option<String>,
+    /// This node's name in the audit log; each node keeps its own hash chain. Default `node-1`.
+    pub node: String,
+    /// The gateway listener agencies connect to.
+    pub gateway: GatewayConfig,
+    /// The built-in register of foreigners.
+    pub registry: RegistryConfig,
+    /// Health, readiness and metrics.
+    pub admin: AdminConfig,
+    /// Certificates and keys; relative paths are under `data_dir`.
+    pub tls: TlsConfig,
+    /// Officer tokens.
+    pub tokens: TokenConfig,
+    /// The audit log writer.
+    pub audit: AuditSettings,
+}
+
+/// The gateway listener and its bounds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address agencies connect to. Default `127.0.0.1:8443`.
+    pub listen: SocketAddr,
+    /// Connections served at once; further ones wait in the kernel backlog. Default 4096.
+    pub max_connections: usize,
+    /// Time allowed for a TLS handshake. Default 10 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub handshake_timeout: Duration,
+    /// Time allowed to send the request headers (slowloris bound). Default 10 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub header_timeout: Duration,
+    /// Largest request body accepted. Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Largest provider response accepted. Default 16 MiB.
+    pub max_response_bytes: usize,
+    /// Time a provider has to answer. Default 10 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub upstream_timeout: Duration,
+    /// How long in-flight requests may take to finish at shutdown. Default 20 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace: Duration,
+}
+
+/// The built-in register of foreigners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Run the built-in register in this process. Default true.
+    pub enabled: bool,
+    /// Its TLS listener (only the gateway's certificate may call it). Default `127.0.0.1:8444`.
+    pub listen: SocketAddr,
+    /// Synthetic persons seeded into an empty register. Default 10,000.
+    pub seed_persons: usize,
+    /// Seed of the synthetic data generator. Default 2013 (the programme's start).
+    pub seed: u64,
+}
+
+/// Health and metrics listener (plain HTTP; keep it on a private interface).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Default `127.0.0.1:9090`.
+    pub listen: SocketAddr,
+}
+
+/// Certificate and key files; relative paths resolve under `data_dir`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// CA bundle that agency client certificates must chain to. Default `pki/ca.pem`.
+    pub client_ca: PathBuf,
+    /// The gateway's certificate chain (server, and client towards providers). Default `pki/gateway.pem`.
+    pub cert: PathBuf,
+    /// The gateway's private key. Default `pki/gateway.key`.
+    pub key: PathBuf,
+    /// CA bundle that provider certificates must chain to. Default `pki/ca.pem`.
+    pub provider_ca: PathBuf,
+    /// The built-in register's certificate. Default `pki/registry.pem`.
+    pub registry_cert: PathBuf,
+    /// The built-in register's key. Default `pki/registry.key`.
+    pub registry_key: PathBuf,
+    /// Generate a development PKI for missing files on start. Default true; turn off in production.
+    pub generate_dev_pki: bool,
+}
+
+/// Officer token verification.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// The `aud` every token must carry. Default `karibche`.
+    pub audience: String,
+    /// Directory of agency verification keys, `<agency>.pub.pem`. Default `keys` under `data_dir`.
+    pub keys_dir: PathBuf,
+    /// Clock skew tolerated on `exp`/`nbf`/`iat`. Default 30 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub leeway: Duration,
+    /// Longest lifetime accepted, whatever `exp` says. Default 15 min.
+    #[serde(with = "humantime_serde_compat")]
+    pub max_lifetime: Duration,
+}
+
+/// Audit writer settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// Most records committed in one transaction. Default 512.
+    pub max_batch: usize,
+    /// Records waiting for the writer before callers are held back. Default 8192.
+    pub queue: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("var"),
+            policies_dir: PathBuf::from("policies"),
+            database_url: None,
+            node: "node-1".to_owned(),
+            gateway: GatewayConfig::default(),
+            registry: RegistryConfig::default(),
+            admin: AdminConfig::default(),
+            tls: TlsConfig::default(),
+            tokens: TokenConfig::default(),
+            audit: AuditSettings::default(),
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            max_body_bytes: 1024 * 1024,
+            max_response_bytes: 16 * 1024 * 1024,
+            upstream_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8444)),
+            seed_persons: 10_000,
+            seed: 2013,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            client_ca: PathBuf::from("pki/ca.pem"),
+            cert: PathBuf::from("pki/gateway.pem"),
+            key: PathBuf::from("pki/gateway.key"),
+            provider_ca: PathBuf::from("pki/ca.pem"),
+            registry_cert: PathBuf::from("pki/registry.pem"),
+            registry_key: PathBuf::from("pki/registry.key"),
+            generate_dev_pki: true,
+        }
+    }
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            audience: "karibche".to_owned(),
+            keys_dir: PathBuf::from("keys"),
+            leeway: Duration::from_secs(30),
+            max_lifetime: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            max_batch: 512,
+            queue: 8192,
+        }
+    }
+}
+
+/// A configuration that could not be read or is not valid.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What the parser said, with line and column.
+        message: String,
+    },
+    /// One or more values are unusable; every problem is listed.
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Reads a TOML configuration file; absent settings take their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks every setting and reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.node.is_empty()
+            || !self
+                .node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            problems.push(format!(
+                "node {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
+                self.node
+            ));
+        }
+        if let Err(e) = crate::store::backend_of(&self.database_url()) {
+            problems.push(e.to_string());
+        }
+        let g = &self.gateway;
+        if g.max_connections == 0 {
+            problems.push("gateway.max_connections must be at least 1".to_owned());
+        }
+        for (name, d) in [
+            ("gateway.handshake_timeout", g.handshake_timeout),
+            ("gateway.header_timeout", g.header_timeout),
+            ("gateway.upstream_timeout", g.upstream_timeout),
+            ("tokens.max_lifetime", self.tokens.max_lifetime),
+        ] {
+            if d.is_zero() {
+                problems.push(format!("{name} must be longer than zero"));
+            }
+        }
+        if g.max_body_bytes == 0 || g.max_response_bytes == 0 {
+            problems.push("gateway body limits must be at least 1 byte".to_owned());
+        }
+        if self.tokens.audience.is_empty() {
+            problems.push("tokens.audience must not be empty".to_owned());
+        }
+        if self.audit.max_batch == 0 || self.audit.queue == 0 {
+            problems.push("audit.max_batch and audit.queue must be at least 1".to_owned());
+        }
+        let mut addrs = vec![
+            ("gateway.listen", g.listen),
+            ("admin.listen", self.admin.listen),
+        ];
+        if self.registry.enabled {
+            addrs.push(("registry.listen", self.registry.listen));
+        }
+        for (i, (a, x)) in addrs.iter().enumerate() {
+            for (b, y) in &addrs[i + 1..] {
+                if x == y && x.port() != 0 {
+                    problems.push(format!("{a} and {b} are the same address {x}"));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The database URL in force (the default is a SQLite file under `data_dir`).
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("karibche.db").display()),
+        }
+    }
+
+    /// A path from the configuration, resolved under `data_dir` when relative.
+    pub fn data_path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.data_dir.join(p)
+        }
+    }
+
+    /// Directory of the development PKI (`<data_dir>/pki`).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.data_dir.join("pki")
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "node={} gateway={} registry={} admin={} policies={} data={}",
+            self.node,
+            self.gateway.listen,
+            if self.registry.enabled {
+                self.registry.listen.to_string()
+            } else {
+                "off".to_owned()
+            },
+            self.admin.listen,
+            self.policies_dir.display(),
+            self.data_dir.display()
+        )
+    }
+}
+
+/// Durations in config files as humantime strings ("10s", "15m").
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_embedded() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.gateway.listen.port(), 8443);
+        assert_eq!(c.admin.listen.port(), 9090);
+        assert!(c.database_url().starts_with("sqlite://var/"));
+    }
+
+    #[test]
+    fn file_overrides_and_reports_every_problem() {
+        let c: Config = toml::from_str(
+            "node = \"bad node\"\ndatabase_url = \"mysql://x\"\n[gateway]\nmax_connections = 0\nupstream_timeout = \"0s\"\n",
+        )
+        .unwrap();
+        let Err(ConfigError::Invalid(problems)) = c.validate() else {
+            panic!("expected invalid")
+        };
+        assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<Config>("[gateway]\nlisten_port = 1\n").unwrap_err();
+        assert!(err.to_string().contains("listen_port"));
+    }
+}

@@ -56,7 +56,12 @@ impl Problem {
 
     /// 400 for a request the server cannot parse or accept as sent.
     pub fn bad_request(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad-request", "Bad request", detail)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Bad request",
+            detail,
+        )
     }
 
     /// 500 with a fixed detail: the cause is logged, never shown.
@@ -113,7 +118,8 @@ mod tests {
     #[test]
     fn problem_has_rfc9457_members() {
         let p = Problem::not_found("no such provider").with_request_id("abc");
-        let v: serde_json::Value = serde_json::from_slice(&serde_json::to_vec(&p).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&serde_json::to_vec(&p).unwrap()).unwrap();
         assert_eq!(v["type"], "urn:karibche:problem:not-found");
         assert_eq!(v["status"], 404);
         assert_eq!(v["request_id"], "abc");
