@@ -1,1 +1,720 @@
-//! (to be written)
+//! The request pipeline: every step of DESIGN.md's "request pipeline", in
+//! order, each a named function returning a typed result.
+//!
+//! ```text
+//! agency → token → route → decide → (limit) → consent → forward → minimise → audit → respond
+//! ```
+//!
+//! Whatever happens, [`Gateway::handle`] ends by committing one audit record
+//! for the request, and only a committed record lets a response leave: if
+//! the log cannot be written the caller gets 503 and no data.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use time::format_description::FormatItem;
+use time::macros::format_description;
+use time::OffsetDateTime;
+
+use crate::admin::Metrics;
+use crate::audit::{AuditLog, Entry};
+use crate::identity::PeerCert;
+use crate::policy::{Decision, DecisionRequest, DenyReason, Operation, Policy, Service, Upstream};
+use crate::problem::{Body, Problem};
+use crate::server::ConnInfo;
+use crate::token::{KeyStore, Officer, TokenError};
+
+/// The HTTPS client towards providers; pooled, so connections are reused.
+pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds the pooled provider client presenting the gateway's certificate.
+pub fn upstream_client(tls: rustls::ClientConfig, connect_timeout: Duration) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(512)
+        .build(https)
+}
+
+/// Bounds of the pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineLimits {
+    /// Largest request body read.
+    pub max_body_bytes: usize,
+    /// Largest provider response read.
+    pub max_response_bytes: usize,
+    /// Time a provider has to answer, body included.
+    pub upstream_timeout: Duration,
+}
+
+/// The gateway: shared state of the pipeline.
+pub struct Gateway {
+    /// The policy in force; swapped whole on reload.
+    pub policy: Arc<ArcSwap<Policy>>,
+    /// Agencies' token verification keys; swapped whole on reload.
+    pub keys: Arc<ArcSwap<KeyStore>>,
+    /// The audit log every request ends in.
+    pub audit: AuditLog,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Pooled client towards providers.
+    pub upstream: UpstreamClient,
+    /// Base URLs of built-in providers (`builtin:registry` → `https://127.0.0.1:8444`).
+    pub builtin: Vec<(String, String)>,
+    /// Pipeline bounds.
+    pub limits: PipelineLimits,
+}
+
+/// A refusal: what the caller sees and what the log records.
+#[derive(Debug)]
+struct Refusal {
+    problem: Problem,
+    reason: &'static str,
+    /// Refused by the gateway's own checks (identity, policy), as opposed to a provider error.
+    denied: bool,
+    challenge: bool,
+}
+
+impl Refusal {
+    fn deny(status: StatusCode, slug: &str, title: &str, reason: &'static str, detail: &str) -> Self {
+        Refusal {
+            problem: Problem::new(status, slug, title, detail),
+            reason,
+            denied: true,
+            challenge: false,
+        }
+    }
+
+    fn error(status: StatusCode, slug: &str, title: &str, reason: &'static str, detail: &str) -> Self {
+        Refusal {
+            denied: false,
+            ..Refusal::deny(status, slug, title, reason, detail)
+        }
+    }
+}
+
+/// What a successful pass through the pipeline releases.
+struct Released {
+    status: StatusCode,
+    body: Bytes,
+}
+
+/// `/v1/{provider}/{service}/{rest}` split up.
+#[derive(Debug, PartialEq, Eq)]
+struct Route<'a> {
+    provider: &'a str,
+    service: &'a str,
+    /// Everything after the service, with its leading `/` (may be empty).
+    rest: &'a str,
+}
+
+const TS_FORMAT: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+
+/// Current UTC time as the audit log writes it.
+pub fn timestamp() -> String {
+    OffsetDateTime::now_utc()
+        .format(TS_FORMAT)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000000Z".to_owned())
+}
+
+impl Gateway {
+    /// Runs one request through the pipeline and answers it; never panics on input.
+    pub async fn handle(&self, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let policy = self.policy.load_full();
+        let mut entry = Entry {
+            id: uuid::Uuid::now_v7().to_string(),
+            ts: timestamp(),
+            method: req.method().as_str().to_owned(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
+            certificate: conn.client.as_ref().map(|c| c.sha256.clone()),
+            policy_version: policy.version().to_owned(),
+            decision: "deny".to_owned(),
+            ..Entry::default()
+        };
+        let outcome = self.pipeline(&policy, &conn, req, &mut entry).await;
+        let (status, response) = match outcome {
+            Ok(released) => {
+                entry.decision = "allow".to_owned();
+                (released.status, Ok(released.body))
+            }
+            Err(refusal) => {
+                if !refusal.denied {
+                    // The policy allowed the request; the provider or the gateway failed it.
+                    entry.decision = if entry.legal_basis.is_some() {
+                        "allow".to_owned()
+                    } else {
+                        "deny".to_owned()
+                    };
+                }
+                entry.reason = Some(refusal.reason.to_owned());
+                self.metrics.denied(refusal.reason);
+                (refusal.problem.status_code(), Err(refusal))
+            }
+        };
+        entry.status = status.as_u16();
+        let id = entry.id.clone();
+        let resp = match self.audit.append(entry).await {
+            Ok(_) => match response {
+                Ok(body) => released_response(status, body),
+                Err(refusal) => {
+                    let mut resp = refusal.problem.with_request_id(id.clone()).to_response();
+                    if refusal.challenge {
+                        resp.headers_mut().insert(
+                            header::WWW_AUTHENTICATE,
+                            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                        );
+                    }
+                    resp
+                }
+            },
+            Err(err) => {
+                tracing::error!(request_id = %id, %err, "audit record not committed; refusing the request");
+                self.metrics.audit_failure();
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit-unavailable",
+                    "Service unavailable",
+                    "the access log cannot be written; no data is released",
+                )
+                .with_request_id(id.clone())
+                .to_response()
+            }
+        };
+        let mut resp = resp;
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        self.metrics.request_done(resp.status(), started.elapsed());
+        resp
+    }
+
+    async fn pipeline(
+        &self,
+        policy: &Policy,
+        conn: &ConnInfo,
+        req: Request<Incoming>,
+        entry: &mut Entry,
+    ) -> Result<Released, Refusal> {
+        let agency = agency(policy, conn.client.as_ref())?;
+        entry.agency = Some(agency.to_owned());
+        let officer = self.token(req.headers(), agency)?;
+        entry.officer = Some(officer.id.clone());
+        entry.purpose = Some(officer.purpose.clone());
+        entry.case_ref = officer.case_ref.clone();
+        entry.token_id = officer.token_id.clone();
+        let route = route(req.uri())?;
+        entry.provider = Some(route.provider.to_owned());
+        entry.service = Some(route.service.to_owned());
+        entry.subjects.extend(path_subject(route.rest));
+        let (base, service) = self.resolve(policy, &route)?;
+        let operation = Operation::from_method(req.method()).ok_or_else(|| {
+            Refusal::deny(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "method_not_allowed",
+                "this method is not supported through the gateway",
+            )
+        })?;
+        entry.operation = Some(operation.as_str().to_owned());
+        let allow = decide(policy, agency, &route, operation, &officer)?;
+        entry.legal_basis = Some(allow.legal_basis.clone());
+        // limit: per-agency and per-officer quotas are applied here (issue #6).
+        consent(allow.consent_required)?;
+        let (status, body) = self
+            .forward(&base, &route, req, agency, &officer, &entry.id)
+            .await?;
+        minimise(status, body, &allow.fields, service, entry)
+    }
+
+    /// Verifies the bearer token against the connection's agency keys.
+    fn token(&self, headers: &HeaderMap, agency: &str) -> Result<Officer, Refusal> {
+        let result = bearer(headers)
+            .ok_or(TokenError::Missing)
+            .and_then(|t| self.keys.load().verify(t, agency));
+        result.map_err(|e| Refusal {
+            problem: Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid-token",
+                "Unauthorized",
+                e.detail(),
+            ),
+            reason: e.code(),
+            denied: true,
+            challenge: true,
+        })
+    }
+
+    /// The provider's base URL and the service description, or 404.
+    fn resolve<'p>(
+        &self,
+        policy: &'p Policy,
+        route: &Route<'_>,
+    ) -> Result<(String, &'p Service), Refusal> {
+        let not_found = || {
+            Refusal::deny(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "Not found",
+                "unknown_route",
+                "no such provider or service",
+            )
+        };
+        let provider = policy.provider(route.provider).ok_or_else(not_found)?;
+        let service = policy
+            .service(route.provider, route.service)
+            .ok_or_else(not_found)?;
+        let base = match &provider.upstream {
+            Upstream::Url(url) => url.trim_end_matches('/').to_owned(),
+            Upstream::Builtin(name) => self
+                .builtin
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, url)| url.clone())
+                .ok_or_else(|| {
+                    tracing::warn!(provider = route.provider, builtin = %name, "built-in provider not running");
+                    Refusal::error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "provider-unavailable",
+                        "Service unavailable",
+                        "upstream_unavailable",
+                        "the provider is not available",
+                    )
+                })?,
+        };
+        Ok((base, service))
+    }
+
+    /// Sends the request to the provider with the gateway's certificate; returns status and body.
+    async fn forward(
+        &self,
+        base: &str,
+        route: &Route<'_>,
+        req: Request<Incoming>,
+        agency: &str,
+        officer: &Officer,
+        request_id: &str,
+    ) -> Result<(StatusCode, Bytes, Option<String>), Refusal> {
+        let (parts, body) = req.into_parts();
+        let write = Operation::from_method(&parts.method) == Some(Operation::Write);
+        let body = if write {
+            read_body(body, &parts.headers, self.limits.max_body_bytes).await?
+        } else {
+            Bytes::new()
+        };
+        let query = parts
+            .uri
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let uri: Uri = format!("{base}/{}{}{query}", route.service, route.rest)
+            .parse()
+            .map_err(|_| {
+                Refusal::deny(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request",
+                    "Bad request",
+                    "bad_path",
+                    "the request path cannot be forwarded",
+                )
+            })?;
+        let mut up = Request::builder().method(parts.method.clone()).uri(uri);
+        for name in [header::CONTENT_TYPE, header::ACCEPT_LANGUAGE] {
+            if let Some(v) = parts.headers.get(&name) {
+                up = up.header(name, v.clone());
+            }
+        }
+        if let Some(v) = parts.headers.get("idempotency-key") {
+            up = up.header("idempotency-key", v.clone());
+        }
+        up = up
+            .header(header::ACCEPT, "application/json")
+            .header("x-request-id", request_id)
+            .header("x-karibche-agency", agency)
+            .header("x-karibche-purpose", header_safe(&officer.purpose))
+            .header("x-karibche-officer", header_safe(&officer.id));
+        let up = up.body(Full::new(body)).map_err(|_| {
+            Refusal::deny(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "Bad request",
+                "bad_header",
+                "the request cannot be forwarded",
+            )
+        })?;
+        let max = self.limits.max_response_bytes;
+        let call = async {
+            let resp = self.upstream.request(up).await.map_err(|e| {
+                tracing::warn!(provider = route.provider, err = %e, "provider call failed");
+                upstream_unavailable()
+            })?;
+            let status = resp.status();
+            let content_type = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = Limited::new(resp.into_body(), max)
+                .collect()
+                .await
+                .map_err(|e| {
+                    tracing::warn!(provider = route.provider, err = %e, "provider response unreadable or too large");
+                    upstream_unavailable()
+                })?
+                .to_bytes();
+            Ok((status, body, content_type))
+        };
+        match tokio::time::timeout(self.limits.upstream_timeout, call).await {
+            Ok(Ok(x)) => Ok(x),
+            Ok(Err(refusal)) => {
+                self.metrics.upstream_error();
+                Err(refusal)
+            }
+            Err(_) => {
+                self.metrics.upstream_error();
+                tracing::warn!(provider = route.provider, "provider timed out");
+                Err(Refusal::error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "provider-timeout",
+                    "Gateway timeout",
+                    "upstream_timeout",
+                    "the provider did not answer in time",
+                ))
+            }
+        }
+    }
+}
+
+/// agency: the client certificate → the agency the policy says holds it.
+fn agency<'p>(policy: &'p Policy, client: Option<&PeerCert>) -> Result<&'p str, Refusal> {
+    client
+        .and_then(|c| policy.agency_for_certificate(&c.uri_sans, &c.sha256))
+        .map(|a| a.id.as_str())
+        .ok_or_else(|| {
+            Refusal::deny(
+                StatusCode::FORBIDDEN,
+                "unknown-agency",
+                "Forbidden",
+                "unknown_certificate",
+                "the client certificate belongs to no agency known to the gateway",
+            )
+        })
+}
+
+/// route: `/v1/{provider}/{service}/{rest}`; anything else is 404.
+fn route(uri: &Uri) -> Result<Route<'_>, Refusal> {
+    let not_found = || {
+        Refusal::deny(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            "unknown_route",
+            "gateway paths have the form /v1/{provider}/{service}/…",
+        )
+    };
+    let path = uri.path().strip_prefix("/v1/").ok_or_else(not_found)?;
+    let (provider, after) = path.split_once('/').ok_or_else(not_found)?;
+    let (service, rest) = match after.find('/') {
+        Some(i) => (&after[..i], &after[i..]),
+        None => (after, ""),
+    };
+    if provider.is_empty() || service.is_empty() {
+        return Err(not_found());
+    }
+    // Refuse anything a provider might resolve to another service than the
+    // one the policy decided on: dot segments, empty segments, encoded separators.
+    let suspicious = rest.split('/').skip(1).any(|s| {
+        let lower = s.to_ascii_lowercase();
+        s.is_empty() || s == "." || s == ".." || lower.contains("%2f") || lower.contains("%2e") || lower.contains("%5c")
+    });
+    if suspicious {
+        return Err(Refusal::deny(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Bad request",
+            "bad_path",
+            "the path contains empty, dot or encoded separator segments",
+        ));
+    }
+    Ok(Route {
+        provider,
+        service,
+        rest,
+    })
+}
+
+/// decide: the policy's verdict for agency × service × operation × purpose.
+fn decide(
+    policy: &Policy,
+    agency: &str,
+    route: &Route<'_>,
+    operation: Operation,
+    officer: &Officer,
+) -> Result<crate::policy::Allow, Refusal> {
+    let req = DecisionRequest {
+        agency,
+        provider: route.provider,
+        service: route.service,
+        operation,
+        purpose: &officer.purpose,
+        case_ref: officer.case_ref.as_deref(),
+    };
+    match policy.decide(&req, OffsetDateTime::now_utc().date()) {
+        Decision::Allow(allow) => Ok(allow),
+        Decision::Deny(reason) => Err(denied(reason)),
+    }
+}
+
+fn denied(reason: DenyReason) -> Refusal {
+    Refusal::deny(
+        StatusCode::FORBIDDEN,
+        "access-denied",
+        "Forbidden",
+        reason.code(),
+        reason.detail(),
+    )
+}
+
+/// consent: grants that need the subject's consent are refused until consent
+/// records exist (issue #5) — failing closed rather than releasing data.
+fn consent(required: bool) -> Result<(), Refusal> {
+    if required {
+        return Err(Refusal::deny(
+            StatusCode::FORBIDDEN,
+            "consent-required",
+            "Forbidden",
+            "consent_missing",
+            "this grant requires the data subject's consent, and none is on record",
+        ));
+    }
+    Ok(())
+}
+
+/// minimise: the provider's JSON reduced to the granted fields; provider errors passed on safely.
+fn minimise(
+    status: StatusCode,
+    body: Bytes,
+    fields: &crate::minimise::FieldSet,
+    service: &Service,
+    entry: &mut Entry,
+) -> Result<Released, Refusal> {
+    let (status, body, content_type) = (status, body, ());
+    let _ = content_type;
+    if !status.is_success() {
+        return Err(provider_problem(status, &body));
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+        tracing::warn!(service = %service.id, "provider answered with something other than JSON");
+        Refusal::error(
+            StatusCode::BAD_GATEWAY,
+            "provider-error",
+            "Bad gateway",
+            "upstream_bad_response",
+            "the provider's answer could not be processed",
+        )
+    })?;
+    let released = crate::minimise::apply(
+        &mut value,
+        fields,
+        service.collection.as_deref(),
+        &service.subject_field,
+    );
+    for s in released.subjects {
+        if !entry.subjects.contains(&s) {
+            entry.subjects.push(s);
+        }
+    }
+    entry.fields = released.fields;
+    let body = serde_json::to_vec(&value).map_err(|_| {
+        Refusal::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "internal",
+            "the server could not complete the request",
+        )
+    })?;
+    Ok(Released {
+        status,
+        body: Bytes::from(body),
+    })
+}
+
+/// A provider's error, re-issued as our own problem with only the standard members.
+fn provider_problem(status: StatusCode, body: &[u8]) -> Refusal {
+    #[derive(serde::Deserialize)]
+    struct Upstream {
+        title: Option<String>,
+        detail: Option<String>,
+    }
+    let parsed: Option<Upstream> = serde_json::from_slice(body).ok();
+    let status = if status.is_client_error() {
+        status
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let (title, detail) = match parsed {
+        Some(p) if status.is_client_error() => (
+            p.title.unwrap_or_else(|| "Provider refused the request".to_owned()),
+            p.detail.unwrap_or_default(),
+        ),
+        _ => (
+            "Bad gateway".to_owned(),
+            "the provider failed to answer the request".to_owned(),
+        ),
+    };
+    let mut refusal = Refusal::error(status, "provider-error", "", "upstream_status", "");
+    refusal.problem.title = title;
+    refusal.problem.detail = detail;
+    refusal
+}
+
+fn upstream_unavailable() -> Refusal {
+    Refusal::error(
+        StatusCode::BAD_GATEWAY,
+        "provider-unavailable",
+        "Bad gateway",
+        "upstream_unavailable",
+        "the provider could not be reached",
+    )
+}
+
+/// Reads a request body up to `max` bytes; larger ones are refused before they are read.
+async fn read_body(body: Incoming, headers: &HeaderMap, max: usize) -> Result<Bytes, Refusal> {
+    let too_large = || {
+        Refusal::deny(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Payload too large",
+            "body_too_large",
+            "the request body exceeds the gateway's limit",
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    Limited::new(body, max)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|_| too_large())
+}
+
+/// The bearer token in `Authorization`, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// By convention `/{service}/{id}/…` names the data subject; recorded even when access is refused.
+fn path_subject(rest: &str) -> Option<String> {
+    let first = rest.split('/').nth(1)?;
+    let plausible = !first.is_empty()
+        && first.len() <= 64
+        && first
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    plausible.then(|| first.to_owned())
+}
+
+/// Claim values can hold anything; headers to providers carry only visible ASCII.
+fn header_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .take(128)
+        .collect()
+}
+
+fn released_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Methods the gateway forwards.
+pub fn forwarded_method(m: &Method) -> bool {
+    Operation::from_method(m).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(s: &str) -> Result<Route<'_>, &'static str> {
+        // Leak is fine in tests: a Uri that outlives the call.
+        let uri: &'static Uri = Box::leak(Box::new(s.parse::<Uri>().unwrap()));
+        route(uri).map_err(|e| e.reason)
+    }
+
+    #[test]
+    fn routes_split_provider_service_rest() {
+        let ok = r("/v1/registry/persons/RF-1/visas?x=1").unwrap();
+        assert_eq!((ok.provider, ok.service, ok.rest), ("registry", "persons", "/RF-1/visas"));
+        let bare = r("/v1/registry/persons?document=X").unwrap();
+        assert_eq!(bare.rest, "");
+        assert_eq!(r("/v2/registry/persons"), Err("unknown_route"));
+        assert_eq!(r("/v1/registry"), Err("unknown_route"));
+        assert_eq!(r("/v1/registry/persons/../crossings"), Err("bad_path"));
+        assert_eq!(r("/v1/registry/persons/%2e%2e/x"), Err("bad_path"));
+        assert_eq!(r("/v1/registry/persons//x"), Err("bad_path"));
+    }
+
+    #[test]
+    fn bearer_and_subjects() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc.def.ghi"));
+        assert_eq!(bearer(&h), Some("abc.def.ghi"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic xyz"));
+        assert_eq!(bearer(&h), None);
+        assert_eq!(path_subject("/RF-0000001/visas"), Some("RF-0000001".into()));
+        assert_eq!(path_subject(""), None);
+        assert_eq!(header_safe("a\u{1}b"), "a?b");
+    }
+
+    #[test]
+    fn provider_errors_keep_only_safe_members() {
+        let body = br#"{"type":"x","title":"Unprocessable","detail":"person_id: unknown","status":422,"trace":"secret"}"#;
+        let r = provider_problem(StatusCode::UNPROCESSABLE_ENTITY, body);
+        assert_eq!(r.problem.status, 422);
+        assert_eq!(r.problem.detail, "person_id: unknown");
+        let r = provider_problem(StatusCode::INTERNAL_SERVER_ERROR, b"stack trace");
+        assert_eq!(r.problem.status, 502);
+        assert!(!r.problem.detail.contains("stack"));
+    }
+}
