@@ -587,3 +587,32 @@ fn schema_mentions_every_key() {
         assert!(s.contains(key), "{key}");
     }
 }
+
+#[test]
+fn typos_in_values_are_parse_errors_with_positions() {
+    let head = "id = \"a\"\nname = \"A\"\n[certificate]\nuri_san = \"urn:karibche:agency:a\"\n";
+    let cases = [
+        (
+            GOOD_GRANT.replace("[\"read\"]", "[\"reed\"]"),
+            "agencies/a.toml:9:",
+        ),
+        (
+            format!("{GOOD_GRANT}consent = \"yes\"\n"),
+            "agencies/a.toml:12:",
+        ),
+        (
+            format!("{GOOD_GRANT}case_required = \"true\"\n"),
+            "agencies/a.toml:12:",
+        ),
+        (
+            format!("{GOOD_GRANT}valid_until = 2026-02-30\n"),
+            "agencies/a.toml:12:",
+        ),
+    ];
+    for (grant, at) in cases {
+        let dir = temp_policy(&[("a.toml", &format!("{head}{grant}"))]);
+        let errors = errors_of(dir.path());
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].starts_with(at), "{errors:#?}");
+    }
+}
