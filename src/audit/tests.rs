@@ -535,3 +535,34 @@ async fn bad_entries_are_refused_before_queueing() {
     writer.finish().await;
     assert_eq!(count(&store).await.unwrap(), 0);
 }
+
+/// Throughput of the writer on SQLite: `cargo test --lib audit::tests::throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn throughput_sqlite() {
+    let (store, _dir) = sqlite_store().await;
+    let (log, writer) = start(&store, "n1").await;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..1000 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                log.append(entry(t * 20 + i)).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let stats = log.stats();
+    eprintln!(
+        "{} records in {} batches, {:.0} records/s",
+        stats.committed,
+        stats.batches,
+        stats.committed as f64 / elapsed.as_secs_f64()
+    );
+    drop(log);
+    writer.finish().await;
+}
