@@ -1,0 +1,191 @@
+//! Reading the log back: filtered queries for auditors and data subjects,
+//! JSON-lines export, and counts.
+//!
+//! The SQL text is fixed; a filter only binds values (`$n IS NULL OR …`), so
+//! no input ever reaches the SQL text. A subject filter starts from the
+//! subject index, so a data subject's accesses are found without a scan.
+
+use std::io::Write;
+
+use super::record::{normalise_ts, Record, Row};
+use super::AuditError;
+use crate::store::Store;
+
+/// Records fetched per query while exporting.
+const EXPORT_PAGE: i64 = 1000;
+
+/// Which records to return; every field that is set must match.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Records that name this data subject.
+    pub subject: Option<String>,
+    /// Requests by this agency.
+    pub agency: Option<String>,
+    /// Requests by this officer.
+    pub officer: Option<String>,
+    /// Requests to this provider.
+    pub provider: Option<String>,
+    /// `"allow"` or `"deny"`.
+    pub decision: Option<String>,
+    /// Requests at or after this time (RFC 3339).
+    pub since: Option<String>,
+    /// Requests before this time (RFC 3339).
+    pub until: Option<String>,
+    /// Records of this node's chain.
+    pub node: Option<String>,
+    /// At most this many records.
+    pub limit: Option<i64>,
+}
+
+/// Placeholders shared by both query forms: $1 subject, $2 agency, $3 officer,
+/// $4 provider, $5 decision, $6 since, $7 until, $8 node, then the keyset
+/// cursor after (ts, node, seq) = ($9, $10, $11), and $12 the limit.
+macro_rules! filter_clauses {
+    () => {
+        " ($2 IS NULL OR l.agency = $2) \
+          AND ($3 IS NULL OR l.officer = $3) \
+          AND ($4 IS NULL OR l.provider = $4) \
+          AND ($5 IS NULL OR l.decision = $5) \
+          AND ($6 IS NULL OR l.ts >= $6) \
+          AND ($7 IS NULL OR l.ts < $7) \
+          AND ($8 IS NULL OR l.node = $8) \
+          AND ($9 IS NULL OR l.ts > $9 OR (l.ts = $9 AND (l.node > $10 OR (l.node = $10 AND l.seq > $11)))) \
+          ORDER BY l.ts, l.node, l.seq LIMIT $12"
+    };
+}
+
+/// The query without a subject filter ($1 is bound, always NULL).
+const BY_COLUMNS: &str = concat!(
+    "SELECT l.* FROM audit_log l WHERE $1 IS NULL AND",
+    filter_clauses!()
+);
+/// The query for one data subject, driven by the subject index.
+const BY_SUBJECT: &str = concat!(
+    "SELECT l.* FROM audit_subjects s JOIN audit_log l ON l.node = s.node AND l.seq = s.seq \
+     WHERE s.subject = $1 AND",
+    filter_clauses!()
+);
+
+/// A filter with its times in stored form, checked once.
+struct Bound<'a> {
+    filter: &'a Filter,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+impl<'a> Bound<'a> {
+    fn new(filter: &'a Filter) -> Result<Self, AuditError> {
+        let ts = |name: &str, v: &Option<String>| -> Result<Option<String>, AuditError> {
+            v.as_deref()
+                .map(|s| {
+                    normalise_ts(s).ok_or_else(|| {
+                        AuditError::InvalidFilter(format!("{name} is not an RFC 3339 time"))
+                    })
+                })
+                .transpose()
+        };
+        Ok(Bound {
+            filter,
+            since: ts("since", &filter.since)?,
+            until: ts("until", &filter.until)?,
+        })
+    }
+
+    /// One page of matching records after the cursor `(ts, node, seq)`.
+    async fn page(
+        &self,
+        store: &Store,
+        after: Option<(&str, &str, i64)>,
+        limit: i64,
+    ) -> Result<Vec<Record>, AuditError> {
+        let f = self.filter;
+        let sql = if f.subject.is_some() {
+            BY_SUBJECT
+        } else {
+            BY_COLUMNS
+        };
+        let rows: Vec<Row> = sqlx::query_as(sql)
+            .bind(f.subject.as_deref())
+            .bind(f.agency.as_deref())
+            .bind(f.officer.as_deref())
+            .bind(f.provider.as_deref())
+            .bind(f.decision.as_deref())
+            .bind(self.since.as_deref())
+            .bind(self.until.as_deref())
+            .bind(f.node.as_deref())
+            .bind(after.map(|a| a.0))
+            .bind(after.map(|a| a.1))
+            .bind(after.map(|a| a.2))
+            .bind(limit.max(0))
+            .fetch_all(store.pool())
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let (node, seq) = (row.place().0.to_owned(), row.place().1);
+                row.into_record()
+                    .map_err(|reason| AuditError::Corrupt { node, seq, reason })
+            })
+            .collect()
+    }
+}
+
+/// The records matching `filter`, ordered by ts, node, seq.
+pub async fn query(store: &Store, filter: &Filter) -> Result<Vec<Record>, AuditError> {
+    let bound = Bound::new(filter)?;
+    bound
+        .page(store, None, filter.limit.unwrap_or(i64::MAX))
+        .await
+}
+
+/// Writes the records matching `filter` as JSON lines, one [`Record`] each,
+/// in ts, node, seq order; returns how many were written.
+pub async fn export<W: Write>(
+    store: &Store,
+    filter: &Filter,
+    out: &mut W,
+) -> Result<u64, AuditError> {
+    export_paged(store, filter, out, EXPORT_PAGE).await
+}
+
+/// [`export`] reading `page_size` records per query.
+pub(crate) async fn export_paged<W: Write>(
+    store: &Store,
+    filter: &Filter,
+    out: &mut W,
+    page_size: i64,
+) -> Result<u64, AuditError> {
+    let page_size = page_size.max(1);
+    let bound = Bound::new(filter)?;
+    let mut left = filter.limit.unwrap_or(i64::MAX).max(0);
+    let mut written = 0_u64;
+    let mut cursor: Option<(String, String, i64)> = None;
+    while left > 0 {
+        let after = cursor
+            .as_ref()
+            .map(|(ts, node, seq)| (ts.as_str(), node.as_str(), *seq));
+        let page = bound.page(store, after, left.min(page_size)).await?;
+        let Some(last) = page.last() else {
+            break;
+        };
+        cursor = Some((last.entry.ts.clone(), last.node.clone(), last.seq));
+        let full = page.len() as i64 == left.min(page_size);
+        for record in &page {
+            serde_json::to_writer(&mut *out, record)?;
+            out.write_all(b"\n")?;
+        }
+        written += page.len() as u64;
+        left -= page.len() as i64;
+        if !full {
+            break;
+        }
+    }
+    out.flush()?;
+    Ok(written)
+}
+
+/// How many records the log holds, over all nodes.
+pub async fn count(store: &Store) -> Result<i64, AuditError> {
+    Ok(sqlx::query_scalar("SELECT COUNT(*) FROM audit_log")
+        .fetch_one(store.pool())
+        .await?)
+}

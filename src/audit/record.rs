@@ -1,0 +1,354 @@
+//! The audit record and its hash: what one request leaves behind, and the one
+//! canonical serialisation that both the writer and the verifier hash.
+//!
+//! A record's hash covers every column, its place in the node's chain (`node`,
+//! `seq`) and the previous record's hash, so changing, inserting or removing
+//! any stored row breaks the chain from that row on.
+
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
+use time::{OffsetDateTime, UtcOffset};
+
+use super::AuditError;
+
+/// `prev_hash` of the first record of every node's chain: 64 zeros.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What the gateway hands to the log for one request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Request id (UUID v7 text), assigned by the caller, unique.
+    pub id: String,
+    /// RFC 3339 UTC with microseconds, assigned by the caller at request start.
+    pub ts: String,
+    /// The calling agency's id.
+    pub agency: Option<String>,
+    /// SHA-256 fingerprint of the agency's client certificate.
+    pub certificate: Option<String>,
+    /// The officer named by the token.
+    pub officer: Option<String>,
+    /// The declared purpose of the request.
+    pub purpose: Option<String>,
+    /// The legal basis the grant relies on.
+    pub legal_basis: Option<String>,
+    /// The case number the officer works on.
+    pub case_ref: Option<String>,
+    /// The data subject's consent the request relied on.
+    pub consent_ref: Option<String>,
+    /// The token's `jti`.
+    pub token_id: Option<String>,
+    /// The provider asked.
+    pub provider: Option<String>,
+    /// The provider's service asked.
+    pub service: Option<String>,
+    /// The operation within the service.
+    pub operation: Option<String>,
+    /// HTTP method.
+    pub method: String,
+    /// HTTP path as requested.
+    pub path: String,
+    /// Identifiers of the data subjects whose records were asked for.
+    pub subjects: Vec<String>,
+    /// Fields released to the caller.
+    pub fields: Vec<String>,
+    /// `"allow"` or `"deny"`.
+    pub decision: String,
+    /// Reason code for a denial or an error (`no_grant`, `token_expired`, …).
+    pub reason: Option<String>,
+    /// HTTP status returned to the caller.
+    pub status: u16,
+    /// Version of the policy set that decided.
+    pub policy_version: String,
+}
+
+/// A committed record: the entry plus its place in the node's hash chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Position in the node's chain, from 1 without gaps.
+    pub seq: i64,
+    /// The gateway node whose chain holds the record.
+    pub node: String,
+    /// What the gateway logged.
+    #[serde(flatten)]
+    pub entry: Entry,
+    /// Hash of the previous record of this node ([`GENESIS_HASH`] for seq 1).
+    pub prev_hash: String,
+    /// `hex(SHA-256(prev_hash || "\n" || canonical_json))`.
+    pub hash: String,
+}
+
+impl Record {
+    /// Builds the record that follows `prev_hash` at `seq`, computing its hash.
+    pub fn chain(
+        seq: i64,
+        node: &str,
+        entry: Entry,
+        prev_hash: &str,
+    ) -> Result<Record, AuditError> {
+        let hash = chain_hash(seq, node, &entry, prev_hash)?;
+        Ok(Record {
+            seq,
+            node: node.to_owned(),
+            entry,
+            prev_hash: prev_hash.to_owned(),
+            hash,
+        })
+    }
+
+    /// The hash this record's content calls for (equal to `hash` unless tampered with).
+    pub fn expected_hash(&self) -> Result<String, AuditError> {
+        chain_hash(self.seq, &self.node, &self.entry, &self.prev_hash)
+    }
+}
+
+/// The hashed form of a record: every column but `hash`, in a fixed order.
+///
+/// A struct rather than a map so that the key order is part of the code, not
+/// of a map implementation; changing it invalidates every stored chain.
+#[derive(Serialize)]
+struct Canonical<'a> {
+    seq: i64,
+    node: &'a str,
+    id: &'a str,
+    ts: &'a str,
+    agency: Option<&'a str>,
+    certificate: Option<&'a str>,
+    officer: Option<&'a str>,
+    purpose: Option<&'a str>,
+    legal_basis: Option<&'a str>,
+    case_ref: Option<&'a str>,
+    consent_ref: Option<&'a str>,
+    token_id: Option<&'a str>,
+    provider: Option<&'a str>,
+    service: Option<&'a str>,
+    operation: Option<&'a str>,
+    method: &'a str,
+    path: &'a str,
+    subjects: &'a [String],
+    fields: &'a [String],
+    decision: &'a str,
+    reason: Option<&'a str>,
+    status: u16,
+    policy_version: &'a str,
+    prev_hash: &'a str,
+}
+
+/// The canonical JSON of a record without its hash: the text the hash covers.
+pub fn canonical_json(
+    seq: i64,
+    node: &str,
+    entry: &Entry,
+    prev_hash: &str,
+) -> Result<String, AuditError> {
+    let e = entry;
+    let canonical = Canonical {
+        seq,
+        node,
+        id: &e.id,
+        ts: &e.ts,
+        agency: e.agency.as_deref(),
+        certificate: e.certificate.as_deref(),
+        officer: e.officer.as_deref(),
+        purpose: e.purpose.as_deref(),
+        legal_basis: e.legal_basis.as_deref(),
+        case_ref: e.case_ref.as_deref(),
+        consent_ref: e.consent_ref.as_deref(),
+        token_id: e.token_id.as_deref(),
+        provider: e.provider.as_deref(),
+        service: e.service.as_deref(),
+        operation: e.operation.as_deref(),
+        method: &e.method,
+        path: &e.path,
+        subjects: &e.subjects,
+        fields: &e.fields,
+        decision: &e.decision,
+        reason: e.reason.as_deref(),
+        status: e.status,
+        policy_version: &e.policy_version,
+        prev_hash,
+    };
+    serde_json::to_string(&canonical).map_err(AuditError::Json)
+}
+
+/// `hex(SHA-256(prev_hash || "\n" || canonical_json))` for a record.
+pub fn chain_hash(
+    seq: i64,
+    node: &str,
+    entry: &Entry,
+    prev_hash: &str,
+) -> Result<String, AuditError> {
+    let canonical = canonical_json(seq, node, entry, prev_hash)?;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(prev_hash.as_bytes());
+    ctx.update(b"\n");
+    ctx.update(canonical.as_bytes());
+    Ok(hex::encode(ctx.finish().as_ref()))
+}
+
+/// Formats a time the way records store it: UTC, microseconds, `Z`
+/// (`2026-11-03T09:15:02.123456Z`), so that text order is time order.
+pub fn format_ts(t: OffsetDateTime) -> String {
+    let fmt =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+    // Years 0..=9999 always format; anything else cannot come out of RFC 3339 parsing.
+    t.to_offset(UtcOffset::UTC)
+        .format(&fmt)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// The current time as a record timestamp.
+pub fn now_ts() -> String {
+    format_ts(OffsetDateTime::now_utc())
+}
+
+/// Parses an RFC 3339 time (any offset) into the stored form, or `None`.
+pub fn normalise_ts(s: &str) -> Option<String> {
+    let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
+    (0..=9999)
+        .contains(&t.to_offset(UtcOffset::UTC).year())
+        .then(|| format_ts(t))
+}
+
+/// Makes an entry storable identically on both backends before it is hashed.
+///
+/// PostgreSQL text cannot hold NUL, so one NUL smuggled into a path would
+/// fail a whole batch; it is replaced (U+FFFD) instead, keeping the request
+/// logged. The timestamp is brought to the stored form so that time filters,
+/// which compare text, stay correct.
+pub(crate) fn prepare(mut entry: Entry) -> Result<Entry, AuditError> {
+    entry.ts = normalise_ts(&entry.ts)
+        .ok_or_else(|| AuditError::InvalidEntry(format!("ts is not RFC 3339: {:?}", entry.ts)))?;
+    if entry.id.is_empty() {
+        return Err(AuditError::InvalidEntry("empty request id".into()));
+    }
+    let e = &mut entry;
+    for s in [
+        &mut e.id,
+        &mut e.method,
+        &mut e.path,
+        &mut e.decision,
+        &mut e.policy_version,
+    ] {
+        scrub(s);
+    }
+    for s in [
+        &mut e.agency,
+        &mut e.certificate,
+        &mut e.officer,
+        &mut e.purpose,
+        &mut e.legal_basis,
+        &mut e.case_ref,
+        &mut e.consent_ref,
+        &mut e.token_id,
+        &mut e.provider,
+        &mut e.service,
+        &mut e.operation,
+        &mut e.reason,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        scrub(s);
+    }
+    e.subjects
+        .iter_mut()
+        .chain(e.fields.iter_mut())
+        .for_each(scrub);
+    Ok(entry)
+}
+
+fn scrub(s: &mut String) {
+    if s.contains('\0') {
+        *s = s.replace('\0', "\u{FFFD}");
+    }
+}
+
+/// One `audit_log` row as stored.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Row {
+    node: String,
+    seq: i64,
+    id: String,
+    ts: String,
+    agency: Option<String>,
+    certificate: Option<String>,
+    officer: Option<String>,
+    purpose: Option<String>,
+    legal_basis: Option<String>,
+    case_ref: Option<String>,
+    consent_ref: Option<String>,
+    token_id: Option<String>,
+    provider: Option<String>,
+    service: Option<String>,
+    operation: Option<String>,
+    method: String,
+    path: String,
+    subjects: String,
+    fields: String,
+    decision: String,
+    reason: Option<String>,
+    status: i64,
+    policy_version: String,
+    prev_hash: String,
+    hash: String,
+}
+
+impl Row {
+    /// The node and seq of the row, for error reports.
+    pub(crate) fn place(&self) -> (&str, i64) {
+        (&self.node, self.seq)
+    }
+
+    /// The record the row holds, or why it cannot be one.
+    pub(crate) fn into_record(self) -> Result<Record, String> {
+        let subjects: Vec<String> = serde_json::from_str(&self.subjects)
+            .map_err(|e| format!("subjects column is not a JSON string array: {e}"))?;
+        let fields: Vec<String> = serde_json::from_str(&self.fields)
+            .map_err(|e| format!("fields column is not a JSON string array: {e}"))?;
+        let status = u16::try_from(self.status)
+            .map_err(|_| format!("status {} is out of range", self.status))?;
+        Ok(Record {
+            seq: self.seq,
+            node: self.node,
+            entry: Entry {
+                id: self.id,
+                ts: self.ts,
+                agency: self.agency,
+                certificate: self.certificate,
+                officer: self.officer,
+                purpose: self.purpose,
+                legal_basis: self.legal_basis,
+                case_ref: self.case_ref,
+                consent_ref: self.consent_ref,
+                token_id: self.token_id,
+                provider: self.provider,
+                service: self.service,
+                operation: self.operation,
+                method: self.method,
+                path: self.path,
+                subjects,
+                fields,
+                decision: self.decision,
+                reason: self.reason,
+                status,
+                policy_version: self.policy_version,
+            },
+            prev_hash: self.prev_hash,
+            hash: self.hash,
+        })
+    }
+}
+
+/// The columns of `audit_log` in insert order (25 of them).
+macro_rules! audit_columns {
+    () => {
+        "node, seq, id, ts, agency, certificate, officer, purpose, legal_basis, case_ref, \
+         consent_ref, token_id, provider, service, operation, method, path, subjects, fields, \
+         decision, reason, status, policy_version, prev_hash, hash"
+    };
+}
+pub(crate) use audit_columns;
+
+/// How many columns [`audit_columns!`] lists.
+pub(crate) const AUDIT_COLUMN_COUNT: usize = 25;

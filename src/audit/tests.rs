@@ -1,0 +1,568 @@
+//! Tests of the audit log against SQLite and, where reachable, PostgreSQL.
+
+use std::collections::BTreeSet;
+
+use sqlx::Connection;
+
+use super::query::export_paged;
+use super::*;
+use crate::store::Store;
+
+const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+async fn sqlite_store() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&format!("sqlite://{}/t.db", dir.path().display()))
+        .await
+        .unwrap();
+    (store, dir)
+}
+
+/// Drops the throw-away PostgreSQL database when the test ends, even on panic.
+struct PgGuard {
+    name: String,
+}
+
+impl Drop for PgGuard {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // Drop runs inside the test's runtime, which must not block: use a
+        // thread with its own.
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(mut conn) = sqlx::AnyConnection::connect(PG_ADMIN_URL).await {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        });
+        let _ = done.join();
+    }
+}
+
+/// A store on a fresh PostgreSQL database, or `None` (with a note) if the
+/// server is unreachable and `CI` is not set.
+async fn pg_store() -> Option<(Store, PgGuard)> {
+    sqlx::any::install_default_drivers();
+    let mut admin = match sqlx::AnyConnection::connect(PG_ADMIN_URL).await {
+        Ok(conn) => conn,
+        Err(err) if std::env::var_os("CI").is_none() => {
+            eprintln!("note: PostgreSQL at {PG_ADMIN_URL} unreachable ({err}); skipping");
+            return None;
+        }
+        Err(err) => panic!("PostgreSQL unreachable in CI: {err}"),
+    };
+    let name = format!("k_{}", uuid::Uuid::now_v7().simple());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let guard = PgGuard { name: name.clone() };
+    let store = Store::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
+        .await
+        .unwrap();
+    Some((store, guard))
+}
+
+/// Runs one scenario against SQLite and against PostgreSQL.
+macro_rules! both {
+    ($sqlite:ident, $pg:ident, $scenario:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            let (store, _dir) = sqlite_store().await;
+            $scenario(store).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $pg() {
+            let Some((store, _guard)) = pg_store().await else {
+                return;
+            };
+            $scenario(store).await;
+        }
+    };
+}
+
+fn entry(n: usize) -> Entry {
+    Entry {
+        id: uuid::Uuid::now_v7().to_string(),
+        ts: format!("2026-11-03T09:{:02}:{:02}.{:06}Z", (n / 60) % 60, n % 60, n),
+        agency: Some(format!("agency-{}", n % 3)),
+        certificate: Some("ab".repeat(32)),
+        officer: Some(format!("officer-{}", n % 5)),
+        purpose: Some("visa-check".into()),
+        legal_basis: Some("law-123".into()),
+        case_ref: Some(format!("case-{n}")),
+        consent_ref: None,
+        token_id: Some(format!("jti-{n}")),
+        provider: Some("register".into()),
+        service: Some("persons".into()),
+        operation: Some("read".into()),
+        method: "GET".into(),
+        path: format!("/v1/register/persons/P{n}"),
+        subjects: vec![format!("P{n}"), format!("P{}", n % 7)],
+        fields: vec!["name".into(), "visa".into()],
+        decision: if n.is_multiple_of(4) { "deny" } else { "allow" }.into(),
+        reason: n.is_multiple_of(4).then(|| "no_grant".to_owned()),
+        status: if n.is_multiple_of(4) { 403 } else { 200 },
+        policy_version: "v1".into(),
+    }
+}
+
+async fn start(store: &Store, node: &str) -> (AuditLog, AuditWriter) {
+    AuditLog::start(store.clone(), AuditConfig::new(node))
+        .await
+        .unwrap()
+}
+
+async fn append_n(log: &AuditLog, range: std::ops::Range<usize>) -> Vec<Committed> {
+    let mut out = Vec::new();
+    for n in range {
+        out.push(log.append(entry(n)).await.unwrap());
+    }
+    out
+}
+
+async fn exec(store: &Store, sql: &'static str) {
+    sqlx::raw_sql(sql).execute(store.pool()).await.unwrap();
+}
+
+async fn concurrent_appends_form_one_chain(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    let mut tasks = Vec::new();
+    for t in 0..50 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..20 {
+                seqs.push(log.append(entry(t * 20 + i)).await.unwrap().seq);
+            }
+            seqs
+        }));
+    }
+    let mut seqs = BTreeSet::new();
+    for task in tasks {
+        seqs.extend(task.await.unwrap());
+    }
+    assert_eq!(seqs, (1..=1000).collect::<BTreeSet<i64>>());
+    let stats = log.stats();
+    assert_eq!(stats.committed, 1000);
+    assert_eq!(stats.failed_batches, 0);
+    assert!(stats.batches < 1000, "no group commit happened: {stats:?}");
+    assert_eq!(stats.queue_depth, 0);
+    drop(log);
+    writer.finish().await;
+
+    let report = verify(&store, None).await.unwrap();
+    assert!(report.intact(), "{report}");
+    assert_eq!(report.to_string(), "node n1: 1000 records, chain intact\n");
+    assert_eq!(count(&store).await.unwrap(), 1000);
+}
+both!(
+    concurrent_appends_sqlite,
+    concurrent_appends_pg,
+    concurrent_appends_form_one_chain
+);
+
+async fn tampering_is_detected(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    append_n(&log, 0..12).await;
+    let (other, other_writer) = start(&store, "n2").await;
+    append_n(&other, 100..103).await;
+    drop((log, other));
+    writer.finish().await;
+    other_writer.finish().await;
+    assert!(verify(&store, None).await.unwrap().intact());
+
+    exec(
+        &store,
+        "UPDATE audit_log SET officer = 'mallory' WHERE node = 'n1' AND seq = 4",
+    )
+    .await;
+    let report = verify(&store, None).await.unwrap();
+    assert!(!report.intact());
+    assert_eq!(report.nodes[0].broken_at.as_ref().unwrap().0, 4, "{report}");
+    assert!(report.nodes[1].broken_at.is_none(), "{report}");
+    assert!(
+        report
+            .to_string()
+            .starts_with("node n1: broken at seq 4: hash"),
+        "{report}"
+    );
+    // The other node's chain is unaffected and verifiable alone.
+    assert!(verify(&store, Some("n2")).await.unwrap().intact());
+
+    exec(
+        &store,
+        "DELETE FROM audit_log WHERE node = 'n2' AND seq = 2",
+    )
+    .await;
+    let report = verify(&store, Some("n2")).await.unwrap();
+    assert_eq!(report.nodes[0].broken_at.as_ref().unwrap().0, 2, "{report}");
+
+    // Hiding an access from a data subject's report breaks the chain too.
+    exec(
+        &store,
+        "DELETE FROM audit_subjects WHERE node = 'n1' AND seq = 9",
+    )
+    .await;
+    exec(
+        &store,
+        "UPDATE audit_log SET officer = 'officer-3' WHERE node = 'n1' AND seq = 4",
+    )
+    .await;
+    let report = verify(&store, Some("n1")).await.unwrap();
+    assert_eq!(report.nodes[0].broken_at.as_ref().unwrap().0, 9, "{report}");
+}
+both!(tampering_sqlite, tampering_pg, tampering_is_detected);
+
+async fn failed_commit_fails_closed_and_recovers(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    append_n(&log, 0..3).await;
+    match store.backend() {
+        crate::store::Backend::Sqlite => {
+            exec(
+                &store,
+                "CREATE TRIGGER audit_block BEFORE INSERT ON audit_log \
+                 BEGIN SELECT RAISE(ABORT, 'blocked'); END;",
+            )
+            .await
+        }
+        crate::store::Backend::Postgres => {
+            exec(
+                &store,
+                "CREATE FUNCTION audit_block() RETURNS trigger AS $$ \
+                 BEGIN RAISE EXCEPTION 'blocked'; END $$ LANGUAGE plpgsql; \
+                 CREATE TRIGGER audit_block BEFORE INSERT ON audit_log \
+                 FOR EACH ROW EXECUTE FUNCTION audit_block();",
+            )
+            .await
+        }
+    }
+    let err = log.append(entry(3)).await.unwrap_err();
+    assert!(matches!(err, AuditError::CommitFailed), "{err:?}");
+    assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(log.stats().failed_batches, 1);
+
+    match store.backend() {
+        crate::store::Backend::Sqlite => exec(&store, "DROP TRIGGER audit_block").await,
+        crate::store::Backend::Postgres => {
+            exec(&store, "DROP TRIGGER audit_block ON audit_log").await
+        }
+    }
+    let next = log.append(entry(4)).await.unwrap();
+    assert_eq!(next.seq, 4);
+
+    // A request id used twice fails its batch; the chain carries on without a gap.
+    let mut again = entry(5);
+    log.append(again.clone()).await.unwrap();
+    again.case_ref = None;
+    assert!(log.append(again).await.is_err());
+    assert_eq!(log.append(entry(6)).await.unwrap().seq, 6);
+    drop(log);
+    writer.finish().await;
+    let report = verify(&store, None).await.unwrap();
+    assert_eq!(report.to_string(), "node n1: 6 records, chain intact\n");
+}
+both!(
+    failed_commit_sqlite,
+    failed_commit_pg,
+    failed_commit_fails_closed_and_recovers
+);
+
+async fn restart_continues_the_chain(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    let first = append_n(&log, 0..3).await;
+    drop(log);
+    writer.finish().await;
+
+    let (log, writer) = start(&store, "n1").await;
+    let next = log.append(entry(3)).await.unwrap();
+    assert_eq!(next.seq, 4);
+    let records = query(&store, &Filter::default()).await.unwrap();
+    assert_eq!(records[3].prev_hash, first[2].hash);
+
+    // After close nothing new is taken, and the writer stops although a handle lives.
+    log.close();
+    writer.finish().await;
+    assert!(matches!(
+        log.append(entry(9)).await,
+        Err(AuditError::Closed)
+    ));
+    assert!(verify(&store, Some("n1")).await.unwrap().intact());
+}
+both!(restart_sqlite, restart_pg, restart_continues_the_chain);
+
+async fn filters_select_records(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    append_n(&log, 0..30).await;
+    let mut odd = entry(30);
+    odd.ts = "2026-11-03T12:00:00+02:00".into(); // 10:00 UTC
+    odd.subjects = vec!["P\0X".into(), "P\0X".into()];
+    odd.agency = None;
+    log.append(odd).await.unwrap();
+    drop(log);
+    writer.finish().await;
+
+    let q = |f: Filter| {
+        let store = store.clone();
+        async move { query(&store, &f).await.unwrap() }
+    };
+    // entry(n) names P{n} and P{n % 7}: P3 is in 3, 10, 17, 24.
+    let by_subject = q(Filter {
+        subject: Some("P3".into()),
+        ..Filter::default()
+    })
+    .await;
+    let cases: Vec<_> = by_subject
+        .iter()
+        .map(|r| r.entry.case_ref.clone().unwrap())
+        .collect();
+    assert_eq!(cases, ["case-3", "case-10", "case-17", "case-24"]);
+
+    let by_agency = q(Filter {
+        agency: Some("agency-1".into()),
+        ..Filter::default()
+    })
+    .await;
+    assert_eq!(by_agency.len(), 10);
+    assert!(by_agency
+        .iter()
+        .all(|r| r.entry.agency.as_deref() == Some("agency-1")));
+
+    let by_officer_denied = q(Filter {
+        officer: Some("officer-0".into()),
+        decision: Some("deny".into()),
+        ..Filter::default()
+    })
+    .await;
+    // n % 5 == 0 and n % 4 == 0: 0 and 20.
+    assert_eq!(by_officer_denied.len(), 2);
+
+    let window = q(Filter {
+        since: Some("2026-11-03T09:00:10Z".into()),
+        until: Some("2026-11-03T11:00:20+02:00".into()),
+        ..Filter::default()
+    })
+    .await;
+    let cases: Vec<_> = window
+        .iter()
+        .map(|r| r.entry.case_ref.clone().unwrap())
+        .collect();
+    assert_eq!(cases.len(), 10, "{cases:?}");
+    assert_eq!(cases[0], "case-10");
+
+    let limited = q(Filter {
+        limit: Some(5),
+        node: Some("n1".into()),
+        ..Filter::default()
+    })
+    .await;
+    assert_eq!(limited.len(), 5);
+    assert_eq!(
+        q(Filter {
+            node: Some("n9".into()),
+            ..Filter::default()
+        })
+        .await
+        .len(),
+        0
+    );
+
+    // The normalised timestamp and scrubbed subjects are what was stored and hashed.
+    let odd = q(Filter {
+        since: Some("2026-11-03T10:00:00Z".into()),
+        ..Filter::default()
+    })
+    .await;
+    assert_eq!(odd.len(), 1);
+    assert_eq!(odd[0].entry.ts, "2026-11-03T10:00:00.000000Z");
+    assert_eq!(odd[0].entry.subjects, ["P\u{FFFD}X", "P\u{FFFD}X"]);
+    let by_subject = q(Filter {
+        subject: Some("P\u{FFFD}X".into()),
+        ..Filter::default()
+    })
+    .await;
+    assert_eq!(by_subject.len(), 1);
+
+    let bad = query(
+        &store,
+        &Filter {
+            since: Some("yesterday".into()),
+            ..Filter::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(bad.status(), http::StatusCode::BAD_REQUEST);
+    assert!(verify(&store, None).await.unwrap().intact());
+}
+both!(filters_sqlite, filters_pg, filters_select_records);
+
+async fn export_writes_json_lines(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    append_n(&log, 0..23).await;
+    drop(log);
+    writer.finish().await;
+
+    let mut out = Vec::new();
+    // A small page size makes the keyset cursor cross pages.
+    let n = export_paged(&store, &Filter::default(), &mut out, 4)
+        .await
+        .unwrap();
+    assert_eq!(n, 23);
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 23);
+    let required = [
+        "seq",
+        "id",
+        "ts",
+        "node",
+        "agency",
+        "certificate",
+        "officer",
+        "purpose",
+        "legal_basis",
+        "case_ref",
+        "consent_ref",
+        "token_id",
+        "provider",
+        "service",
+        "operation",
+        "method",
+        "path",
+        "subjects",
+        "fields",
+        "decision",
+        "reason",
+        "status",
+        "policy_version",
+        "prev_hash",
+        "hash",
+    ];
+    for line in &lines {
+        let obj = line.as_object().unwrap();
+        for key in required {
+            assert!(obj.contains_key(key), "missing {key} in {line}");
+        }
+        assert!(obj["consent_ref"].is_null());
+    }
+    let seqs: Vec<i64> = lines.iter().map(|l| l["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, (1..=23).collect::<Vec<_>>());
+
+    // An exported line still verifies on its own.
+    let record: Record = serde_json::from_value(lines[7].clone()).unwrap();
+    assert_eq!(record.expected_hash().unwrap(), record.hash);
+    assert_eq!(record.prev_hash, lines[6]["hash"].as_str().unwrap());
+
+    let mut out = Vec::new();
+    let filter = Filter {
+        limit: Some(6),
+        ..Filter::default()
+    };
+    assert_eq!(export_paged(&store, &filter, &mut out, 4).await.unwrap(), 6);
+    let mut out = Vec::new();
+    assert_eq!(
+        export(&store, &Filter::default(), &mut out).await.unwrap(),
+        23
+    );
+}
+both!(export_sqlite, export_pg, export_writes_json_lines);
+
+#[test]
+fn canonical_form_is_fixed() {
+    let e = Entry {
+        id: "01900000-0000-7000-8000-000000000000".into(),
+        ts: "2026-11-03T09:00:00.000000Z".into(),
+        method: "GET".into(),
+        path: "/v1/x".into(),
+        decision: "deny".into(),
+        status: 401,
+        policy_version: "v1".into(),
+        ..Entry::default()
+    };
+    let json = canonical_json(1, "n1", &e, GENESIS_HASH).unwrap();
+    assert_eq!(
+        json,
+        format!(
+            "{{\"seq\":1,\"node\":\"n1\",\"id\":\"01900000-0000-7000-8000-000000000000\",\
+             \"ts\":\"2026-11-03T09:00:00.000000Z\",\"agency\":null,\"certificate\":null,\
+             \"officer\":null,\"purpose\":null,\"legal_basis\":null,\"case_ref\":null,\
+             \"consent_ref\":null,\"token_id\":null,\"provider\":null,\"service\":null,\
+             \"operation\":null,\"method\":\"GET\",\"path\":\"/v1/x\",\"subjects\":[],\"fields\":[],\
+             \"decision\":\"deny\",\"reason\":null,\"status\":401,\"policy_version\":\"v1\",\
+             \"prev_hash\":\"{GENESIS_HASH}\"}}"
+        )
+    );
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(format!("{GENESIS_HASH}\n{json}").as_bytes());
+    let hash = chain_hash(1, "n1", &e, GENESIS_HASH).unwrap();
+    assert_eq!(hash, hex::encode(ctx.finish().as_ref()));
+    let record = Record::chain(1, "n1", e, GENESIS_HASH).unwrap();
+    assert_eq!(record.hash, hash);
+}
+
+#[test]
+fn timestamps_are_normalised() {
+    assert_eq!(
+        record::normalise_ts("2026-01-02T03:04:05.5+02:00").as_deref(),
+        Some("2026-01-02T01:04:05.500000Z")
+    );
+    assert_eq!(record::normalise_ts("2026-01-02"), None);
+    assert_eq!(now_ts().len(), "2026-01-02T01:04:05.500000Z".len());
+}
+
+#[tokio::test]
+async fn bad_entries_are_refused_before_queueing() {
+    let (store, _dir) = sqlite_store().await;
+    let (log, writer) = start(&store, "n1").await;
+    let mut e = entry(1);
+    e.ts = "now".into();
+    assert!(matches!(
+        log.append(e).await,
+        Err(AuditError::InvalidEntry(_))
+    ));
+    drop(log);
+    writer.finish().await;
+    assert_eq!(count(&store).await.unwrap(), 0);
+}
+
+/// Throughput of the writer on SQLite: `cargo test --lib audit::tests::throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn throughput_sqlite() {
+    let (store, _dir) = sqlite_store().await;
+    let (log, writer) = start(&store, "n1").await;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..1000 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                log.append(entry(t * 20 + i)).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let stats = log.stats();
+    eprintln!(
+        "{} records in {} batches, {:.0} records/s",
+        stats.committed,
+        stats.batches,
+        stats.committed as f64 / elapsed.as_secs_f64()
+    );
+    drop(log);
+    writer.finish().await;
+}
