@@ -31,5 +31,7 @@ pub mod proxy;
 pub mod registry;
 pub mod server;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;
 pub mod token;

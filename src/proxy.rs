@@ -20,8 +20,6 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use time::format_description::FormatItem;
-use time::macros::format_description;
 use time::OffsetDateTime;
 
 use crate::admin::Metrics;
@@ -127,16 +125,6 @@ struct Route<'a> {
     rest: &'a str,
 }
 
-const TS_FORMAT: &[FormatItem<'static>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
-
-/// Current UTC time as the audit log writes it.
-pub fn timestamp() -> String {
-    OffsetDateTime::now_utc()
-        .format(TS_FORMAT)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00.000000Z".to_owned())
-}
-
 impl Gateway {
     /// Runs one request through the pipeline and answers it; never panics on input.
     pub async fn handle(&self, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
@@ -144,7 +132,7 @@ impl Gateway {
         let policy = self.policy.load_full();
         let mut entry = Entry {
             id: uuid::Uuid::now_v7().to_string(),
-            ts: timestamp(),
+            ts: crate::audit::now_ts(),
             method: req.method().as_str().to_owned(),
             path: req
                 .uri()
@@ -220,19 +208,20 @@ impl Gateway {
         req: Request<Incoming>,
         entry: &mut Entry,
     ) -> Result<Released, Refusal> {
+        let (parts, body) = req.into_parts();
         let agency = agency(policy, conn.client.as_ref())?;
         entry.agency = Some(agency.to_owned());
-        let officer = self.token(req.headers(), agency)?;
+        let officer = self.token(&parts.headers, agency)?;
         entry.officer = Some(officer.id.clone());
         entry.purpose = Some(officer.purpose.clone());
         entry.case_ref = officer.case_ref.clone();
         entry.token_id = officer.token_id.clone();
-        let route = route(req.uri())?;
+        let route = route(&parts.uri)?;
         entry.provider = Some(route.provider.to_owned());
         entry.service = Some(route.service.to_owned());
         entry.subjects.extend(path_subject(route.rest));
         let (base, service) = self.resolve(policy, &route)?;
-        let operation = Operation::from_method(req.method()).ok_or_else(|| {
+        let operation = Operation::from_method(&parts.method).ok_or_else(|| {
             Refusal::deny(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method-not-allowed",
@@ -243,13 +232,13 @@ impl Gateway {
         })?;
         entry.operation = Some(operation.as_str().to_owned());
         let allow = decide(policy, agency, &route, operation, &officer)?;
-        entry.legal_basis = Some(allow.legal_basis.clone());
+        entry.legal_basis = Some(allow.legal_basis.to_string());
         // limit: per-agency and per-officer quotas are applied here (issue #6).
         consent(allow.consent_required)?;
-        let (status, body) = self
-            .forward(&base, &route, req, agency, &officer, &entry.id)
+        let (status, body, content_type) = self
+            .forward(&base, &route, &parts, body, agency, &officer, &entry.id)
             .await?;
-        minimise(status, body, &allow.fields, service, entry)
+        minimise(status, body, content_type.as_deref(), &allow.fields, service, entry)
     }
 
     /// Verifies the bearer token against the connection's agency keys.
@@ -315,12 +304,12 @@ impl Gateway {
         &self,
         base: &str,
         route: &Route<'_>,
-        req: Request<Incoming>,
+        parts: &http::request::Parts,
+        body: Incoming,
         agency: &str,
         officer: &Officer,
         request_id: &str,
     ) -> Result<(StatusCode, Bytes, Option<String>), Refusal> {
-        let (parts, body) = req.into_parts();
         let write = Operation::from_method(&parts.method) == Some(Operation::Write);
         let body = if write {
             read_body(body, &parts.headers, self.limits.max_body_bytes).await?
@@ -519,16 +508,25 @@ fn consent(required: bool) -> Result<(), Refusal> {
 fn minimise(
     status: StatusCode,
     body: Bytes,
+    content_type: Option<&str>,
     fields: &crate::minimise::FieldSet,
     service: &Service,
     entry: &mut Entry,
 ) -> Result<Released, Refusal> {
-    let (status, body, content_type) = (status, body, ());
-    let _ = content_type;
     if !status.is_success() {
         return Err(provider_problem(status, &body));
     }
-    let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+    // Only JSON can be minimised; anything else is withheld rather than passed on whole.
+    let json = content_type.is_some_and(|ct| {
+        let ct = ct.split(';').next().unwrap_or_default().trim();
+        ct.eq_ignore_ascii_case("application/json") || ct.ends_with("+json")
+    });
+    let parsed = if json {
+        serde_json::from_slice::<serde_json::Value>(&body).ok()
+    } else {
+        None
+    };
+    let mut value = parsed.ok_or_else(|| {
         tracing::warn!(service = %service.id, "provider answered with something other than JSON");
         Refusal::error(
             StatusCode::BAD_GATEWAY,

@@ -1,0 +1,100 @@
+//! Test support shared by the unit tests and the integration tests in
+//! `tests/`: throw-away databases on SQLite and PostgreSQL.
+//!
+//! PostgreSQL tests use the server at `KARIBCHE_TEST_POSTGRES` (default
+//! `postgres://postgres@127.0.0.1:5432/test`), create a fresh database per
+//! test and drop it afterwards, so tests stay parallel-safe. When the server
+//! is unreachable they are skipped with a note — except under CI (`CI` set),
+//! where that is a failure.
+
+use sqlx::Connection;
+
+use crate::store::Store;
+
+/// The PostgreSQL server tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("KARIBCHE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A fresh PostgreSQL database, dropped when this value is dropped (even on panic).
+#[derive(Debug)]
+pub struct PgDatabase {
+    /// URL of the new database.
+    pub url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    /// Creates a database, or `None` (with a note) when PostgreSQL is unreachable outside CI.
+    pub async fn create() -> Option<PgDatabase> {
+        sqlx::any::install_default_drivers();
+        let admin_url = postgres_admin_url();
+        let mut admin = match sqlx::AnyConnection::connect(&admin_url).await {
+            Ok(conn) => conn,
+            Err(err) if std::env::var_os("CI").is_none() => {
+                eprintln!("note: PostgreSQL at {admin_url} unreachable ({err}); skipping");
+                return None;
+            }
+            Err(err) => panic!("PostgreSQL at {admin_url} unreachable in CI: {err}"),
+        };
+        let name = format!("k_{}", uuid::Uuid::now_v7().simple());
+        if let Err(err) = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+        {
+            panic!("cannot create test database {name}: {err}");
+        }
+        let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
+        Some(PgDatabase {
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+
+    /// Creates a database and opens a migrated store on it.
+    pub async fn store() -> Option<(Store, PgDatabase)> {
+        let db = PgDatabase::create().await?;
+        match Store::connect(&db.url).await {
+            Ok(store) => Some((store, db)),
+            Err(err) => panic!("cannot open test database: {err}"),
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let admin_url = postgres_admin_url();
+        // Drop may run inside a test's runtime, which must not block: use a
+        // thread with its own.
+        let done = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(mut conn) = sqlx::AnyConnection::connect(&admin_url).await {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        });
+        let _ = done.join();
+    }
+}
+
+/// A migrated SQLite store in a fresh temporary directory (kept alive by the returned guard).
+pub async fn sqlite_store() -> (Store, tempfile::TempDir) {
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(err) => panic!("cannot create a temporary directory: {err}"),
+    };
+    match Store::connect(&format!("sqlite://{}/t.db", dir.path().display())).await {
+        Ok(store) => (store, dir),
+        Err(err) => panic!("cannot open test database: {err}"),
+    }
+}

@@ -1,0 +1,370 @@
+//! The gateway end to end: a real system on ephemeral ports, real mutual TLS,
+//! real tokens, the real register behind it, the audit log checked after.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{leaf_paths, Client, Db, TestGateway};
+use http::{Method, StatusCode};
+use karibche::audit::{self, Filter};
+
+const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
+
+fn person_path(id: &str) -> String {
+    format!("/v1/registry/persons/{id}")
+}
+
+async fn records_for(gw: &TestGateway, id: &str) -> Vec<audit::Record> {
+    audit::query(&gw.running.store, &Filter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entry.id == id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_read_returns_only_granted_fields_and_is_audited() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("mia-border", "border-control", None);
+    let reply = gw.client("mia-border").get(&person_path(PERSON), Some(&token)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    let body = reply.json();
+    assert_eq!(body["id"], PERSON);
+    let paths = leaf_paths(&body);
+    // Granted: names, documents, visas, entry bans, some residence-permit fields.
+    assert!(paths.iter().any(|p| p.starts_with("names.")), "{paths:?}");
+    // Not granted to the Border Police: personal number, birth place, crossings, work permits, asylum.
+    for hidden in ["personal_number", "birth_place", "crossings", "work_permits", "asylum_cases"] {
+        assert!(
+            !paths.iter().any(|p| p == hidden || p.starts_with(&format!("{hidden}."))),
+            "{hidden} leaked: {paths:?}"
+        );
+    }
+    assert!(!paths.contains("residence_permits.number"));
+
+    let id = reply.request_id();
+    let records = records_for(&gw, &id).await;
+    assert_eq!(records.len(), 1, "exactly one audit record per request");
+    let e = &records[0].entry;
+    assert_eq!(e.agency.as_deref(), Some("mia-border"));
+    assert_eq!(e.officer.as_deref(), Some("officer-1"));
+    assert_eq!(e.purpose.as_deref(), Some("border-control"));
+    assert_eq!(e.provider.as_deref(), Some("registry"));
+    assert_eq!(e.service.as_deref(), Some("persons"));
+    assert_eq!(e.operation.as_deref(), Some("read"));
+    assert_eq!(e.decision, "allow");
+    assert_eq!(e.status, 200);
+    assert_eq!(e.subjects, vec![PERSON.to_owned()]);
+    assert!(e.fields.iter().any(|f| f.starts_with("names")), "{:?}", e.fields);
+    assert!(e.certificate.as_deref().is_some_and(|c| c.len() == 64));
+    assert!(e.legal_basis.is_some());
+    assert_eq!(e.policy_version, gw.running.started.policy_version);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_office_sees_no_identity() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("geostat", "official-statistics", None);
+    let reply = gw.client("geostat").get(&person_path(PERSON), Some(&token)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let paths = leaf_paths(&reply.json());
+    for p in &paths {
+        assert!(
+            !p.starts_with("names") && !p.contains("number") && p != "id",
+            "geostat must not see {p}"
+        );
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_requires_a_certificate_from_the_agency_ca() {
+    let gw = TestGateway::start().await;
+    let ca = gw.pki().join("ca.pem");
+    let anonymous = Client::new(&ca, None, gw.gateway_addr());
+    let err = anonymous
+        .send(Method::GET, &person_path(PERSON), None, None)
+        .await
+        .expect_err("no client certificate must fail");
+    assert!(
+        err.contains("handshake") || err.contains("http") || err.contains("request"),
+        "{err}"
+    );
+
+    // A certificate for the same agency name from another CA.
+    let other = tempfile::tempdir().unwrap();
+    karibche::pki::ensure_dev_pki(other.path(), &["mia-border"]).unwrap();
+    let (cert, key) = karibche::pki::agency_files(other.path(), "mia-border");
+    let forged = Client::new(&ca, Some((&cert, &key)), gw.gateway_addr());
+    let token = gw.token("mia-border", "border-control", None);
+    let err = forged
+        .send(Method::GET, &person_path(PERSON), Some(&token), None)
+        .await
+        .expect_err("certificate from a foreign CA must fail");
+    assert!(!err.is_empty());
+    assert!(gw.running.gateway.metrics.handshake_failures("gateway") >= 2);
+    // Neither attempt reached policy, so neither left an audit record.
+    assert_eq!(audit::count(&gw.running.store).await.unwrap(), 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_bound_to_the_connections_agency_and_time() {
+    let gw = TestGateway::start().await;
+    let client = gw.client("mia-border");
+    let path = person_path(PERSON);
+
+    let foreign = gw.token("psda", "identity-documentation", None);
+    let r = client.get(&path, Some(&foreign)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.content_type(), "application/problem+json");
+    assert!(r.headers.contains_key("www-authenticate"));
+    let p = r.json();
+    for key in ["type", "title", "status", "detail", "request_id"] {
+        assert!(p.get(key).is_some(), "problem lacks {key}: {p}");
+    }
+    assert_eq!(p["request_id"], r.request_id());
+
+    let expired = gw.token_with(
+        "mia-border",
+        "border-control",
+        None,
+        Duration::from_secs(60),
+        Duration::from_secs(600),
+    );
+    let r2 = client.get(&path, Some(&expired)).await;
+    assert_eq!(r2.status, StatusCode::UNAUTHORIZED);
+    assert!(r2.json()["detail"].as_str().unwrap().contains("expired"));
+
+    let r3 = client.get(&path, None).await;
+    assert_eq!(r3.status, StatusCode::UNAUTHORIZED);
+
+    let reasons: Vec<_> = [r.request_id(), r2.request_id(), r3.request_id()]
+        .iter()
+        .map(|id| {
+            let gw = &gw;
+            async move { records_for(gw, id).await.pop().unwrap().entry.reason }
+        })
+        .collect();
+    let mut got = Vec::new();
+    for f in reasons {
+        got.push(f.await.unwrap());
+    }
+    assert_eq!(got, ["token_wrong_agency", "token_expired", "token_missing"]);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_grant_is_forbidden_and_the_denial_is_logged() {
+    let gw = TestGateway::start().await;
+    // The consular department has no grant to record border crossings.
+    let token = gw.token("mfa-consular", "visa-decision", None);
+    let crossing = serde_json::json!({
+        "person_id": PERSON, "direction": "entry", "point": "Sarpi",
+        "at": "2026-11-01T10:00:00Z", "document_number": "X1"
+    });
+    let r = gw
+        .client("mfa-consular")
+        .send(Method::POST, "/v1/registry/crossings", Some(&token), Some(crossing))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.content_type(), "application/problem+json");
+    let records = records_for(&gw, &r.request_id()).await;
+    assert_eq!(records.len(), 1);
+    let e = &records[0].entry;
+    assert_eq!(e.decision, "deny");
+    assert_eq!(e.reason.as_deref(), Some("no_grant"));
+    assert_eq!(e.status, 403);
+
+    // The State Security Service must name a case.
+    let ssg = gw.token("ssg", "national-security-investigation", None);
+    let r = gw.client("ssg").get(&person_path(PERSON), Some(&ssg)).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let with_case = gw.token("ssg", "national-security-investigation", Some("SSG-2026-17"));
+    let r = gw.client("ssg").get(&person_path(PERSON), Some(&with_case)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let e = records_for(&gw, &r.request_id()).await.pop().unwrap().entry;
+    assert_eq!(e.case_ref.as_deref(), Some("SSG-2026-17"));
+
+    // Unknown provider: 404 problem, still one record.
+    let r = gw
+        .client("mia-border")
+        .get("/v1/nowhere/persons/1", Some(&gw.token("mia-border", "border-control", None)))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(records_for(&gw, &r.request_id()).await.len(), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn border_police_records_a_crossing_through_the_gateway() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("mia-border", "border-control", None);
+    let crossing = serde_json::json!({
+        "person_id": PERSON, "direction": "entry", "point": "Sarpi",
+        "at": "2026-11-01T10:00:00Z", "document_number": "X1"
+    });
+    let r = gw
+        .client("mia-border")
+        .send(Method::POST, "/v1/registry/crossings", Some(&token), Some(crossing))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["person_id"], PERSON);
+    let e = records_for(&gw, &r.request_id()).await.pop().unwrap().entry;
+    assert_eq!(e.operation.as_deref(), Some("write"));
+    assert_eq!(e.subjects, vec![PERSON.to_owned()]);
+
+    // A provider's validation error comes back as problem+json naming the field.
+    let bad = serde_json::json!({
+        "person_id": "RF-9999999", "direction": "entry", "point": "Sarpi",
+        "at": "2026-11-01T10:00:00Z", "document_number": "X1"
+    });
+    let r = gw
+        .client("mia-border")
+        .send(Method::POST, "/v1/registry/crossings", Some(&token), Some(bad))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.content_type(), "application/problem+json");
+    assert!(r.json()["detail"].as_str().unwrap().contains("person_id"));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_accepts_only_the_gateway() {
+    let gw = TestGateway::start().await;
+    let registry = gw.running.started.registry.unwrap();
+    let (cert, key) = karibche::pki::agency_files(&gw.pki(), "mia-border");
+    let direct = Client::new(&gw.pki().join("ca.pem"), Some((&cert, &key)), registry);
+    let r = direct.get(&format!("/persons/{PERSON}"), None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(!String::from_utf8_lossy(&r.body).contains("names"));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_audit_log_means_503_and_no_data() {
+    let gw = TestGateway::start().await;
+    let store = gw.running.store.clone();
+    sqlx::raw_sql(
+        "CREATE TRIGGER audit_block BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'blocked'); END;",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let token = gw.token("mia-border", "border-control", None);
+    let client = gw.client("mia-border");
+    let r = client.get(&person_path(PERSON), Some(&token)).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.content_type(), "application/problem+json");
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(!text.contains(PERSON) && !text.contains("names"), "{text}");
+    assert_eq!(audit::count(&store).await.unwrap(), 0);
+
+    sqlx::raw_sql("DROP TRIGGER audit_block;")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let r = client.get(&person_path(PERSON), Some(&token)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(audit::verify(&store, None).await.unwrap().intact());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_has_exactly_one_record_and_the_chain_holds() {
+    let gw = TestGateway::start().await;
+    let border = gw.token("mia-border", "border-control", None);
+    let psda = gw.token("psda", "identity-documentation", None);
+    let mut ids = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let client = gw.client(if i % 2 == 0 { "mia-border" } else { "psda" });
+        let token = if i % 2 == 0 { border.clone() } else { psda.clone() };
+        let path = match i % 3 {
+            0 => person_path(PERSON),
+            1 => format!("{}/visas", person_path(PERSON)),
+            _ => "/v1/registry/persons/RF-does-not-exist".to_owned(),
+        };
+        tasks.push(tokio::spawn(async move { client.get(&path, Some(&token)).await }));
+    }
+    for t in tasks {
+        ids.push(t.await.unwrap().request_id());
+    }
+    let records = audit::query(&gw.running.store, &Filter::default()).await.unwrap();
+    assert_eq!(records.len(), ids.len());
+    for id in &ids {
+        assert_eq!(records.iter().filter(|r| &r.entry.id == id).count(), 1);
+    }
+    let report = audit::verify(&gw.running.store, None).await.unwrap();
+    assert!(report.intact(), "{report}");
+
+    // The export carries the fields DESIGN.md promises.
+    let mut out = Vec::new();
+    audit::export(&gw.running.store, &Filter::default(), &mut out).await.unwrap();
+    let first: serde_json::Value =
+        serde_json::from_slice(out.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    for key in [
+        "seq", "id", "ts", "node", "agency", "officer", "purpose", "case_ref", "consent_ref",
+        "provider", "service", "operation", "method", "path", "subjects", "fields", "decision",
+        "reason", "status", "policy_version", "prev_hash", "hash",
+    ] {
+        assert!(first.get(key).is_some(), "export lacks {key}");
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reports_health_readiness_and_metrics() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("mia-border", "border-control", None);
+    gw.client("mia-border").get(&person_path(PERSON), Some(&token)).await;
+    let admin = gw.running.started.admin;
+    let get = |path: &'static str| async move {
+        let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+        let (mut s, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header("host", "localhost")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        let status = resp.status();
+        use http_body_util::BodyExt;
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    };
+    assert_eq!(get("/healthz").await.0, StatusCode::OK);
+    let (status, ready) = get("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    let (_, metrics) = get("/metrics").await;
+    assert!(metrics.contains("karibche_requests_total{class=\"2xx\"} 1"), "{metrics}");
+    assert!(metrics.contains("karibche_audit_records_total 1"), "{metrics}");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_path_works_on_postgresql() {
+    let Some(gw) = TestGateway::start_with(Db::Postgres).await else {
+        return;
+    };
+    let token = gw.token("psda", "identity-documentation", None);
+    let r = gw.client("psda").get(&person_path(PERSON), Some(&token)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let r2 = gw
+        .client("geostat")
+        .get(&person_path(PERSON), Some(&token))
+        .await;
+    assert_eq!(r2.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(audit::count(&gw.running.store).await.unwrap(), 2);
+    assert!(audit::verify(&gw.running.store, None).await.unwrap().intact());
+    gw.shutdown().await;
+}
