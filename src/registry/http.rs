@@ -36,51 +36,56 @@ pub(crate) async fn handle(reg: &Registry, req: Request<Bytes>) -> Response<Body
     }
 }
 
+/// What a path names, before the method is checked.
+enum Target<'a> {
+    Health,
+    Search,
+    Person(&'a str),
+    Records(&'a str, &'a str),
+    NewCrossing,
+    NewVisa,
+}
+
 async fn route(reg: &Registry, req: Request<Bytes>) -> Answer {
-    let path = req.uri().path().to_owned();
-    let query = req.uri().query().unwrap_or("").to_owned();
-    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(&path).split('/').collect();
-    let method = req.method().clone();
-    match segments.as_slice() {
-        ["healthz"] => {
-            only(&method, &Method::GET)?;
-            Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
-        }
-        ["persons"] => {
-            only(&method, &Method::GET)?;
-            search(reg, &query).await
-        }
-        ["persons", id] if valid_token(id) => {
-            only(&method, &Method::GET)?;
-            get_person(reg, id).await
-        }
+    let path = req.uri().path();
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let (allowed, target) = match segments.as_slice() {
+        ["healthz"] => (Method::GET, Target::Health),
+        ["persons"] => (Method::GET, Target::Search),
+        ["persons", id] if valid_token(id) => (Method::GET, Target::Person(id)),
         ["persons", id, kind] if valid_token(id) && RECORD_KINDS.contains(kind) => {
-            only(&method, &Method::GET)?;
-            get_records(reg, id, kind).await
+            (Method::GET, Target::Records(id, kind))
         }
-        ["crossings"] => {
-            only(&method, &Method::POST)?;
-            idempotent(reg, "crossings", &req, post_crossing).await
-        }
-        ["visas"] => {
-            only(&method, &Method::POST)?;
-            idempotent(reg, "visas", &req, post_visa).await
-        }
-        _ => Err(Problem::not_found("no such resource in the register")),
+        ["crossings"] => (Method::POST, Target::NewCrossing),
+        ["visas"] => (Method::POST, Target::NewVisa),
+        _ => return Err(Problem::not_found("no such resource in the register")),
+    };
+    if req.method() != allowed {
+        return Ok(method_not_allowed(&allowed));
+    }
+    match target {
+        Target::Health => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        Target::Search => search(reg, req.uri().query().unwrap_or("")).await,
+        Target::Person(id) => get_person(reg, id).await,
+        Target::Records(id, kind) => get_records(reg, id, kind).await,
+        Target::NewCrossing => idempotent(reg, "crossings", &req, post_crossing).await,
+        Target::NewVisa => idempotent(reg, "visas", &req, post_visa).await,
     }
 }
 
-/// 405 with an `Allow` header unless the method is the one the path serves.
-fn only(method: &Method, allowed: &Method) -> Result<(), Problem> {
-    if method == allowed {
-        return Ok(());
-    }
-    Err(Problem::new(
+/// 405 naming, in `Allow`, the one method the path serves.
+fn method_not_allowed(allowed: &Method) -> Response<Body> {
+    let mut resp = Problem::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method-not-allowed",
         "Method not allowed",
         format!("this resource accepts {allowed} only"),
-    ))
+    )
+    .to_response();
+    if let Ok(v) = HeaderValue::from_str(allowed.as_str()) {
+        resp.headers_mut().insert(header::ALLOW, v);
+    }
+    resp
 }
 
 fn valid_token(s: &str) -> bool {
@@ -226,7 +231,10 @@ fn percent_decode(s: &str) -> Result<String, Problem> {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = s.get(i + 1..i + 3).ok_or_else(bad)?;
+                let hex = s
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                    .ok_or_else(bad)?;
                 out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
                 i += 2;
             }

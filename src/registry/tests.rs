@@ -416,8 +416,11 @@ async fn reads_person_records_and_searches() {
     )
     .await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
-    let (s, _) = call(&reg, Method::GET, "/crossings", None).await;
+    let ((s, _), headers) = call_with(&reg, Method::GET, "/crossings", None, None).await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(headers["allow"], "POST");
+    let (s, _) = call(&reg, Method::GET, "/persons?document=%+1", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
 fn percent(s: &str) -> String {
