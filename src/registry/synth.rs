@@ -1,0 +1,1382 @@
+//! Synthetic foreigners: plausible, internally consistent and deterministic.
+//!
+//! Each person is generated from `(seed, index, anchor)` alone, with its own
+//! PRNG stream, so person 1 is the same whether 10 or 10,000 are seeded. The
+//! anchor is the day the register is seeded: every date is an offset from it,
+//! so a fresh register always looks current (valid permits, recent crossings)
+//! while names, ids and numbers depend on the seed only.
+//!
+//! Consistency the generator keeps: documents are issued after birth; a visa
+//! lies inside the validity of the document it was put in; crossings happen
+//! inside a visa, permit or visa-free window *and* inside the validity of the
+//! document shown, alternate entry/exit and are in the past; asylum decisions
+//! follow applications; an entry ban starts after the last crossing (an
+//! expulsion adds the exit).
+//!
+//! Numbers (documents, visas, permits, personal numbers) come from an affine
+//! bijection of a per-person sequence, so they are unique without a lookup.
+
+use time::{Date, Duration, Month};
+
+use super::model::{
+    AsylumCase, BirthPlace, Crossing, Document, Employer, EntryBan, Names, Person, ResidencePermit,
+    Visa, WorkPermit,
+};
+
+/// splitmix64: tiny, fast, and good enough for test data (not for secrets).
+#[derive(Debug, Clone)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    /// A generator for person `index` under `seed`; streams of different persons do not overlap in practice.
+    pub(crate) fn for_person(seed: u64, index: u64) -> Rng {
+        let mut r = Rng(seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        r.next_u64();
+        r
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// Uniform in `lo..=hi`; `lo` when the range is empty.
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        if hi <= lo {
+            return lo;
+        }
+        lo + self.below((hi - lo + 1) as u64) as i64
+    }
+
+    /// True with probability `p`.
+    fn chance(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64) / ((1u64 << 53) as f64) < p
+    }
+
+    /// One element of a non-empty slice.
+    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len() as u64) as usize]
+    }
+
+    /// One element of a non-empty slice, by weight.
+    fn weighted<'a, T>(&mut self, xs: &'a [(T, u32)]) -> &'a T {
+        let total: u64 = xs.iter().map(|(_, w)| u64::from(*w)).sum();
+        let mut n = self.below(total);
+        for (x, w) in xs {
+            if n < u64::from(*w) {
+                return x;
+            }
+            n -= u64::from(*w);
+        }
+        &xs[xs.len() - 1].0
+    }
+}
+
+/// What the generator knows about one country of origin.
+struct Country {
+    code: &'static str,
+    weight: u32,
+    surnames: &'static [&'static str],
+    male: &'static [&'static str],
+    female: &'static [&'static str],
+    /// Surnames take a feminine ending (`-ov` → `-ova`) for women.
+    gendered: bool,
+    cities: &'static [&'static str],
+    /// Georgian missions that issue visas to its citizens.
+    posts: &'static [&'static str],
+    /// Citizens may stay in Georgia without a visa.
+    visa_free: bool,
+    /// The land or sea crossing its citizens use besides the airports.
+    land_point: Option<&'static str>,
+    passport_prefix: &'static str,
+    /// Asylum applications are common among its citizens.
+    asylum_prone: bool,
+}
+
+const SLAVIC_M: &[&str] = &[
+    "Aleksandr",
+    "Dmitry",
+    "Sergei",
+    "Andrei",
+    "Mikhail",
+    "Ivan",
+    "Nikolai",
+    "Pavel",
+    "Oleg",
+];
+const SLAVIC_F: &[&str] = &[
+    "Anna", "Elena", "Olga", "Tatiana", "Natalia", "Irina", "Maria", "Svetlana", "Yulia",
+];
+const ARAB_M: &[&str] = &[
+    "Ahmed", "Omar", "Mohammed", "Youssef", "Karim", "Khaled", "Ali",
+];
+const ARAB_F: &[&str] = &["Fatima", "Noor", "Layla", "Aisha", "Rana", "Mariam", "Huda"];
+const ARAB_SURNAMES: &[&str] = &[
+    "Al-Hassan",
+    "Hussein",
+    "Ibrahim",
+    "Abdullah",
+    "Saleh",
+    "Mahmoud",
+    "Khalil",
+    "Haddad",
+    "Al-Jabouri",
+    "Mansour",
+];
+
+const COUNTRIES: &[Country] = &[
+    Country {
+        code: "TR",
+        weight: 18,
+        surnames: &[
+            "Yılmaz",
+            "Kaya",
+            "Demir",
+            "Şahin",
+            "Çelik",
+            "Yıldız",
+            "Yıldırım",
+            "Öztürk",
+            "Aydın",
+            "Özdemir",
+            "Arslan",
+            "Doğan",
+            "Kılıç",
+            "Aslan",
+            "Çetin",
+        ],
+        male: &[
+            "Mehmet", "Mustafa", "Ahmet", "Ali", "Hüseyin", "Hasan", "İbrahim", "Murat", "Emre",
+        ],
+        female: &[
+            "Ayşe", "Fatma", "Emine", "Hatice", "Zeynep", "Elif", "Merve", "Büşra",
+        ],
+        gendered: false,
+        cities: &[
+            "Istanbul", "Ankara", "Trabzon", "Rize", "Artvin", "Izmir", "Erzurum",
+        ],
+        posts: &[
+            "Embassy of Georgia in Ankara",
+            "Consulate General of Georgia in Istanbul",
+            "Consulate General of Georgia in Trabzon",
+        ],
+        visa_free: true,
+        land_point: Some("Sarpi"),
+        passport_prefix: "U",
+        asylum_prone: false,
+    },
+    Country {
+        code: "AZ",
+        weight: 14,
+        surnames: &[
+            "Mammadov",
+            "Aliyev",
+            "Hasanov",
+            "Huseynov",
+            "Guliyev",
+            "Ismayilov",
+            "Abbasov",
+            "Məmmədli",
+        ],
+        male: &[
+            "Elvin", "Rashad", "Farid", "Anar", "Orkhan", "Tural", "Ramil",
+        ],
+        female: &["Aygun", "Leyla", "Gunel", "Nigar", "Sevinj", "Aysel"],
+        gendered: true,
+        cities: &["Baku", "Ganja", "Sumgait", "Gazakh", "Zagatala", "Marneuli"],
+        posts: &["Embassy of Georgia in Baku"],
+        visa_free: true,
+        land_point: Some("Red Bridge"),
+        passport_prefix: "C",
+        asylum_prone: false,
+    },
+    Country {
+        code: "AM",
+        weight: 12,
+        surnames: &[
+            "Grigoryan",
+            "Petrosyan",
+            "Harutyunyan",
+            "Sargsyan",
+            "Hovhannisyan",
+            "Karapetyan",
+            "Gevorgyan",
+        ],
+        male: &["Armen", "Aram", "Tigran", "Davit", "Narek", "Hayk", "Gor"],
+        female: &["Anahit", "Ani", "Lilit", "Mariam", "Nare", "Gayane"],
+        gendered: false,
+        cities: &["Yerevan", "Gyumri", "Vanadzor", "Alaverdi", "Akhalkalaki"],
+        posts: &["Embassy of Georgia in Yerevan"],
+        visa_free: true,
+        land_point: Some("Sadakhlo"),
+        passport_prefix: "AR",
+        asylum_prone: false,
+    },
+    Country {
+        code: "RU",
+        weight: 14,
+        surnames: &[
+            "Ivanov",
+            "Smirnov",
+            "Kuznetsov",
+            "Popov",
+            "Volkov",
+            "Sokolov",
+            "Morozov",
+            "Lebedev",
+            "Novikov",
+        ],
+        male: SLAVIC_M,
+        female: SLAVIC_F,
+        gendered: true,
+        cities: &[
+            "Moscow",
+            "Saint Petersburg",
+            "Vladikavkaz",
+            "Krasnodar",
+            "Rostov-on-Don",
+        ],
+        posts: &["Interests Section of Georgia in Moscow"],
+        visa_free: true,
+        land_point: Some("Larsi (Kazbegi)"),
+        passport_prefix: "75",
+        asylum_prone: true,
+    },
+    Country {
+        code: "UA",
+        weight: 6,
+        surnames: &[
+            "Shevchenko",
+            "Kovalenko",
+            "Bondarenko",
+            "Tkachenko",
+            "Kravchenko",
+            "Melnyk",
+            "Boyko",
+        ],
+        male: &[
+            "Oleksandr",
+            "Andriy",
+            "Serhiy",
+            "Volodymyr",
+            "Taras",
+            "Bohdan",
+        ],
+        female: &["Olena", "Oksana", "Iryna", "Kateryna", "Natalia", "Yulia"],
+        gendered: false,
+        cities: &["Kyiv", "Kharkiv", "Odesa", "Dnipro", "Lviv"],
+        posts: &["Embassy of Georgia in Kyiv"],
+        visa_free: true,
+        land_point: Some("Batumi sea port"),
+        passport_prefix: "FB",
+        asylum_prone: true,
+    },
+    Country {
+        code: "IR",
+        weight: 6,
+        surnames: &[
+            "Hosseini",
+            "Mohammadi",
+            "Ahmadi",
+            "Rezaei",
+            "Karimi",
+            "Moradi",
+            "Jafari",
+        ],
+        male: &["Reza", "Ali", "Mohammad", "Hossein", "Amir", "Mehdi"],
+        female: &["Maryam", "Zahra", "Fatemeh", "Sara", "Niloufar", "Shirin"],
+        gendered: false,
+        cities: &["Tehran", "Tabriz", "Mashhad", "Isfahan", "Shiraz"],
+        posts: &[
+            "Embassy of Georgia in Tehran",
+            "Consulate General of Georgia in Tabriz",
+        ],
+        visa_free: true,
+        land_point: None,
+        passport_prefix: "K",
+        asylum_prone: true,
+    },
+    Country {
+        code: "IN",
+        weight: 5,
+        surnames: &[
+            "Sharma", "Patel", "Singh", "Kumar", "Gupta", "Reddy", "Nair",
+        ],
+        male: &["Rahul", "Amit", "Arjun", "Vikram", "Rohan", "Sanjay"],
+        female: &["Priya", "Anjali", "Neha", "Pooja", "Divya", "Kavya"],
+        gendered: false,
+        cities: &["New Delhi", "Mumbai", "Chandigarh", "Hyderabad", "Kochi"],
+        posts: &["Embassy of Georgia in New Delhi", "e-Visa portal"],
+        visa_free: false,
+        land_point: None,
+        passport_prefix: "Z",
+        asylum_prone: false,
+    },
+    Country {
+        code: "CN",
+        weight: 4,
+        surnames: &[
+            "Wang", "Li", "Zhang", "Liu", "Chen", "Yang", "Huang", "Zhao",
+        ],
+        male: &["Wei", "Jun", "Hao", "Lei", "Tao", "Jian"],
+        female: &["Fang", "Xiuying", "Na", "Min", "Jing", "Li"],
+        gendered: false,
+        cities: &["Beijing", "Shanghai", "Urumqi", "Chengdu", "Xi'an"],
+        posts: &[
+            "Embassy of Georgia in Beijing",
+            "Consulate General of Georgia in Shanghai",
+        ],
+        visa_free: false,
+        land_point: Some("Poti sea port"),
+        passport_prefix: "E",
+        asylum_prone: false,
+    },
+    Country {
+        code: "IQ",
+        weight: 4,
+        surnames: ARAB_SURNAMES,
+        male: ARAB_M,
+        female: ARAB_F,
+        gendered: false,
+        cities: &["Baghdad", "Basra", "Erbil", "Mosul", "Najaf"],
+        posts: &[
+            "Embassy of Georgia in Baghdad",
+            "Consulate General of Georgia in Erbil",
+        ],
+        visa_free: false,
+        land_point: None,
+        passport_prefix: "A",
+        asylum_prone: true,
+    },
+    Country {
+        code: "DE",
+        weight: 2,
+        surnames: &[
+            "Müller",
+            "Schmidt",
+            "Schneider",
+            "Fischer",
+            "Weber",
+            "Meyer",
+            "Wagner",
+        ],
+        male: &["Lukas", "Jonas", "Felix", "Maximilian", "Thomas", "Stefan"],
+        female: &["Anna", "Lena", "Sophie", "Katharina", "Julia", "Sabine"],
+        gendered: false,
+        cities: &["Berlin", "Munich", "Hamburg", "Cologne", "Leipzig"],
+        posts: &["Embassy of Georgia in Berlin"],
+        visa_free: true,
+        land_point: None,
+        passport_prefix: "C",
+        asylum_prone: false,
+    },
+    Country {
+        code: "US",
+        weight: 2,
+        surnames: &[
+            "Smith", "Johnson", "Williams", "Brown", "Jones", "Miller", "Davis",
+        ],
+        male: &["James", "John", "Michael", "David", "Robert", "Daniel"],
+        female: &["Mary", "Jennifer", "Emily", "Sarah", "Jessica", "Ashley"],
+        gendered: false,
+        cities: &["New York", "Chicago", "Los Angeles", "Boston", "Seattle"],
+        posts: &["Embassy of Georgia in Washington"],
+        visa_free: true,
+        land_point: None,
+        passport_prefix: "5",
+        asylum_prone: false,
+    },
+    Country {
+        code: "IL",
+        weight: 2,
+        surnames: &[
+            "Cohen", "Levi", "Mizrahi", "Peretz", "Biton", "Friedman", "Dahan",
+        ],
+        male: &["David", "Yosef", "Noam", "Ariel", "Itai", "Eitan"],
+        female: &["Noa", "Tamar", "Yael", "Shira", "Maya", "Michal"],
+        gendered: false,
+        cities: &["Tel Aviv", "Jerusalem", "Haifa", "Ashdod", "Beersheba"],
+        posts: &["Embassy of Georgia in Tel Aviv"],
+        visa_free: true,
+        land_point: None,
+        passport_prefix: "3",
+        asylum_prone: false,
+    },
+    Country {
+        code: "EG",
+        weight: 2,
+        surnames: ARAB_SURNAMES,
+        male: ARAB_M,
+        female: ARAB_F,
+        gendered: false,
+        cities: &["Cairo", "Alexandria", "Giza", "Luxor", "Port Said"],
+        posts: &["Embassy of Georgia in Cairo"],
+        visa_free: false,
+        land_point: Some("Poti sea port"),
+        passport_prefix: "A",
+        asylum_prone: true,
+    },
+    Country {
+        code: "BY",
+        weight: 2,
+        surnames: &[
+            "Ivanov", "Kovalev", "Novik", "Petrov", "Zhuk", "Moroz", "Kozlov",
+        ],
+        male: SLAVIC_M,
+        female: SLAVIC_F,
+        gendered: true,
+        cities: &["Minsk", "Gomel", "Brest", "Grodno", "Vitebsk"],
+        posts: &["Embassy of Georgia in Minsk"],
+        visa_free: true,
+        land_point: None,
+        passport_prefix: "KH",
+        asylum_prone: true,
+    },
+    Country {
+        code: "KZ",
+        weight: 2,
+        surnames: &[
+            "Akhmetov",
+            "Omarov",
+            "Suleimenov",
+            "Zhakupov",
+            "Bekov",
+            "Nurlanov",
+        ],
+        male: &["Nursultan", "Yerlan", "Askar", "Daulet", "Arman", "Timur"],
+        female: &["Aigerim", "Dana", "Aliya", "Madina", "Gulnar", "Saule"],
+        gendered: true,
+        cities: &["Almaty", "Astana", "Shymkent", "Aktau", "Karaganda"],
+        posts: &["Embassy of Georgia in Astana"],
+        visa_free: true,
+        land_point: None,
+        passport_prefix: "N",
+        asylum_prone: false,
+    },
+    Country {
+        code: "UZ",
+        weight: 2,
+        surnames: &[
+            "Karimov", "Rakhimov", "Yusupov", "Usmonov", "Nazarov", "Tursunov",
+        ],
+        male: &["Bekzod", "Sardor", "Jasur", "Timur", "Rustam", "Otabek"],
+        female: &[
+            "Dilnoza", "Gulnora", "Malika", "Nodira", "Shahnoza", "Zarina",
+        ],
+        gendered: true,
+        cities: &["Tashkent", "Samarkand", "Bukhara", "Namangan", "Fergana"],
+        posts: &["Embassy of Georgia in Tashkent"],
+        visa_free: true,
+        land_point: None,
+        passport_prefix: "FA",
+        asylum_prone: false,
+    },
+    Country {
+        code: "SY",
+        weight: 1,
+        surnames: ARAB_SURNAMES,
+        male: ARAB_M,
+        female: ARAB_F,
+        gendered: false,
+        cities: &["Damascus", "Aleppo", "Homs", "Latakia", "Hama"],
+        posts: &["e-Visa portal"],
+        visa_free: false,
+        land_point: None,
+        passport_prefix: "N",
+        asylum_prone: true,
+    },
+    Country {
+        code: "PK",
+        weight: 1,
+        surnames: &[
+            "Khan", "Ahmed", "Malik", "Hussain", "Iqbal", "Butt", "Chaudhry",
+        ],
+        male: &["Imran", "Bilal", "Usman", "Hamza", "Faisal", "Zeeshan"],
+        female: &["Ayesha", "Sana", "Hira", "Fatima", "Zainab", "Mahnoor"],
+        gendered: false,
+        cities: &["Karachi", "Lahore", "Islamabad", "Peshawar", "Faisalabad"],
+        posts: &["e-Visa portal"],
+        visa_free: false,
+        land_point: None,
+        passport_prefix: "AB",
+        asylum_prone: true,
+    },
+    Country {
+        code: "NG",
+        weight: 1,
+        surnames: &[
+            "Okafor", "Adeyemi", "Okonkwo", "Bello", "Eze", "Abubakar", "Nwosu",
+        ],
+        male: &["Chinedu", "Emeka", "Tunde", "Ibrahim", "Oluwaseun", "Femi"],
+        female: &["Ngozi", "Chioma", "Aisha", "Funmilayo", "Amaka", "Bisi"],
+        gendered: false,
+        cities: &["Lagos", "Abuja", "Kano", "Ibadan", "Port Harcourt"],
+        posts: &["e-Visa portal"],
+        visa_free: false,
+        land_point: None,
+        passport_prefix: "A",
+        asylum_prone: true,
+    },
+];
+
+const EMPLOYERS: &[(&str, &str)] = &[
+    ("Mtkvari Builders LLC", "404512873"),
+    ("Colchis Logistics LLC", "445190236"),
+    ("Iveria Software LLC", "405337921"),
+    ("Adjara Hospitality JSC", "245601884"),
+    ("Kolkheti Agro LLC", "437021559"),
+    ("Rioni Energy JSC", "204877312"),
+    ("Caucasus Textile LLC", "402216795"),
+    ("Tbilisi Medical Centre LLC", "400158842"),
+    ("Kazbegi Tours LLC", "416730058"),
+    ("Black Sea Shipping LLC", "445872013"),
+];
+
+const POSITIONS: &[&str] = &[
+    "software engineer",
+    "construction worker",
+    "chef",
+    "hotel manager",
+    "truck driver",
+    "English teacher",
+    "physician",
+    "agronomist",
+    "textile worker",
+    "electrical engineer",
+];
+
+/// Passport validity in years by holder age (adult / minor).
+const ADULT_PASSPORT_YEARS: i32 = 10;
+const MINOR_PASSPORT_YEARS: i32 = 5;
+
+/// Generates person number `index` (1-based) for `seed`, with dates relative to `anchor` (the seeding day).
+pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
+    let mut r = Rng::for_person(seed, index);
+    let id = format!("RF-{index:07}");
+    let country = r.weighted(&COUNTRY_WEIGHTS);
+    let country = &COUNTRIES[*country];
+    let stateless = r.chance(0.01);
+
+    let mut nationalities = Vec::new();
+    if !stateless {
+        nationalities.push(country.code.to_owned());
+        if r.chance(0.03) {
+            let other = r.pick(COUNTRIES).code;
+            if other != country.code {
+                nationalities.push(other.to_owned());
+            }
+        }
+    }
+
+    let sex = match r.below(1000) {
+        0..550 => "M",
+        550..995 => "F",
+        _ => "X",
+    };
+    let given = match sex {
+        "M" => *r.pick(country.male),
+        "F" => *r.pick(country.female),
+        _ if r.chance(0.5) => *r.pick(country.male),
+        _ => *r.pick(country.female),
+    };
+    let mut surname = (*r.pick(country.surnames)).to_owned();
+    if country.gendered && sex == "F" {
+        surname = feminine(&surname);
+    }
+
+    // Mostly working-age adults; some children travelling with families.
+    let age_years = match r.below(100) {
+        0..10 => r.range(0, 17),
+        10..90 => r.range(18, 60),
+        _ => r.range(61, 80),
+    };
+    let birth = anchor - Duration::days(age_years * 365 + r.range(120, 364));
+    let minor = age_years < 18;
+
+    let names = Names {
+        surname_ka: to_georgian(&surname),
+        given_names_ka: to_georgian(given),
+        surname,
+        given_names: given.to_owned(),
+    };
+
+    let mut seq = Seq::new(seed, index);
+    let mut documents: Vec<Doc> = Vec::new();
+    let years = if minor {
+        MINOR_PASSPORT_YEARS
+    } else {
+        ADULT_PASSPORT_YEARS
+    };
+    let (kind, state, prefix) = if stateless {
+        ("stateless_document", "GE", "SD")
+    } else {
+        ("passport", country.code, country.passport_prefix)
+    };
+    let earliest = later(
+        birth + Duration::days(30),
+        anchor - Duration::days(i64::from(years) * 365 - 30),
+    );
+    let issued = day_between(&mut r, earliest, anchor - Duration::days(20));
+    let current = Doc {
+        kind,
+        state: state.to_owned(),
+        number: seq.doc_number(prefix),
+        issued,
+        until: add_years(issued, years) - Duration::days(1),
+    };
+    if nationalities.len() == 2 && r.chance(0.6) {
+        // A dual national carries the second state's passport as well, valid at the same time.
+        let other = COUNTRIES
+            .iter()
+            .find(|c| c.code == nationalities[1])
+            .unwrap_or(country);
+        let issued2 = day_between(&mut r, earliest, anchor - Duration::days(20));
+        documents.push(Doc {
+            kind: "passport",
+            state: other.code.to_owned(),
+            number: seq.doc_number(other.passport_prefix),
+            issued: issued2,
+            until: add_years(issued2, years) - Duration::days(1),
+        });
+    } else if !stateless && r.chance(0.3) {
+        // The passport this one replaced, expired now.
+        let prev_until =
+            (current.issued + Duration::days(r.range(-90, 30))).min(anchor - Duration::days(1));
+        let prev_issued = add_years(prev_until + Duration::days(1), -years);
+        if prev_issued > birth + Duration::days(30) {
+            documents.push(Doc {
+                kind: "passport",
+                state: country.code.to_owned(),
+                number: seq.doc_number(prefix),
+                issued: prev_issued,
+                until: prev_until,
+            });
+        }
+    }
+    documents.push(current);
+    documents.sort_by_key(|d| d.issued);
+    let current_doc = documents.len() - 1;
+
+    // Visas, each inside the validity of the passport it was put in.
+    let mut visas = Vec::new();
+    let mut windows: Vec<Window> = Vec::new();
+    let wants_visa = if country.visa_free {
+        r.chance(0.55)
+    } else {
+        r.chance(0.9)
+    };
+    if wants_visa {
+        let n = if r.chance(0.25) { 2 } else { 1 };
+        for _ in 0..n {
+            let doc_idx = r.below(documents.len() as u64) as usize;
+            let doc = &documents[doc_idx];
+            let category = if country.visa_free {
+                *r.weighted(&[("D1", 35), ("D3", 20), ("D4", 20), ("D6", 10), ("C3", 15)])
+            } else {
+                *r.weighted(&[
+                    ("C1", 50),
+                    ("C3", 20),
+                    ("D1", 10),
+                    ("D3", 10),
+                    ("D4", 5),
+                    ("D6", 5),
+                ])
+            };
+            let long = category.starts_with('D');
+            let days = if long {
+                r.range(90, 365)
+            } else {
+                r.range(30, 90)
+            };
+            let from_lo = later(
+                doc.issued + Duration::days(1),
+                anchor - Duration::days(5 * 365),
+            );
+            let from_hi = (doc.until - Duration::days(days)).min(anchor - Duration::days(1));
+            if from_hi < from_lo {
+                continue;
+            }
+            let from = day_between(&mut r, from_lo, from_hi);
+            let until = from + Duration::days(days);
+            let entries = if long {
+                "multiple"
+            } else {
+                *r.weighted(&[("single", 50), ("double", 20), ("multiple", 30)])
+            };
+            windows.push(Window {
+                from,
+                until,
+                max_stay: if long { 365 } else { 90 },
+                doc: doc_idx,
+            });
+            visas.push(Visa {
+                id: format!("VI-{index:07}-{}", visas.len() + 1),
+                person_id: None,
+                number: seq.visa_number(),
+                category: category.to_owned(),
+                issuing_post: (*r.pick(country.posts)).to_owned(),
+                valid_from: iso(from),
+                valid_until: iso(until),
+                entries: entries.to_owned(),
+            });
+        }
+    }
+    visas.sort_by(|a, b| a.valid_from.cmp(&b.valid_from));
+
+    // Residence permits; holders get a personal number.
+    let mut residence_permits = Vec::new();
+    let mut permit_windows: Vec<(Date, Date, &str)> = Vec::new();
+    let wants_permit = r.chance(if stateless { 0.9 } else { 0.34 });
+    if wants_permit {
+        let ptype = if stateless {
+            "stateless"
+        } else {
+            *r.weighted(&[
+                ("work", 30),
+                ("study", 18),
+                ("family_reunification", 20),
+                ("investment", 8),
+                ("property", 5),
+                ("permanent", 10),
+                ("humanitarian", 2),
+            ])
+        };
+        let years = if ptype == "permanent" {
+            10
+        } else {
+            r.range(1, 6) as i32
+        };
+        let doc = &documents[current_doc];
+        let from = day_between(
+            &mut r,
+            later(
+                doc.issued + Duration::days(1),
+                anchor - Duration::days(8 * 365),
+            ),
+            anchor - Duration::days(30),
+        );
+        let until = add_years(from, years) - Duration::days(1);
+        permit_windows.push((from, until, ptype));
+        if until < anchor && r.chance(0.5) {
+            // Renewed on expiry.
+            let from2 = until + Duration::days(1);
+            permit_windows.push((from2, add_years(from2, years) - Duration::days(1), ptype));
+        }
+        for (from, until, ptype) in &permit_windows {
+            let status = if r.chance(0.04) {
+                "revoked"
+            } else if *until < anchor {
+                "expired"
+            } else {
+                "valid"
+            };
+            windows.push(Window {
+                from: *from,
+                until: (*until).min(doc.until),
+                max_stay: 365,
+                doc: current_doc,
+            });
+            residence_permits.push(ResidencePermit {
+                id: format!("RP-{index:07}-{}", residence_permits.len() + 1),
+                number: seq.permit_number("RP"),
+                permit_type: (*ptype).to_owned(),
+                status: status.to_owned(),
+                valid_from: iso(*from),
+                valid_until: iso(*until),
+            });
+        }
+    }
+    let personal_number = if !residence_permits.is_empty() || r.chance(0.07) {
+        Some(seq.personal_number(r.pick::<&str>(&["01", "35", "60", "61", "62"])))
+    } else {
+        None
+    };
+
+    // Work permits follow a work residence permit or a D1 visa.
+    let mut work_permits = Vec::new();
+    let work_window = permit_windows
+        .iter()
+        .find(|(_, _, t)| *t == "work")
+        .map(|(f, u, _)| (*f, *u))
+        .filter(|_| r.chance(0.9))
+        .or_else(|| {
+            visas
+                .iter()
+                .find(|v| v.category == "D1")
+                .and_then(|v| parse_date(&v.valid_from))
+                .filter(|_| r.chance(0.25))
+                .map(|f| (f, add_years(f, 1) - Duration::days(1)))
+        });
+    let work_window = work_window.or_else(|| {
+        if r.chance(0.02) {
+            let from = anchor - Duration::days(r.range(30, 900));
+            Some((from, add_years(from, 1) - Duration::days(1)))
+        } else {
+            None
+        }
+    });
+    if let Some((from, until)) = work_window {
+        let (name, tax_id) = *r.pick(EMPLOYERS);
+        work_permits.push(WorkPermit {
+            id: format!("WP-{index:07}-1"),
+            number: seq.permit_number("WP"),
+            employer: Employer {
+                name: name.to_owned(),
+                tax_id: tax_id.to_owned(),
+            },
+            position: (*r.pick(POSITIONS)).to_owned(),
+            valid_from: iso(from),
+            valid_until: iso(until),
+        });
+    }
+
+    // Visa-free stays: any valid passport of a visa-free state (or Georgia's own documents).
+    if country.visa_free || stateless {
+        for (i, d) in documents.iter().enumerate() {
+            windows.push(Window {
+                from: later(d.issued, anchor - Duration::days(6 * 365)),
+                until: d.until,
+                max_stay: 365,
+                doc: i,
+            });
+        }
+    }
+    let last_day = anchor - Duration::days(1);
+    windows.retain_mut(|w| {
+        w.until = w.until.min(last_day).min(documents[w.doc].until);
+        w.from = later(w.from, documents[w.doc].issued);
+        w.until > w.from
+    });
+
+    let mut crossings = Vec::new();
+    let mut points: Vec<(&str, u32)> = vec![
+        ("Tbilisi International Airport", 6),
+        ("Kutaisi International Airport", 2),
+        ("Batumi International Airport", 1),
+    ];
+    if let Some(p) = country.land_point {
+        points.push((p, 7));
+    }
+    if !windows.is_empty() && r.chance(0.92) {
+        let k = r.range(1, 8) as usize;
+        let mut trips: Vec<(Date, Date, usize)> = Vec::new();
+        for _ in 0..k.div_ceil(2) {
+            let w = r.pick(&windows);
+            let entry = day_between(&mut r, w.from, w.until - Duration::days(1));
+            let max_exit = (entry + Duration::days(w.max_stay)).min(w.until);
+            let exit = day_between(&mut r, entry, max_exit);
+            trips.push((entry, exit, w.doc));
+        }
+        trips.sort_by_key(|t| t.0);
+        let mut kept: Vec<(Date, Date, usize)> = Vec::new();
+        for t in trips {
+            if kept.last().is_none_or(|p| t.0 > p.1) {
+                kept.push(t);
+            }
+        }
+        let n_kept = kept.len();
+        for (i, (entry, exit, doc)) in kept.into_iter().enumerate() {
+            let number = documents[doc].number.clone();
+            let secs = r.range(0, 43_199);
+            crossings.push(crossing(
+                &id,
+                crossings.len(),
+                "entry",
+                r.weighted::<&str>(&points),
+                entry,
+                secs,
+                &number,
+            ));
+            // An odd count leaves the person in Georgia after the last entry.
+            let last_open = i + 1 == n_kept && k % 2 == 1;
+            if !last_open {
+                let secs = 43_200 + r.range(0, 43_199);
+                crossings.push(crossing(
+                    &id,
+                    crossings.len(),
+                    "exit",
+                    r.weighted::<&str>(&points),
+                    exit,
+                    secs,
+                    &number,
+                ));
+            }
+        }
+    }
+
+    // Asylum: applied after arriving; decided (or withdrawn) later, before today.
+    let mut asylum_cases = Vec::new();
+    let asylum_p = if stateless {
+        0.3
+    } else if country.asylum_prone {
+        0.06
+    } else {
+        0.01
+    };
+    if r.chance(asylum_p) {
+        let first_entry = crossings
+            .first()
+            .and_then(|c| c.at.get(..10))
+            .and_then(parse_date);
+        let applied = match first_entry {
+            Some(d) => (d + Duration::days(r.range(1, 60))).min(last_day),
+            None => anchor - Duration::days(r.range(30, 1500)),
+        };
+        let decided = applied + Duration::days(r.range(60, 400));
+        let (status, decision) = if decided >= anchor {
+            ("pending", None)
+        } else {
+            let s = *r.weighted(&[("granted", 30), ("refused", 55), ("withdrawn", 15)]);
+            (s, Some(decided))
+        };
+        if status == "granted" {
+            // Recognised refugees get a Georgian travel document (1951 Convention).
+            let issued = decided + Duration::days(r.range(10, 60));
+            if issued < anchor {
+                documents.push(Doc {
+                    kind: "travel_document",
+                    state: "GE".to_owned(),
+                    number: seq.doc_number("TD"),
+                    issued,
+                    until: add_years(issued, 2) - Duration::days(1),
+                });
+            }
+        }
+        asylum_cases.push(AsylumCase {
+            id: format!("AS-{index:07}-1"),
+            case_number: format!("AS-{}-{index:07}", applied.year()),
+            applied_on: iso(applied),
+            status: status.to_owned(),
+            decision_on: decision.map(iso),
+        });
+    }
+
+    // Entry bans start after the last crossing; a person still in Georgia is expelled.
+    let mut entry_bans = Vec::new();
+    if r.chance(0.02) {
+        let reason = *r.weighted(&[
+            ("overstay", 50),
+            ("public_order", 20),
+            ("criminal_conviction", 15),
+            ("forged_document", 15),
+        ]);
+        let last = crossings.last().map(|c| {
+            (
+                c.direction == "entry",
+                c.at.clone(),
+                c.document_number.clone(),
+            )
+        });
+        let (from, expulsion) = match last {
+            Some((true, at, number)) => {
+                let entered = at.get(..10).and_then(parse_date).unwrap_or(last_day);
+                // Expelled while the document shown on entry was still valid.
+                let doc_until = documents
+                    .iter()
+                    .find(|d| d.number == number)
+                    .map_or(last_day, |d| d.until);
+                let day = day_between(&mut r, entered, doc_until.min(last_day));
+                let secs = if day == entered {
+                    43_200 + r.range(0, 43_199)
+                } else {
+                    r.range(0, 86_399)
+                };
+                crossings.push(crossing(
+                    &id,
+                    crossings.len(),
+                    "exit",
+                    "Tbilisi International Airport",
+                    day,
+                    secs,
+                    &number,
+                ));
+                (day, true)
+            }
+            Some((false, at, _)) => {
+                let left = at.get(..10).and_then(parse_date).unwrap_or(last_day);
+                (
+                    day_between(&mut r, left, (left + Duration::days(30)).min(last_day)),
+                    false,
+                )
+            }
+            None => (anchor - Duration::days(r.range(30, 1000)), false),
+        };
+        entry_bans.push(EntryBan {
+            id: format!("EB-{index:07}-1"),
+            reason: reason.to_owned(),
+            valid_from: iso(from),
+            valid_until: iso(add_years(from, r.range(1, 5) as i32)),
+            expulsion,
+        });
+    }
+
+    documents.sort_by_key(|d| d.issued);
+    let documents = documents
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| Document {
+            id: format!("DO-{index:07}-{}", i + 1),
+            kind: d.kind.to_owned(),
+            number: d.number,
+            issuing_state: d.state,
+            issued_on: iso(d.issued),
+            valid_until: iso(d.until),
+        })
+        .collect();
+
+    let birth_country = country.code.to_owned();
+    Person {
+        id,
+        personal_number,
+        names,
+        sex: sex.to_owned(),
+        birth_date: iso(birth),
+        birth_place: BirthPlace {
+            city: (*r.pick(country.cities)).to_owned(),
+            country: birth_country,
+        },
+        nationalities,
+        stateless,
+        documents,
+        visas,
+        residence_permits,
+        work_permits,
+        crossings,
+        asylum_cases,
+        entry_bans,
+    }
+}
+
+/// Country indices by weight, for [`Rng::weighted`].
+const COUNTRY_WEIGHTS: [(usize, u32); COUNTRIES.len()] = {
+    let mut out = [(0usize, 0u32); COUNTRIES.len()];
+    let mut i = 0;
+    while i < COUNTRIES.len() {
+        out[i] = (i, COUNTRIES[i].weight);
+        i += 1;
+    }
+    out
+};
+
+/// A document while the person is being built (dates still typed).
+struct Doc {
+    kind: &'static str,
+    state: String,
+    number: String,
+    issued: Date,
+    until: Date,
+}
+
+/// A span in which the person may be in Georgia, and the document they show.
+struct Window {
+    from: Date,
+    until: Date,
+    max_stay: i64,
+    doc: usize,
+}
+
+/// Unique numbers for one person: an affine bijection of `index * 16 + n` keeps them distinct across persons.
+struct Seq {
+    index: u64,
+    offset: u64,
+    n: u64,
+}
+
+impl Seq {
+    fn new(seed: u64, index: u64) -> Seq {
+        Seq {
+            index,
+            offset: seed % 100_000_000,
+            n: 0,
+        }
+    }
+
+    fn next(&mut self, modulus: u64) -> u64 {
+        let k = self.index * 16 + self.n;
+        self.n += 1;
+        // 48271 is coprime with powers of ten, so this is a bijection below the modulus.
+        (k.wrapping_mul(48_271).wrapping_add(self.offset)) % modulus
+    }
+
+    fn doc_number(&mut self, prefix: &str) -> String {
+        format!("{prefix}{:08}", self.next(100_000_000))
+    }
+
+    fn visa_number(&mut self) -> String {
+        format!("GE{:08}", self.next(100_000_000))
+    }
+
+    fn permit_number(&mut self, prefix: &str) -> String {
+        format!("{prefix}{:09}", self.next(1_000_000_000))
+    }
+
+    fn personal_number(&mut self, office: &str) -> String {
+        let v = (self.index.wrapping_mul(7_919).wrapping_add(self.offset)) % 1_000_000_000;
+        format!("{office}{v:09}")
+    }
+}
+
+fn crossing(
+    person_id: &str,
+    n: usize,
+    direction: &str,
+    point: &str,
+    day: Date,
+    secs: i64,
+    document_number: &str,
+) -> Crossing {
+    Crossing {
+        id: format!("CR-{}-{}", person_id.trim_start_matches("RF-"), n + 1),
+        person_id: person_id.to_owned(),
+        direction: direction.to_owned(),
+        point: point.to_owned(),
+        at: format!(
+            "{}T{:02}:{:02}:{:02}Z",
+            iso(day),
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60
+        ),
+        document_number: document_number.to_owned(),
+    }
+}
+
+fn later(a: Date, b: Date) -> Date {
+    a.max(b)
+}
+
+/// A day in `lo..=hi` (`lo` if the span is empty).
+fn day_between(r: &mut Rng, lo: Date, hi: Date) -> Date {
+    lo + Duration::days(r.range(0, (hi - lo).whole_days()))
+}
+
+/// The same calendar day `years` later (28 February for 29 February in other years).
+pub(crate) fn add_years(d: Date, years: i32) -> Date {
+    let y = d.year() + years;
+    Date::from_calendar_date(y, d.month(), d.day())
+        .or_else(|_| Date::from_calendar_date(y, Month::February, 28))
+        .unwrap_or(d)
+}
+
+/// ISO 8601 calendar date.
+pub(crate) fn iso(d: Date) -> String {
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+/// Parses `YYYY-MM-DD`, strictly.
+pub(crate) fn parse_date(s: &str) -> Option<Date> {
+    let b = s.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let part = s.get(r)?;
+        if !part.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        part.parse().ok()
+    };
+    let y = i32::try_from(num(0..4)?).ok()?;
+    let m = Month::try_from(u8::try_from(num(5..7)?).ok()?).ok()?;
+    let d = u8::try_from(num(8..10)?).ok()?;
+    Date::from_calendar_date(y, m, d).ok()
+}
+
+/// `-ov`/`-ev`/`-in` surnames take `-a` for women; `-sky` becomes `-skaya`.
+fn feminine(surname: &str) -> String {
+    if let Some(stem) = surname.strip_suffix("sky") {
+        format!("{stem}skaya")
+    } else if ["ov", "ev", "in"].iter().any(|s| surname.ends_with(s)) {
+        format!("{surname}a")
+    } else {
+        surname.to_owned()
+    }
+}
+
+/// Folds one lower-case character to plain ASCII letters (accents, Turkish dotless i, Cyrillic);
+/// Georgian letters pass through; anything else folds to nothing or to itself if ASCII.
+fn fold_char(c: char, out: &mut String) {
+    let s: &str = match c {
+        'a'..='z' | '0'..='9' => {
+            out.push(c);
+            return;
+        }
+        '\u{10D0}'..='\u{10FF}' => {
+            out.push(c);
+            return;
+        }
+        ' ' | '-' | '\'' | '’' | '.' => {
+            out.push(' ');
+            return;
+        }
+        'à' | 'á' | 'â' | 'ã' | 'ä' | 'å' | 'ā' | 'ă' | 'ą' | 'ə' => "a",
+        'ç' | 'ć' | 'č' | 'ĉ' | 'ċ' => "c",
+        'ď' | 'đ' | 'ð' => "d",
+        'è' | 'é' | 'ê' | 'ë' | 'ē' | 'ė' | 'ę' | 'ě' | 'ĕ' => "e",
+        'ğ' | 'ĝ' | 'ġ' | 'ģ' => "g",
+        'ĥ' | 'ħ' => "h",
+        'ì' | 'í' | 'î' | 'ï' | 'ī' | 'į' | 'ı' | 'ĩ' => "i",
+        'ĵ' => "j",
+        'ķ' => "k",
+        'ĺ' | 'ļ' | 'ľ' | 'ł' | 'ŀ' => "l",
+        'ñ' | 'ń' | 'ņ' | 'ň' => "n",
+        'ò' | 'ó' | 'ô' | 'õ' | 'ö' | 'ø' | 'ō' | 'ő' | 'ŏ' => "o",
+        'ŕ' | 'ř' | 'ŗ' => "r",
+        'ś' | 'š' | 'ş' | 'ŝ' | 'ș' => "s",
+        'ť' | 'ţ' | 'ț' => "t",
+        'ù' | 'ú' | 'û' | 'ü' | 'ū' | 'ů' | 'ű' | 'ų' | 'ũ' | 'ŭ' => "u",
+        'ŵ' => "w",
+        'ý' | 'ÿ' | 'ŷ' => "y",
+        'ź' | 'ż' | 'ž' => "z",
+        'ß' => "ss",
+        'æ' => "ae",
+        'œ' => "oe",
+        'þ' => "th",
+        // Cyrillic, so an officer may type a Russian or Ukrainian name as printed at home.
+        'а' => "a",
+        'б' => "b",
+        'в' => "v",
+        'г' | 'ґ' => "g",
+        'д' => "d",
+        'е' | 'ё' | 'э' => "e",
+        'є' => "ye",
+        'ж' => "zh",
+        'з' => "z",
+        'и' | 'й' | 'і' => "i",
+        'ї' => "yi",
+        'к' => "k",
+        'л' => "l",
+        'м' => "m",
+        'н' => "n",
+        'о' => "o",
+        'п' => "p",
+        'р' => "r",
+        'с' => "s",
+        'т' => "t",
+        'у' | 'ў' => "u",
+        'ф' => "f",
+        'х' => "kh",
+        'ц' => "ts",
+        'ч' => "ch",
+        'ш' => "sh",
+        'щ' => "shch",
+        'ы' => "y",
+        'ю' => "yu",
+        'я' => "ya",
+        _ => "",
+    };
+    out.push_str(s);
+}
+
+/// Latin (lower-case ASCII) to Georgian, after the national transliteration table read backwards.
+fn latin_to_georgian(word: &str, out: &mut String) {
+    let b = word.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let pair = if i + 1 < b.len() {
+            match (b[i], b[i + 1]) {
+                (b'z', b'h') => Some('ჟ'),
+                (b'g', b'h') => Some('ღ'),
+                (b's', b'h') => Some('შ'),
+                (b'c', b'h') => Some('ჩ'),
+                (b't', b's') => Some('ც'),
+                (b'd', b'z') => Some('ძ'),
+                (b'k', b'h') => Some('ხ'),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if let Some(g) = pair {
+            out.push(g);
+            i += 2;
+            continue;
+        }
+        match b[i] {
+            b'a' => out.push('ა'),
+            b'b' => out.push('ბ'),
+            b'c' | b'k' => out.push('კ'),
+            b'd' => out.push('დ'),
+            b'e' => out.push('ე'),
+            b'f' => out.push('ფ'),
+            b'g' => out.push('გ'),
+            b'h' => out.push('ჰ'),
+            b'i' | b'y' => out.push('ი'),
+            b'j' => out.push('ჯ'),
+            b'l' => out.push('ლ'),
+            b'm' => out.push('მ'),
+            b'n' => out.push('ნ'),
+            b'o' => out.push('ო'),
+            b'p' => out.push('პ'),
+            b'q' => out.push('ქ'),
+            b'r' => out.push('რ'),
+            b's' => out.push('ს'),
+            b't' => out.push('ტ'),
+            b'u' => out.push('უ'),
+            b'v' | b'w' => out.push('ვ'),
+            b'x' => out.push_str("ქს"),
+            b'z' => out.push('ზ'),
+            _ => {}
+        }
+        i += 1;
+    }
+}
+
+/// Georgian-script rendering of a name in Latin (or Cyrillic) script; Georgian input passes through.
+/// Word breaks (spaces, hyphens) are kept, so digraphs never span two words.
+pub fn to_georgian(name: &str) -> String {
+    let mut folded = String::with_capacity(name.len());
+    for c in name.chars().flat_map(char::to_lowercase) {
+        fold_char(c, &mut folded);
+    }
+    let mut out = String::with_capacity(folded.len() * 3);
+    for (i, word) in folded.split(' ').filter(|w| !w.is_empty()).enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        let mut ascii = String::new();
+        for c in word.chars() {
+            if c.is_ascii() {
+                ascii.push(c);
+            } else {
+                latin_to_georgian(&ascii, &mut out);
+                ascii.clear();
+                out.push(c);
+            }
+        }
+        latin_to_georgian(&ascii, &mut out);
+    }
+    out
+}
+
+/// The search key for a surname in any script: its Georgian rendering without word breaks,
+/// with the letter pairs transliteration confuses (ტ/თ, კ/ქ/ყ, პ/ფ, წ/ც, ჭ/ჩ) merged and
+/// doubled letters collapsed, so `Öztürk`, `OZTURK`, `ozturk` and `ოზტურკ` share one key.
+pub fn surname_key(name: &str) -> String {
+    let mut key = String::new();
+    let mut prev = None;
+    for c in to_georgian(name).chars() {
+        let c = match c {
+            ' ' => continue,
+            'ტ' => 'თ',
+            'კ' | 'ყ' => 'ქ',
+            'პ' => 'ფ',
+            'წ' => 'ც',
+            'ჭ' => 'ჩ',
+            other => other,
+        };
+        if prev != Some(c) {
+            key.push(c);
+        }
+        prev = Some(c);
+    }
+    key
+}
