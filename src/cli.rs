@@ -351,12 +351,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let names: Vec<String> = policy.agencies().map(|a| a.id.clone()).collect();
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let a = crate::pki::ensure_dev_pki(&config.pki_dir(), &names)?;
-            let b = crate::pki::ensure_signing_keys(&config.data_path(&config.tokens.keys_dir), &names)?;
+            let b = crate::pki::ensure_signing_keys(
+                &config.data_path(&config.tokens.keys_dir),
+                &names,
+            )?;
             for f in a.created.iter().chain(&b.created) {
                 println!("created {}", f.display());
             }
             if a.created.is_empty() && b.created.is_empty() {
-                println!("all development certificates and keys exist under {}", config.data_dir.display());
+                println!(
+                    "all development certificates and keys exist under {}",
+                    config.data_dir.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -416,7 +422,10 @@ fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCo
                 purpose,
                 case_ref: case_ref.as_deref(),
             };
-            print!("{}", policy.explain(&req, time::OffsetDateTime::now_utc().date()));
+            print!(
+                "{}",
+                policy.explain(&req, time::OffsetDateTime::now_utc().date())
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -457,7 +466,10 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
                     e.subjects.join(","),
                     e.decision,
                     e.status,
-                    e.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+                    e.reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
                 )?;
             }
             writeln!(out, "{} record(s)", records.len())?;
@@ -495,7 +507,11 @@ fn print_banner(s: &Started, data_dir: &std::path::Path) {
         .ok()
         .and_then(|p| {
             let cwd = std::env::current_dir().ok()?;
-            Some(p.strip_prefix(&cwd).map(|r| format!("./{}", r.display())).unwrap_or_else(|_| p.display().to_string()))
+            Some(
+                p.strip_prefix(&cwd)
+                    .map(|r| format!("./{}", r.display()))
+                    .unwrap_or_else(|_| p.display().to_string()),
+            )
         })
         .unwrap_or_else(|| "karibche".to_owned());
     let agency = if s.agencies.iter().any(|a| a == "mia-border") {
@@ -503,14 +519,26 @@ fn print_banner(s: &Started, data_dir: &std::path::Path) {
     } else {
         s.agencies.first().map(String::as_str).unwrap_or("AGENCY")
     };
-    println!("karibche is ready (policy {}, {} persons in the register)", s.policy_version, s.persons);
-    println!("  gateway          https://{}/v1/{{provider}}/{{service}}/…", s.gateway);
+    println!(
+        "karibche is ready (policy {}, {} persons in the register)",
+        s.policy_version, s.persons
+    );
+    println!(
+        "  gateway          https://{}/v1/{{provider}}/{{service}}/…",
+        s.gateway
+    );
     if let Some(r) = s.registry {
         println!("  register         https://{r} (only the gateway's certificate is accepted)");
     }
-    println!("  health, metrics  http://{}/healthz  /readyz  /metrics", s.admin);
+    println!(
+        "  health, metrics  http://{}/healthz  /readyz  /metrics",
+        s.admin
+    );
     println!("  CA certificate   {}", pki.join("ca.pem").display());
-    println!("  agency certs     {}/<agency>.pem and .key", pki.join("agencies").display());
+    println!(
+        "  agency certs     {}/<agency>.pem and .key",
+        pki.join("agencies").display()
+    );
     println!("  database         {}", s.database_url);
     println!();
     println!("Try it (another terminal, from this directory):");

@@ -9,12 +9,13 @@
 //! for the request, and only a committed record lets a response leave: if
 //! the log cannot be written the caller gets 503 and no data.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -82,10 +83,14 @@ pub struct Gateway {
     pub limits: PipelineLimits,
 }
 
-/// A refusal: what the caller sees and what the log records.
+/// A refusal: what the caller sees and what the log records. Kept small
+/// (static strings) because every pipeline step returns it.
 #[derive(Debug)]
 struct Refusal {
-    problem: Problem,
+    status: StatusCode,
+    slug: &'static str,
+    title: Cow<'static, str>,
+    detail: Cow<'static, str>,
     reason: &'static str,
     /// Refused by the gateway's own checks (identity, policy), as opposed to a provider error.
     denied: bool,
@@ -93,21 +98,47 @@ struct Refusal {
 }
 
 impl Refusal {
-    fn deny(status: StatusCode, slug: &str, title: &str, reason: &'static str, detail: &str) -> Self {
+    fn deny(
+        status: StatusCode,
+        slug: &'static str,
+        title: &'static str,
+        reason: &'static str,
+        detail: &'static str,
+    ) -> Self {
         Refusal {
-            problem: Problem::new(status, slug, title, detail),
+            status,
+            slug,
+            title: Cow::Borrowed(title),
+            detail: Cow::Borrowed(detail),
             reason,
             denied: true,
             challenge: false,
         }
     }
 
-    fn error(status: StatusCode, slug: &str, title: &str, reason: &'static str, detail: &str) -> Self {
+    fn error(
+        status: StatusCode,
+        slug: &'static str,
+        title: &'static str,
+        reason: &'static str,
+        detail: &'static str,
+    ) -> Self {
         Refusal {
             denied: false,
             ..Refusal::deny(status, slug, title, reason, detail)
         }
     }
+
+    fn problem(&self) -> Problem {
+        Problem::new(self.status, self.slug, &self.title, self.detail.clone())
+    }
+}
+
+/// Who asks, for the provider's benefit.
+struct Caller<'a> {
+    agency: &'a str,
+    officer: &'a Officer,
+    request_id: &'a str,
 }
 
 /// What a successful pass through the pipeline releases.
@@ -161,7 +192,7 @@ impl Gateway {
                 }
                 entry.reason = Some(refusal.reason.to_owned());
                 self.metrics.denied(refusal.reason);
-                (refusal.problem.status_code(), Err(refusal))
+                (refusal.status, Err(refusal))
             }
         };
         entry.status = status.as_u16();
@@ -170,7 +201,7 @@ impl Gateway {
             Ok(_) => match response {
                 Ok(body) => released_response(status, body),
                 Err(refusal) => {
-                    let mut resp = refusal.problem.with_request_id(id.clone()).to_response();
+                    let mut resp = refusal.problem().with_request_id(id.clone()).to_response();
                     if refusal.challenge {
                         resp.headers_mut().insert(
                             header::WWW_AUTHENTICATE,
@@ -236,9 +267,26 @@ impl Gateway {
         // limit: per-agency and per-officer quotas are applied here (issue #6).
         consent(allow.consent_required)?;
         let (status, body, content_type) = self
-            .forward(&base, &route, &parts, body, agency, &officer, &entry.id)
+            .forward(
+                &base,
+                &route,
+                &parts,
+                body,
+                &Caller {
+                    agency,
+                    officer: &officer,
+                    request_id: &entry.id,
+                },
+            )
             .await?;
-        minimise(status, body, content_type.as_deref(), &allow.fields, service, entry)
+        minimise(
+            status,
+            body,
+            content_type.as_deref(),
+            &allow.fields,
+            service,
+            entry,
+        )
     }
 
     /// Verifies the bearer token against the connection's agency keys.
@@ -247,15 +295,14 @@ impl Gateway {
             .ok_or(TokenError::Missing)
             .and_then(|t| self.keys.load().verify(t, agency));
         result.map_err(|e| Refusal {
-            problem: Problem::new(
+            challenge: true,
+            ..Refusal::deny(
                 StatusCode::UNAUTHORIZED,
                 "invalid-token",
                 "Unauthorized",
+                e.code(),
                 e.detail(),
-            ),
-            reason: e.code(),
-            denied: true,
-            challenge: true,
+            )
         })
     }
 
@@ -306,9 +353,7 @@ impl Gateway {
         route: &Route<'_>,
         parts: &http::request::Parts,
         body: Incoming,
-        agency: &str,
-        officer: &Officer,
-        request_id: &str,
+        caller: &Caller<'_>,
     ) -> Result<(StatusCode, Bytes, Option<String>), Refusal> {
         let write = Operation::from_method(&parts.method) == Some(Operation::Write);
         let body = if write {
@@ -343,10 +388,10 @@ impl Gateway {
         }
         up = up
             .header(header::ACCEPT, "application/json")
-            .header("x-request-id", request_id)
-            .header("x-karibche-agency", agency)
-            .header("x-karibche-purpose", header_safe(&officer.purpose))
-            .header("x-karibche-officer", header_safe(&officer.id));
+            .header("x-request-id", caller.request_id)
+            .header("x-karibche-agency", caller.agency)
+            .header("x-karibche-purpose", header_safe(&caller.officer.purpose))
+            .header("x-karibche-officer", header_safe(&caller.officer.id));
         let up = up.body(Full::new(body)).map_err(|_| {
             Refusal::deny(
                 StatusCode::BAD_REQUEST,
@@ -439,7 +484,12 @@ fn route(uri: &Uri) -> Result<Route<'_>, Refusal> {
     // one the policy decided on: dot segments, empty segments, encoded separators.
     let suspicious = rest.split('/').skip(1).any(|s| {
         let lower = s.to_ascii_lowercase();
-        s.is_empty() || s == "." || s == ".." || lower.contains("%2f") || lower.contains("%2e") || lower.contains("%5c")
+        s.is_empty()
+            || s == "."
+            || s == ".."
+            || lower.contains("%2f")
+            || lower.contains("%2e")
+            || lower.contains("%5c")
     });
     if suspicious {
         return Err(Refusal::deny(
@@ -576,19 +626,20 @@ fn provider_problem(status: StatusCode, body: &[u8]) -> Refusal {
     } else {
         StatusCode::BAD_GATEWAY
     };
-    let (title, detail) = match parsed {
-        Some(p) if status.is_client_error() => (
-            p.title.unwrap_or_else(|| "Provider refused the request".to_owned()),
-            p.detail.unwrap_or_default(),
-        ),
-        _ => (
-            "Bad gateway".to_owned(),
-            "the provider failed to answer the request".to_owned(),
-        ),
-    };
-    let mut refusal = Refusal::error(status, "provider-error", "", "upstream_status", "");
-    refusal.problem.title = title;
-    refusal.problem.detail = detail;
+    let mut refusal = Refusal::error(
+        status,
+        "provider-error",
+        "Bad gateway",
+        "upstream_status",
+        "the provider failed to answer the request",
+    );
+    if let Some(p) = parsed.filter(|_| status.is_client_error()) {
+        refusal.title = Cow::Owned(
+            p.title
+                .unwrap_or_else(|| "Provider refused the request".to_owned()),
+        );
+        refusal.detail = Cow::Owned(p.detail.unwrap_or_default());
+    }
     refusal
 }
 
@@ -651,7 +702,13 @@ fn path_subject(rest: &str) -> Option<String> {
 /// Claim values can hold anything; headers to providers carry only visible ASCII.
 fn header_safe(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .take(128)
         .collect()
 }
@@ -660,14 +717,12 @@ fn released_response(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
-}
-
-/// Methods the gateway forwards.
-pub fn forwarded_method(m: &Method) -> bool {
-    Operation::from_method(m).is_some()
 }
 
 #[cfg(test)]
@@ -683,7 +738,10 @@ mod tests {
     #[test]
     fn routes_split_provider_service_rest() {
         let ok = r("/v1/registry/persons/RF-1/visas?x=1").unwrap();
-        assert_eq!((ok.provider, ok.service, ok.rest), ("registry", "persons", "/RF-1/visas"));
+        assert_eq!(
+            (ok.provider, ok.service, ok.rest),
+            ("registry", "persons", "/RF-1/visas")
+        );
         let bare = r("/v1/registry/persons?document=X").unwrap();
         assert_eq!(bare.rest, "");
         assert_eq!(r("/v2/registry/persons"), Err("unknown_route"));
@@ -696,7 +754,10 @@ mod tests {
     #[test]
     fn bearer_and_subjects() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc.def.ghi"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc.def.ghi"),
+        );
         assert_eq!(bearer(&h), Some("abc.def.ghi"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic xyz"));
         assert_eq!(bearer(&h), None);
@@ -709,10 +770,10 @@ mod tests {
     fn provider_errors_keep_only_safe_members() {
         let body = br#"{"type":"x","title":"Unprocessable","detail":"person_id: unknown","status":422,"trace":"secret"}"#;
         let r = provider_problem(StatusCode::UNPROCESSABLE_ENTITY, body);
-        assert_eq!(r.problem.status, 422);
-        assert_eq!(r.problem.detail, "person_id: unknown");
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(r.detail, "person_id: unknown");
         let r = provider_problem(StatusCode::INTERNAL_SERVER_ERROR, b"stack trace");
-        assert_eq!(r.problem.status, 502);
-        assert!(!r.problem.detail.contains("stack"));
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert!(!r.detail.contains("stack"));
     }
 }

@@ -163,7 +163,10 @@ pub async fn serve_tls<H, F>(
         .await
         .is_err()
     {
-        tracing::warn!(listener = name, "connections still open after the grace period");
+        tracing::warn!(
+            listener = name,
+            "connections still open after the grace period"
+        );
     }
 }
 

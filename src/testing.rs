@@ -45,7 +45,9 @@ impl PgDatabase {
         {
             panic!("cannot create test database {name}: {err}");
         }
-        let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url.as_str(), |(b, _)| b);
         Some(PgDatabase {
             url: format!("{base}/{name}"),
             name,

@@ -1,6 +1,8 @@
 //! The gateway end to end: a real system on ephemeral ports, real mutual TLS,
 //! real tokens, the real register behind it, the audit log checked after.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -28,7 +30,10 @@ async fn records_for(gw: &TestGateway, id: &str) -> Vec<audit::Record> {
 async fn allowed_read_returns_only_granted_fields_and_is_audited() {
     let gw = TestGateway::start().await;
     let token = gw.token("mia-border", "border-control", None);
-    let reply = gw.client("mia-border").get(&person_path(PERSON), Some(&token)).await;
+    let reply = gw
+        .client("mia-border")
+        .get(&person_path(PERSON), Some(&token))
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     let body = reply.json();
     assert_eq!(body["id"], PERSON);
@@ -36,9 +41,17 @@ async fn allowed_read_returns_only_granted_fields_and_is_audited() {
     // Granted: names, documents, visas, entry bans, some residence-permit fields.
     assert!(paths.iter().any(|p| p.starts_with("names.")), "{paths:?}");
     // Not granted to the Border Police: personal number, birth place, crossings, work permits, asylum.
-    for hidden in ["personal_number", "birth_place", "crossings", "work_permits", "asylum_cases"] {
+    for hidden in [
+        "personal_number",
+        "birth_place",
+        "crossings",
+        "work_permits",
+        "asylum_cases",
+    ] {
         assert!(
-            !paths.iter().any(|p| p == hidden || p.starts_with(&format!("{hidden}."))),
+            !paths
+                .iter()
+                .any(|p| p == hidden || p.starts_with(&format!("{hidden}."))),
             "{hidden} leaked: {paths:?}"
         );
     }
@@ -57,7 +70,11 @@ async fn allowed_read_returns_only_granted_fields_and_is_audited() {
     assert_eq!(e.decision, "allow");
     assert_eq!(e.status, 200);
     assert_eq!(e.subjects, vec![PERSON.to_owned()]);
-    assert!(e.fields.iter().any(|f| f.starts_with("names")), "{:?}", e.fields);
+    assert!(
+        e.fields.iter().any(|f| f.starts_with("names")),
+        "{:?}",
+        e.fields
+    );
     assert!(e.certificate.as_deref().is_some_and(|c| c.len() == 64));
     assert!(e.legal_basis.is_some());
     assert_eq!(e.policy_version, gw.running.started.policy_version);
@@ -68,7 +85,10 @@ async fn allowed_read_returns_only_granted_fields_and_is_audited() {
 async fn statistics_office_sees_no_identity() {
     let gw = TestGateway::start().await;
     let token = gw.token("geostat", "official-statistics", None);
-    let reply = gw.client("geostat").get(&person_path(PERSON), Some(&token)).await;
+    let reply = gw
+        .client("geostat")
+        .get(&person_path(PERSON), Some(&token))
+        .await;
     assert_eq!(reply.status, StatusCode::OK);
     let paths = leaf_paths(&reply.json());
     for p in &paths {
@@ -144,9 +164,20 @@ async fn tokens_are_bound_to_the_connections_agency_and_time() {
 
     let mut got = Vec::new();
     for id in [r.request_id(), r2.request_id(), r3.request_id()] {
-        got.push(records_for(&gw, &id).await.pop().unwrap().entry.reason.unwrap());
+        got.push(
+            records_for(&gw, &id)
+                .await
+                .pop()
+                .unwrap()
+                .entry
+                .reason
+                .unwrap(),
+        );
     }
-    assert_eq!(got, ["token_wrong_agency", "token_expired", "token_missing"]);
+    assert_eq!(
+        got,
+        ["token_wrong_agency", "token_expired", "token_missing"]
+    );
     gw.shutdown().await;
 }
 
@@ -161,7 +192,12 @@ async fn no_grant_is_forbidden_and_the_denial_is_logged() {
     });
     let r = gw
         .client("mfa-consular")
-        .send(Method::POST, "/v1/registry/crossings", Some(&token), Some(crossing))
+        .send(
+            Method::POST,
+            "/v1/registry/crossings",
+            Some(&token),
+            Some(crossing),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::FORBIDDEN);
@@ -177,8 +213,15 @@ async fn no_grant_is_forbidden_and_the_denial_is_logged() {
     let ssg = gw.token("ssg", "national-security-investigation", None);
     let r = gw.client("ssg").get(&person_path(PERSON), Some(&ssg)).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    let with_case = gw.token("ssg", "national-security-investigation", Some("SSG-2026-17"));
-    let r = gw.client("ssg").get(&person_path(PERSON), Some(&with_case)).await;
+    let with_case = gw.token(
+        "ssg",
+        "national-security-investigation",
+        Some("SSG-2026-17"),
+    );
+    let r = gw
+        .client("ssg")
+        .get(&person_path(PERSON), Some(&with_case))
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     let e = records_for(&gw, &r.request_id()).await.pop().unwrap().entry;
     assert_eq!(e.case_ref.as_deref(), Some("SSG-2026-17"));
@@ -186,7 +229,10 @@ async fn no_grant_is_forbidden_and_the_denial_is_logged() {
     // Unknown provider: 404 problem, still one record.
     let r = gw
         .client("mia-border")
-        .get("/v1/nowhere/persons/1", Some(&gw.token("mia-border", "border-control", None)))
+        .get(
+            "/v1/nowhere/persons/1",
+            Some(&gw.token("mia-border", "border-control", None)),
+        )
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(records_for(&gw, &r.request_id()).await.len(), 1);
@@ -203,10 +249,20 @@ async fn border_police_records_a_crossing_through_the_gateway() {
     });
     let r = gw
         .client("mia-border")
-        .send(Method::POST, "/v1/registry/crossings", Some(&token), Some(crossing))
+        .send(
+            Method::POST,
+            "/v1/registry/crossings",
+            Some(&token),
+            Some(crossing),
+        )
         .await
         .unwrap();
-    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     assert_eq!(r.json()["person_id"], PERSON);
     let e = records_for(&gw, &r.request_id()).await.pop().unwrap().entry;
     assert_eq!(e.operation.as_deref(), Some("write"));
@@ -219,7 +275,12 @@ async fn border_police_records_a_crossing_through_the_gateway() {
     });
     let r = gw
         .client("mia-border")
-        .send(Method::POST, "/v1/registry/crossings", Some(&token), Some(bad))
+        .send(
+            Method::POST,
+            "/v1/registry/crossings",
+            Some(&token),
+            Some(bad),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -278,18 +339,26 @@ async fn every_request_has_exactly_one_record_and_the_chain_holds() {
     let mut tasks = Vec::new();
     for i in 0..30 {
         let client = gw.client(if i % 2 == 0 { "mia-border" } else { "psda" });
-        let token = if i % 2 == 0 { border.clone() } else { psda.clone() };
+        let token = if i % 2 == 0 {
+            border.clone()
+        } else {
+            psda.clone()
+        };
         let path = match i % 3 {
             0 => person_path(PERSON),
             1 => format!("{}/visas", person_path(PERSON)),
             _ => "/v1/registry/persons/RF-does-not-exist".to_owned(),
         };
-        tasks.push(tokio::spawn(async move { client.get(&path, Some(&token)).await }));
+        tasks.push(tokio::spawn(async move {
+            client.get(&path, Some(&token)).await
+        }));
     }
     for t in tasks {
         ids.push(t.await.unwrap().request_id());
     }
-    let records = audit::query(&gw.running.store, &Filter::default()).await.unwrap();
+    let records = audit::query(&gw.running.store, &Filter::default())
+        .await
+        .unwrap();
     assert_eq!(records.len(), ids.len());
     for id in &ids {
         assert_eq!(records.iter().filter(|r| &r.entry.id == id).count(), 1);
@@ -299,13 +368,34 @@ async fn every_request_has_exactly_one_record_and_the_chain_holds() {
 
     // The export carries the fields DESIGN.md promises.
     let mut out = Vec::new();
-    audit::export(&gw.running.store, &Filter::default(), &mut out).await.unwrap();
+    audit::export(&gw.running.store, &Filter::default(), &mut out)
+        .await
+        .unwrap();
     let first: serde_json::Value =
         serde_json::from_slice(out.split(|b| *b == b'\n').next().unwrap()).unwrap();
     for key in [
-        "seq", "id", "ts", "node", "agency", "officer", "purpose", "case_ref", "consent_ref",
-        "provider", "service", "operation", "method", "path", "subjects", "fields", "decision",
-        "reason", "status", "policy_version", "prev_hash", "hash",
+        "seq",
+        "id",
+        "ts",
+        "node",
+        "agency",
+        "officer",
+        "purpose",
+        "case_ref",
+        "consent_ref",
+        "provider",
+        "service",
+        "operation",
+        "method",
+        "path",
+        "subjects",
+        "fields",
+        "decision",
+        "reason",
+        "status",
+        "policy_version",
+        "prev_hash",
+        "hash",
     ] {
         assert!(first.get(key).is_some(), "export lacks {key}");
     }
@@ -316,7 +406,9 @@ async fn every_request_has_exactly_one_record_and_the_chain_holds() {
 async fn admin_reports_health_readiness_and_metrics() {
     let gw = TestGateway::start().await;
     let token = gw.token("mia-border", "border-control", None);
-    gw.client("mia-border").get(&person_path(PERSON), Some(&token)).await;
+    gw.client("mia-border")
+        .get(&person_path(PERSON), Some(&token))
+        .await;
     let admin = gw.running.started.admin;
     let get = |path: &'static str| async move {
         let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
@@ -339,8 +431,14 @@ async fn admin_reports_health_readiness_and_metrics() {
     let (status, ready) = get("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{ready}");
     let (_, metrics) = get("/metrics").await;
-    assert!(metrics.contains("karibche_requests_total{class=\"2xx\"} 1"), "{metrics}");
-    assert!(metrics.contains("karibche_audit_records_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("karibche_requests_total{class=\"2xx\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("karibche_audit_records_total 1"),
+        "{metrics}"
+    );
     gw.shutdown().await;
 }
 
@@ -350,14 +448,25 @@ async fn the_same_path_works_on_postgresql() {
         return;
     };
     let token = gw.token("psda", "identity-documentation", None);
-    let r = gw.client("psda").get(&person_path(PERSON), Some(&token)).await;
-    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let r = gw
+        .client("psda")
+        .get(&person_path(PERSON), Some(&token))
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     let r2 = gw
         .client("geostat")
         .get(&person_path(PERSON), Some(&token))
         .await;
     assert_eq!(r2.status, StatusCode::UNAUTHORIZED);
     assert_eq!(audit::count(&gw.running.store).await.unwrap(), 2);
-    assert!(audit::verify(&gw.running.store, None).await.unwrap().intact());
+    assert!(audit::verify(&gw.running.store, None)
+        .await
+        .unwrap()
+        .intact());
     gw.shutdown().await;
 }

@@ -1,7 +1,7 @@
 //! Shared helpers for the integration tests: start the real system on
 //! ephemeral ports in a temporary directory, and speak real mutual TLS to it.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::field_reassign_with_default)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -83,7 +83,13 @@ impl TestGateway {
 
     /// A development token for an agency's officer.
     pub fn token(&self, agency: &str, purpose: &str, case: Option<&str>) -> String {
-        self.token_with(agency, purpose, case, Duration::from_secs(300), Duration::ZERO)
+        self.token_with(
+            agency,
+            purpose,
+            case,
+            Duration::from_secs(300),
+            Duration::ZERO,
+        )
     }
 
     pub fn token_with(
@@ -112,7 +118,11 @@ impl TestGateway {
     /// A client presenting `agency`'s development certificate.
     pub fn client(&self, agency: &str) -> Client {
         let (cert, key) = karibche::pki::agency_files(&self.pki(), agency);
-        Client::new(&self.pki().join("ca.pem"), Some((&cert, &key)), self.gateway_addr())
+        Client::new(
+            &self.pki().join("ca.pem"),
+            Some((&cert, &key)),
+            self.gateway_addr(),
+        )
     }
 
     pub async fn shutdown(self) {
@@ -182,7 +192,9 @@ impl Client {
         token: Option<&str>,
         body: Option<serde_json::Value>,
     ) -> Result<Reply, String> {
-        let tcp = TcpStream::connect(self.addr).await.map_err(|e| e.to_string())?;
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| e.to_string())?;
         let connector = tokio_rustls::TlsConnector::from(self.config.clone());
         let tls = connector
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
