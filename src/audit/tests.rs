@@ -2,71 +2,14 @@
 
 use std::collections::BTreeSet;
 
-use sqlx::Connection;
-
 use super::query::export_paged;
 use super::*;
 use crate::store::Store;
 
-const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+use crate::testing::{sqlite_store, PgDatabase};
 
-async fn sqlite_store() -> (Store, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&format!("sqlite://{}/t.db", dir.path().display()))
-        .await
-        .unwrap();
-    (store, dir)
-}
-
-/// Drops the throw-away PostgreSQL database when the test ends, even on panic.
-struct PgGuard {
-    name: String,
-}
-
-impl Drop for PgGuard {
-    fn drop(&mut self) {
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        // Drop runs inside the test's runtime, which must not block: use a
-        // thread with its own.
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(mut conn) = sqlx::AnyConnection::connect(PG_ADMIN_URL).await {
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
-        });
-        let _ = done.join();
-    }
-}
-
-/// A store on a fresh PostgreSQL database, or `None` (with a note) if the
-/// server is unreachable and `CI` is not set.
-async fn pg_store() -> Option<(Store, PgGuard)> {
-    sqlx::any::install_default_drivers();
-    let mut admin = match sqlx::AnyConnection::connect(PG_ADMIN_URL).await {
-        Ok(conn) => conn,
-        Err(err) if std::env::var_os("CI").is_none() => {
-            eprintln!("note: PostgreSQL at {PG_ADMIN_URL} unreachable ({err}); skipping");
-            return None;
-        }
-        Err(err) => panic!("PostgreSQL unreachable in CI: {err}"),
-    };
-    let name = format!("k_{}", uuid::Uuid::now_v7().simple());
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let guard = PgGuard { name: name.clone() };
-    let store = Store::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
-        .await
-        .unwrap();
-    Some((store, guard))
+async fn pg_store() -> Option<(Store, PgDatabase)> {
+    PgDatabase::store().await
 }
 
 /// Runs one scenario against SQLite and against PostgreSQL.

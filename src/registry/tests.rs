@@ -18,62 +18,10 @@ async fn sqlite_store(dir: &tempfile::TempDir) -> Store {
         .unwrap()
 }
 
-/// A throw-away PostgreSQL database, dropped when the guard goes.
-struct PgGuard {
-    name: String,
-}
+use crate::testing::PgDatabase;
 
-const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-impl Drop for PgGuard {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop cannot await; a short-lived runtime on its own thread does the clean-up.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                use sqlx::Connection;
-                if let Ok(mut c) = sqlx::AnyConnection::connect(PG_ADMIN).await {
-                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                        .execute(&mut c)
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-/// A store on a fresh PostgreSQL database, or `None` (with a note) when no server answers outside CI.
-async fn pg_store() -> Option<(Store, PgGuard)> {
-    use sqlx::Connection;
-    sqlx::any::install_default_drivers();
-    let mut admin = match sqlx::AnyConnection::connect(PG_ADMIN).await {
-        Ok(c) => c,
-        Err(e) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "PostgreSQL unreachable in CI: {e}"
-            );
-            eprintln!("note: PostgreSQL unreachable ({e}); skipping the PostgreSQL test");
-            return None;
-        }
-    };
-    let name = format!("k_{}", uuid::Uuid::now_v7().simple());
-    let sql = format!("CREATE DATABASE {name}");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let guard = PgGuard { name: name.clone() };
-    let store = Store::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
-        .await
-        .unwrap();
-    Some((store, guard))
+async fn pg_store() -> Option<(Store, PgDatabase)> {
+    PgDatabase::store().await
 }
 
 async fn call(
