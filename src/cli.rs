@@ -217,7 +217,12 @@ pub enum AuditCommand {
         /// Only this node's chain.
         #[arg(long)]
         node: Option<String>,
+        /// Trusted audit public key (hex, as printed by `audit pubkey`): every checkpoint must carry its signature.
+        #[arg(long, value_name = "HEX")]
+        pubkey: Option<String>,
     },
+    /// Print this node's audit public key (hex Ed25519), for offline verification.
+    Pubkey,
     /// List matching records, one line each.
     Query(FilterArgs),
     /// Write matching records as JSON lines.
@@ -434,8 +439,21 @@ fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCo
 async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode> {
     let store = crate::store::Store::connect(&config.database_url()).await?;
     let code = match cmd {
-        AuditCommand::Verify { node } => {
-            let report = crate::audit::verify(&store, node.as_deref()).await?;
+        AuditCommand::Pubkey => {
+            let path = config.audit_key_path();
+            if !path.exists() {
+                bail!(
+                    "no audit key at {} yet: start the gateway once (or set audit.key)",
+                    path.display()
+                );
+            }
+            let key = crate::audit::AuditKey::load_or_create(&path)?;
+            println!("{}", key.public_hex());
+            ExitCode::SUCCESS
+        }
+        AuditCommand::Verify { node, pubkey } => {
+            let report =
+                crate::audit::verify_with_key(&store, node.as_deref(), pubkey.as_deref()).await?;
             print!("{report}");
             if report.nodes.is_empty() {
                 println!("no audit records");

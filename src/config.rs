@@ -131,6 +131,13 @@ pub struct AuditSettings {
     pub max_batch: usize,
     /// Records waiting for the writer before callers are held back. Default 8192.
     pub queue: usize,
+    /// A signed checkpoint after at most this many records. Default 1000.
+    pub checkpoint_every: u64,
+    /// …or with the first batch after this long, and at shutdown. Default 60 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub checkpoint_interval: Duration,
+    /// The node's Ed25519 audit key (created if missing). Default `keys/audit-<node>.key` under `data_dir`.
+    pub key: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -214,6 +221,9 @@ impl Default for AuditSettings {
         AuditSettings {
             max_batch: 512,
             queue: 8192,
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(60),
+            key: None,
         }
     }
 }
@@ -293,8 +303,11 @@ impl Config {
         if self.tokens.audience.is_empty() {
             problems.push("tokens.audience must not be empty".to_owned());
         }
-        if self.audit.max_batch == 0 || self.audit.queue == 0 {
-            problems.push("audit.max_batch and audit.queue must be at least 1".to_owned());
+        if self.audit.max_batch == 0 || self.audit.queue == 0 || self.audit.checkpoint_every == 0 {
+            problems.push(
+                "audit.max_batch, audit.queue and audit.checkpoint_every must be at least 1"
+                    .to_owned(),
+            );
         }
         let mut addrs = vec![
             ("gateway.listen", g.listen),
@@ -331,6 +344,16 @@ impl Config {
             p.to_path_buf()
         } else {
             self.data_dir.join(p)
+        }
+    }
+
+    /// The node's audit signing key file.
+    pub fn audit_key_path(&self) -> PathBuf {
+        match &self.audit.key {
+            Some(p) => self.data_path(p),
+            None => self
+                .data_path(&self.tokens.keys_dir)
+                .join(format!("audit-{}.key", self.node)),
         }
     }
 

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http_body_util::BodyExt;
 
 use crate::admin::{AdminState, Metrics};
-use crate::audit::{AuditConfig, AuditLog, AuditWriter};
+use crate::audit::{AuditConfig, AuditKey, AuditLog, AuditWriter, CheckpointPolicy};
 use crate::config::Config;
 use crate::identity::PeerCert;
 use crate::policy::Policy;
@@ -267,6 +267,9 @@ pub enum StartError {
     /// The audit log could not be started.
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    /// The node's audit signing key could not be loaded or created.
+    #[error(transparent)]
+    AuditKey(#[from] crate::audit::checkpoint::AuditKeyError),
     /// The register could not be seeded.
     #[error("register: {0}")]
     Registry(#[from] crate::registry::RegistryError),
@@ -366,9 +369,17 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         }
         None => 0,
     };
+    let key_path = config.audit_key_path();
+    let audit_key =
+        tokio::task::spawn_blocking(move || AuditKey::load_or_create(&key_path)).await??;
     let mut audit_config = AuditConfig::new(config.node.clone());
     audit_config.max_batch = config.audit.max_batch;
     audit_config.queue = config.audit.queue;
+    audit_config.checkpoints = Some(CheckpointPolicy {
+        key: Arc::new(audit_key),
+        every: config.audit.checkpoint_every,
+        interval: config.audit.checkpoint_interval,
+    });
     let (audit, audit_writer) = AuditLog::start(store.clone(), audit_config).await?;
 
     let tls = load_tls(&config)?;

@@ -32,6 +32,8 @@ pub struct NodeReport {
     pub records: i64,
     /// The first sequence number at which the chain fails, and why.
     pub broken_at: Option<(i64, String)>,
+    /// Signed checkpoints checked against the chain.
+    pub checkpoints: usize,
 }
 
 impl VerifyReport {
@@ -53,11 +55,17 @@ impl fmt::Display for VerifyReport {
 impl fmt::Display for NodeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.broken_at {
-            None => write!(
-                f,
-                "node {}: {} records, chain intact",
-                self.node, self.records
-            ),
+            None => {
+                write!(
+                    f,
+                    "node {}: {} records, chain intact",
+                    self.node, self.records
+                )?;
+                if self.checkpoints > 0 {
+                    write!(f, ", {} signed checkpoint(s) verified", self.checkpoints)?;
+                }
+                Ok(())
+            }
             Some((seq, reason)) => write!(f, "node {}: broken at seq {seq}: {reason}", self.node),
         }
     }
@@ -65,6 +73,16 @@ impl fmt::Display for NodeReport {
 
 /// Verifies the chain of `node`, or of every node in the log.
 pub async fn verify(store: &Store, node: Option<&str>) -> Result<VerifyReport, AuditError> {
+    verify_with_key(store, node, None).await
+}
+
+/// Verifies chains and their checkpoints; with `trusted` (hex Ed25519 public
+/// key) every checkpoint must be signed by that key.
+pub async fn verify_with_key(
+    store: &Store,
+    node: Option<&str>,
+    trusted: Option<&str>,
+) -> Result<VerifyReport, AuditError> {
     let nodes: Vec<String> = match node {
         Some(node) => vec![node.to_owned()],
         None => {
@@ -75,7 +93,11 @@ pub async fn verify(store: &Store, node: Option<&str>) -> Result<VerifyReport, A
     };
     let mut reports = Vec::with_capacity(nodes.len());
     for node in nodes {
-        reports.push(verify_node(store, node).await?);
+        let mut report = verify_node(store, node).await?;
+        if report.broken_at.is_none() {
+            check_checkpoints(store, &mut report, trusted).await?;
+        }
+        reports.push(report);
     }
     Ok(VerifyReport { nodes: reports })
 }
@@ -90,6 +112,7 @@ async fn verify_node(store: &Store, node: String) -> Result<NodeReport, AuditErr
         node: node.clone(),
         records,
         broken_at: Some((seq, reason)),
+        checkpoints: 0,
     };
     loop {
         let rows: Vec<Row> = sqlx::query_as(
@@ -200,5 +223,48 @@ async fn verify_node(store: &Store, node: String) -> Result<NodeReport, AuditErr
         node: node.clone(),
         records,
         broken_at: None,
+        checkpoints: 0,
     })
+}
+
+/// Every checkpoint must verify and name a record still in the (intact) chain.
+async fn check_checkpoints(
+    store: &Store,
+    report: &mut NodeReport,
+    trusted: Option<&str>,
+) -> Result<(), AuditError> {
+    for cp in super::checkpoint::list(store, &report.node).await? {
+        if let Err(why) = cp.verify(trusted) {
+            report.broken_at = Some((cp.seq, format!("checkpoint at seq {}: {why}", cp.seq)));
+            return Ok(());
+        }
+        if cp.seq > report.records {
+            report.broken_at = Some((
+                report.records + 1,
+                format!(
+                    "records removed from the end: the chain ends at seq {} but a signed checkpoint covers seq {}",
+                    report.records, cp.seq
+                ),
+            ));
+            return Ok(());
+        }
+        let hash: Option<String> =
+            sqlx::query_scalar("SELECT hash FROM audit_log WHERE node = $1 AND seq = $2")
+                .bind(report.node.as_str())
+                .bind(cp.seq)
+                .fetch_optional(store.pool())
+                .await?;
+        if hash.as_deref() != Some(cp.hash.as_str()) {
+            report.broken_at = Some((
+                cp.seq,
+                format!(
+                    "the chain was rewritten: record {} differs from its signed checkpoint",
+                    cp.seq
+                ),
+            ));
+            return Ok(());
+        }
+        report.checkpoints += 1;
+    }
+    Ok(())
 }

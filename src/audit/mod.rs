@@ -7,6 +7,7 @@
 //! reads them back for auditors, data subjects and export.
 
 pub mod chain;
+pub mod checkpoint;
 pub mod query;
 pub mod record;
 pub mod writer;
@@ -16,10 +17,11 @@ mod tests;
 
 use http::StatusCode;
 
-pub use chain::{verify, NodeReport, VerifyReport};
+pub use chain::{verify, verify_with_key, NodeReport, VerifyReport};
+pub use checkpoint::{AuditKey, Checkpoint};
 pub use query::{count, export, query, Filter};
 pub use record::{canonical_json, chain_hash, format_ts, now_ts, Entry, Record, GENESIS_HASH};
-pub use writer::{AuditConfig, AuditLog, AuditStats, AuditWriter, Committed};
+pub use writer::{AuditConfig, AuditLog, AuditStats, AuditWriter, CheckpointPolicy, Committed};
 
 use crate::problem::Problem;
 

@@ -11,10 +11,12 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use super::checkpoint::{self, AuditKey, Checkpoint};
 use super::record::{audit_columns, prepare, Entry, Record, AUDIT_COLUMN_COUNT, GENESIS_HASH};
 use super::AuditError;
 use crate::store::Store;
@@ -34,6 +36,19 @@ pub struct AuditConfig {
     pub max_batch: usize,
     /// Entries that may wait for the writer before `append` waits too (default 8192).
     pub queue: usize,
+    /// Signed checkpoints of the chain head; `None` writes none.
+    pub checkpoints: Option<CheckpointPolicy>,
+}
+
+/// When the writer signs a checkpoint of its chain head.
+#[derive(Debug, Clone)]
+pub struct CheckpointPolicy {
+    /// The node's signing key.
+    pub key: Arc<AuditKey>,
+    /// After at most this many records (default 1000)…
+    pub every: u64,
+    /// …or with the first batch after this much time (default 60 s), and at shutdown.
+    pub interval: Duration,
 }
 
 impl AuditConfig {
@@ -43,6 +58,7 @@ impl AuditConfig {
             node: node.into(),
             max_batch: 512,
             queue: 8192,
+            checkpoints: None,
         }
     }
 }
@@ -129,6 +145,7 @@ impl AuditLog {
         }
         let head = load_head(&store, &config.node).await?;
         tracing::info!(node = %config.node, seq = head.seq, "audit chain head loaded");
+        let last_checkpoint = checkpoint::latest(&store, &config.node).await?.unwrap_or(0);
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let counters = Arc::new(Counters::default());
         let close = Arc::new(Notify::new());
@@ -138,6 +155,8 @@ impl AuditLog {
             max_batch: config.max_batch.max(1),
             head: Some(head),
             counters: counters.clone(),
+            checkpoints: config.checkpoints,
+            last_checkpoint: (last_checkpoint, Instant::now()),
         };
         let task = tokio::spawn(writer.run(rx, close.clone()));
         Ok((
@@ -203,6 +222,9 @@ struct Writer {
     /// `None` after a failure to reload it: reloaded before the next batch.
     head: Option<Head>,
     counters: Arc<Counters>,
+    checkpoints: Option<CheckpointPolicy>,
+    /// Chain position of the last checkpoint, and when it was taken.
+    last_checkpoint: (i64, Instant),
 }
 
 impl Writer {
@@ -228,6 +250,7 @@ impl Writer {
             }
             self.process(std::mem::take(&mut jobs)).await;
         }
+        self.final_checkpoint().await;
         tracing::info!(node = %self.node, "audit writer stopped");
     }
 
@@ -276,8 +299,12 @@ impl Writer {
             return;
         }
 
-        match write_batch(&self.store, &records).await {
+        let checkpoint = self.due_checkpoint(seq, &prev);
+        match write_batch(&self.store, &records, checkpoint.as_ref()).await {
             Ok(()) => {
+                if checkpoint.is_some() {
+                    self.last_checkpoint = (seq, Instant::now());
+                }
                 self.head = Some(Head { seq, hash: prev });
                 let c = &self.counters;
                 c.batches.fetch_add(1, Ordering::Relaxed);
@@ -319,6 +346,36 @@ impl Writer {
         }
     }
 
+    /// A checkpoint of the head after this batch, if one is due.
+    fn due_checkpoint(&self, seq: i64, hash: &str) -> Option<Checkpoint> {
+        let policy = self.checkpoints.as_ref()?;
+        let (last_seq, last_at) = self.last_checkpoint;
+        let due = (seq - last_seq) as u64 >= policy.every || last_at.elapsed() >= policy.interval;
+        due.then(|| policy.key.sign(&self.node, seq, hash))
+    }
+
+    /// At shutdown: a checkpoint of the head if records came after the last one.
+    async fn final_checkpoint(&mut self) {
+        let (Some(policy), Some(head)) = (&self.checkpoints, &self.head) else {
+            return;
+        };
+        if head.seq <= self.last_checkpoint.0 {
+            return;
+        }
+        let cp = policy.key.sign(&self.node, head.seq, &head.hash);
+        let result = async {
+            let mut conn = self.store.pool().acquire().await?;
+            checkpoint::insert(&mut conn, &cp).await
+        }
+        .await;
+        match result {
+            Ok(()) => self.last_checkpoint = (head.seq, Instant::now()),
+            Err(err) => {
+                tracing::error!(node = %self.node, %err, "final audit checkpoint not written")
+            }
+        }
+    }
+
     /// Answers every job with a commit failure.
     fn fail(&self, jobs: Vec<Job>) {
         self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -348,7 +405,11 @@ async fn load_head(store: &Store, node: &str) -> Result<Head, AuditError> {
 }
 
 /// Writes the records and their subject index rows in one transaction.
-async fn write_batch(store: &Store, records: &[Record]) -> Result<(), sqlx::Error> {
+async fn write_batch(
+    store: &Store,
+    records: &[Record],
+    checkpoint: Option<&Checkpoint>,
+) -> Result<(), sqlx::Error> {
     let mut tx = store.pool().begin().await?;
     for chunk in records.chunks(LOG_ROWS_PER_INSERT) {
         let sql = insert_sql(
@@ -408,6 +469,9 @@ async fn write_batch(store: &Store, records: &[Record]) -> Result<(), sqlx::Erro
             q = q.bind(*node).bind(*seq).bind(*subject);
         }
         q.execute(&mut *tx).await?;
+    }
+    if let Some(cp) = checkpoint {
+        checkpoint::insert(&mut tx, cp).await?;
     }
     tx.commit().await
 }
