@@ -223,6 +223,18 @@ pub enum AuditCommand {
     },
     /// Print this node's audit public key (hex Ed25519), for offline verification.
     Pubkey,
+    /// Benchmark the group-commit writer against one transaction per record (on a scratch database).
+    Bench {
+        /// Records per configuration.
+        #[arg(long, default_value_t = 20_000)]
+        records: usize,
+        /// Concurrent callers.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Scratch database [default: a temporary SQLite file]; never your real audit database.
+        #[arg(long, value_name = "URL")]
+        scratch_url: Option<String>,
+    },
     /// List matching records, one line each.
     Query(FilterArgs),
     /// Write matching records as JSON lines.
@@ -437,8 +449,26 @@ fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCo
 }
 
 async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode> {
+    if let AuditCommand::Bench {
+        records,
+        concurrency,
+        scratch_url,
+    } = cmd
+    {
+        let dir = tempfile::tempdir()?;
+        let url = scratch_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}/bench.db", dir.path().display()));
+        let store = crate::store::Store::connect(&url).await?;
+        println!("audit writer benchmark on {url}");
+        let report = crate::audit::bench::bench(&store, *records, *concurrency).await?;
+        print!("{report}");
+        store.close().await;
+        return Ok(ExitCode::SUCCESS);
+    }
     let store = crate::store::Store::connect(&config.database_url()).await?;
     let code = match cmd {
+        AuditCommand::Bench { .. } => ExitCode::SUCCESS,
         AuditCommand::Pubkey => {
             let path = config.audit_key_path();
             if !path.exists() {

@@ -6,6 +6,7 @@
 //! in groups ([`writer`]); [`chain`] verifies the stored chains and [`query`]
 //! reads them back for auditors, data subjects and export.
 
+pub mod bench;
 pub mod chain;
 pub mod checkpoint;
 pub mod query;

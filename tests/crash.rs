@@ -1,0 +1,142 @@
+//! Crash safety of the audit log: a gateway killed with SIGKILL under load
+//! restarts with an intact chain, and every response a client received has
+//! its committed record.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::Client;
+use http::StatusCode;
+use tokio::sync::Mutex;
+
+/// Starts the real binary on ephemeral ports; returns it and the gateway address once ready.
+fn spawn_gateway(data: &Path) -> (Child, SocketAddr) {
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_karibche"))
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["--policies", policies.to_str().unwrap()])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--registry-listen", "127.0.0.1:0", "--seed-persons", "100"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "gateway did not become ready");
+        let line = lines.next().expect("gateway exited before ready").unwrap();
+        if let Some(rest) = line.trim().strip_prefix("gateway") {
+            let addr = rest
+                .trim()
+                .trim_start_matches("https://")
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return (child, addr);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("var");
+    let (mut child, addr) = spawn_gateway(&data);
+    let pki = data.join("pki");
+    let (cert, key) = karibche::pki::agency_files(&pki, "mia-border");
+    let client = Arc::new(Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr));
+    let token = karibche::token::issue(
+        &data.join("keys"),
+        &karibche::token::IssueRequest {
+            agency: "mia-border".into(),
+            officer: "officer-1".into(),
+            purpose: "border-control".into(),
+            case_ref: None,
+            ttl: Duration::from_secs(300),
+            audience: "karibche".into(),
+            backdate: Duration::ZERO,
+        },
+    )
+    .unwrap();
+
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (client, token, acked) = (client.clone(), token.clone(), acknowledged.clone());
+        workers.push(tokio::spawn(async move {
+            // Until the gateway dies under us: each worker stops at its first failure.
+            while let Ok(reply) = client
+                .send(
+                    http::Method::GET,
+                    "/v1/registry/persons/RF-0000001",
+                    Some(&token),
+                    None,
+                )
+                .await
+            {
+                if reply.status == StatusCode::OK {
+                    acked.lock().await.push(reply.request_id());
+                }
+            }
+        }));
+    }
+    // Kill once a good number of requests went through (or after a bound).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acknowledged.lock().await.len() < 100 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL: no shutdown path runs.
+    child.wait().unwrap();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().await.clone();
+    assert!(acknowledged.len() >= 100, "load did not get going");
+
+    // Restart on the same files: the chain head is recovered from the database.
+    let (mut child, _addr) = spawn_gateway(&data);
+    let store = karibche::store::Store::connect(&format!(
+        "sqlite://{}",
+        data.join("karibche.db").display()
+    ))
+    .await
+    .unwrap();
+    let report = karibche::audit::verify(&store, None).await.unwrap();
+    assert!(report.intact(), "{report}");
+    let records = karibche::audit::query(&store, &karibche::audit::Filter::default())
+        .await
+        .unwrap();
+    let ids: std::collections::HashSet<_> = records.iter().map(|r| r.entry.id.as_str()).collect();
+    let missing: Vec<_> = acknowledged
+        .iter()
+        .filter(|id| !ids.contains(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged without a record: {missing:?}"
+    );
+    store.close().await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
