@@ -2,7 +2,7 @@
 //! restarts with an intact chain, and every response a client received has
 //! its committed record.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::zombie_processes)]
 
 mod common;
 
