@@ -221,6 +221,15 @@ pub enum AuditCommand {
         #[arg(long, value_name = "HEX")]
         pubkey: Option<String>,
     },
+    /// A data subject's access report: who asked for the person's record, when, why, and what they got.
+    Report {
+        /// The person's register id.
+        #[arg(long)]
+        subject: String,
+        /// Plain words, or JSON for a portal.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
+    },
     /// Print this node's audit public key (hex Ed25519), for offline verification.
     Pubkey,
     /// Benchmark the group-commit writer against one transaction per record (on a scratch database).
@@ -246,6 +255,15 @@ pub enum AuditCommand {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+}
+
+/// Output of `audit report`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReportFormat {
+    /// Plain words.
+    Text,
+    /// One JSON document.
+    Json,
 }
 
 /// `karibche certs …`
@@ -469,6 +487,25 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
     let store = crate::store::Store::connect(&config.database_url()).await?;
     let code = match cmd {
         AuditCommand::Bench { .. } => ExitCode::SUCCESS,
+        AuditCommand::Report { subject, format } => {
+            // Names come from the policy in force; without it the report shows ids.
+            let policy = Policy::load(&config.policies_dir).ok();
+            let name_of = |kind: crate::audit::report::NameKind, id: &str| {
+                let p = policy.as_ref()?;
+                match kind {
+                    crate::audit::report::NameKind::Agency => p.agency(id).map(|a| a.name.clone()),
+                    crate::audit::report::NameKind::Purpose => {
+                        p.purpose(id).map(|x| x.title.clone())
+                    }
+                }
+            };
+            let report = crate::audit::report::subject_report(&store, subject, &name_of).await?;
+            match format {
+                ReportFormat::Text => print!("{report}"),
+                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            ExitCode::SUCCESS
+        }
         AuditCommand::Pubkey => {
             let path = config.audit_key_path();
             if !path.exists() {

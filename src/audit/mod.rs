@@ -11,6 +11,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod query;
 pub mod record;
+pub mod report;
 pub mod writer;
 
 #[cfg(test)]

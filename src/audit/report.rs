@@ -1,0 +1,235 @@
+//! The data subject's access report: every access to one person's record —
+//! who (agency), when, why (purpose and legal basis), what was released, and
+//! what was refused — in plain words, or as JSON for a portal.
+//!
+//! The report is built from the subject index, never by scanning the log.
+//! Names of agencies and purposes come from the policy in force (a closure,
+//! so this module stays independent of the policy model).
+
+use serde::Serialize;
+
+use super::{query, AuditError, Filter, Record};
+use crate::store::Store;
+
+/// One access as the data subject sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Access {
+    /// When (UTC).
+    pub at: String,
+    /// Agency id.
+    pub agency: Option<String>,
+    /// Agency name, where the policy knows it.
+    pub agency_name: Option<String>,
+    /// Purpose code.
+    pub purpose: Option<String>,
+    /// Purpose in words, where the policy knows it.
+    pub purpose_title: Option<String>,
+    /// The legal basis the access relied on.
+    pub legal_basis: Option<String>,
+    /// `read` or `write`.
+    pub operation: Option<String>,
+    /// Whether data was released (`allow` with a 2xx answer).
+    pub released: bool,
+    /// Fields released.
+    pub fields: Vec<String>,
+    /// Why the request was refused or failed.
+    pub refused_because: Option<String>,
+    /// The audit record's id, to quote in a complaint.
+    pub record_id: String,
+}
+
+/// Everything the log holds about accesses to one data subject.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubjectReport {
+    /// The register id of the person.
+    pub subject: String,
+    /// Accesses, oldest first.
+    pub accesses: Vec<Access>,
+}
+
+/// Builds the report for `subject`; `name_of` maps agency ids and purpose codes to words.
+pub async fn subject_report(
+    store: &Store,
+    subject: &str,
+    name_of: &dyn Fn(NameKind, &str) -> Option<String>,
+) -> Result<SubjectReport, AuditError> {
+    let records = query(
+        store,
+        &Filter {
+            subject: Some(subject.to_owned()),
+            ..Filter::default()
+        },
+    )
+    .await?;
+    Ok(SubjectReport {
+        subject: subject.to_owned(),
+        accesses: records.iter().map(|r| access(r, name_of)).collect(),
+    })
+}
+
+/// What a name is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameKind {
+    /// An agency id.
+    Agency,
+    /// A purpose code.
+    Purpose,
+}
+
+fn access(r: &Record, name_of: &dyn Fn(NameKind, &str) -> Option<String>) -> Access {
+    let e = &r.entry;
+    let released = e.decision == "allow" && (200..300).contains(&e.status);
+    Access {
+        at: e.ts.clone(),
+        agency_name: e
+            .agency
+            .as_deref()
+            .and_then(|a| name_of(NameKind::Agency, a)),
+        agency: e.agency.clone(),
+        purpose_title: e
+            .purpose
+            .as_deref()
+            .and_then(|p| name_of(NameKind::Purpose, p)),
+        purpose: e.purpose.clone(),
+        legal_basis: e.legal_basis.clone(),
+        operation: e.operation.clone(),
+        released,
+        fields: if released {
+            e.fields.clone()
+        } else {
+            Vec::new()
+        },
+        refused_because: if released {
+            None
+        } else {
+            Some(
+                e.reason
+                    .clone()
+                    .unwrap_or_else(|| format!("status {}", e.status)),
+            )
+        },
+        record_id: e.id.clone(),
+    }
+}
+
+impl std::fmt::Display for SubjectReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "Access report for the record {}", self.subject)?;
+        if self.accesses.is_empty() {
+            return writeln!(f, "No agency has asked for this record.");
+        }
+        let released = self.accesses.iter().filter(|a| a.released).count();
+        writeln!(
+            f,
+            "{} request(s) named this record; {released} received data, {} were refused or failed.\n",
+            self.accesses.len(),
+            self.accesses.len() - released
+        )?;
+        for a in &self.accesses {
+            let who = match (&a.agency_name, &a.agency) {
+                (Some(name), Some(id)) => format!("{name} ({id})"),
+                (None, Some(id)) => id.clone(),
+                _ => "an unidentified caller".to_owned(),
+            };
+            let why = a
+                .purpose_title
+                .clone()
+                .or_else(|| a.purpose.clone())
+                .unwrap_or_else(|| "no stated purpose".to_owned());
+            let verb = match a.operation.as_deref() {
+                Some("write") => "added to",
+                _ => "read",
+            };
+            let date = a.at.get(..16).unwrap_or(&a.at).replace('T', " ");
+            if a.released {
+                writeln!(f, "- {date} UTC: {who} {verb} your record for: {why}.")?;
+                if let Some(basis) = &a.legal_basis {
+                    writeln!(f, "    Legal basis: {basis}")?;
+                }
+                writeln!(f, "    Released: {}", a.fields.join(", "))?;
+            } else {
+                writeln!(
+                    f,
+                    "- {date} UTC: {who} asked for your record ({why}); nothing was released ({}).",
+                    a.refused_because.as_deref().unwrap_or("refused")
+                )?;
+            }
+            writeln!(f, "    Record: {}", a.record_id)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditConfig, AuditLog, Entry};
+
+    #[tokio::test]
+    async fn report_lists_releases_and_refusals_in_words() {
+        let (store, _dir) = crate::testing::sqlite_store().await;
+        let (log, writer) = AuditLog::start(store.clone(), AuditConfig::new("n1"))
+            .await
+            .unwrap();
+        let base = Entry {
+            ts: crate::audit::now_ts(),
+            agency: Some("mia-border".into()),
+            purpose: Some("border-control".into()),
+            legal_basis: Some("Law on the State Border".into()),
+            operation: Some("read".into()),
+            method: "GET".into(),
+            path: "/v1/registry/persons/RF-1".into(),
+            subjects: vec!["RF-1".into()],
+            policy_version: "v".into(),
+            ..Entry::default()
+        };
+        log.append(Entry {
+            id: "a".into(),
+            fields: vec!["names".into(), "visas".into()],
+            decision: "allow".into(),
+            status: 200,
+            ..base.clone()
+        })
+        .await
+        .unwrap();
+        log.append(Entry {
+            id: "b".into(),
+            decision: "deny".into(),
+            reason: Some("purpose_not_allowed".into()),
+            status: 403,
+            ..base.clone()
+        })
+        .await
+        .unwrap();
+        log.append(Entry {
+            id: "c".into(),
+            subjects: vec!["RF-2".into()],
+            decision: "allow".into(),
+            status: 200,
+            ..base
+        })
+        .await
+        .unwrap();
+        log.close();
+        drop(log);
+        writer.finish().await;
+        let names = |k: NameKind, id: &str| match (k, id) {
+            (NameKind::Agency, "mia-border") => Some("Border Police".to_owned()),
+            (NameKind::Purpose, "border-control") => Some("border control".to_owned()),
+            _ => None,
+        };
+        let report = subject_report(&store, "RF-1", &names).await.unwrap();
+        assert_eq!(report.accesses.len(), 2, "only RF-1's accesses");
+        assert!(report.accesses[0].released);
+        assert_eq!(
+            report.accesses[1].refused_because.as_deref(),
+            Some("purpose_not_allowed")
+        );
+        let text = report.to_string();
+        assert!(text.contains("Border Police (mia-border) read your record for: border control."));
+        assert!(text.contains("Released: names, visas"));
+        assert!(text.contains("nothing was released (purpose_not_allowed)"));
+        let none = subject_report(&store, "RF-9", &names).await.unwrap();
+        assert!(none.to_string().contains("No agency has asked"));
+    }
+}
