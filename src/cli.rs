@@ -220,6 +220,12 @@ pub enum AuditCommand {
         /// Trusted audit public key (hex, as printed by `audit pubkey`): every checkpoint must carry its signature.
         #[arg(long, value_name = "HEX")]
         pubkey: Option<String>,
+        /// Verify an export (JSON lines from `audit export`) offline instead of the database.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// With --file: the checkpoints exported beside it (`audit export --checkpoints`).
+        #[arg(long, value_name = "FILE", requires = "file")]
+        checkpoints: Option<PathBuf>,
     },
     /// A data subject's access report: who asked for the person's record, when, why, and what they got.
     Report {
@@ -254,6 +260,9 @@ pub enum AuditCommand {
         /// Output file [default: standard output].
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Also write the signed checkpoints, as JSON lines, to this file (for `audit verify --file`).
+        #[arg(long, value_name = "FILE")]
+        checkpoints: Option<PathBuf>,
     },
 }
 
@@ -484,6 +493,27 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
         store.close().await;
         return Ok(ExitCode::SUCCESS);
     }
+    if let AuditCommand::Verify {
+        file: Some(file),
+        checkpoints,
+        pubkey,
+        ..
+    } = cmd
+    {
+        let open = |p: &PathBuf| {
+            std::fs::File::open(p)
+                .map(std::io::BufReader::new)
+                .with_context(|| format!("cannot read {}", p.display()))
+        };
+        let cps = checkpoints.as_ref().map(open).transpose()?;
+        let report = crate::audit::offline::verify_export(open(file)?, cps, pubkey.as_deref())?;
+        print!("{report}");
+        return Ok(if report.intact() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     let store = crate::store::Store::connect(&config.database_url()).await?;
     let code = match cmd {
         AuditCommand::Bench { .. } => ExitCode::SUCCESS,
@@ -518,7 +548,7 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
             println!("{}", key.public_hex());
             ExitCode::SUCCESS
         }
-        AuditCommand::Verify { node, pubkey } => {
+        AuditCommand::Verify { node, pubkey, .. } => {
             let report =
                 crate::audit::verify_with_key(&store, node.as_deref(), pubkey.as_deref()).await?;
             print!("{report}");
@@ -560,7 +590,23 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
             writeln!(out, "{} record(s)", records.len())?;
             ExitCode::SUCCESS
         }
-        AuditCommand::Export { filter, output } => {
+        AuditCommand::Export {
+            filter,
+            output,
+            checkpoints,
+        } => {
+            if let Some(path) = checkpoints {
+                let file = std::fs::File::create(path)
+                    .with_context(|| format!("cannot create {}", path.display()))?;
+                let mut w = std::io::BufWriter::new(file);
+                let n = crate::audit::offline::export_checkpoints(
+                    &store,
+                    filter.node.as_deref(),
+                    &mut w,
+                )
+                .await?;
+                eprintln!("exported {n} checkpoint(s) to {}", path.display());
+            }
             let n = match output {
                 Some(path) => {
                     let file = std::fs::File::create(path)

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod chain;
 pub mod checkpoint;
+pub mod offline;
 pub mod query;
 pub mod record;
 pub mod report;
