@@ -143,31 +143,31 @@ fn document() -> Value {
         }
     });
     json!({
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://karibche.example/policies/schema.json",
-        "title": "karibche agency policy file (policies/agencies/<id>.toml)",
-        "description": "One agency: its client certificates and its grants. Nothing is allowed unless a grant says so. Unknown keys are errors.",
-        "type": "object",
-        "additionalProperties": false,
-        "required": ["id", "name", "certificate"],
-        "properties": {
-            "id": {"$ref": "#/$defs/kebab", "description": "The agency id; equal to the file name without .toml."},
-            "name": {"type": "string", "minLength": 1, "description": "The agency's full name."},
-            "require_bound_tokens": {"type": "boolean", "default": false, "description": "Officers' tokens must be bound to the client certificate (cnf.x5t#S256)."},
-            "certificate": {"$ref": "#/$defs/certificate"},
-            "grants": {"type": "array", "items": {"$ref": "#/$defs/grant"}}
-        },
-        "$defs": {
-            "kebab": kebab,
-            "field_path": field_path,
-            "date": date,
-            "string_or_list": string_or_list,
-            "operations": operations,
-            "certificate": certificate,
-            "grant": grant,
-            "providers_file": providers_file,
-            "purposes_file": purposes_file,
-            "cases_file": cases_file
-        }
-    })
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://karibche.example/policies/schema.json",
+    "title": "karibche agency policy file (policies/agencies/<id>.toml)",
+    "description": "One agency: its client certificates and its grants. Nothing is allowed unless a grant says so. Unknown keys are errors.",
+    "type": "object",
+    "additionalProperties": false,
+    "required": ["id", "name", "certificate"],
+    "properties": {
+        "id": {"$ref": "#/$defs/kebab", "description": "The agency id; equal to the file name without .toml."},
+        "name": {"type": "string", "minLength": 1, "description": "The agency's full name."},
+        "require_bound_tokens": {"type": "boolean", "default": false, "description": "Officers' tokens must be bound to the client certificate (cnf.x5t#S256)."},
+        "certificate": {"$ref": "#/$defs/certificate"},
+        "grants": {"type": "array", "items": {"$ref": "#/$defs/grant"}}
+    },
+    "$defs": {
+        "kebab": kebab,
+        "field_path": field_path,
+        "date": date,
+        "string_or_list": string_or_list,
+        "operations": operations,
+        "certificate": certificate,
+        "grant": grant,
+        "providers_file": providers_file,
+        "purposes_file": purposes_file,
+        "cases_file": cases_file
+    }
+        })
 }
