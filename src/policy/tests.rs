@@ -773,3 +773,148 @@ fn typos_in_values_are_parse_errors_with_positions() {
         assert!(errors[0].starts_with(at), "{errors:#?}");
     }
 }
+
+#[test]
+fn committed_schema_is_current() {
+    let committed = std::fs::read_to_string(repo_policies().join("schema.json")).unwrap();
+    assert!(
+        committed == schema(),
+        "policies/schema.json is stale: run `karibche policy schema > policies/schema.json`"
+    );
+    let v: serde_json::Value = serde_json::from_str(&committed).unwrap();
+    assert_eq!(
+        v["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
+    for key in ["require_bound_tokens", "certificate", "grants"] {
+        assert!(v["properties"].get(key).is_some(), "{key}");
+    }
+    for key in ["provider", "fields", "consent", "case_required", "valid_until", "shadow", "restricted"] {
+        assert!(v["$defs"]["grant"]["properties"].get(key).is_some(), "{key}");
+    }
+    for key in ["uri_san", "dns_san", "subject", "sha256"] {
+        assert!(v["$defs"]["certificate"]["properties"].get(key).is_some(), "{key}");
+    }
+    for def in ["providers_file", "purposes_file", "cases_file"] {
+        assert!(v["$defs"].get(def).is_some(), "{def}");
+    }
+}
+
+#[test]
+fn the_shipped_policy_tests_pass() {
+    let report = run_cases(&real(), &repo_policies(), TODAY).unwrap();
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+    assert!(report.passed >= 20, "{}", report.passed);
+}
+
+/// Copies the repository's policies (and their tests) into a temporary directory.
+fn copy_policies() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["", AGENCIES_DIR, CASES_DIR] {
+        let from = repo_policies().join(sub);
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        for e in std::fs::read_dir(&from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), dir.path().join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    dir
+}
+
+#[test]
+fn policy_tests_fail_when_a_change_breaks_an_expected_decision() {
+    let dir = copy_policies();
+    let file = dir.path().join(AGENCIES_DIR).join("molhsa.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    // A well-meant edit: the labour ministry "also needs" the documents.
+    std::fs::write(&file, text.replace("\"work_permits\",", "\"work_permits\", \"documents\",")).unwrap();
+    let ssg = dir.path().join(AGENCIES_DIR).join("ssg.toml");
+    let text = std::fs::read_to_string(&ssg).unwrap();
+    std::fs::write(&ssg, text.replace("case_required = true\n", "")).unwrap();
+    let p = Policy::load(dir.path()).unwrap();
+    let report = run_cases(&p, dir.path(), TODAY).unwrap();
+    let failures: Vec<String> = report.failures.iter().map(ToString::to_string).collect();
+    assert_eq!(failures.len(), 2, "{failures:#?}");
+    assert!(failures[0].contains("access.toml:") && failures[0].contains("FAIL Labour ministry reviews a work permit: fields differ: released but not expected [documents]"), "{failures:#?}");
+    assert!(failures[1].contains("denials.toml:") && failures[1].contains("expected deny (case_required), got allow by ssg#0"), "{failures:#?}");
+    assert!(!report.ok());
+
+    // A malformed case file is an error with its position, not a silent pass.
+    std::fs::write(
+        dir.path().join(CASES_DIR).join("bad.toml"),
+        "[[cases]]\nname = \"x\"\nagency = \"a\"\npurpose = \"p\"\npath = \"/v1/a/b\"\nexpect = \"maybe\"\n",
+    )
+    .unwrap();
+    let errors = run_cases(&p, dir.path(), TODAY).unwrap_err().to_string();
+    assert!(errors.contains("bad.toml:6:10: unknown variant `maybe`"), "{errors}");
+}
+
+#[test]
+fn diff_says_what_each_agency_gains_and_loses() {
+    let dir = copy_policies();
+    let agencies = dir.path().join(AGENCIES_DIR);
+    let edit = |name: &str, from: &str, to: &str| {
+        let file = agencies.join(name);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains(from), "{name}: {from}");
+        std::fs::write(&file, text.replace(from, to)).unwrap();
+    };
+    edit("molhsa.toml", "\"work_permits\",", "\"work_permits\", \"documents\",");
+    edit("geostat.toml", "\"crossings.point\", \"crossings.direction\",", "");
+    edit("ssg.toml", "case_required = true\n", "");
+    edit("mia-border.toml", "purposes = [\"border-control\"]\nfields = [\"id\", \"person_id\"", "purposes = [\"border-control\", \"expulsion-procedure\"]\nfields = [\"id\", \"person_id\"");
+    std::fs::remove_file(agencies.join("psda.toml")).unwrap();
+    let old = real();
+    let new = Policy::load(dir.path()).unwrap();
+    let text = diff(&old, &new);
+    for want in [
+        "molhsa (Ministry of Labour, Health and Social Affairs of Georgia)\n  + when they read registry/persons for \"work-permit-review\", now also sees: documents",
+        "geostat (National Statistics Office of Georgia)\n  - when they read registry/persons for \"official-statistics\", no longer sees: crossings.direction, crossings.point",
+        "  + to read registry/persons for \"national-security-investigation\", a case reference is no longer required",
+        "  + may now write registry/crossings for \"expulsion-procedure\" and see: at, document_number, id, person_id, point, direction",
+        "psda (Public Service Development Agency, Ministry of Justice of Georgia): agency removed, loses all access\n  - may no longer read registry/persons for \"identity-documentation\"",
+    ] {
+        assert!(text.contains(want.split(" and see:").next().unwrap()), "missing {want:?} in\n{text}");
+    }
+    assert!(!text.contains("mfa-consular"), "{text}");
+    assert_eq!(diff(&old, &real()), "");
+}
+
+#[test]
+fn warnings_name_grants_no_one_can_use() {
+    let head = "id = \"a\"\nname = \"A\"\n[certificate]\nuri_san = \"urn:karibche:agency:a\"\n";
+    let dead = format!("{GOOD_GRANT}valid_until = 2025-12-31\n");
+    let empty = GOOD_GRANT
+        .replace("fields = [\"names\"]", "fields = []")
+        .replace("border-control", "visa-decision");
+    let dir = temp_policy(&[("a.toml", &format!("{head}{dead}{empty}"))]);
+    let p = Policy::load(dir.path()).unwrap();
+    let base = format!("{}/", dir.path().display());
+    let w: Vec<String> = warnings(&p, TODAY)
+        .iter()
+        .map(|w| w.to_string().replace(&base, ""))
+        .collect();
+    assert_eq!(
+        w,
+        [
+            "agencies/a.toml:6:1: grant a#0 expired on 2025-12-31: no request can use it any more; remove it",
+            "agencies/a.toml:14:1: grant a#1 reads but releases no fields: every answer under it is empty",
+        ]
+    );
+}
+
+#[test]
+fn gateway_paths_split_into_provider_and_service() {
+    assert_eq!(
+        split_gateway_path("/v1/registry/persons/1?x=y"),
+        Some(("registry", "persons"))
+    );
+    assert_eq!(
+        split_gateway_path("/v1/registry/persons?document=1"),
+        Some(("registry", "persons"))
+    );
+    assert_eq!(split_gateway_path("/v1/registry"), None);
+    assert_eq!(split_gateway_path("/v2/a/b"), None);
+}
