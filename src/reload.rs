@@ -209,27 +209,35 @@ fn reload_event(old: &Policy, new: &Policy, trigger: Trigger) -> Entry {
     }
 }
 
-/// Reloads on every change under the policy directory and on SIGHUP, until `shutdown` turns true.
+/// Starts reloading on every change under the policy directory and on SIGHUP, until `shutdown` turns true.
 ///
-/// If the directory cannot be watched (inotify limits, unsupported file
-/// system), a warning is logged and SIGHUP still works.
-pub async fn watch(reloader: Arc<Reloader>, mut shutdown: Shutdown) {
+/// The watch and the signal handler are in place when this returns, so no
+/// edit made afterwards is missed; one check runs at once, for edits made
+/// between the first load and now. If the directory cannot be watched
+/// (inotify limits, unsupported file system), a warning is logged and SIGHUP
+/// still works.
+pub fn spawn(reloader: Arc<Reloader>, mut shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
     let (tx, mut changes) = mpsc::channel::<()>(1);
-    let _watcher = start_watcher(reloader.dir(), tx);
+    let _ = tx.try_send(());
+    let watcher = start_watcher(reloader.dir(), tx);
     let mut hangup = hangup_signal();
-    loop {
-        let trigger = tokio::select! {
-            _ = shutdown.changed() => break,
-            Some(()) = changes.recv() => {
-                // Coalesce a burst of events into one reload.
-                while let Ok(Some(())) = tokio::time::timeout(QUIET, changes.recv()).await {}
-                Trigger::FileWatch
-            }
-            () = next_hangup(&mut hangup) => Trigger::Signal,
-        };
-        // Failures are logged and counted inside; the loop keeps watching.
-        let _ = reloader.reload(trigger).await;
-    }
+    tokio::spawn(async move {
+        // Dropping the watcher ends the watch; it lives as long as this task.
+        let _watcher = watcher;
+        loop {
+            let trigger = tokio::select! {
+                _ = shutdown.changed() => break,
+                Some(()) = changes.recv() => {
+                    // Coalesce a burst of events into one reload.
+                    while let Ok(Some(())) = tokio::time::timeout(QUIET, changes.recv()).await {}
+                    Trigger::FileWatch
+                }
+                () = next_hangup(&mut hangup) => Trigger::Signal,
+            };
+            // Failures are logged and counted inside; the loop keeps watching.
+            let _ = reloader.reload(trigger).await;
+        }
+    })
 }
 
 fn start_watcher(

@@ -477,10 +477,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         audit.clone(),
         metrics.clone(),
     ));
-    rest_tasks.push(tokio::spawn(crate::reload::watch(
-        reloader.clone(),
-        rest_rx.clone(),
-    )));
+    rest_tasks.push(crate::reload::spawn(reloader.clone(), rest_rx.clone()));
     let admin = Arc::new(AdminState {
         metrics,
         ready: AtomicBool::new(false),

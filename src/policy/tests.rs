@@ -782,18 +782,29 @@ fn committed_schema_is_current() {
         "policies/schema.json is stale: run `karibche policy schema > policies/schema.json`"
     );
     let v: serde_json::Value = serde_json::from_str(&committed).unwrap();
-    assert_eq!(
-        v["$schema"],
-        "https://json-schema.org/draft/2020-12/schema"
-    );
+    assert_eq!(v["$schema"], "https://json-schema.org/draft/2020-12/schema");
     for key in ["require_bound_tokens", "certificate", "grants"] {
         assert!(v["properties"].get(key).is_some(), "{key}");
     }
-    for key in ["provider", "fields", "consent", "case_required", "valid_until", "shadow", "restricted"] {
-        assert!(v["$defs"]["grant"]["properties"].get(key).is_some(), "{key}");
+    for key in [
+        "provider",
+        "fields",
+        "consent",
+        "case_required",
+        "valid_until",
+        "shadow",
+        "restricted",
+    ] {
+        assert!(
+            v["$defs"]["grant"]["properties"].get(key).is_some(),
+            "{key}"
+        );
     }
     for key in ["uri_san", "dns_san", "subject", "sha256"] {
-        assert!(v["$defs"]["certificate"]["properties"].get(key).is_some(), "{key}");
+        assert!(
+            v["$defs"]["certificate"]["properties"].get(key).is_some(),
+            "{key}"
+        );
     }
     for def in ["providers_file", "purposes_file", "cases_file"] {
         assert!(v["$defs"].get(def).is_some(), "{def}");
@@ -829,7 +840,11 @@ fn policy_tests_fail_when_a_change_breaks_an_expected_decision() {
     let file = dir.path().join(AGENCIES_DIR).join("molhsa.toml");
     let text = std::fs::read_to_string(&file).unwrap();
     // A well-meant edit: the labour ministry "also needs" the documents.
-    std::fs::write(&file, text.replace("\"work_permits\",", "\"work_permits\", \"documents\",")).unwrap();
+    std::fs::write(
+        &file,
+        text.replace("\"work_permits\",", "\"work_permits\", \"documents\","),
+    )
+    .unwrap();
     let ssg = dir.path().join(AGENCIES_DIR).join("ssg.toml");
     let text = std::fs::read_to_string(&ssg).unwrap();
     std::fs::write(&ssg, text.replace("case_required = true\n", "")).unwrap();
@@ -838,7 +853,11 @@ fn policy_tests_fail_when_a_change_breaks_an_expected_decision() {
     let failures: Vec<String> = report.failures.iter().map(ToString::to_string).collect();
     assert_eq!(failures.len(), 2, "{failures:#?}");
     assert!(failures[0].contains("access.toml:") && failures[0].contains("FAIL Labour ministry reviews a work permit: fields differ: released but not expected [documents]"), "{failures:#?}");
-    assert!(failures[1].contains("denials.toml:") && failures[1].contains("expected deny (case_required), got allow by ssg#0"), "{failures:#?}");
+    assert!(
+        failures[1].contains("denials.toml:")
+            && failures[1].contains("expected deny (case_required), got allow by ssg#0"),
+        "{failures:#?}"
+    );
     assert!(!report.ok());
 
     // A malformed case file is an error with its position, not a silent pass.
@@ -848,7 +867,10 @@ fn policy_tests_fail_when_a_change_breaks_an_expected_decision() {
     )
     .unwrap();
     let errors = run_cases(&p, dir.path(), TODAY).unwrap_err().to_string();
-    assert!(errors.contains("bad.toml:6:10: unknown variant `maybe`"), "{errors}");
+    assert!(
+        errors.contains("bad.toml:6:10: unknown variant `maybe`"),
+        "{errors}"
+    );
 }
 
 #[test]
@@ -861,10 +883,22 @@ fn diff_says_what_each_agency_gains_and_loses() {
         assert!(text.contains(from), "{name}: {from}");
         std::fs::write(&file, text.replace(from, to)).unwrap();
     };
-    edit("molhsa.toml", "\"work_permits\",", "\"work_permits\", \"documents\",");
-    edit("geostat.toml", "\"crossings.point\", \"crossings.direction\",", "");
+    edit(
+        "molhsa.toml",
+        "\"work_permits\",",
+        "\"work_permits\", \"documents\",",
+    );
+    edit(
+        "geostat.toml",
+        "\"crossings.point\", \"crossings.direction\",",
+        "",
+    );
     edit("ssg.toml", "case_required = true\n", "");
-    edit("mia-border.toml", "purposes = [\"border-control\"]\nfields = [\"id\", \"person_id\"", "purposes = [\"border-control\", \"expulsion-procedure\"]\nfields = [\"id\", \"person_id\"");
+    edit(
+        "mia-border.toml",
+        "purposes = [\"border-control\"]\nfields = [\"id\", \"person_id\"",
+        "purposes = [\"border-control\", \"expulsion-procedure\"]\nfields = [\"id\", \"person_id\"",
+    );
     std::fs::remove_file(agencies.join("psda.toml")).unwrap();
     let old = real();
     let new = Policy::load(dir.path()).unwrap();
