@@ -159,16 +159,12 @@ impl Reloader {
             tracing::error!(%err, "policy reload not recorded; the old policy stays in force");
             return Err(err.into());
         }
-        let outcome = ReloadOutcome::Reloaded {
-            old: old.version().to_owned(),
-            new: new.version().to_owned(),
-        };
-        self.policy.store(Arc::new(new));
+        let (old, new) = (old.version().to_owned(), Arc::new(new));
+        self.policy.store(Arc::clone(&new));
         self.metrics.policy_reloaded();
-        if let ReloadOutcome::Reloaded { old, new } = &outcome {
-            tracing::info!(trigger = trigger.as_str(), %old, %new, "policy reloaded");
-        }
-        Ok(outcome)
+        let new = new.version().to_owned();
+        tracing::info!(trigger = trigger.as_str(), %old, %new, "policy reloaded");
+        Ok(ReloadOutcome::Reloaded { old, new })
     }
 }
 

@@ -189,6 +189,10 @@ async fn reload_under_load_loses_no_request_and_never_mixes_sets() {
         "{by_version:?}"
     );
     assert!(replies.len() >= 36, "{} requests", replies.len());
+    eprintln!(
+        "{} requests by 4 clients across {reloads} explicit reloads; by version: {by_version:?}",
+        replies.len()
+    );
 
     // Every swap is an audit event naming both versions; at least the explicit ones.
     let events: Vec<_> = records

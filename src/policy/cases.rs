@@ -307,11 +307,17 @@ fn check_decision(decision: &Decision, case: &RawCase) -> Result<(), String> {
                         .filter(|w| !got.contains(w))
                         .map(String::as_str)
                         .collect();
-                    return Err(format!(
-                        "fields differ: released but not expected [{}]; expected but not released [{}]",
-                        extra.join(", "),
-                        missing.join(", ")
-                    ));
+                    let mut parts = Vec::new();
+                    if !extra.is_empty() {
+                        parts.push(format!("released but not expected [{}]", extra.join(", ")));
+                    }
+                    if !missing.is_empty() {
+                        parts.push(format!(
+                            "expected but not released [{}]",
+                            missing.join(", ")
+                        ));
+                    }
+                    return Err(format!("fields differ: {}", parts.join("; ")));
                 }
             }
             let leaked: Vec<&str> = case
