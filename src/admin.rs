@@ -42,6 +42,8 @@ pub struct Metrics {
     denials: Mutex<BTreeMap<&'static str, u64>>,
     upstream_errors: AtomicU64,
     audit_failures: AtomicU64,
+    policy_reloads: AtomicU64,
+    policy_reload_failures: AtomicU64,
 }
 
 fn listener_index(name: &str) -> usize {
@@ -79,6 +81,24 @@ impl Metrics {
     /// Counts a request refused because its audit record could not be committed.
     pub fn audit_failure(&self) {
         self.audit_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a policy reload that swapped in a new policy set.
+    pub fn policy_reloaded(&self) {
+        self.policy_reloads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a policy reload refused because the new set is broken (the old set stays).
+    pub fn policy_reload_failed(&self) {
+        self.policy_reload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Policy reloads so far: (swapped in, refused).
+    pub fn policy_reload_counts(&self) -> (u64, u64) {
+        (
+            self.policy_reloads.load(Ordering::Relaxed),
+            self.policy_reload_failures.load(Ordering::Relaxed),
+        )
     }
 
     /// Counts a failed TLS handshake on a listener.
@@ -170,6 +190,16 @@ impl Metrics {
             out,
             "# HELP karibche_audit_refusals_total Requests answered 503 because the audit record could not be committed.\n# TYPE karibche_audit_refusals_total counter\nkaribche_audit_refusals_total {}",
             self.audit_failures.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP karibche_policy_reloads_total Policy reloads that swapped in a new set.\n# TYPE karibche_policy_reloads_total counter\nkaribche_policy_reloads_total {}",
+            self.policy_reloads.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP karibche_policy_reload_failures_total Policy reloads refused because the new set is invalid; the old set stays.\n# TYPE karibche_policy_reload_failures_total counter\nkaribche_policy_reload_failures_total {}",
+            self.policy_reload_failures.load(Ordering::Relaxed)
         );
     }
 }

@@ -29,6 +29,7 @@ pub mod policy;
 pub mod problem;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod store;
 #[doc(hidden)]

@@ -262,6 +262,7 @@ impl Gateway {
             )
         })?;
         entry.operation = Some(operation.as_str().to_owned());
+        entry.shadow_decision = shadow_decision(policy, agency, &route, operation, &officer);
         let allow = decide(policy, agency, &route, operation, &officer)?;
         entry.legal_basis = Some(allow.legal_basis.to_string());
         // limit: per-agency and per-officer quotas are applied here (issue #6).
@@ -447,7 +448,7 @@ impl Gateway {
 /// agency: the client certificate → the agency the policy says holds it.
 fn agency<'p>(policy: &'p Policy, client: Option<&PeerCert>) -> Result<&'p str, Refusal> {
     client
-        .and_then(|c| policy.agency_for_certificate(&c.uri_sans, &c.sha256))
+        .and_then(|c| policy.agency_for_certificate(c))
         .map(|a| a.id.as_str())
         .ok_or_else(|| {
             Refusal::deny(
@@ -527,6 +528,30 @@ fn decide(
         Decision::Allow(allow) => Ok(allow),
         Decision::Deny(reason) => Err(denied(reason)),
     }
+}
+
+/// The decision of the agency's shadow grants for the service (`"allow"`/`"deny"`), recorded, never enforced.
+fn shadow_decision(
+    policy: &Policy,
+    agency: &str,
+    route: &Route<'_>,
+    operation: Operation,
+    officer: &Officer,
+) -> Option<String> {
+    let req = DecisionRequest {
+        agency,
+        provider: route.provider,
+        service: route.service,
+        operation,
+        purpose: &officer.purpose,
+        case_ref: officer.case_ref.as_deref(),
+    };
+    policy
+        .decide_shadow(&req, OffsetDateTime::now_utc().date())
+        .map(|d| match d {
+            Decision::Allow(_) => "allow".to_owned(),
+            Decision::Deny(_) => "deny".to_owned(),
+        })
 }
 
 fn denied(reason: DenyReason) -> Refusal {

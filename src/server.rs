@@ -320,9 +320,17 @@ pub struct Running {
     gateway_task: tokio::task::JoinHandle<()>,
     rest_tasks: Vec<tokio::task::JoinHandle<()>>,
     audit_writer: AuditWriter,
+    reloader: Arc<crate::reload::Reloader>,
 }
 
 impl Running {
+    /// Reloads the policy files now (as SIGHUP does): validated whole, recorded, then swapped in; a broken set is refused.
+    pub async fn reload_policy(
+        &self,
+    ) -> Result<crate::reload::ReloadOutcome, crate::reload::ReloadError> {
+        self.reloader.reload(crate::reload::Trigger::Api).await
+    }
+
     /// Stops accepting, lets requests in flight finish (bounded), flushes the audit log, closes the database.
     pub async fn shutdown(self) {
         let _ = self.stop_gateway.send(true);
@@ -474,6 +482,13 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             addr: config.admin.listen,
             source,
         })?;
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        config.policies_dir.clone(),
+        policy.clone(),
+        audit.clone(),
+        metrics.clone(),
+    ));
+    rest_tasks.push(crate::reload::spawn(reloader.clone(), rest_rx.clone()));
     let admin = Arc::new(AdminState {
         metrics,
         ready: AtomicBool::new(false),
@@ -521,6 +536,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         gateway_task,
         rest_tasks,
         audit_writer,
+        reloader,
     })
 }
 

@@ -33,13 +33,16 @@ pub struct Filter {
     pub until: Option<String>,
     /// Records of this node's chain.
     pub node: Option<String>,
+    /// Only records whose shadow decision differs from the enforced one (`audit query --shadow-diff`).
+    pub shadow_diff: bool,
     /// At most this many records.
     pub limit: Option<i64>,
 }
 
 /// Placeholders shared by both query forms: $1 subject, $2 agency, $3 officer,
 /// $4 provider, $5 decision, $6 since, $7 until, $8 node, then the keyset
-/// cursor after (ts, node, seq) = ($9, $10, $11), and $12 the limit.
+/// cursor after (ts, node, seq) = ($9, $10, $11), $12 the limit, and $13 set
+/// (non-NULL) for records whose shadow decision differs from the enforced one.
 macro_rules! filter_clauses {
     () => {
         " ($2 IS NULL OR l.agency = $2) \
@@ -50,6 +53,7 @@ macro_rules! filter_clauses {
           AND ($7 IS NULL OR l.ts < $7) \
           AND ($8 IS NULL OR l.node = $8) \
           AND ($9 IS NULL OR l.ts > $9 OR (l.ts = $9 AND (l.node > $10 OR (l.node = $10 AND l.seq > $11)))) \
+          AND ($13 IS NULL OR (l.shadow_decision IS NOT NULL AND l.shadow_decision <> l.decision)) \
           ORDER BY l.ts, l.node, l.seq LIMIT $12"
     };
 }
@@ -117,6 +121,7 @@ impl<'a> Bound<'a> {
             .bind(after.map(|a| a.1))
             .bind(after.map(|a| a.2))
             .bind(limit.max(0))
+            .bind(f.shadow_diff.then_some(1_i64))
             .fetch_all(store.pool())
             .await?;
         rows.into_iter()

@@ -60,6 +60,10 @@ pub struct Entry {
     pub status: u16,
     /// Version of the policy set that decided.
     pub policy_version: String,
+    /// What the agency's `shadow = true` grants would have decided (`"allow"` or `"deny"`), not enforced;
+    /// `None` when no shadow grant applies to the request.
+    #[serde(default)]
+    pub shadow_decision: Option<String>,
 }
 
 /// A committed record: the entry plus its place in the node's hash chain.
@@ -131,6 +135,9 @@ struct Canonical<'a> {
     reason: Option<&'a str>,
     status: u16,
     policy_version: &'a str,
+    // Left out when absent, so records written before shadow mode keep their hashes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow_decision: Option<&'a str>,
     prev_hash: &'a str,
 }
 
@@ -166,6 +173,7 @@ pub fn canonical_json(
         reason: e.reason.as_deref(),
         status: e.status,
         policy_version: &e.policy_version,
+        shadow_decision: e.shadow_decision.as_deref(),
         prev_hash,
     };
     serde_json::to_string(&canonical).map_err(AuditError::Json)
@@ -245,6 +253,7 @@ pub(crate) fn prepare(mut entry: Entry) -> Result<Entry, AuditError> {
         &mut e.service,
         &mut e.operation,
         &mut e.reason,
+        &mut e.shadow_decision,
     ]
     .into_iter()
     .flatten()
@@ -290,6 +299,7 @@ pub(crate) struct Row {
     reason: Option<String>,
     status: i64,
     policy_version: String,
+    shadow_decision: Option<String>,
     prev_hash: String,
     hash: String,
 }
@@ -333,6 +343,7 @@ impl Row {
                 reason: self.reason,
                 status,
                 policy_version: self.policy_version,
+                shadow_decision: self.shadow_decision,
             },
             prev_hash: self.prev_hash,
             hash: self.hash,
@@ -340,15 +351,15 @@ impl Row {
     }
 }
 
-/// The columns of `audit_log` in insert order (25 of them).
+/// The columns of `audit_log` in insert order (26 of them).
 macro_rules! audit_columns {
     () => {
         "node, seq, id, ts, agency, certificate, officer, purpose, legal_basis, case_ref, \
          consent_ref, token_id, provider, service, operation, method, path, subjects, fields, \
-         decision, reason, status, policy_version, prev_hash, hash"
+         decision, reason, status, policy_version, prev_hash, hash, shadow_decision"
     };
 }
 pub(crate) use audit_columns;
 
 /// How many columns [`audit_columns!`] lists.
-pub(crate) const AUDIT_COLUMN_COUNT: usize = 25;
+pub(crate) const AUDIT_COLUMN_COUNT: usize = 26;

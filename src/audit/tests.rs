@@ -54,6 +54,8 @@ fn entry(n: usize) -> Entry {
         reason: n.is_multiple_of(4).then(|| "no_grant".to_owned()),
         status: if n.is_multiple_of(4) { 403 } else { 200 },
         policy_version: "v1".into(),
+        // Every sixth request also had a shadow decision, "allow".
+        shadow_decision: n.is_multiple_of(6).then(|| "allow".to_owned()),
     }
 }
 
@@ -287,6 +289,18 @@ async fn filters_select_records(store: Store) {
     // n % 5 == 0 and n % 4 == 0: 0 and 20.
     assert_eq!(by_officer_denied.len(), 2);
 
+    // Shadow "allow" (n % 6 == 0) against an enforced deny (n % 4 == 0): 0, 12, 24.
+    let shadow_diff = q(Filter {
+        shadow_diff: true,
+        ..Filter::default()
+    })
+    .await;
+    let cases: Vec<_> = shadow_diff
+        .iter()
+        .map(|r| r.entry.case_ref.clone().unwrap())
+        .collect();
+    assert_eq!(cases, ["case-0", "case-12", "case-24"]);
+
     let window = q(Filter {
         since: Some("2026-11-03T09:00:10Z".into()),
         until: Some("2026-11-03T11:00:20+02:00".into()),
@@ -452,6 +466,28 @@ fn canonical_form_is_fixed() {
     assert_eq!(hash, hex::encode(ctx.finish().as_ref()));
     let record = Record::chain(1, "n1", e, GENESIS_HASH).unwrap();
     assert_eq!(record.hash, hash);
+}
+
+#[test]
+fn a_shadow_decision_is_hashed_only_when_present() {
+    let mut e = Entry {
+        id: "01900000-0000-7000-8000-000000000000".into(),
+        ts: "2026-11-03T09:00:00.000000Z".into(),
+        method: "GET".into(),
+        path: "/v1/x".into(),
+        decision: "deny".into(),
+        status: 403,
+        policy_version: "v1".into(),
+        ..Entry::default()
+    };
+    let without = chain_hash(1, "n1", &e, GENESIS_HASH).unwrap();
+    e.shadow_decision = Some("allow".into());
+    let json = canonical_json(1, "n1", &e, GENESIS_HASH).unwrap();
+    assert!(
+        json.contains("\"policy_version\":\"v1\",\"shadow_decision\":\"allow\",\"prev_hash\""),
+        "{json}"
+    );
+    assert_ne!(chain_hash(1, "n1", &e, GENESIS_HASH).unwrap(), without);
 }
 
 #[test]

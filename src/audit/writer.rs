@@ -445,7 +445,8 @@ async fn write_batch(
                 .bind(i32::from(e.status))
                 .bind(e.policy_version.as_str())
                 .bind(r.prev_hash.as_str())
-                .bind(r.hash.as_str());
+                .bind(r.hash.as_str())
+                .bind(e.shadow_decision.as_deref());
         }
         q.execute(&mut *tx).await?;
     }

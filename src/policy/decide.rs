@@ -61,6 +61,8 @@ pub struct Allow {
     pub consent_required: bool,
     /// The legal basis of the request's purpose, for the audit record.
     pub legal_basis: Arc<str>,
+    /// Whether the grant is marked `restricted` (stricter handling, issue 9).
+    pub restricted: bool,
 }
 
 /// Why a request was refused, most specific first.
@@ -181,15 +183,44 @@ pub(crate) fn decide(policy: &Policy, req: &DecisionRequest<'_>, today: Date) ->
     if let Err(reason) = precheck(policy, req) {
         return Decision::Deny(reason);
     }
+    decide_among(
+        policy,
+        req,
+        policy.grants_for(req.agency, req.provider, req.service),
+        today,
+    )
+}
+
+/// The decision the agency's shadow grants for the requested service would
+/// give, or `None` when it has none: shadow grants of a service stand in for
+/// all of its enforced grants, so a change is previewed whole.
+pub(crate) fn decide_shadow(
+    policy: &Policy,
+    req: &DecisionRequest<'_>,
+    today: Date,
+) -> Option<Decision> {
+    let grants = policy.service_grants(req.agency, req.provider, req.service)?;
+    if grants.shadow.is_empty() {
+        return None;
+    }
+    Some(match precheck(policy, req) {
+        Err(reason) => Decision::Deny(reason),
+        Ok(()) => decide_among(policy, req, &grants.shadow, today),
+    })
+}
+
+/// The first of the given grants that allows the request, else the most specific refusal.
+fn decide_among(
+    policy: &Policy,
+    req: &DecisionRequest<'_>,
+    grants: &[usize],
+    today: Date,
+) -> Decision {
     let Some(agency) = policy.agency(req.agency) else {
         return Decision::Deny(DenyReason::UnknownAgency);
     };
     let mut best = DenyReason::NoGrant;
-    for grant in policy
-        .grants_for(req.agency, req.provider, req.service)
-        .iter()
-        .filter_map(|&i| agency.grants.get(i))
-    {
+    for grant in grants.iter().filter_map(|&i| agency.grants.get(i)) {
         match evaluate(grant, req, today) {
             Ok(purpose) => {
                 return Decision::Allow(Allow {
@@ -197,6 +228,7 @@ pub(crate) fn decide(policy: &Policy, req: &DecisionRequest<'_>, today: Date) ->
                     fields: Arc::clone(&grant.fields),
                     consent_required: grant.consent_required,
                     legal_basis: Arc::clone(&purpose.legal_basis),
+                    restricted: grant.restricted,
                 });
             }
             Err(reason) if reason.rank() > best.rank() => best = reason,
@@ -252,30 +284,53 @@ pub(crate) fn explain(policy: &Policy, req: &DecisionRequest<'_>, today: Date) -
             }
         }
     }
-    match decide(policy, req, today) {
-        Decision::Allow(a) => {
-            let _ = writeln!(
-                out,
-                "decision: ALLOW by {} — fields [{}]{}",
-                a.grant,
-                a.fields.paths().join(", "),
-                if a.consent_required {
-                    ", subject's consent required"
-                } else {
-                    ""
-                }
-            );
-        }
-        Decision::Deny(reason) => {
-            let _ = writeln!(
-                out,
-                "decision: DENY {} — {}",
-                reason.code(),
-                reason.detail()
-            );
-        }
+    let _ = write!(out, "decision: ");
+    describe(&mut out, policy, req.agency, &decide(policy, req, today));
+    if let Some(shadow) = decide_shadow(policy, req, today) {
+        let _ = write!(out, "shadow decision (not enforced): ");
+        describe(&mut out, policy, req.agency, &shadow);
     }
     out
+}
+
+/// One decision in words: the grant and where it is written, the fields, the conditions.
+fn describe(out: &mut String, policy: &Policy, agency: &str, decision: &Decision) {
+    match decision {
+        Decision::Allow(a) => {
+            let grant = policy
+                .agency(agency)
+                .and_then(|ag| ag.grants.iter().find(|g| g.id == a.grant));
+            let location = grant.map_or(String::new(), |g| format!(" ({})", g.location));
+            let _ = writeln!(out, "ALLOW by {}{location}", a.grant);
+            let _ = writeln!(out, "  fields released: {}", a.fields.paths().join(", "));
+            let mut limits = Vec::new();
+            if a.consent_required {
+                limits.push("the data subject's consent must be on record".to_owned());
+            }
+            if let Some(g) = grant {
+                if g.case_required {
+                    limits.push("the token must carry a case reference".to_owned());
+                }
+                if g.valid_from.is_some() || g.valid_until.is_some() {
+                    limits.push(format!(
+                        "valid {} to {}",
+                        g.valid_from.map_or("-".to_owned(), |d| d.to_string()),
+                        g.valid_until.map_or("-".to_owned(), |d| d.to_string())
+                    ));
+                }
+            }
+            if a.restricted {
+                limits.push("restricted records handling".to_owned());
+            }
+            if limits.is_empty() {
+                limits.push("none beyond the agency's rate limits".to_owned());
+            }
+            let _ = writeln!(out, "  limits: {}", limits.join("; "));
+        }
+        Decision::Deny(reason) => {
+            let _ = writeln!(out, "DENY {} — {}", reason.code(), reason.detail());
+        }
+    }
 }
 
 fn explain_grant(out: &mut String, grant: &Grant, req: &DecisionRequest<'_>, today: Date) {
@@ -283,12 +338,14 @@ fn explain_grant(out: &mut String, grant: &Grant, req: &DecisionRequest<'_>, tod
     let purposes: Vec<&str> = grant.purposes.iter().map(|p| &*p.code).collect();
     let _ = write!(
         out,
-        "  grant {} {}/{} [{}] for [{}]: ",
+        "  grant {} {}/{} [{}] for [{}]{} at {}: ",
         grant.id,
         grant.provider,
         grant.service,
         ops.join(", "),
-        purposes.join(", ")
+        purposes.join(", "),
+        if grant.shadow { " (shadow)" } else { "" },
+        grant.location,
     );
     let verdict = if grant.provider != req.provider || grant.service != req.service {
         "other service".to_owned()

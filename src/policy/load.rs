@@ -18,8 +18,8 @@ use time::Date;
 use toml::Spanned;
 
 use super::model::{
-    Agency, CertificateMatcher, Grant, GrantPurpose, Operation, Policy, Provider, Purpose, Service,
-    Upstream,
+    Agency, CertificateMatcher, Grant, GrantLocation, GrantPurpose, Operation, Policy, Provider,
+    Purpose, Service, ServiceGrants, Upstream,
 };
 use crate::minimise::FieldSet;
 
@@ -132,15 +132,19 @@ struct AgencyFile {
     name: Spanned<String>,
     certificate: Spanned<RawCertificate>,
     #[serde(default)]
-    grants: Vec<RawGrant>,
+    require_bound_tokens: bool,
+    #[serde(default)]
+    grants: Vec<Spanned<RawGrant>>,
 }
 
+/// Each matcher is a string or a list of strings, so a rotation can list the old and the new certificate.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCertificate {
-    uri_san: Option<Spanned<String>>,
-    #[serde(default)]
-    sha256: Vec<Spanned<String>>,
+    uri_san: Option<Spanned<toml::Value>>,
+    dns_san: Option<Spanned<toml::Value>>,
+    subject: Option<Spanned<toml::Value>>,
+    sha256: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -151,12 +155,15 @@ struct RawGrant {
     operations: Spanned<Vec<Spanned<Operation>>>,
     purposes: Spanned<Vec<Spanned<String>>>,
     fields: Spanned<Vec<Spanned<String>>>,
-    #[serde(default)]
-    consent: Consent,
+    consent: Option<Spanned<Consent>>,
     #[serde(default)]
     case_required: bool,
     valid_from: Option<Spanned<toml::Value>>,
     valid_until: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    shadow: bool,
+    #[serde(default)]
+    restricted: bool,
 }
 
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -300,11 +307,23 @@ fn version_of(sources: &[Source]) -> String {
     hex
 }
 
+/// Each file's relative path and the hex SHA-256 of its contents, for reload audit events.
+fn file_hashes(sources: &[Source]) -> Vec<(String, String)> {
+    sources
+        .iter()
+        .map(|s| {
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.text.as_bytes());
+            (s.rel.clone(), hex::encode(digest.as_ref()))
+        })
+        .collect()
+}
+
 /// Loads, parses and validates the policy directory; reports every problem at once.
 pub(crate) fn load(dir: &Path) -> Result<Policy, PolicyErrors> {
     let mut errors = Vec::new();
     let sources = read_sources(dir, &mut errors);
     let version = version_of(&sources);
+    let files = file_hashes(&sources);
 
     let find = |rel: &str| sources.iter().find(|s| s.rel == rel);
     let purposes = find(PURPOSES_FILE).and_then(|src| {
@@ -325,7 +344,23 @@ pub(crate) fn load(dir: &Path) -> Result<Policy, PolicyErrors> {
             // Without a vocabulary or providers table, reference checks would only repeat that error.
             _ => None,
         };
+        let id_span = file.id.span();
         let agency = validate_agency(src, file, refs, &mut certs, &mut errors);
+        if let Some(first) = agencies.get(&agency.id) {
+            let first: &Agency = first;
+            let (line, column) = line_column(&src.text, id_span.start);
+            errors.push(PolicyError {
+                file: src.shown.clone(),
+                line,
+                column,
+                message: format!(
+                    "duplicate agency id {:?}: {} already defines it",
+                    agency.id,
+                    first.file.display()
+                ),
+            });
+            continue;
+        }
         agencies.insert(agency.id.clone(), agency);
     }
 
@@ -337,36 +372,45 @@ pub(crate) fn load(dir: &Path) -> Result<Policy, PolicyErrors> {
         // Unreachable in practice: a missing file is an error above. Fail closed regardless.
         return Err(PolicyErrors(vec![whole_file(dir, "policy incomplete")]));
     };
-    Ok(build(version, purposes, providers, agencies, certs))
+    Ok(build(version, files, purposes, providers, agencies, certs))
 }
 
 fn build(
     version: String,
+    files: Vec<(String, String)>,
     purposes: BTreeMap<String, Purpose>,
     providers: BTreeMap<String, Provider>,
     agencies: BTreeMap<String, Agency>,
     certs: CertificateOwners,
 ) -> Policy {
-    let mut index: HashMap<String, HashMap<String, HashMap<String, Vec<usize>>>> = HashMap::new();
+    let mut index: HashMap<String, HashMap<String, HashMap<String, ServiceGrants>>> =
+        HashMap::new();
     for agency in agencies.values() {
         let by_provider = index.entry(agency.id.clone()).or_default();
         for (i, grant) in agency.grants.iter().enumerate() {
-            by_provider
+            let entry = by_provider
                 .entry(grant.provider.clone())
                 .or_default()
                 .entry(grant.service.clone())
-                .or_default()
-                .push(i);
+                .or_default();
+            if grant.shadow {
+                entry.shadow.push(i);
+            } else {
+                entry.enforced.push(i);
+            }
         }
     }
     let strip =
         |m: HashMap<String, (String, PathBuf)>| m.into_iter().map(|(k, (id, _))| (k, id)).collect();
     Policy {
         version,
+        files,
         purposes,
         providers,
         agencies,
         by_uri_san: strip(certs.uri_san),
+        by_dns_san: strip(certs.dns_san),
+        by_subject: strip(certs.subject),
         by_sha256: strip(certs.sha256),
         index,
     }
@@ -576,6 +620,8 @@ fn validate_providers(
 #[derive(Default)]
 struct CertificateOwners {
     uri_san: HashMap<String, (String, PathBuf)>,
+    dns_san: HashMap<String, (String, PathBuf)>,
+    subject: HashMap<String, (String, PathBuf)>,
     sha256: HashMap<String, (String, PathBuf)>,
 }
 
@@ -668,17 +714,16 @@ fn validate_agency(
     let cert_span = file.certificate.span();
     let cert = file.certificate.into_inner();
     let mut certificate = CertificateMatcher::default();
-    if let Some(san) = &cert.uri_san {
-        let value = san.get_ref();
+    for (value, span) in strings(&mut r, "uri_san", cert.uri_san.as_ref()) {
         if value.trim().is_empty() {
-            r.at(san.span(), "uri_san must not be empty");
+            r.at(span, "uri_san must not be empty");
         } else if let Some(named) = value
             .strip_prefix("urn:karibche:agency:")
             .filter(|n| *n != id)
         {
             // Catches a file copied from another agency with its certificate left unchanged.
             r.at(
-                san.span(),
+                span,
                 format!("uri_san names agency {named:?}, but this file is agency {id:?}"),
             );
         } else {
@@ -687,32 +732,70 @@ fn validate_agency(
                 &mut certs.uri_san,
                 value.clone(),
                 &id,
-                san.span(),
+                span,
                 "certificate URI SAN",
             );
-            certificate.uri_san = Some(value.clone());
+            certificate.uri_san.push(value);
         }
     }
-    for fp in &cert.sha256 {
-        match normalise_fingerprint(fp.get_ref()) {
+    for (value, span) in strings(&mut r, "dns_san", cert.dns_san.as_ref()) {
+        let value = value.to_ascii_lowercase();
+        if value.trim().is_empty() || value.contains(char::is_whitespace) {
+            r.at(span, "dns_san must be a DNS name");
+        } else {
+            claim(
+                &mut r,
+                &mut certs.dns_san,
+                value.clone(),
+                &id,
+                span,
+                "certificate DNS SAN",
+            );
+            certificate.dns_san.push(value);
+        }
+    }
+    for (value, span) in strings(&mut r, "subject", cert.subject.as_ref()) {
+        if !value.contains('=') {
+            r.at(
+                span,
+                format!("subject {value:?} must be a distinguished name like \"CN=psda, O=Government of Georgia\""),
+            );
+        } else {
+            claim(
+                &mut r,
+                &mut certs.subject,
+                value.clone(),
+                &id,
+                span,
+                "certificate subject",
+            );
+            certificate.subject.push(value);
+        }
+    }
+    for (value, span) in strings(&mut r, "sha256", cert.sha256.as_ref()) {
+        match normalise_fingerprint(&value) {
             Some(hex) => {
                 claim(
                     &mut r,
                     &mut certs.sha256,
                     hex.clone(),
                     &id,
-                    fp.span(),
+                    span,
                     "certificate fingerprint",
                 );
                 certificate.sha256.push(hex);
             }
-            None => r.at(fp.span(), "sha256 must be 64 hex digits (colons allowed)"),
+            None => r.at(span, "sha256 must be 64 hex digits (colons allowed)"),
         }
     }
-    if cert.uri_san.is_none() && cert.sha256.is_empty() {
+    if cert.uri_san.is_none()
+        && cert.dns_san.is_none()
+        && cert.subject.is_none()
+        && cert.sha256.is_none()
+    {
         r.at(
             cert_span,
-            "certificate needs uri_san or sha256 (at least one matcher)",
+            "certificate needs uri_san, dns_san, subject or sha256 (at least one matcher)",
         );
     }
 
@@ -720,16 +803,62 @@ fn validate_agency(
     // Spans of each grant's purposes list, for pointing overlap errors at the later grant.
     let mut purpose_spans = Vec::with_capacity(file.grants.len());
     for (index, g) in file.grants.into_iter().enumerate() {
+        let (line, _) = line_column(&src.text, g.span().start);
+        let location = GrantLocation {
+            file: src.shown.clone(),
+            line,
+        };
+        let g = g.into_inner();
         purpose_spans.push(g.purposes.span());
-        grants.push(validate_grant(&mut r, &id, index, g, refs));
+        grants.push(validate_grant(&mut r, &id, index, g, refs, location));
     }
-    check_overlaps(&mut r, &grants, &purpose_spans);
+    // Shadow grants stand in for the enforced grants of their service, so
+    // each set must be free of contradictions on its own.
+    check_overlaps(&mut r, &grants, &purpose_spans, false);
+    check_overlaps(&mut r, &grants, &purpose_spans, true);
 
     Agency {
         id,
         name: file.name.into_inner(),
         certificate,
+        require_bound_tokens: file.require_bound_tokens,
+        file: src.shown.clone(),
         grants,
+    }
+}
+
+/// The strings of a matcher given as one string or a list of strings, each with the value's span.
+fn strings(
+    r: &mut Reporter<'_>,
+    key: &str,
+    value: Option<&Spanned<toml::Value>>,
+) -> Vec<(String, Range<usize>)> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let span = value.span();
+    match value.get_ref() {
+        toml::Value::String(s) => vec![(s.clone(), span)],
+        toml::Value::Array(items) if !items.is_empty() => {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    toml::Value::String(s) => out.push((s.clone(), span.clone())),
+                    _ => {
+                        r.at(span, format!("{key} must be a string or a list of strings"));
+                        return Vec::new();
+                    }
+                }
+            }
+            out
+        }
+        _ => {
+            r.at(
+                span,
+                format!("{key} must be a string or a non-empty list of strings"),
+            );
+            Vec::new()
+        }
     }
 }
 
@@ -739,6 +868,7 @@ fn validate_grant(
     index: usize,
     g: RawGrant,
     refs: Option<Refs<'_>>,
+    location: GrantLocation,
 ) -> Grant {
     let provider_id = g.provider.get_ref();
     let service_id = g.service.get_ref();
@@ -884,6 +1014,26 @@ fn validate_grant(
         }
     }
 
+    let consent_required = g
+        .consent
+        .as_ref()
+        .is_some_and(|c| *c.get_ref() == Consent::Required);
+    if let (Some(consent), Some(collection)) = (
+        g.consent.as_ref().filter(|_| consent_required),
+        service
+            .filter(|_| operations.contains(&Operation::Read))
+            .and_then(|s| s.collection.as_deref()),
+    ) {
+        // Consent is given by one person; a search answers with a list
+        // ("collection") of many, whose consents cannot all be checked.
+        r.at(
+            consent.span(),
+            format!(
+                "consent = \"required\" on {provider_id}/{service_id}, a search that returns many subjects (list key {collection:?}): consent is per subject and cannot be checked for a list"
+            ),
+        );
+    }
+
     Grant {
         id: Arc::from(format!("{agency}#{index}")),
         provider: provider_id.clone(),
@@ -891,18 +1041,29 @@ fn validate_grant(
         operations,
         purposes,
         fields: Arc::new(FieldSet::from_paths(&paths)),
-        consent_required: g.consent == Consent::Required,
+        consent_required,
         case_required: g.case_required,
         valid_from,
         valid_until,
+        shadow: g.shadow,
+        restricted: g.restricted,
+        location,
     }
 }
 
 /// Two grants that could both decide one request make the outcome depend on
 /// file order; refuse them unless their validity periods are disjoint.
-fn check_overlaps(r: &mut Reporter<'_>, grants: &[Grant], purpose_spans: &[Range<usize>]) {
+fn check_overlaps(
+    r: &mut Reporter<'_>,
+    grants: &[Grant],
+    purpose_spans: &[Range<usize>],
+    shadow: bool,
+) {
     for (j, later) in grants.iter().enumerate() {
         for (i, earlier) in grants.iter().enumerate().take(j) {
+            if earlier.shadow != shadow || later.shadow != shadow {
+                continue;
+            }
             if earlier.provider != later.provider || earlier.service != later.service {
                 continue;
             }
@@ -935,7 +1096,8 @@ fn check_overlaps(r: &mut Reporter<'_>, grants: &[Grant], purpose_spans: &[Range
             r.at(
                 span,
                 format!(
-                    "grant #{j} overlaps grant #{i} ({}/{}, {op}, {}) while both are valid: merge them or give them disjoint validity dates",
+                    "{}grant #{j} overlaps grant #{i} ({}/{}, {op}, {}) while both are valid: merge them or give them disjoint validity dates",
+                    if shadow { "shadow " } else { "" },
                     later.provider, later.service, purpose.code
                 ),
             );

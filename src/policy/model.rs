@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -15,16 +16,31 @@ use crate::minimise::FieldSet;
 #[derive(Debug)]
 pub struct Policy {
     pub(crate) version: String,
+    /// Each policy file's relative path and the hex SHA-256 of its contents, in path order.
+    pub(crate) files: Vec<(String, String)>,
     pub(crate) purposes: BTreeMap<String, Purpose>,
     pub(crate) providers: BTreeMap<String, Provider>,
     pub(crate) agencies: BTreeMap<String, Agency>,
     /// URI SAN → agency id, for the per-connection certificate lookup.
     pub(crate) by_uri_san: HashMap<String, String>,
+    /// DNS SAN → agency id.
+    pub(crate) by_dns_san: HashMap<String, String>,
+    /// Subject DN (RFC 4514 text as x509-parser prints it) → agency id.
+    pub(crate) by_subject: HashMap<String, String>,
     /// Lowercase hex SHA-256 fingerprint → agency id.
     pub(crate) by_sha256: HashMap<String, String>,
-    /// agency → provider → service → indexes into that agency's grants, in file order.
+    /// agency → provider → service → that agency's grants for it.
     /// Nested so a lookup takes `&str` keys and allocates nothing.
-    pub(crate) index: HashMap<String, HashMap<String, HashMap<String, Vec<usize>>>>,
+    pub(crate) index: HashMap<String, HashMap<String, HashMap<String, ServiceGrants>>>,
+}
+
+/// The grants of one agency for one service, as indexes into [`Agency::grants`] in file order.
+#[derive(Debug, Default)]
+pub(crate) struct ServiceGrants {
+    /// The grants in force (not shadow).
+    pub(crate) enforced: Vec<usize>,
+    /// The grants marked `shadow = true`: what the service's grants would be if the change were switched on.
+    pub(crate) shadow: Vec<usize>,
 }
 
 impl Policy {
@@ -43,33 +59,41 @@ impl Policy {
         self.agencies.get(id)
     }
 
-    /// The agency whose certificate matcher matches a client certificate's URI SANs or SHA-256 fingerprint.
+    /// The agency whose certificate matchers match a verified client certificate.
     ///
-    /// Fails closed: if the URI SAN and the fingerprint point at different
+    /// Any one matcher (URI SAN, DNS SAN, subject, fingerprint) is enough.
+    /// Fails closed: if the certificate's facts point at two different
     /// agencies, no agency is returned.
-    pub fn agency_for_certificate(&self, uri_sans: &[String], sha256_hex: &str) -> Option<&Agency> {
-        let by_fingerprint = if sha256_hex.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.by_sha256.get(&sha256_hex.to_ascii_lowercase())
-        } else {
-            self.by_sha256.get(sha256_hex)
-        };
-        let mut found: Option<&String> = by_fingerprint;
-        for san in uri_sans {
-            if let Some(id) = self.by_uri_san.get(san) {
-                match found {
-                    Some(other) if other != id => {
-                        tracing::warn!(
-                            agency_a = %other,
-                            agency_b = %id,
-                            "client certificate matches two agencies; refusing it"
-                        );
-                        return None;
-                    }
-                    _ => found = Some(id),
+    pub fn agency_for_certificate(&self, cert: &crate::identity::PeerCert) -> Option<&Agency> {
+        let candidates = std::iter::once(get_lowercase(&self.by_sha256, &cert.sha256))
+            .chain(cert.uri_sans.iter().map(|s| self.by_uri_san.get(s)))
+            .chain(
+                cert.dns_sans
+                    .iter()
+                    .map(|s| get_lowercase(&self.by_dns_san, s)),
+            )
+            .chain(std::iter::once(self.by_subject.get(&cert.subject)))
+            .flatten();
+        let mut found: Option<&String> = None;
+        for id in candidates {
+            match found {
+                Some(other) if other != id => {
+                    tracing::warn!(
+                        agency_a = %other,
+                        agency_b = %id,
+                        "client certificate matches two agencies; refusing it"
+                    );
+                    return None;
                 }
+                _ => found = Some(id),
             }
         }
         found.and_then(|id| self.agencies.get(id))
+    }
+
+    /// Each policy file (relative path) with the hex SHA-256 of its contents, in path order.
+    pub fn files(&self) -> &[(String, String)] {
+        &self.files
     }
 
     /// The provider with this id.
@@ -99,11 +123,30 @@ impl Policy {
 
     /// Indexes of the agency's grants for one provider's service, in file order (empty if none).
     pub(crate) fn grants_for(&self, agency: &str, provider: &str, service: &str) -> &[usize] {
+        self.service_grants(agency, provider, service)
+            .map_or(&[], |g| g.enforced.as_slice())
+    }
+
+    /// The agency's grants for one service, enforced and shadow.
+    pub(crate) fn service_grants(
+        &self,
+        agency: &str,
+        provider: &str,
+        service: &str,
+    ) -> Option<&ServiceGrants> {
         self.index
             .get(agency)
             .and_then(|p| p.get(provider))
             .and_then(|s| s.get(service))
-            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Looks `key` up case-insensitively in a map with lowercase keys, allocating only when `key` has uppercase.
+fn get_lowercase<'m>(map: &'m HashMap<String, String>, key: &str) -> Option<&'m String> {
+    if key.bytes().any(|b| b.is_ascii_uppercase()) {
+        map.get(&key.to_ascii_lowercase())
+    } else {
+        map.get(key)
     }
 }
 
@@ -114,17 +157,25 @@ pub struct Agency {
     pub id: String,
     /// Full name.
     pub name: String,
-    /// Which client certificate is this agency's.
+    /// Which client certificates are this agency's (several during a rotation).
     pub certificate: CertificateMatcher,
+    /// Whether officers' tokens must be bound to the client certificate (`cnf.x5t#S256`); default false.
+    pub require_bound_tokens: bool,
+    /// The policy file the agency was read from.
+    pub file: PathBuf,
     /// The grants, in file order; a grant's index is its position here.
     pub grants: Vec<Grant>,
 }
 
-/// Identifies an agency's client certificate; either matcher matching is enough.
+/// Identifies an agency's client certificates; any one matcher matching is enough.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CertificateMatcher {
-    /// A URI subject alternative name, e.g. `urn:karibche:agency:psda`.
-    pub uri_san: Option<String>,
+    /// URI subject alternative names, e.g. `urn:karibche:agency:psda`.
+    pub uri_san: Vec<String>,
+    /// DNS subject alternative names, lowercase.
+    pub dns_san: Vec<String>,
+    /// Subject distinguished names, exactly as x509-parser prints them (RFC 4514 style).
+    pub subject: Vec<String>,
     /// Pinned certificate fingerprints, lowercase hex without separators.
     pub sha256: Vec<String>,
 }
@@ -152,6 +203,27 @@ pub struct Grant {
     pub valid_from: Option<Date>,
     /// Last day the grant applies (inclusive), if limited.
     pub valid_until: Option<Date>,
+    /// A proposed grant: decided and recorded as the shadow decision, never enforced.
+    pub shadow: bool,
+    /// Released only under the stricter handling of restricted records (issue 9); default false.
+    pub restricted: bool,
+    /// Where the grant is written: its policy file and the 1-based line of its `[[grants]]` header.
+    pub location: GrantLocation,
+}
+
+/// Where a grant is written, for `policy explain` and warnings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GrantLocation {
+    /// The policy file.
+    pub file: PathBuf,
+    /// 1-based line of the grant's first key.
+    pub line: usize,
+}
+
+impl fmt::Display for GrantLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
 }
 
 impl Grant {

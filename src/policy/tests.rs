@@ -266,18 +266,26 @@ fn unknown_names_are_denied_first() {
     );
 }
 
+fn peer(uri: &[&str], sha256: &str) -> crate::identity::PeerCert {
+    crate::identity::PeerCert {
+        sha256: sha256.to_owned(),
+        uri_sans: uri.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn certificates_map_to_agencies() {
     let p = real();
-    let sans = vec!["urn:karibche:agency:psda".to_owned()];
     assert_eq!(
-        p.agency_for_certificate(&sans, "00").map(|a| a.id.as_str()),
+        p.agency_for_certificate(&peer(&["urn:karibche:agency:psda"], "00"))
+            .map(|a| a.id.as_str()),
         Some("psda")
     );
     assert!(p
-        .agency_for_certificate(&["urn:karibche:agency:nobody".to_owned()], "00")
+        .agency_for_certificate(&peer(&["urn:karibche:agency:nobody"], "00"))
         .is_none());
-    assert!(p.agency_for_certificate(&[], "").is_none());
+    assert!(p.agency_for_certificate(&peer(&[], "")).is_none());
 
     let fp = "ab".repeat(32);
     let dir = temp_policy(&[
@@ -295,18 +303,56 @@ fn certificates_map_to_agencies() {
     ]);
     let p = Policy::load(dir.path()).unwrap();
     assert_eq!(
-        p.agency_for_certificate(&[], &fp).map(|a| a.id.as_str()),
+        p.agency_for_certificate(&peer(&[], &fp))
+            .map(|a| a.id.as_str()),
         Some("a")
     );
     assert_eq!(
-        p.agency_for_certificate(&[], &fp.to_uppercase())
+        p.agency_for_certificate(&peer(&[], &fp.to_uppercase()))
             .map(|a| a.id.as_str()),
         Some("a")
     );
     // A certificate that two agencies' matchers point at is nobody's.
     assert!(p
-        .agency_for_certificate(&["urn:karibche:agency:b".to_owned()], &fp)
+        .agency_for_certificate(&peer(&["urn:karibche:agency:b"], &fp))
         .is_none());
+}
+
+#[test]
+fn rotation_dns_and_subject_matchers() {
+    let old_fp = "01".repeat(32);
+    let new_fp = "02".repeat(32);
+    let a = format!(
+        "id = \"a\"\nname = \"A\"\nrequire_bound_tokens = true\n[certificate]\n\
+         uri_san = [\"urn:karibche:agency:a\", \"urn:ministry:a:2027\"]\n\
+         dns_san = \"A.Gov.ge\"\nsha256 = [\"{old_fp}\", \"{new_fp}\"]\n"
+    );
+    let b =
+        "id = \"b\"\nname = \"B\"\n[certificate]\nsubject = \"CN=b, O=Government of Georgia\"\n";
+    let dir = temp_policy(&[("a.toml", &a), ("b.toml", b)]);
+    let p = Policy::load(dir.path()).unwrap();
+    let id = |c: &crate::identity::PeerCert| p.agency_for_certificate(c).map(|a| a.id.clone());
+    assert_eq!(id(&peer(&[], &old_fp)).as_deref(), Some("a"));
+    assert_eq!(id(&peer(&[], &new_fp)).as_deref(), Some("a"));
+    assert_eq!(
+        id(&peer(&["urn:ministry:a:2027"], "00")).as_deref(),
+        Some("a")
+    );
+    let mut dns = peer(&[], "00");
+    dns.dns_sans = vec!["a.gov.GE".into()];
+    assert_eq!(id(&dns).as_deref(), Some("a"));
+    let mut subject = peer(&[], "00");
+    subject.subject = "CN=b, O=Government of Georgia".into();
+    assert_eq!(id(&subject).as_deref(), Some("b"));
+    subject.subject = "CN=b,O=Government of Georgia".into();
+    assert_eq!(id(&subject), None, "subjects match exactly");
+    // Facts pointing at two agencies: nobody's.
+    let mut both = peer(&[], &old_fp);
+    both.subject = "CN=b, O=Government of Georgia".into();
+    assert_eq!(id(&both), None);
+    assert!(p.agency("a").unwrap().require_bound_tokens);
+    assert!(!p.agency("b").unwrap().require_bound_tokens);
+    assert_eq!(p.agency("a").unwrap().certificate.sha256.len(), 2);
 }
 
 #[test]
@@ -391,7 +437,7 @@ fields = []
     let expected = [
         "agencies/geostat.toml:4:11: uri_san names agency \"psda\", but this file is agency \"geostat\"",
         "agencies/misnamed.toml:1:6: agency id \"wrong\" does not match the file name \"misnamed\".toml",
-        "agencies/misnamed.toml:3:1: certificate needs uri_san or sha256 (at least one matcher)",
+        "agencies/misnamed.toml:3:1: certificate needs uri_san, dns_san, subject or sha256 (at least one matcher)",
         "agencies/other2.toml:4:11: certificate URI SAN \"urn:x:shared\" is already agency \"other\"'s",
         "agencies/psda.toml:10:23: operation \"write\" is not supported by registry/persons (supports: read)",
         "agencies/psda.toml:11:39: unknown purpose \"residence-review\" (known: asylum-procedure, border-control,",
@@ -409,6 +455,99 @@ fields = []
     for (got, want) in errors.iter().zip(expected) {
         assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
     }
+}
+
+#[test]
+fn certificate_shadow_and_key_mistakes_are_reported_with_their_position() {
+    let head = |id: &str| format!("id = \"{id}\"\nname = \"N\"\n");
+    let typo = format!(
+        "{}[certificate]\nuri_san = \"urn:karibche:agency:typo\"\n{}",
+        head("typo"),
+        GOOD_GRANT.replace("fields =", "feilds =")
+    );
+    let dns1 = format!(
+        "{}[certificate]\ndns_san = \"gw.psda.gov.ge\"\n",
+        head("dns1")
+    );
+    let dns2 = format!(
+        "{}[certificate]\ndns_san = [\"GW.psda.gov.ge\"]\n",
+        head("dns2")
+    );
+    let badcert = format!(
+        "{}[certificate]\nuri_san = 42\nsubject = \"psda\"\nsha256 = \"xyz\"\n",
+        head("badcert")
+    );
+    let shadow = format!(
+        "{}[certificate]\nuri_san = \"urn:karibche:agency:shadow\"\n{GOOD_GRANT}{GOOD_GRANT}shadow = true\n{GOOD_GRANT}shadow = true\n",
+        head("shadow")
+    );
+    let dup = format!("{}[certificate]\nuri_san = \"urn:x:dup\"\n", head("dup"));
+    let dup2 = format!("{}[certificate]\nuri_san = \"urn:x:dup2\"\n", head("dup"));
+    let dir = temp_policy(&[
+        ("typo.toml", &typo),
+        ("dns1.toml", &dns1),
+        ("dns2.toml", &dns2),
+        ("badcert.toml", &badcert),
+        ("shadow.toml", &shadow),
+        ("dup.toml", &dup),
+        ("dup2.toml", &dup2),
+    ]);
+    let errors = errors_of(dir.path());
+    let expected = [
+        "agencies/badcert.toml:4:11: uri_san must be a string or a non-empty list of strings",
+        "agencies/badcert.toml:5:11: subject \"psda\" must be a distinguished name",
+        "agencies/badcert.toml:6:10: sha256 must be 64 hex digits",
+        "agencies/dns2.toml:4:11: certificate DNS SAN \"gw.psda.gov.ge\" is already agency \"dns1\"'s",
+        "agencies/dup2.toml:1:6: agency id \"dup\" does not match the file name \"dup2\".toml",
+        "agencies/dup2.toml:1:6: duplicate agency id \"dup\": ",
+        "agencies/shadow.toml:25:12: shadow grant #2 overlaps grant #1 (registry/persons, read, border-control)",
+        "agencies/typo.toml:11:1: unknown field `feilds`, expected one of",
+    ];
+    assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    for (got, want) in errors.iter().zip(expected) {
+        assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
+    }
+}
+
+#[test]
+fn shadow_grants_are_decided_apart_and_never_enforced() {
+    let head = "id = \"a\"\nname = \"A\"\n[certificate]\nuri_san = \"urn:karibche:agency:a\"\n";
+    // Enforced: names for border control. Proposed: names and visas, and a new purpose.
+    let proposed = r#"
+[[grants]]
+provider = "registry"
+service = "persons"
+operations = ["read"]
+purposes = ["border-control", "visa-decision"]
+fields = ["names", "visas"]
+shadow = true
+"#;
+    let dir = temp_policy(&[("a.toml", &format!("{head}{GOOD_GRANT}{proposed}"))]);
+    let p = Policy::load(dir.path()).unwrap();
+    let border = req("a", "persons", Operation::Read, "border-control");
+    let visa = req("a", "persons", Operation::Read, "visa-decision");
+    assert_eq!(allow(p.decide(&border, TODAY)).fields.paths(), ["names"]);
+    assert_eq!(
+        p.decide(&visa, TODAY).deny_reason(),
+        Some(DenyReason::PurposeNotAllowed)
+    );
+    let shadow = allow(p.decide_shadow(&border, TODAY).unwrap());
+    assert_eq!(&*shadow.grant, "a#1");
+    assert_eq!(shadow.fields.paths(), ["names", "visas"]);
+    assert!(matches!(
+        p.decide_shadow(&visa, TODAY),
+        Some(Decision::Allow(_))
+    ));
+    // No shadow grant for a service: no shadow decision.
+    assert!(p
+        .decide_shadow(
+            &req("a", "crossings", Operation::Write, "border-control"),
+            TODAY
+        )
+        .is_none());
+    assert!(p
+        .explain(&visa, TODAY)
+        .contains("shadow decision (not enforced): ALLOW by a#1"));
 }
 
 #[test]
@@ -510,6 +649,20 @@ fn consent_flag_and_legal_basis_reach_the_decision() {
         "id = \"a\"\nname = \"A\"\n[certificate]\nuri_san = \"urn:karibche:agency:a\"\n{GOOD_GRANT}consent = \"required\"\n"
     );
     let dir = temp_policy(&[("a.toml", &text)]);
+    // Consent is per subject: refused on a service that answers searches with lists…
+    let errors = errors_of(dir.path());
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("agencies/a.toml:12:11: consent = \"required\" on registry/persons, a search that returns many subjects"),
+        "{errors:#?}"
+    );
+    // …and accepted on one that answers one record at a time.
+    let providers = std::fs::read_to_string(dir.path().join(PROVIDERS_FILE)).unwrap();
+    std::fs::write(
+        dir.path().join(PROVIDERS_FILE),
+        providers.replace("collection = \"results\"\n", ""),
+    )
+    .unwrap();
     let p = Policy::load(dir.path()).unwrap();
     let a = allow(p.decide(
         &req("a", "persons", Operation::Read, "border-control"),
@@ -546,7 +699,11 @@ fn explain_accounts_for_every_grant() {
         TODAY,
     );
     assert!(
-        text.contains("mia-border#0 registry/persons [read] for [border-control]: other service"),
+        text.contains("mia-border#0 registry/persons [read] for [border-control] at "),
+        "{text}"
+    );
+    assert!(
+        text.contains("agencies/mia-border.toml:12: other service"),
         "{text}"
     );
     assert!(
@@ -615,4 +772,183 @@ fn typos_in_values_are_parse_errors_with_positions() {
         assert_eq!(errors.len(), 1, "{errors:#?}");
         assert!(errors[0].starts_with(at), "{errors:#?}");
     }
+}
+
+#[test]
+fn committed_schema_is_current() {
+    let committed = std::fs::read_to_string(repo_policies().join("schema.json")).unwrap();
+    assert!(
+        committed == schema(),
+        "policies/schema.json is stale: run `karibche policy schema > policies/schema.json`"
+    );
+    let v: serde_json::Value = serde_json::from_str(&committed).unwrap();
+    assert_eq!(v["$schema"], "https://json-schema.org/draft/2020-12/schema");
+    for key in ["require_bound_tokens", "certificate", "grants"] {
+        assert!(v["properties"].get(key).is_some(), "{key}");
+    }
+    for key in [
+        "provider",
+        "fields",
+        "consent",
+        "case_required",
+        "valid_until",
+        "shadow",
+        "restricted",
+    ] {
+        assert!(
+            v["$defs"]["grant"]["properties"].get(key).is_some(),
+            "{key}"
+        );
+    }
+    for key in ["uri_san", "dns_san", "subject", "sha256"] {
+        assert!(
+            v["$defs"]["certificate"]["properties"].get(key).is_some(),
+            "{key}"
+        );
+    }
+    for def in ["providers_file", "purposes_file", "cases_file"] {
+        assert!(v["$defs"].get(def).is_some(), "{def}");
+    }
+}
+
+#[test]
+fn the_shipped_policy_tests_pass() {
+    let report = run_cases(&real(), &repo_policies(), TODAY).unwrap();
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+    assert!(report.passed >= 20, "{}", report.passed);
+}
+
+/// Copies the repository's policies (and their tests) into a temporary directory.
+fn copy_policies() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["", AGENCIES_DIR, CASES_DIR] {
+        let from = repo_policies().join(sub);
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        for e in std::fs::read_dir(&from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), dir.path().join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    dir
+}
+
+#[test]
+fn policy_tests_fail_when_a_change_breaks_an_expected_decision() {
+    let dir = copy_policies();
+    let file = dir.path().join(AGENCIES_DIR).join("molhsa.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    // A well-meant edit: the labour ministry "also needs" the documents.
+    std::fs::write(
+        &file,
+        text.replace("\"work_permits\",", "\"work_permits\", \"documents\","),
+    )
+    .unwrap();
+    let ssg = dir.path().join(AGENCIES_DIR).join("ssg.toml");
+    let text = std::fs::read_to_string(&ssg).unwrap();
+    std::fs::write(&ssg, text.replace("case_required = true\n", "")).unwrap();
+    let p = Policy::load(dir.path()).unwrap();
+    let report = run_cases(&p, dir.path(), TODAY).unwrap();
+    let failures: Vec<String> = report.failures.iter().map(ToString::to_string).collect();
+    assert_eq!(failures.len(), 2, "{failures:#?}");
+    assert!(failures[0].contains("access.toml:") && failures[0].contains("FAIL Labour ministry reviews a work permit: fields differ: released but not expected [documents]"), "{failures:#?}");
+    assert!(
+        failures[1].contains("denials.toml:")
+            && failures[1].contains("expected deny (case_required), got allow by ssg#0"),
+        "{failures:#?}"
+    );
+    assert!(!report.ok());
+
+    // A malformed case file is an error with its position, not a silent pass.
+    std::fs::write(
+        dir.path().join(CASES_DIR).join("bad.toml"),
+        "[[cases]]\nname = \"x\"\nagency = \"a\"\npurpose = \"p\"\npath = \"/v1/a/b\"\nexpect = \"maybe\"\n",
+    )
+    .unwrap();
+    let errors = run_cases(&p, dir.path(), TODAY).unwrap_err().to_string();
+    assert!(
+        errors.contains("bad.toml:6:10: unknown variant `maybe`"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn diff_says_what_each_agency_gains_and_loses() {
+    let dir = copy_policies();
+    let agencies = dir.path().join(AGENCIES_DIR);
+    let edit = |name: &str, from: &str, to: &str| {
+        let file = agencies.join(name);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains(from), "{name}: {from}");
+        std::fs::write(&file, text.replace(from, to)).unwrap();
+    };
+    edit(
+        "molhsa.toml",
+        "\"work_permits\",",
+        "\"work_permits\", \"documents\",",
+    );
+    edit(
+        "geostat.toml",
+        "\"crossings.point\", \"crossings.direction\",",
+        "",
+    );
+    edit("ssg.toml", "case_required = true\n", "");
+    edit(
+        "mia-border.toml",
+        "purposes = [\"border-control\"]\nfields = [\"id\", \"person_id\"",
+        "purposes = [\"border-control\", \"expulsion-procedure\"]\nfields = [\"id\", \"person_id\"",
+    );
+    std::fs::remove_file(agencies.join("psda.toml")).unwrap();
+    let old = real();
+    let new = Policy::load(dir.path()).unwrap();
+    let text = diff(&old, &new);
+    for want in [
+        "molhsa (Ministry of Labour, Health and Social Affairs of Georgia)\n  + when they read registry/persons for \"work-permit-review\", now also sees: documents",
+        "geostat (National Statistics Office of Georgia)\n  - when they read registry/persons for \"official-statistics\", no longer sees: crossings.direction, crossings.point",
+        "  + to read registry/persons for \"national-security-investigation\", a case reference is no longer required",
+        "  + may now write registry/crossings for \"expulsion-procedure\" and see: at, document_number, id, person_id, point, direction",
+        "psda (Public Service Development Agency, Ministry of Justice of Georgia): agency removed, loses all access\n  - may no longer read registry/persons for \"identity-documentation\"",
+    ] {
+        assert!(text.contains(want.split(" and see:").next().unwrap()), "missing {want:?} in\n{text}");
+    }
+    assert!(!text.contains("mfa-consular"), "{text}");
+    assert_eq!(diff(&old, &real()), "");
+}
+
+#[test]
+fn warnings_name_grants_no_one_can_use() {
+    let head = "id = \"a\"\nname = \"A\"\n[certificate]\nuri_san = \"urn:karibche:agency:a\"\n";
+    let dead = format!("{GOOD_GRANT}valid_until = 2025-12-31\n");
+    let empty = GOOD_GRANT
+        .replace("fields = [\"names\"]", "fields = []")
+        .replace("border-control", "visa-decision");
+    let dir = temp_policy(&[("a.toml", &format!("{head}{dead}{empty}"))]);
+    let p = Policy::load(dir.path()).unwrap();
+    let base = format!("{}/", dir.path().display());
+    let w: Vec<String> = warnings(&p, TODAY)
+        .iter()
+        .map(|w| w.to_string().replace(&base, ""))
+        .collect();
+    assert_eq!(
+        w,
+        [
+            "agencies/a.toml:6:1: grant a#0 expired on 2025-12-31: no request can use it any more; remove it",
+            "agencies/a.toml:14:1: grant a#1 reads but releases no fields: every answer under it is empty",
+        ]
+    );
+}
+
+#[test]
+fn gateway_paths_split_into_provider_and_service() {
+    assert_eq!(
+        split_gateway_path("/v1/registry/persons/1?x=y"),
+        Some(("registry", "persons"))
+    );
+    assert_eq!(
+        split_gateway_path("/v1/registry/persons?document=1"),
+        Some(("registry", "persons"))
+    );
+    assert_eq!(split_gateway_path("/v1/registry"), None);
+    assert_eq!(split_gateway_path("/v2/a/b"), None);
 }

@@ -46,12 +46,21 @@ impl TestGateway {
 
     /// Starts with the given database; `None` when PostgreSQL is unreachable outside CI.
     pub async fn start_with(db: Db) -> Option<TestGateway> {
+        Self::start_configured(db, |_| {}).await
+    }
+
+    /// Starts with the given database after `configure` adjusted the test configuration.
+    pub async fn start_configured(
+        db: Db,
+        configure: impl FnOnce(&mut Config),
+    ) -> Option<TestGateway> {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
         config.data_dir = dir.path().join("var");
         config.policies_dir = repo_policies();
         config.registry.seed_persons = 200;
         config.gateway.upstream_timeout = Duration::from_secs(5);
+        configure(&mut config);
         let pg = match db {
             Db::Sqlite => None,
             Db::Postgres => Some(PgDatabase::create().await?),
