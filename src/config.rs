@@ -37,6 +37,27 @@ pub struct Config {
     pub tokens: TokenConfig,
     /// The audit log writer.
     pub audit: AuditSettings,
+    /// Pseudonyms released under `pseudonymise` transforms.
+    pub pseudonyms: PseudonymConfig,
+}
+
+/// The key behind `pseudonymise` transforms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PseudonymConfig {
+    /// Secret (hex) the period keys derive from; created if missing. Default `keys/pseudonym.key` under `data_dir`.
+    pub key: PathBuf,
+    /// Key period label: pseudonyms are stable within it. Default: the current UTC year.
+    pub period: Option<String>,
+}
+
+impl Default for PseudonymConfig {
+    fn default() -> Self {
+        PseudonymConfig {
+            key: PathBuf::from("keys/pseudonym.key"),
+            period: None,
+        }
+    }
 }
 
 /// The gateway listener and its bounds.
@@ -153,6 +174,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             tokens: TokenConfig::default(),
             audit: AuditSettings::default(),
+            pseudonyms: PseudonymConfig::default(),
         }
     }
 }

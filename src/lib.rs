@@ -36,3 +36,4 @@ pub mod store;
 pub mod testing;
 pub mod tls;
 pub mod token;
+pub mod transform;

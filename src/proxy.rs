@@ -81,6 +81,8 @@ pub struct Gateway {
     pub builtin: Vec<(String, String)>,
     /// Pipeline bounds.
     pub limits: PipelineLimits,
+    /// The key behind `pseudonymise` transforms.
+    pub pseudonymiser: Arc<crate::transform::Pseudonymiser>,
 }
 
 /// A refusal: what the caller sees and what the log records. Kept small
@@ -280,11 +282,16 @@ impl Gateway {
                 },
             )
             .await?;
+        let transform = crate::transform::Context {
+            pseudonymiser: &self.pseudonymiser,
+            agency,
+            today: OffsetDateTime::now_utc().date(),
+        };
         minimise(
             status,
             body,
             content_type.as_deref(),
-            &allow.fields,
+            (&allow.fields, &allow.transforms, &transform),
             service,
             entry,
         )
@@ -584,7 +591,11 @@ fn minimise(
     status: StatusCode,
     body: Bytes,
     content_type: Option<&str>,
-    fields: &crate::minimise::FieldSet,
+    (fields, transforms, transform): (
+        &crate::minimise::FieldSet,
+        &crate::transform::Transforms,
+        &crate::transform::Context<'_>,
+    ),
     service: &Service,
     entry: &mut Entry,
 ) -> Result<Released, Refusal> {
@@ -623,6 +634,12 @@ fn minimise(
         }
     }
     entry.fields = released.fields;
+    crate::transform::apply(
+        &mut value,
+        service.collection.as_deref(),
+        transforms,
+        transform,
+    );
     let body = serde_json::to_vec(&value).map_err(|_| {
         Refusal::error(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -273,6 +273,14 @@ pub enum StartError {
     /// The register could not be seeded.
     #[error("register: {0}")]
     Registry(#[from] crate::registry::RegistryError),
+    /// The pseudonymisation secret could not be read or created.
+    #[error("pseudonym key {path}: {source}")]
+    Pseudonyms {
+        /// The key file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -402,6 +410,23 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         },
     )?;
 
+    let pseudonym_key = config.data_path(&config.pseudonyms.key);
+    let period = config
+        .pseudonyms
+        .period
+        .clone()
+        .unwrap_or_else(|| time::OffsetDateTime::now_utc().year().to_string());
+    let pseudonymiser = tokio::task::spawn_blocking(move || {
+        crate::transform::Pseudonymiser::load_or_create(&pseudonym_key, &period)
+    })
+    .await?
+    .map_err(|source| StartError::Pseudonyms {
+        path: config
+            .data_path(&config.pseudonyms.key)
+            .display()
+            .to_string(),
+        source,
+    })?;
     let metrics = Arc::new(Metrics::default());
     let policy = Arc::new(ArcSwap::from_pointee(policy));
     let (stop_gateway, gateway_rx) = watch::channel(false);
@@ -453,6 +478,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             max_response_bytes: config.gateway.max_response_bytes,
             upstream_timeout: config.gateway.upstream_timeout,
         },
+        pseudonymiser: Arc::new(pseudonymiser),
     });
     let gateway_addr = listeners
         .gateway

@@ -63,6 +63,8 @@ pub struct Allow {
     pub legal_basis: Arc<str>,
     /// Whether the grant is marked `restricted` (stricter handling, issue 9).
     pub restricted: bool,
+    /// Transforms applied to the released fields.
+    pub transforms: Arc<crate::transform::Transforms>,
 }
 
 /// Why a request was refused, most specific first.
@@ -229,6 +231,7 @@ fn decide_among(
                     consent_required: grant.consent_required,
                     legal_basis: Arc::clone(&purpose.legal_basis),
                     restricted: grant.restricted,
+                    transforms: Arc::clone(&grant.transforms),
                 });
             }
             Err(reason) if reason.rank() > best.rank() => best = reason,

@@ -164,6 +164,9 @@ struct RawGrant {
     shadow: bool,
     #[serde(default)]
     restricted: bool,
+    /// Field path → transform applied to the released value.
+    #[serde(default)]
+    transforms: std::collections::BTreeMap<String, Spanned<crate::transform::Transform>>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -1034,6 +1037,22 @@ fn validate_grant(
         );
     }
 
+    let released = FieldSet::from_paths(&paths);
+    let mut transforms = Vec::new();
+    for (path, t) in &g.transforms {
+        if !is_field_path(path) || !released.covers(path) {
+            r.at(
+                t.span(),
+                format!(
+                    "transform {:?} on field {path:?}, which this grant does not release",
+                    t.get_ref().as_str()
+                ),
+            );
+            continue;
+        }
+        transforms.push((path.as_str(), *t.get_ref()));
+    }
+
     Grant {
         id: Arc::from(format!("{agency}#{index}")),
         provider: provider_id.clone(),
@@ -1047,6 +1066,7 @@ fn validate_grant(
         valid_until,
         shadow: g.shadow,
         restricted: g.restricted,
+        transforms: Arc::new(crate::transform::Transforms::new(transforms)),
         location,
     }
 }

@@ -207,6 +207,8 @@ pub struct Grant {
     pub shadow: bool,
     /// Released only under the stricter handling of restricted records (issue 9); default false.
     pub restricted: bool,
+    /// Transforms applied to released fields (pseudonymise, year_only, age_band).
+    pub transforms: Arc<crate::transform::Transforms>,
     /// Where the grant is written: its policy file and the 1-based line of its `[[grants]]` header.
     pub location: GrantLocation,
 }

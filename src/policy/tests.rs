@@ -125,7 +125,6 @@ fn geostat_cannot_see_names_or_numbers() {
     for secret in [
         "names",
         "names.surname",
-        "id",
         "personal_number",
         "documents.number",
         "visas.number",
@@ -133,6 +132,13 @@ fn geostat_cannot_see_names_or_numbers() {
         assert!(!a.fields.covers(secret), "geostat may see {secret}");
     }
     assert!(a.fields.covers("visas.category"));
+    // The register id only as a pseudonym, the birth date only as a year.
+    let transforms: Vec<_> = a.transforms.pairs().collect();
+    assert!(transforms.contains(&("id".to_owned(), crate::transform::Transform::Pseudonymise)));
+    assert!(transforms.contains(&(
+        "birth_date".to_owned(),
+        crate::transform::Transform::YearOnly
+    )));
     assert_eq!(
         p.decide(
             &req("geostat", "persons", Operation::Read, "border-control"),
