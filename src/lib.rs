@@ -22,13 +22,16 @@ pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod crl;
 pub mod identity;
+pub mod keys;
 pub mod minimise;
 pub mod pki;
 pub mod policy;
 pub mod problem;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod store;
 #[doc(hidden)]

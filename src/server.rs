@@ -312,6 +312,8 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     /// The database.
     pub store: Store,
+    /// The gateway's TLS configuration in force; reloads swap it.
+    pub gateway_tls: Arc<ArcSwap<ServerConfig>>,
     stop_gateway: watch::Sender<bool>,
     stop_rest: watch::Sender<bool>,
     gateway_task: tokio::task::JoinHandle<()>,
@@ -373,17 +375,24 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
 
     let tls = load_tls(&config)?;
     let names: Vec<&str> = agencies.iter().map(String::as_str).collect();
-    let keys = KeyStore::load(
-        &config.data_path(&config.tokens.keys_dir),
+    let keys_dir = config.data_path(&config.tokens.keys_dir);
+    let token_options = VerifyOptions {
+        max_token_bytes: config.tokens.max_token_bytes,
+        cache_capacity: config.tokens.cache_capacity,
+        ..VerifyOptions::new(
+            config.tokens.audience.clone(),
+            config.tokens.leeway,
+            config.tokens.max_lifetime,
+        )
+    };
+    let keys = Arc::new(ArcSwap::from_pointee(KeyStore::load(
+        &keys_dir,
         &names,
-        VerifyOptions {
-            audience: config.tokens.audience.clone(),
-            leeway: config.tokens.leeway,
-            max_lifetime: config.tokens.max_lifetime,
-        },
-    )?;
+        token_options.clone(),
+    )?));
 
     let metrics = Arc::new(Metrics::default());
+    metrics.set_certificates(crate::pki::expiry_gauges(&config));
     let policy = Arc::new(ArcSwap::from_pointee(policy));
     let (stop_gateway, gateway_rx) = watch::channel(false);
     let (stop_rest, rest_rx) = watch::channel(false);
@@ -394,6 +403,24 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         shutdown_grace: config.gateway.shutdown_grace,
     };
     let mut rest_tasks = Vec::new();
+    // Identity material is reloaded while the system runs (see crate::reload).
+    let gateway_tls = Arc::new(ArcSwap::from_pointee(tls.gateway));
+    rest_tasks.push(crate::reload::spawn_tls_reloader(
+        crate::reload::GatewayTlsFiles::from_config(&config),
+        gateway_tls.clone(),
+        metrics.clone(),
+        config.clone(),
+        config.tls.reload_interval,
+        rest_rx.clone(),
+    ));
+    rest_tasks.push(crate::reload::spawn_key_reloader(
+        keys_dir,
+        policy.clone(),
+        token_options,
+        keys.clone(),
+        config.tls.reload_interval,
+        rest_rx.clone(),
+    ));
     let mut builtin = Vec::new();
     let registry_addr = match listeners.registry {
         Some(listener) => {
@@ -424,7 +451,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
 
     let gateway = Arc::new(Gateway {
         policy: policy.clone(),
-        keys: Arc::new(ArcSwap::from_pointee(keys)),
+        keys,
+        require_bound_tokens: config.tokens.require_bound_tokens,
         audit: audit.clone(),
         metrics: metrics.clone(),
         upstream: upstream_client(tls.upstream, Duration::from_secs(5)),
@@ -446,7 +474,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     let gateway_task = tokio::spawn(serve_tls(
         "gateway",
         listeners.gateway,
-        Arc::new(ArcSwap::from_pointee(tls.gateway)),
+        gateway_tls.clone(),
         limits,
         metrics.clone(),
         move |info: Arc<ConnInfo>, req: Request<Incoming>| {
@@ -505,6 +533,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         started,
         gateway,
         store,
+        gateway_tls,
         stop_gateway,
         stop_rest,
         gateway_task,
@@ -566,11 +595,10 @@ struct TlsConfigs {
 
 fn load_tls(config: &Config) -> Result<TlsConfigs, StartError> {
     let t = &config.tls;
-    let client_ca = crate::pki::load_certs(&config.data_path(&t.client_ca))?;
     let provider_ca = crate::pki::load_certs(&config.data_path(&t.provider_ca))?;
     let chain = crate::pki::load_certs(&config.data_path(&t.cert))?;
     let key = crate::pki::load_key(&config.data_path(&t.key))?;
-    let gateway = tls::server_config(chain.clone(), key.clone_key(), tls::roots(&client_ca)?)?;
+    let gateway = crate::reload::GatewayTlsFiles::from_config(config).build()?;
     let upstream = tls::client_config(tls::roots(&provider_ca)?, chain, key)?;
     // The register trusts the same CA for its one client, the gateway, and
     // then checks the gateway's identity on every request.
@@ -578,7 +606,10 @@ fn load_tls(config: &Config) -> Result<TlsConfigs, StartError> {
         tls::server_config(
             crate::pki::load_certs(&config.data_path(&t.registry_cert))?,
             crate::pki::load_key(&config.data_path(&t.registry_key))?,
-            tls::roots(&provider_ca)?,
+            &tls::ClientVerification {
+                cas: provider_ca,
+                ..tls::ClientVerification::default()
+            },
         )?
     } else {
         gateway.clone()
