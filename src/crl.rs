@@ -220,7 +220,6 @@ mod tests {
 
     #[test]
     fn the_verifier_refuses_a_revoked_certificate() {
-        use rustls::server::danger::ClientCertVerifier;
         let dir = tempfile::tempdir().unwrap();
         crate::pki::ensure_dev_pki(dir.path(), &["psda", "ssg"]).unwrap();
         revoke_dev_agency(dir.path(), "psda").unwrap();

@@ -345,7 +345,8 @@ mod tests {
 
     #[test]
     fn jwks_alg_narrows_and_must_fit_the_key() {
-        let der = rcgen::KeyPair::generate().unwrap().public_key_der();
+        use rcgen::PublicKeyData;
+        let der = rcgen::KeyPair::generate().unwrap().subject_public_key_info();
         let mut jwk = jwk_from_spki(&der).unwrap();
         jwk.common.key_algorithm = Some(KeyAlgorithm::RS256);
         assert!(verify_key(jwk.clone(), "x".into()).is_err());

@@ -382,7 +382,12 @@ impl KeyStore {
             None => keys.iter().collect(),
         };
         if named.is_empty() {
-            return Err(TokenError::UnknownKey);
+            // Name the likely cause for the audit log: a token of another agency, or a stray kid.
+            return Err(if claimed_issuer(token).is_some_and(|i| i != agency) {
+                TokenError::WrongAgency
+            } else {
+                TokenError::UnknownKey
+            });
         }
         let usable: Vec<&VerifyKey> = named
             .into_iter()

@@ -57,7 +57,7 @@ fn issued_token_verifies_for_its_agency_only() {
     assert_eq!(o.case_ref.as_deref(), Some("C-1"));
     assert!(o.token_id.is_some());
     // The token's kid is psda's key: on an ssg connection it names no key of ssg.
-    assert_eq!(ks.verify(&t, &on("ssg")), Err(TokenError::UnknownKey));
+    assert_eq!(ks.verify(&t, &on("ssg")), Err(TokenError::WrongAgency));
     assert_eq!(ks.verify(&t, &on("geostat")), Err(TokenError::NoKey));
 }
 
@@ -188,13 +188,15 @@ fn cache_hits_are_per_agency_bounded_and_never_past_exp() {
     ks.verify(&t, &on("psda")).unwrap();
     ks.verify(&t, &on("psda")).unwrap();
     assert_eq!(ks.cached_tokens(), 1);
-    assert_eq!(ks.verify(&t, &on("ssg")), Err(TokenError::UnknownKey));
+    assert_eq!(ks.verify(&t, &on("ssg")), Err(TokenError::NoKey));
     for _ in 0..5 {
         let t = issue(dir.path(), &req("psda", 300)).unwrap();
         ks.verify(&t, &on("psda")).unwrap();
         assert!(ks.cached_tokens() <= 3);
     }
     // An entry whose exp has passed is never served.
+    let t = issue(dir.path(), &req("psda", 300)).unwrap();
+    ks.verify(&t, &on("psda")).unwrap();
     let hash = token_hash(&t);
     ks.cache.lock().unwrap().get_mut(&hash).unwrap().exp = unix_now() - 1;
     let mut fake = ks.cache.lock().unwrap();
@@ -205,12 +207,13 @@ fn cache_hits_are_per_agency_bounded_and_never_past_exp() {
 
 #[test]
 fn rotation_several_keys_pem_and_jwks() {
+    use rcgen::PublicKeyData;
     let dir = tempfile::tempdir().unwrap();
     crate::pki::ensure_signing_keys(dir.path(), &["psda"]).unwrap();
     let old = issue(dir.path(), &req("psda", 300)).unwrap();
     // The identity provider publishes a new key as JWKS next to the old PEM, then signs with it.
     let new = rcgen::KeyPair::generate().unwrap();
-    let mut jwk = crate::keys::jwk_from_spki(&new.public_key_der()).unwrap();
+    let mut jwk = crate::keys::jwk_from_spki(&new.subject_public_key_info()).unwrap();
     jwk.common.key_id = Some("2026-12".into());
     let set = serde_json::json!({ "keys": [jwk] });
     std::fs::write(dir.path().join("psda.jwks.json"), set.to_string()).unwrap();
@@ -258,7 +261,16 @@ fn eddsa_and_rsa_keys_verify_their_algorithms() {
         use aws_lc_rs::encoding::AsDer;
         rsa.as_der().unwrap()
     };
-    let rsa_key = EncodingKey::from_rsa_der(pkcs8.as_ref());
+    let pem = {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref());
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", lines.join("\n"))
+    };
+    let rsa_key = EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
     for alg in [Algorithm::RS256, Algorithm::PS256] {
         let t = jsonwebtoken::encode(&Header::new(alg), &claims("b"), &rsa_key).unwrap();
         ks.verify(&t, &on("b")).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
