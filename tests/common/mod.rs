@@ -46,6 +46,11 @@ impl TestGateway {
 
     /// Starts with the given database; `None` when PostgreSQL is unreachable outside CI.
     pub async fn start_with(db: Db) -> Option<TestGateway> {
+        Self::start_tweaked(db, |_| {}).await
+    }
+
+    /// Starts with the given database after `tweak` adjusted the test configuration.
+    pub async fn start_tweaked(db: Db, tweak: impl FnOnce(&mut Config)) -> Option<TestGateway> {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
         config.data_dir = dir.path().join("var");
@@ -59,6 +64,7 @@ impl TestGateway {
         if let Some(pg) = &pg {
             config.database_url = Some(pg.url.clone());
         }
+        tweak(&mut config);
         let listeners = Listeners {
             gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
