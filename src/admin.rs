@@ -189,7 +189,10 @@ impl Metrics {
             for (label, not_after) in certs.iter() {
                 let days = (not_after.saturating_sub(now)) as f64 / 86_400.0;
                 let label = label.replace(['\\', '"', '\n'], "_");
-                let _ = writeln!(out, "karibche_certificate_expiry_days{{cert=\"{label}\"}} {days:.3}");
+                let _ = writeln!(
+                    out,
+                    "karibche_certificate_expiry_days{{cert=\"{label}\"}} {days:.3}"
+                );
             }
         }
     }
@@ -312,6 +315,9 @@ mod tests {
         m.set_certificates(vec![("gateway".into(), in_ten_days)]);
         let mut out = String::new();
         m.render(&mut out);
-        assert!(out.contains("karibche_certificate_expiry_days{cert=\"gateway\"} 10.0"), "{out}");
+        assert!(
+            out.contains("karibche_certificate_expiry_days{cert=\"gateway\"} 10.0"),
+            "{out}"
+        );
     }
 }

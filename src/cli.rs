@@ -359,9 +359,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(cmd) => policy_command(&config, cmd),
         Command::Audit(cmd) => audit_command(&config, cmd).await,
         Command::Certs(CertsCommand::Revoke { agency }) => {
-            let r = crate::crl::revoke_dev_agency(&config.pki_dir(), agency).with_context(|| {
-                format!("cannot revoke the development certificate of {agency:?}")
-            })?;
+            let r =
+                crate::crl::revoke_dev_agency(&config.pki_dir(), agency).with_context(|| {
+                    format!("cannot revoke the development certificate of {agency:?}")
+                })?;
             if r.newly_revoked {
                 println!(
                     "revoked {} (serial {}); {} updated",
@@ -370,7 +371,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.crl.display()
                 );
             } else {
-                println!("{} was already revoked; {} re-signed", r.certificate.display(), r.crl.display());
+                println!(
+                    "{} was already revoked; {} re-signed",
+                    r.certificate.display(),
+                    r.crl.display()
+                );
             }
             println!("a running gateway refuses it from its next CRL reload (tls.reload_interval, default 1s)");
             Ok(ExitCode::SUCCESS)
@@ -534,7 +539,10 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
 fn certs_status(config: &Config, warn_days: i64) -> ExitCode {
     let now = time::OffsetDateTime::now_utc();
     let mut expired = false;
-    println!("{:>9}  {:<40}  {:<44}  file", "days left", "certificate", "subject");
+    println!(
+        "{:>9}  {:<40}  {:<44}  file",
+        "days left", "certificate", "subject"
+    );
     for item in crate::pki::inventory(config) {
         match item {
             Ok(e) => {

@@ -11,7 +11,9 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber};
+use rcgen::{
+    CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use time::{Duration, OffsetDateTime};
@@ -85,7 +87,8 @@ pub fn summarize(path: &Path) -> Result<CrlSummary, PkiError> {
         .crl_number()
         .and_then(|n| u64::try_from(n.clone()).ok())
         .unwrap_or(0);
-    let to_time = |t: x509_parser::time::ASN1Time| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok();
+    let to_time =
+        |t: x509_parser::time::ASN1Time| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok();
     let revoked = crl
         .iter_revoked_certificates()
         .map(|r| RevokedSerial {
@@ -101,7 +104,12 @@ pub fn summarize(path: &Path) -> Result<CrlSummary, PkiError> {
 }
 
 /// Writes the development CRL listing `revoked`, numbered `number`.
-fn write_dev_crl(path: &Path, ca: &DevCa, number: u64, revoked: &[RevokedSerial]) -> Result<(), PkiError> {
+fn write_dev_crl(
+    path: &Path,
+    ca: &DevCa,
+    number: u64,
+    revoked: &[RevokedSerial],
+) -> Result<(), PkiError> {
     let now = OffsetDateTime::now_utc();
     let params = CertificateRevocationListParams {
         this_update: now - Duration::minutes(5),
@@ -158,7 +166,9 @@ pub struct Revocation {
 pub fn revoke_dev_agency(pki_dir: &Path, agency: &str) -> Result<Revocation, PkiError> {
     let (cert_path, _) = crate::pki::agency_files(pki_dir, agency);
     let certs = crate::pki::load_certs(&cert_path)?;
-    let leaf = certs.first().ok_or_else(|| pem_err(&cert_path, "no certificate"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| pem_err(&cert_path, "no certificate"))?;
     let serial = serial_of(leaf).ok_or_else(|| pem_err(&cert_path, "unreadable certificate"))?;
     let ca = DevCa::open_dev(pki_dir)?;
     let path = crate::pki::dev_crl_path(pki_dir);
@@ -233,8 +243,14 @@ mod tests {
         })
         .unwrap();
         let now = rustls_pki_types::UnixTime::now();
-        let cert = |a: &str| crate::pki::load_certs(&crate::pki::agency_files(dir.path(), a).0).unwrap().remove(0);
-        let err = verifier.verify_client_cert(&cert("psda"), &[], now).unwrap_err();
+        let cert = |a: &str| {
+            crate::pki::load_certs(&crate::pki::agency_files(dir.path(), a).0)
+                .unwrap()
+                .remove(0)
+        };
+        let err = verifier
+            .verify_client_cert(&cert("psda"), &[], now)
+            .unwrap_err();
         assert!(format!("{err:?}").contains("Revoked"), "{err:?}");
         verifier.verify_client_cert(&cert("ssg"), &[], now).unwrap();
     }
@@ -243,7 +259,11 @@ mod tests {
     fn garbage_is_not_a_crl() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("crl.pem");
-        std::fs::write(&p, "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n").unwrap();
+        std::fs::write(
+            &p,
+            "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+        )
+        .unwrap();
         assert!(load_crls(&p).is_err());
         std::fs::write(&p, "nothing").unwrap();
         assert!(load_crls(&p).is_err());

@@ -312,7 +312,10 @@ mod tests {
         assert_eq!(keys[0].algorithms, vec![Algorithm::ES256]);
         assert_eq!(keys[1].algorithms, vec![Algorithm::EdDSA]);
         assert_eq!(keys[0].kid.len(), 43, "base64url of 32 bytes");
-        assert_eq!(pem_kid(pem.as_bytes()).as_deref(), Some(keys[0].kid.as_str()));
+        assert_eq!(
+            pem_kid(pem.as_bytes()).as_deref(),
+            Some(keys[0].kid.as_str())
+        );
         assert!(load_agency_keys(dir.path(), "nobody").unwrap().is_empty());
     }
 
@@ -330,23 +333,28 @@ mod tests {
         assert!(load_agency_keys(dir.path(), "b").is_err());
         let priv_pem = rcgen::KeyPair::generate().unwrap().serialize_pem();
         std::fs::write(dir.path().join("c.pub.pem"), priv_pem).unwrap();
-        assert!(load_agency_keys(dir.path(), "c").is_err(), "private keys do not belong in the keys directory");
-        // A 1024-bit RSA modulus (128 bytes) is too short.
-        let short = format!(
-            r#"{{"keys":[{{"kty":"RSA","n":"{}","e":"AQAB"}}]}}"#,
-            {
-                use base64::Engine;
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0xc5u8; 128])
-            }
+        assert!(
+            load_agency_keys(dir.path(), "c").is_err(),
+            "private keys do not belong in the keys directory"
         );
+        // A 1024-bit RSA modulus (128 bytes) is too short.
+        let short = format!(r#"{{"keys":[{{"kty":"RSA","n":"{}","e":"AQAB"}}]}}"#, {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0xc5u8; 128])
+        });
         std::fs::write(dir.path().join("d.jwks.json"), short).unwrap();
-        assert!(load_agency_keys(dir.path(), "d").unwrap_err().message.contains("2048"));
+        assert!(load_agency_keys(dir.path(), "d")
+            .unwrap_err()
+            .message
+            .contains("2048"));
     }
 
     #[test]
     fn jwks_alg_narrows_and_must_fit_the_key() {
         use rcgen::PublicKeyData;
-        let der = rcgen::KeyPair::generate().unwrap().subject_public_key_info();
+        let der = rcgen::KeyPair::generate()
+            .unwrap()
+            .subject_public_key_info();
         let mut jwk = jwk_from_spki(&der).unwrap();
         jwk.common.key_algorithm = Some(KeyAlgorithm::RS256);
         assert!(verify_key(jwk.clone(), "x".into()).is_err());

@@ -127,7 +127,11 @@ impl DevCa {
 
     /// The development CA of a PKI directory (`ca.pem`, `ca.key`), to issue or revoke with.
     pub fn open_dev(pki_dir: &Path) -> Result<DevCa, PkiError> {
-        DevCa::load(&pki_dir.join("ca.pem"), &pki_dir.join("ca.key"), DEV_CA_NAME)
+        DevCa::load(
+            &pki_dir.join("ca.pem"),
+            &pki_dir.join("ca.key"),
+            DEV_CA_NAME,
+        )
     }
 
     /// The CA certificate in PEM.
@@ -343,7 +347,11 @@ fn cert_expiry(label: &str, path: &Path, der: &[u8], with_cn: bool) -> Option<Ex
         .unwrap_or("?")
         .to_owned();
     Some(Expiry {
-        label: if with_cn { format!("{label}:{cn}") } else { label.to_owned() },
+        label: if with_cn {
+            format!("{label}:{cn}")
+        } else {
+            label.to_owned()
+        },
         path: path.to_path_buf(),
         subject: c.subject().to_string(),
         not_after: c.validity().not_after.timestamp(),
@@ -355,24 +363,29 @@ fn cert_expiry(label: &str, path: &Path, der: &[u8], with_cn: bool) -> Option<Ex
 pub fn inventory(config: &crate::config::Config) -> Vec<Result<Expiry, PkiError>> {
     let t = &config.tls;
     let mut out = Vec::new();
-    let leaf = |label: &str, p: &Path, out: &mut Vec<Result<Expiry, PkiError>>| {
-        match load_certs(p) {
-            Ok(certs) => {
-                if let Some(e) = certs.first().and_then(|c| cert_expiry(label, p, c, false)) {
-                    out.push(Ok(e));
-                }
+    let leaf = |label: &str, p: &Path, out: &mut Vec<Result<Expiry, PkiError>>| match load_certs(p)
+    {
+        Ok(certs) => {
+            if let Some(e) = certs.first().and_then(|c| cert_expiry(label, p, c, false)) {
+                out.push(Ok(e));
             }
-            Err(e) => out.push(Err(e)),
         }
+        Err(e) => out.push(Err(e)),
     };
     leaf("gateway", &config.data_path(&t.cert), &mut out);
     if config.registry.enabled {
         leaf("registry", &config.data_path(&t.registry_cert), &mut out);
     }
-    let bundle = |label: &str, p: &Path, out: &mut Vec<Result<Expiry, PkiError>>| match load_certs(p) {
-        Ok(certs) => out.extend(certs.iter().filter_map(|c| cert_expiry(label, p, c, true)).map(Ok)),
-        Err(e) => out.push(Err(e)),
-    };
+    let bundle =
+        |label: &str, p: &Path, out: &mut Vec<Result<Expiry, PkiError>>| match load_certs(p) {
+            Ok(certs) => out.extend(
+                certs
+                    .iter()
+                    .filter_map(|c| cert_expiry(label, p, c, true))
+                    .map(Ok),
+            ),
+            Err(e) => out.push(Err(e)),
+        };
     for p in &t.client_ca {
         bundle("client_ca", &config.data_path(p), &mut out);
     }
@@ -383,11 +396,16 @@ pub fn inventory(config: &crate::config::Config) -> Vec<Result<Expiry, PkiError>
             Ok(s) => out.push(Ok(Expiry {
                 label: format!(
                     "crl:{}",
-                    p.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()
+                    p.file_name()
+                        .map(|f| f.to_string_lossy())
+                        .unwrap_or_default()
                 ),
                 subject: format!("{} revoked", s.revoked.len()),
                 path: p,
-                not_after: s.next_update.map(|t| t.unix_timestamp()).unwrap_or(i64::MAX),
+                not_after: s
+                    .next_update
+                    .map(|t| t.unix_timestamp())
+                    .unwrap_or(i64::MAX),
             })),
             Err(e) => out.push(Err(e)),
         }
@@ -400,7 +418,10 @@ pub fn inventory(config: &crate::config::Config) -> Vec<Result<Expiry, PkiError>
             .collect();
         files.sort();
         for p in files {
-            let id = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let id = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             leaf(&format!("agency:{id}"), &p, &mut out);
         }
     }
@@ -476,7 +497,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pki = dir.path().join("pki");
         let first = ensure_dev_pki(&pki, &["psda", "geostat"]).unwrap();
-        assert_eq!(first.created.len(), 2 + 2 + 2 + 4 + 1, "CA, gateway, register, agencies, CRL");
+        assert_eq!(
+            first.created.len(),
+            2 + 2 + 2 + 4 + 1,
+            "CA, gateway, register, agencies, CRL"
+        );
         let again = ensure_dev_pki(&pki, &["psda", "geostat", "ssg"]).unwrap();
         assert_eq!(again.created.len(), 2, "only the new agency is issued");
         let certs = load_certs(&pki.join("agencies/ssg.pem")).unwrap();
@@ -494,8 +519,10 @@ mod tests {
     #[test]
     fn inventory_lists_every_certificate_with_days_left() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = crate::config::Config::default();
-        config.data_dir = dir.path().to_path_buf();
+        let config = crate::config::Config {
+            data_dir: dir.path().to_path_buf(),
+            ..crate::config::Config::default()
+        };
         ensure_dev_pki(&config.pki_dir(), &["psda"]).unwrap();
         let ca = DevCa::open_dev(&config.pki_dir()).unwrap();
         let mut old = Leaf::agency("old");
@@ -519,7 +546,10 @@ mod tests {
         );
         let now = OffsetDateTime::now_utc();
         assert!(inv[0].days_left(now) > 364.0);
-        assert!(inv[5].days_left(now) < -1.9, "the backdated certificate has expired");
+        assert!(
+            inv[5].days_left(now) < -1.9,
+            "the backdated certificate has expired"
+        );
         assert_eq!(expiry_gauges(&config).len(), 7);
     }
 

@@ -292,7 +292,12 @@ impl Gateway {
     }
 
     /// Verifies the bearer token against the connection's agency keys and certificate.
-    fn token(&self, headers: &HeaderMap, agency: &str, conn: &ConnInfo) -> Result<Officer, Refusal> {
+    fn token(
+        &self,
+        headers: &HeaderMap,
+        agency: &str,
+        conn: &ConnInfo,
+    ) -> Result<Officer, Refusal> {
         // needs issue-8 field: `|| policy agency.require_bound_tokens` (Agency::require_bound_tokens).
         let on = Presented {
             agency,

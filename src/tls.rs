@@ -41,7 +41,8 @@ pub fn provider() -> Arc<CryptoProvider> {
         rustls::SupportedCipherSuite::Tls13(_) => true,
         rustls::SupportedCipherSuite::Tls12(_) => {
             let name = format!("{:?}", s.suite());
-            name.contains("_ECDHE_") && (name.contains("_GCM_") || name.contains("CHACHA20_POLY1305"))
+            name.contains("_ECDHE_")
+                && (name.contains("_GCM_") || name.contains("CHACHA20_POLY1305"))
         }
     });
     Arc::new(p)

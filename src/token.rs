@@ -63,11 +63,7 @@ pub struct Claims {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Confirmation {
     /// base64url of the SHA-256 of the DER client certificate.
-    #[serde(
-        rename = "x5t#S256",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "x5t#S256", default, skip_serializing_if = "Option::is_none")]
     pub x5t_s256: Option<String>,
 }
 
@@ -287,7 +283,11 @@ impl KeyStore {
 
     /// Number of keys per agency (for logs after a reload).
     pub fn key_counts(&self) -> Vec<(String, usize)> {
-        let mut v: Vec<_> = self.keys.iter().map(|(a, k)| (a.clone(), k.len())).collect();
+        let mut v: Vec<_> = self
+            .keys
+            .iter()
+            .map(|(a, k)| (a.clone(), k.len()))
+            .collect();
         v.sort();
         v
     }

@@ -78,16 +78,56 @@ fn claims_are_checked_one_by_one() {
     let sign = |c: serde_json::Value| issue_claims(dir.path(), "psda", &c).unwrap();
     let now = unix_now();
     let cases: Vec<(&str, serde_json::Value, TokenError)> = vec![
-        ("exp passed", serde_json::json!({"exp": now - 60, "iat": now - 120, "nbf": now - 120}), TokenError::Expired),
-        ("nbf ahead", serde_json::json!({"nbf": now + 120}), TokenError::NotYetValid),
-        ("iat ahead", serde_json::json!({"iat": now + 120, "nbf": now}), TokenError::NotYetValid),
-        ("too long", serde_json::json!({"exp": now + 3600}), TokenError::LifetimeTooLong),
-        ("aud", serde_json::json!({"aud": "someone-else"}), TokenError::WrongAudience),
-        ("iss", serde_json::json!({"iss": "ssg"}), TokenError::WrongIssuer),
-        ("purpose", serde_json::json!({"purpose": null}), TokenError::MissingClaim("purpose")),
-        ("empty purpose", serde_json::json!({"purpose": " "}), TokenError::MissingClaim("purpose")),
-        ("sub", serde_json::json!({"sub": null}), TokenError::MissingClaim("sub")),
-        ("exp", serde_json::json!({"exp": null}), TokenError::MissingClaim("exp")),
+        (
+            "exp passed",
+            serde_json::json!({"exp": now - 60, "iat": now - 120, "nbf": now - 120}),
+            TokenError::Expired,
+        ),
+        (
+            "nbf ahead",
+            serde_json::json!({"nbf": now + 120}),
+            TokenError::NotYetValid,
+        ),
+        (
+            "iat ahead",
+            serde_json::json!({"iat": now + 120, "nbf": now}),
+            TokenError::NotYetValid,
+        ),
+        (
+            "too long",
+            serde_json::json!({"exp": now + 3600}),
+            TokenError::LifetimeTooLong,
+        ),
+        (
+            "aud",
+            serde_json::json!({"aud": "someone-else"}),
+            TokenError::WrongAudience,
+        ),
+        (
+            "iss",
+            serde_json::json!({"iss": "ssg"}),
+            TokenError::WrongIssuer,
+        ),
+        (
+            "purpose",
+            serde_json::json!({"purpose": null}),
+            TokenError::MissingClaim("purpose"),
+        ),
+        (
+            "empty purpose",
+            serde_json::json!({"purpose": " "}),
+            TokenError::MissingClaim("purpose"),
+        ),
+        (
+            "sub",
+            serde_json::json!({"sub": null}),
+            TokenError::MissingClaim("sub"),
+        ),
+        (
+            "exp",
+            serde_json::json!({"exp": null}),
+            TokenError::MissingClaim("exp"),
+        ),
     ];
     for (name, patch, want) in cases {
         let mut c = claims("psda");
@@ -105,7 +145,10 @@ fn claims_are_checked_one_by_one() {
     c.as_object_mut().unwrap().remove("iat");
     c.as_object_mut().unwrap().remove("nbf");
     c["exp"] = serde_json::json!(now + 3600);
-    assert_eq!(ks.verify(&sign(c), &on("psda")), Err(TokenError::LifetimeTooLong));
+    assert_eq!(
+        ks.verify(&sign(c), &on("psda")),
+        Err(TokenError::LifetimeTooLong)
+    );
 }
 
 #[test]
@@ -115,7 +158,11 @@ fn algorithm_none_hmac_confusion_and_foreign_kids_are_refused() {
     for alg in ["none", "None", "HS256", "ES384", "RS256"] {
         let header = B64.encode(format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#));
         let t = format!("{header}.{body}.");
-        assert_eq!(ks.verify(&t, &on("psda")), Err(TokenError::AlgorithmNotAllowed), "{alg}");
+        assert_eq!(
+            ks.verify(&t, &on("psda")),
+            Err(TokenError::AlgorithmNotAllowed),
+            "{alg}"
+        );
     }
     // HS256 keyed with the agency's public key bytes (the classic confusion).
     let public = std::fs::read(dir.path().join("psda.pub.pem")).unwrap();
@@ -125,12 +172,20 @@ fn algorithm_none_hmac_confusion_and_foreign_kids_are_refused() {
         &EncodingKey::from_secret(&public),
     )
     .unwrap();
-    assert_eq!(ks.verify(&t, &on("psda")), Err(TokenError::AlgorithmNotAllowed));
+    assert_eq!(
+        ks.verify(&t, &on("psda")),
+        Err(TokenError::AlgorithmNotAllowed)
+    );
     // A kid that looks like a path is only ever compared.
     let pem = std::fs::read(dir.path().join("psda.key")).unwrap();
     let mut h = Header::new(Algorithm::ES256);
     h.kid = Some("../ssg.pub.pem".into());
-    let t = jsonwebtoken::encode(&h, &claims("psda"), &EncodingKey::from_ec_pem(&pem).unwrap()).unwrap();
+    let t = jsonwebtoken::encode(
+        &h,
+        &claims("psda"),
+        &EncodingKey::from_ec_pem(&pem).unwrap(),
+    )
+    .unwrap();
     assert_eq!(ks.verify(&t, &on("psda")), Err(TokenError::UnknownKey));
 }
 
@@ -146,14 +201,23 @@ fn size_limit_truncation_and_tampering() {
     let mut sig = B64.decode(&parts[2]).unwrap();
     sig[10] ^= 1;
     parts[2] = B64.encode(sig);
-    assert_eq!(ks.verify(&parts.join("."), &on("psda")), Err(TokenError::BadSignature));
+    assert_eq!(
+        ks.verify(&parts.join("."), &on("psda")),
+        Err(TokenError::BadSignature)
+    );
     // A payload changed after signing.
     let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
     let mut c: serde_json::Value = serde_json::from_slice(&B64.decode(&parts[1]).unwrap()).unwrap();
     c["sub"] = "someone-else".into();
     parts[1] = B64.encode(serde_json::to_vec(&c).unwrap());
-    assert_eq!(ks.verify(&parts.join("."), &on("psda")), Err(TokenError::BadSignature));
-    assert_eq!(ks.verify("not-a-jwt", &on("psda")), Err(TokenError::Malformed));
+    assert_eq!(
+        ks.verify(&parts.join("."), &on("psda")),
+        Err(TokenError::BadSignature)
+    );
+    assert_eq!(
+        ks.verify("not-a-jwt", &on("psda")),
+        Err(TokenError::Malformed)
+    );
 }
 
 #[test]
@@ -166,7 +230,11 @@ fn bound_tokens_hold_only_on_their_certificate() {
     p.certificate_sha256 = Some(&cert);
     ks.verify(&t, &p).unwrap();
     p.certificate_sha256 = Some(&other);
-    assert_eq!(ks.verify(&t, &p), Err(TokenError::CertificateMismatch), "cache must not skip the binding");
+    assert_eq!(
+        ks.verify(&t, &p),
+        Err(TokenError::CertificateMismatch),
+        "cache must not skip the binding"
+    );
     p.certificate_sha256 = None;
     assert_eq!(ks.verify(&t, &p), Err(TokenError::CertificateMismatch));
     let unbound = issue(dir.path(), &req("psda", 300)).unwrap();
@@ -268,13 +336,20 @@ fn eddsa_and_rsa_keys_verify_their_algorithms() {
             .chunks(64)
             .map(|c| std::str::from_utf8(c).unwrap())
             .collect();
-        format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", lines.join("\n"))
+        format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            lines.join("\n")
+        )
     };
     let rsa_key = EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
     for alg in [Algorithm::RS256, Algorithm::PS256] {
         let t = jsonwebtoken::encode(&Header::new(alg), &claims("b"), &rsa_key).unwrap();
-        ks.verify(&t, &on("b")).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+        ks.verify(&t, &on("b"))
+            .unwrap_or_else(|e| panic!("{alg:?}: {e}"));
     }
     let t = jsonwebtoken::encode(&Header::new(Algorithm::RS512), &claims("b"), &rsa_key).unwrap();
-    assert_eq!(ks.verify(&t, &on("b")), Err(TokenError::AlgorithmNotAllowed));
+    assert_eq!(
+        ks.verify(&t, &on("b")),
+        Err(TokenError::AlgorithmNotAllowed)
+    );
 }
