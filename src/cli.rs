@@ -244,7 +244,7 @@ pub enum CertsCommand {
     },
     /// Days left for every certificate and CRL the gateway uses; exit 1 if any has run out.
     Status {
-        /// Mark certificates with fewer days left than this.
+        /// Mark certificates with fewer days left than this (CRLs: fewer than one day).
         #[arg(long, default_value_t = 30)]
         warn_days: i64,
     },
@@ -550,7 +550,7 @@ fn certs_status(config: &Config, warn_days: i64) -> ExitCode {
                 let mark = if days < 0.0 {
                     expired = true;
                     "  EXPIRED"
-                } else if days < warn_days as f64 {
+                } else if days < if e.is_crl { 1.0 } else { warn_days as f64 } {
                     "  renew soon"
                 } else {
                     ""

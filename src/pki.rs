@@ -328,6 +328,8 @@ pub struct Expiry {
     pub subject: String,
     /// `notAfter` (a CRL's `nextUpdate`), seconds since the epoch.
     pub not_after: i64,
+    /// A CRL rather than a certificate (its issuer re-signs it routinely, days before `nextUpdate`).
+    pub is_crl: bool,
 }
 
 impl Expiry {
@@ -355,6 +357,7 @@ fn cert_expiry(label: &str, path: &Path, der: &[u8], with_cn: bool) -> Option<Ex
         path: path.to_path_buf(),
         subject: c.subject().to_string(),
         not_after: c.validity().not_after.timestamp(),
+        is_crl: false,
     })
 }
 
@@ -406,6 +409,7 @@ pub fn inventory(config: &crate::config::Config) -> Vec<Result<Expiry, PkiError>
                     .next_update
                     .map(|t| t.unix_timestamp())
                     .unwrap_or(i64::MAX),
+                is_crl: true,
             })),
             Err(e) => out.push(Err(e)),
         }
