@@ -44,6 +44,8 @@ pub struct Metrics {
     audit_failures: AtomicU64,
     policy_reloads: AtomicU64,
     policy_reload_failures: AtomicU64,
+    // (label, notAfter unix seconds); days are computed at render time, so they count down.
+    certificates: Mutex<Vec<(String, i64)>>,
 }
 
 fn listener_index(name: &str) -> usize {
@@ -114,6 +116,13 @@ impl Metrics {
     /// Counts a connection that closed.
     pub fn connection_closed(&self, listener: &str) {
         self.open_connections[listener_index(listener)].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Replaces the certificates whose expiry `/metrics` reports (label, notAfter in unix seconds).
+    pub fn set_certificates(&self, certs: Vec<(String, i64)>) {
+        if let Ok(mut c) = self.certificates.lock() {
+            *c = certs;
+        }
     }
 
     /// Handshake failures so far on a listener.
@@ -201,6 +210,21 @@ impl Metrics {
             "# HELP karibche_policy_reload_failures_total Policy reloads refused because the new set is invalid; the old set stays.\n# TYPE karibche_policy_reload_failures_total counter\nkaribche_policy_reload_failures_total {}",
             self.policy_reload_failures.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP karibche_certificate_expiry_days Days until a certificate's notAfter (a CRL's nextUpdate); negative once past.\n# TYPE karibche_certificate_expiry_days gauge"
+        );
+        if let Ok(certs) = self.certificates.lock() {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            for (label, not_after) in certs.iter() {
+                let days = (not_after.saturating_sub(now)) as f64 / 86_400.0;
+                let label = label.replace(['\\', '"', '\n'], "_");
+                let _ = writeln!(
+                    out,
+                    "karibche_certificate_expiry_days{{cert=\"{label}\"}} {days:.3}"
+                );
+            }
+        }
     }
 }
 
@@ -317,5 +341,13 @@ mod tests {
         assert!(out.contains("karibche_denials_total{reason=\"no_grant\"} 1"));
         assert!(out.contains("karibche_request_duration_seconds_count 2"));
         assert!(out.contains("karibche_tls_handshake_failures_total{listener=\"gateway\"} 1"));
+        let in_ten_days = time::OffsetDateTime::now_utc().unix_timestamp() + 10 * 86_400 + 60;
+        m.set_certificates(vec![("gateway".into(), in_ten_days)]);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains("karibche_certificate_expiry_days{cert=\"gateway\"} 10.0"),
+            "{out}"
+        );
     }
 }

@@ -308,6 +308,18 @@ pub enum ReportFormat {
 pub enum CertsCommand {
     /// Create the development CA, gateway, register and agency certificates and token keys that are missing.
     Init,
+    /// Add an agency's development certificate to the development CRL; a running gateway refuses it within seconds.
+    Revoke {
+        /// Agency id (as in policies/agencies/).
+        #[arg(long)]
+        agency: String,
+    },
+    /// Days left for every certificate and CRL the gateway uses; exit 1 if any has run out.
+    Status {
+        /// Mark certificates with fewer days left than this (CRLs: fewer than one day).
+        #[arg(long, default_value_t = 30)]
+        warn_days: i64,
+    },
 }
 
 /// `karibche registry …`
@@ -418,6 +430,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Policy(cmd) => policy_command(&config, cmd),
         Command::Audit(cmd) => audit_command(&config, cmd).await,
+        Command::Certs(CertsCommand::Revoke { agency }) => {
+            let r =
+                crate::crl::revoke_dev_agency(&config.pki_dir(), agency).with_context(|| {
+                    format!("cannot revoke the development certificate of {agency:?}")
+                })?;
+            if r.newly_revoked {
+                println!(
+                    "revoked {} (serial {}); {} updated",
+                    r.certificate.display(),
+                    r.serial,
+                    r.crl.display()
+                );
+            } else {
+                println!(
+                    "{} was already revoked; {} re-signed",
+                    r.certificate.display(),
+                    r.crl.display()
+                );
+            }
+            println!("a running gateway refuses it from its next CRL reload (tls.reload_interval, default 1s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::Status { warn_days }) => Ok(certs_status(&config, *warn_days)),
         Command::Certs(CertsCommand::Init) => {
             let policy = server::load_policy(&config.policies_dir)?;
             let names: Vec<String> = policy.agencies().map(|a| a.id.clone()).collect();
@@ -605,11 +640,7 @@ fn check_token_keys(config: &Config, policy: &Policy) -> (Vec<String>, Vec<Strin
         return (errors, warnings);
     }
     for agency in policy.agencies() {
-        let options = crate::token::VerifyOptions {
-            audience: config.tokens.audience.clone(),
-            leeway: config.tokens.leeway,
-            max_lifetime: config.tokens.max_lifetime,
-        };
+        let options = crate::token::VerifyOptions::from_config(&config.tokens);
         match crate::token::KeyStore::load(&keys_dir, &[agency.id.as_str()], options) {
             Err(e) => errors.push(format!("{e}: the token key of agency {} cannot be read", agency.id)),
             Ok(keys) if !keys.has_keys(&agency.id) => warnings.push(format!(
@@ -783,6 +814,46 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
     };
     store.close().await;
     Ok(code)
+}
+
+/// Prints one line per certificate and CRL: days left, label, subject, file.
+fn certs_status(config: &Config, warn_days: i64) -> ExitCode {
+    let now = time::OffsetDateTime::now_utc();
+    let mut expired = false;
+    println!(
+        "{:>9}  {:<40}  {:<44}  file",
+        "days left", "certificate", "subject"
+    );
+    for item in crate::pki::inventory(config) {
+        match item {
+            Ok(e) => {
+                let days = e.days_left(now);
+                let mark = if days < 0.0 {
+                    expired = true;
+                    "  EXPIRED"
+                } else if days < if e.is_crl { 1.0 } else { warn_days as f64 } {
+                    "  renew soon"
+                } else {
+                    ""
+                };
+                println!(
+                    "{days:>9.1}  {:<40}  {:<44}  {}{mark}",
+                    e.label,
+                    e.subject,
+                    e.path.display()
+                );
+            }
+            Err(err) => {
+                expired = true;
+                println!("{:>9}  {err}", "?");
+            }
+        }
+    }
+    if expired {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// What `serve` prints once everything is ready.

@@ -112,8 +112,21 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
-    /// CA bundle that agency client certificates must chain to. Default `pki/ca.pem`.
-    pub client_ca: PathBuf,
+    /// CA bundle(s) that agency client certificates must chain to: one file or a list; each
+    /// file may hold several CAs (e.g. the old and the new during a CA change). Default `pki/ca.pem`.
+    #[serde(deserialize_with = "one_or_many")]
+    pub client_ca: Vec<PathBuf>,
+    /// Certificate revocation lists (PEM or DER), one file or a list, reloaded when they change.
+    /// Default `pki/crl.pem`. An empty list turns revocation checking off.
+    #[serde(deserialize_with = "one_or_many")]
+    pub crls: Vec<PathBuf>,
+    /// Accept client certificates whose CA has no CRL configured. Default false (refuse them).
+    pub allow_unknown_revocation: bool,
+    /// Refuse certificates of a CA whose CRL is past its `nextUpdate`. Default true.
+    pub enforce_crl_expiry: bool,
+    /// How often CA, CRL, certificate and token key files are checked for changes. Default 1 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub reload_interval: Duration,
     /// The gateway's certificate chain (server, and client towards providers). Default `pki/gateway.pem`.
     pub cert: PathBuf,
     /// The gateway's private key. Default `pki/gateway.key`.
@@ -134,8 +147,16 @@ pub struct TlsConfig {
 pub struct TokenConfig {
     /// The `aud` every token must carry. Default `karibche`.
     pub audience: String,
-    /// Directory of agency verification keys, `<agency>.pub.pem`. Default `keys` under `data_dir`.
+    /// Directory of agency verification keys, `<agency>.pub.pem` and/or `<agency>.jwks.json`
+    /// (several keys each for rotation); reloaded on change. Default `keys` under `data_dir`.
     pub keys_dir: PathBuf,
+    /// Longest bearer token accepted, in bytes; longer ones get 401 unparsed. Default 8192.
+    pub max_token_bytes: usize,
+    /// Verified tokens remembered so a reused token is verified once (0: off). Default 10,000.
+    pub cache_capacity: usize,
+    /// Every agency must present certificate-bound tokens (RFC 8705 `cnf.x5t#S256`),
+    /// not only those whose policy says so. Default false.
+    pub require_bound_tokens: bool,
     /// Clock skew tolerated on `exp`/`nbf`/`iat`. Default 30 s.
     #[serde(with = "humantime_serde_compat")]
     pub leeway: Duration,
@@ -216,7 +237,11 @@ impl Default for AdminConfig {
 impl Default for TlsConfig {
     fn default() -> Self {
         TlsConfig {
-            client_ca: PathBuf::from("pki/ca.pem"),
+            client_ca: vec![PathBuf::from("pki/ca.pem")],
+            crls: vec![PathBuf::from("pki/crl.pem")],
+            allow_unknown_revocation: false,
+            enforce_crl_expiry: true,
+            reload_interval: Duration::from_secs(1),
             cert: PathBuf::from("pki/gateway.pem"),
             key: PathBuf::from("pki/gateway.key"),
             provider_ca: PathBuf::from("pki/ca.pem"),
@@ -232,6 +257,9 @@ impl Default for TokenConfig {
         TokenConfig {
             audience: "karibche".to_owned(),
             keys_dir: PathBuf::from("keys"),
+            max_token_bytes: crate::token::DEFAULT_MAX_TOKEN_BYTES,
+            cache_capacity: crate::token::DEFAULT_CACHE_CAPACITY,
+            require_bound_tokens: false,
             leeway: Duration::from_secs(30),
             max_lifetime: Duration::from_secs(15 * 60),
         }
@@ -314,6 +342,7 @@ impl Config {
             ("gateway.header_timeout", g.header_timeout),
             ("gateway.upstream_timeout", g.upstream_timeout),
             ("tokens.max_lifetime", self.tokens.max_lifetime),
+            ("tls.reload_interval", self.tls.reload_interval),
         ] {
             if d.is_zero() {
                 problems.push(format!("{name} must be longer than zero"));
@@ -321,6 +350,12 @@ impl Config {
         }
         if g.max_body_bytes == 0 || g.max_response_bytes == 0 {
             problems.push("gateway body limits must be at least 1 byte".to_owned());
+        }
+        if self.tls.client_ca.is_empty() {
+            problems.push("tls.client_ca must name at least one CA file".to_owned());
+        }
+        if self.tokens.max_token_bytes < 256 {
+            problems.push("tokens.max_token_bytes must be at least 256".to_owned());
         }
         if self.tokens.audience.is_empty() {
             problems.push("tokens.audience must not be empty".to_owned());
@@ -404,6 +439,20 @@ impl fmt::Display for Config {
     }
 }
 
+/// A path or a list of paths.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 /// Durations in config files as humantime strings ("10s", "15m").
 mod humantime_serde_compat {
     use std::time::Duration;
@@ -439,6 +488,20 @@ mod tests {
             panic!("expected invalid")
         };
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn ca_and_crl_take_one_file_or_a_list() {
+        let c: Config = toml::from_str(
+            "[tls]\nclient_ca = \"a.pem\"\ncrls = [\"x.crl\", \"y.crl\"]\n[tokens]\nrequire_bound_tokens = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.tls.client_ca, vec![PathBuf::from("a.pem")]);
+        assert_eq!(c.tls.crls.len(), 2);
+        assert!(c.tokens.require_bound_tokens);
+        let c: Config = toml::from_str("[tls]\nclient_ca = [\"old.pem\", \"new.pem\"]\n").unwrap();
+        assert_eq!(c.tls.client_ca.len(), 2);
+        c.validate().unwrap();
     }
 
     #[test]

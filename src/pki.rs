@@ -93,7 +93,7 @@ pub fn fingerprint(cert: &[u8]) -> String {
 
 /// A certificate authority that can sign leaf certificates (development only).
 pub struct DevCa {
-    issuer: Issuer<'static, KeyPair>,
+    pub(crate) issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
 }
 
@@ -125,6 +125,15 @@ impl DevCa {
         })
     }
 
+    /// The development CA of a PKI directory (`ca.pem`, `ca.key`), to issue or revoke with.
+    pub fn open_dev(pki_dir: &Path) -> Result<DevCa, PkiError> {
+        DevCa::load(
+            &pki_dir.join("ca.pem"),
+            &pki_dir.join("ca.key"),
+            DEV_CA_NAME,
+        )
+    }
+
     /// The CA certificate in PEM.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
@@ -138,7 +147,7 @@ impl DevCa {
         dn.push(DnType::OrganizationName, "karibche development");
         dn.push(DnType::CommonName, leaf.common_name.as_str());
         params.distinguished_name = dn;
-        let now = OffsetDateTime::now_utc();
+        let now = OffsetDateTime::now_utc() - Duration::days(leaf.backdate_days);
         params.not_before = now - Duration::hours(1);
         params.not_after = now + Duration::days(leaf.days);
         params.use_authority_key_identifier_extension = true;
@@ -185,6 +194,8 @@ pub struct Leaf {
     pub client: bool,
     /// Days of validity.
     pub days: i64,
+    /// Days the whole validity window is shifted into the past (0 normally; tests of expiry).
+    pub backdate_days: i64,
 }
 
 impl Leaf {
@@ -197,6 +208,7 @@ impl Leaf {
             server: false,
             client: true,
             days: 365,
+            backdate_days: 0,
         }
     }
 
@@ -209,6 +221,7 @@ impl Leaf {
             server: true,
             client,
             days: 365,
+            backdate_days: 0,
         }
     }
 }
@@ -293,7 +306,139 @@ pub fn ensure_dev_pki(pki_dir: &Path, agencies: &[&str]) -> Result<PkiReport, Pk
         write_public(&pem, &cert_pem)?;
         report.created.extend([pem, key]);
     }
+    if crate::crl::ensure_dev_crl(pki_dir, &ca)? {
+        report.created.push(dev_crl_path(pki_dir));
+    }
     Ok(report)
+}
+
+/// The development CRL: `<pki_dir>/crl.pem`, signed by the development CA.
+pub fn dev_crl_path(pki_dir: &Path) -> PathBuf {
+    pki_dir.join("crl.pem")
+}
+
+/// One certificate (or CRL) the gateway's files hold, and when it runs out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expiry {
+    /// Short name: `gateway`, `registry`, `client_ca:<CN>`, `provider_ca:<CN>`, `agency:<id>`, `crl:<file>`.
+    pub label: String,
+    /// The file.
+    pub path: PathBuf,
+    /// The subject (or, for a CRL, the issuer).
+    pub subject: String,
+    /// `notAfter` (a CRL's `nextUpdate`), seconds since the epoch.
+    pub not_after: i64,
+    /// A CRL rather than a certificate (its issuer re-signs it routinely, days before `nextUpdate`).
+    pub is_crl: bool,
+}
+
+impl Expiry {
+    /// Whole and fractional days left from `now` (negative once expired).
+    pub fn days_left(&self, now: OffsetDateTime) -> f64 {
+        (self.not_after - now.unix_timestamp()) as f64 / 86_400.0
+    }
+}
+
+fn cert_expiry(label: &str, path: &Path, der: &[u8], with_cn: bool) -> Option<Expiry> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = c
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|n| n.as_str().ok())
+        .unwrap_or("?")
+        .to_owned();
+    Some(Expiry {
+        label: if with_cn {
+            format!("{label}:{cn}")
+        } else {
+            label.to_owned()
+        },
+        path: path.to_path_buf(),
+        subject: c.subject().to_string(),
+        not_after: c.validity().not_after.timestamp(),
+        is_crl: false,
+    })
+}
+
+/// Every certificate and CRL the configuration names, plus development agency certificates
+/// under `<pki>/agencies/`; files that cannot be read are reported as errors, not skipped.
+pub fn inventory(config: &crate::config::Config) -> Vec<Result<Expiry, PkiError>> {
+    let t = &config.tls;
+    let mut out = Vec::new();
+    let leaf = |label: &str, p: &Path, out: &mut Vec<Result<Expiry, PkiError>>| match load_certs(p)
+    {
+        Ok(certs) => {
+            if let Some(e) = certs.first().and_then(|c| cert_expiry(label, p, c, false)) {
+                out.push(Ok(e));
+            }
+        }
+        Err(e) => out.push(Err(e)),
+    };
+    leaf("gateway", &config.data_path(&t.cert), &mut out);
+    if config.registry.enabled {
+        leaf("registry", &config.data_path(&t.registry_cert), &mut out);
+    }
+    let bundle =
+        |label: &str, p: &Path, out: &mut Vec<Result<Expiry, PkiError>>| match load_certs(p) {
+            Ok(certs) => out.extend(
+                certs
+                    .iter()
+                    .filter_map(|c| cert_expiry(label, p, c, true))
+                    .map(Ok),
+            ),
+            Err(e) => out.push(Err(e)),
+        };
+    for p in &t.client_ca {
+        bundle("client_ca", &config.data_path(p), &mut out);
+    }
+    bundle("provider_ca", &config.data_path(&t.provider_ca), &mut out);
+    for p in &t.crls {
+        let p = config.data_path(p);
+        match crate::crl::summarize(&p) {
+            Ok(s) => out.push(Ok(Expiry {
+                label: format!(
+                    "crl:{}",
+                    p.file_name()
+                        .map(|f| f.to_string_lossy())
+                        .unwrap_or_default()
+                ),
+                subject: format!("{} revoked", s.revoked.len()),
+                path: p,
+                not_after: s
+                    .next_update
+                    .map(|t| t.unix_timestamp())
+                    .unwrap_or(i64::MAX),
+                is_crl: true,
+            })),
+            Err(e) => out.push(Err(e)),
+        }
+    }
+    let agencies = config.pki_dir().join("agencies");
+    if let Ok(dir) = fs::read_dir(&agencies) {
+        let mut files: Vec<PathBuf> = dir
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "pem"))
+            .collect();
+        files.sort();
+        for p in files {
+            let id = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            leaf(&format!("agency:{id}"), &p, &mut out);
+        }
+    }
+    out
+}
+
+/// `(label, notAfter)` of every readable entry of [`inventory`], for `/metrics`.
+pub fn expiry_gauges(config: &crate::config::Config) -> Vec<(String, i64)> {
+    inventory(config)
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| (e.label, e.not_after))
+        .collect()
 }
 
 /// Paths of an agency's token signing key and its public half.
@@ -325,7 +470,7 @@ fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
     write_file(path, contents, 0o600)
 }
 
-fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
+pub(crate) fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
     write_file(path, contents, 0o644)
 }
 
@@ -356,7 +501,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pki = dir.path().join("pki");
         let first = ensure_dev_pki(&pki, &["psda", "geostat"]).unwrap();
-        assert_eq!(first.created.len(), 2 + 2 + 2 + 4);
+        assert_eq!(
+            first.created.len(),
+            2 + 2 + 2 + 4 + 1,
+            "CA, gateway, register, agencies, CRL"
+        );
         let again = ensure_dev_pki(&pki, &["psda", "geostat", "ssg"]).unwrap();
         assert_eq!(again.created.len(), 2, "only the new agency is issued");
         let certs = load_certs(&pki.join("agencies/ssg.pem")).unwrap();
@@ -369,6 +518,43 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
         assert_eq!(fingerprint(&certs[0]).len(), 64);
+    }
+
+    #[test]
+    fn inventory_lists_every_certificate_with_days_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config {
+            data_dir: dir.path().to_path_buf(),
+            ..crate::config::Config::default()
+        };
+        ensure_dev_pki(&config.pki_dir(), &["psda"]).unwrap();
+        let ca = DevCa::open_dev(&config.pki_dir()).unwrap();
+        let mut old = Leaf::agency("old");
+        old.days = 1;
+        old.backdate_days = 3;
+        let (pem, _) = ca.issue(&old).unwrap();
+        fs::write(config.pki_dir().join("agencies/old.pem"), pem).unwrap();
+        let inv: Vec<Expiry> = inventory(&config).into_iter().map(Result::unwrap).collect();
+        let labels: Vec<&str> = inv.iter().map(|e| e.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "gateway",
+                "registry",
+                "client_ca:karibche development CA",
+                "provider_ca:karibche development CA",
+                "crl:crl.pem",
+                "agency:old",
+                "agency:psda"
+            ]
+        );
+        let now = OffsetDateTime::now_utc();
+        assert!(inv[0].days_left(now) > 364.0);
+        assert!(
+            inv[5].days_left(now) < -1.9,
+            "the backdated certificate has expired"
+        );
+        assert_eq!(expiry_gauges(&config).len(), 7);
     }
 
     #[test]

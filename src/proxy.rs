@@ -29,7 +29,7 @@ use crate::identity::PeerCert;
 use crate::policy::{Decision, DecisionRequest, DenyReason, Operation, Policy, Service, Upstream};
 use crate::problem::{Body, Problem};
 use crate::server::ConnInfo;
-use crate::token::{KeyStore, Officer, TokenError};
+use crate::token::{KeyStore, Officer, Presented, TokenError};
 
 /// The HTTPS client towards providers; pooled, so connections are reused.
 pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -71,6 +71,8 @@ pub struct Gateway {
     pub policy: Arc<ArcSwap<Policy>>,
     /// Agencies' token verification keys; swapped whole on reload.
     pub keys: Arc<ArcSwap<KeyStore>>,
+    /// Every agency must present certificate-bound tokens (`tokens.require_bound_tokens`).
+    pub require_bound_tokens: bool,
     /// The audit log every request ends in.
     pub audit: AuditLog,
     /// Counters for `/metrics`.
@@ -242,9 +244,10 @@ impl Gateway {
         entry: &mut Entry,
     ) -> Result<Released, Refusal> {
         let (parts, body) = req.into_parts();
-        let agency = agency(policy, conn.client.as_ref())?;
+        let holder = agency(policy, conn.client.as_ref())?;
+        let (agency, bound_required) = (holder.id.as_str(), holder.require_bound_tokens);
         entry.agency = Some(agency.to_owned());
-        let officer = self.token(&parts.headers, agency)?;
+        let officer = self.token(&parts.headers, agency, bound_required, conn)?;
         entry.officer = Some(officer.id.clone());
         entry.purpose = Some(officer.purpose.clone());
         entry.case_ref = officer.case_ref.clone();
@@ -297,11 +300,22 @@ impl Gateway {
         )
     }
 
-    /// Verifies the bearer token against the connection's agency keys.
-    fn token(&self, headers: &HeaderMap, agency: &str) -> Result<Officer, Refusal> {
+    /// Verifies the bearer token against the connection's agency keys and certificate.
+    fn token(
+        &self,
+        headers: &HeaderMap,
+        agency: &str,
+        bound_required: bool,
+        conn: &ConnInfo,
+    ) -> Result<Officer, Refusal> {
+        let on = Presented {
+            agency,
+            certificate_sha256: conn.client.as_ref().map(|c| c.sha256.as_str()),
+            require_bound: self.require_bound_tokens || bound_required,
+        };
         let result = bearer(headers)
             .ok_or(TokenError::Missing)
-            .and_then(|t| self.keys.load().verify(t, agency));
+            .and_then(|t| self.keys.load().verify(t, &on));
         result.map_err(|e| Refusal {
             challenge: true,
             ..Refusal::deny(
@@ -453,10 +467,12 @@ impl Gateway {
 }
 
 /// agency: the client certificate → the agency the policy says holds it.
-fn agency<'p>(policy: &'p Policy, client: Option<&PeerCert>) -> Result<&'p str, Refusal> {
+fn agency<'p>(
+    policy: &'p Policy,
+    client: Option<&PeerCert>,
+) -> Result<&'p crate::policy::Agency, Refusal> {
     client
         .and_then(|c| policy.agency_for_certificate(c))
-        .map(|a| a.id.as_str())
         .ok_or_else(|| {
             Refusal::deny(
                 StatusCode::FORBIDDEN,

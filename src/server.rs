@@ -323,6 +323,8 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     /// The database.
     pub store: Store,
+    /// The gateway's TLS configuration in force; reloads swap it.
+    pub gateway_tls: Arc<ArcSwap<ServerConfig>>,
     stop_gateway: watch::Sender<bool>,
     stop_rest: watch::Sender<bool>,
     gateway_task: tokio::task::JoinHandle<()>,
@@ -400,15 +402,13 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
 
     let tls = load_tls(&config)?;
     let names: Vec<&str> = agencies.iter().map(String::as_str).collect();
-    let keys = KeyStore::load(
-        &config.data_path(&config.tokens.keys_dir),
+    let keys_dir = config.data_path(&config.tokens.keys_dir);
+    let token_options = VerifyOptions::from_config(&config.tokens);
+    let keys = Arc::new(ArcSwap::from_pointee(KeyStore::load(
+        &keys_dir,
         &names,
-        VerifyOptions {
-            audience: config.tokens.audience.clone(),
-            leeway: config.tokens.leeway,
-            max_lifetime: config.tokens.max_lifetime,
-        },
-    )?;
+        token_options.clone(),
+    )?));
 
     let pseudonym_key = config.data_path(&config.pseudonyms.key);
     let period = config
@@ -428,6 +428,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         source,
     })?;
     let metrics = Arc::new(Metrics::default());
+    metrics.set_certificates(crate::pki::expiry_gauges(&config));
     let policy = Arc::new(ArcSwap::from_pointee(policy));
     let (stop_gateway, gateway_rx) = watch::channel(false);
     let (stop_rest, rest_rx) = watch::channel(false);
@@ -438,6 +439,24 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         shutdown_grace: config.gateway.shutdown_grace,
     };
     let mut rest_tasks = Vec::new();
+    // Identity material is reloaded while the system runs (see crate::reload).
+    let gateway_tls = Arc::new(ArcSwap::from_pointee(tls.gateway));
+    rest_tasks.push(crate::credentials::spawn_tls_reloader(
+        crate::credentials::GatewayTlsFiles::from_config(&config),
+        gateway_tls.clone(),
+        metrics.clone(),
+        config.clone(),
+        config.tls.reload_interval,
+        rest_rx.clone(),
+    ));
+    rest_tasks.push(crate::credentials::spawn_key_reloader(
+        keys_dir,
+        policy.clone(),
+        token_options,
+        keys.clone(),
+        config.tls.reload_interval,
+        rest_rx.clone(),
+    ));
     let mut builtin = Vec::new();
     let registry_addr = match listeners.registry {
         Some(listener) => {
@@ -468,7 +487,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
 
     let gateway = Arc::new(Gateway {
         policy: policy.clone(),
-        keys: Arc::new(ArcSwap::from_pointee(keys)),
+        keys,
+        require_bound_tokens: config.tokens.require_bound_tokens,
         audit: audit.clone(),
         metrics: metrics.clone(),
         upstream: upstream_client(tls.upstream, Duration::from_secs(5)),
@@ -491,7 +511,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     let gateway_task = tokio::spawn(serve_tls(
         "gateway",
         listeners.gateway,
-        Arc::new(ArcSwap::from_pointee(tls.gateway)),
+        gateway_tls.clone(),
         limits,
         metrics.clone(),
         move |info: Arc<ConnInfo>, req: Request<Incoming>| {
@@ -557,6 +577,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         started,
         gateway,
         store,
+        gateway_tls,
         stop_gateway,
         stop_rest,
         gateway_task,
@@ -619,11 +640,10 @@ struct TlsConfigs {
 
 fn load_tls(config: &Config) -> Result<TlsConfigs, StartError> {
     let t = &config.tls;
-    let client_ca = crate::pki::load_certs(&config.data_path(&t.client_ca))?;
     let provider_ca = crate::pki::load_certs(&config.data_path(&t.provider_ca))?;
     let chain = crate::pki::load_certs(&config.data_path(&t.cert))?;
     let key = crate::pki::load_key(&config.data_path(&t.key))?;
-    let gateway = tls::server_config(chain.clone(), key.clone_key(), tls::roots(&client_ca)?)?;
+    let gateway = crate::credentials::GatewayTlsFiles::from_config(config).build()?;
     let upstream = tls::client_config(tls::roots(&provider_ca)?, chain, key)?;
     // The register trusts the same CA for its one client, the gateway, and
     // then checks the gateway's identity on every request.
@@ -631,7 +651,10 @@ fn load_tls(config: &Config) -> Result<TlsConfigs, StartError> {
         tls::server_config(
             crate::pki::load_certs(&config.data_path(&t.registry_cert))?,
             crate::pki::load_key(&config.data_path(&t.registry_key))?,
-            tls::roots(&provider_ca)?,
+            &tls::ClientVerification {
+                cas: provider_ca,
+                ..tls::ClientVerification::default()
+            },
         )?
     } else {
         gateway.clone()

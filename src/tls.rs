@@ -13,7 +13,7 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 /// Errors building a TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -28,11 +28,24 @@ pub enum TlsError {
     /// rustls refused the configuration (e.g. key does not match certificate).
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    /// A certificate, key or CRL file could not be read.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
 }
 
-/// The crypto provider karibche uses everywhere: aws-lc-rs with its default suites.
+/// The crypto provider karibche uses everywhere: aws-lc-rs, its TLS 1.2 suites cut down to
+/// ECDHE key exchange with AEAD ciphers (which is all aws-lc-rs offers today; the filter keeps it so).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites.retain(|s| match s {
+        rustls::SupportedCipherSuite::Tls13(_) => true,
+        rustls::SupportedCipherSuite::Tls12(_) => {
+            let name = format!("{:?}", s.suite());
+            name.contains("_ECDHE_")
+                && (name.contains("_GCM_") || name.contains("CHACHA20_POLY1305"))
+        }
+    });
+    Arc::new(p)
 }
 
 const VERSIONS: &[&rustls::SupportedProtocolVersion] =
@@ -47,23 +60,54 @@ pub fn roots(cas: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError>
     Ok(store)
 }
 
-/// A server configuration that requires a client certificate chaining to `client_roots`.
+/// How client certificates are checked: which CAs, which revocation lists.
+#[derive(Debug, Clone, Default)]
+pub struct ClientVerification {
+    /// Every CA an agency certificate may chain to (several during a CA change).
+    pub cas: Vec<CertificateDer<'static>>,
+    /// Revocation lists; with none, revocation is not checked.
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Accept certificates whose issuer has no CRL here (default: refuse them).
+    pub allow_unknown_revocation: bool,
+    /// Refuse every certificate of a CA whose CRL is past its `nextUpdate`.
+    pub enforce_crl_expiry: bool,
+}
+
+/// The client-certificate verifier for a [`ClientVerification`].
+pub fn client_verifier(
+    v: &ClientVerification,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let mut b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&v.cas)?), provider());
+    if !v.crls.is_empty() {
+        b = b.with_crls(v.crls.iter().cloned());
+        if v.allow_unknown_revocation {
+            b = b.allow_unknown_revocation_status();
+        }
+        if v.enforce_crl_expiry {
+            b = b.enforce_revocation_expiration();
+        }
+    }
+    Ok(b.build()?)
+}
+
+/// A server configuration that requires a client certificate passing `client`.
+///
+/// TLS 1.3 and 1.2 (ECDHE + AEAD only); rustls never renegotiates. Resumption is on:
+/// a fresh session cache and stateless tickets whose key rotates every six hours.
+/// Every rebuild (a CRL or CA reload) starts new ones, so no session established before
+/// a revocation can be resumed past it.
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    client_roots: RootCertStore,
+    client: &ClientVerification,
 ) -> Result<ServerConfig, TlsError> {
-    let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(client_roots), provider.clone())
-            .build()?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let verifier = client_verifier(client)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     // Without ALPN clients never pick HTTP/2.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    // Stateless resumption with rotating ticket keys; the stateful cache stays on too.
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     Ok(config)
 }
@@ -91,8 +135,27 @@ mod tests {
         let ca = crate::pki::load_certs(&dir.path().join("ca.pem")).unwrap();
         let chain = crate::pki::load_certs(&dir.path().join("gateway.pem")).unwrap();
         let key = crate::pki::load_key(&dir.path().join("gateway.key")).unwrap();
-        let s = server_config(chain.clone(), key.clone_key(), roots(&ca).unwrap()).unwrap();
+        let v = ClientVerification {
+            cas: ca.clone(),
+            ..ClientVerification::default()
+        };
+        let s = server_config(chain.clone(), key.clone_key(), &v).unwrap();
         assert_eq!(s.alpn_protocols[0], b"h2");
+        assert!(s.ticketer.enabled(), "resumption by tickets is on");
+        assert!(s.session_storage.can_cache());
         client_config(roots(&ca).unwrap(), chain, key).unwrap();
+    }
+
+    #[test]
+    fn only_forward_secret_aead_suites() {
+        let p = provider();
+        assert!(!p.cipher_suites.is_empty());
+        for s in &p.cipher_suites {
+            let name = format!("{:?}", s.suite());
+            assert!(
+                name.starts_with("TLS13_") || (name.contains("ECDHE") && !name.contains("CBC")),
+                "{name}"
+            );
+        }
     }
 }

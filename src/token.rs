@@ -1,23 +1,37 @@
 //! Officer tokens: JWTs signed by each agency's identity provider.
 //!
 //! A token says which officer (`sub`) of which agency (`iss`) asks, for which
-//! purpose (`purpose`) and case (`case`). The gateway accepts it only when it
-//! is signed by a key of the agency that holds the TLS connection, is meant
-//! for the gateway (`aud`), is inside its validity (`exp` required, `nbf` and
-//! `iat` honoured with a small leeway), and does not live longer than the
-//! configured maximum whatever its `exp` says (RFC 8725 rules). Algorithms
-//! are allow-listed per key: a P-256 key verifies ES256 and nothing else, so
-//! `alg: none` and algorithm confusion fail before any signature check.
+//! purpose (`purpose`) and case (`case`). The gateway accepts it only when
+//! (RFC 8725):
+//!
+//! - it is at most [`VerifyOptions::max_token_bytes`] long (checked before any parsing);
+//! - its `alg` is allowed for the key that verifies it ([`crate::keys`]): `none`
+//!   and HMAC are never allowed, so algorithm confusion fails before any signature check;
+//! - its `kid`, if any, names one of the connection's agency's own keys;
+//! - it is signed by a key of the agency that holds the TLS connection, and `iss` is that agency;
+//! - `aud` names the gateway, `exp` is present, `nbf`/`iat` are honoured with a small
+//!   leeway, and it does not live longer than the configured maximum whatever `exp` says;
+//! - `sub` and `purpose` are present;
+//! - if it carries `cnf.x5t#S256` (RFC 8705), the connection's client certificate has
+//!   that thumbprint; and if the agency requires bound tokens, it carries one.
+//!
+//! A verified token is cached (keyed by its SHA-256, bounded, never past its
+//! `exp`) so a token used for many requests is verified once; the cache lives
+//! in the [`KeyStore`], so a key reload starts a fresh one.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-/// The claims karibche reads from an officer token.
+pub use crate::keys::KeyLoadError;
+use crate::keys::VerifyKey;
+
+/// The claims of a development token (what [`issue`] signs).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
     /// The agency that issued the token.
@@ -40,6 +54,38 @@ pub struct Claims {
     /// Case reference, when the officer works a case.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub case: Option<String>,
+    /// Binding to a client certificate (RFC 8705).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// The `cnf` claim: the certificate the token is bound to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Confirmation {
+    /// base64url of the SHA-256 of the DER client certificate.
+    #[serde(rename = "x5t#S256", default, skip_serializing_if = "Option::is_none")]
+    pub x5t_s256: Option<String>,
+}
+
+/// What verification reads: every claim optional, so a missing one gets its own refusal.
+#[derive(Debug, Deserialize)]
+struct RawClaims {
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    exp: Option<i64>,
+    #[serde(default)]
+    iat: Option<i64>,
+    #[serde(default)]
+    nbf: Option<i64>,
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    purpose: Option<String>,
+    #[serde(default)]
+    case: Option<String>,
+    #[serde(default)]
+    cnf: Option<Confirmation>,
 }
 
 /// The verified officer behind a request.
@@ -62,9 +108,18 @@ pub enum TokenError {
     /// No `Authorization: Bearer` header.
     #[error("no bearer token")]
     Missing,
-    /// Not a well-formed JWT, or an algorithm not allowed for the agency's keys.
-    #[error("malformed token or algorithm not allowed")]
+    /// Longer than the configured maximum; refused before parsing.
+    #[error("token too large")]
+    TooLarge,
+    /// Not a well-formed JWT.
+    #[error("malformed token")]
     Malformed,
+    /// `alg` is `none`, HMAC, or not allowed for any key of the agency.
+    #[error("algorithm not allowed")]
+    AlgorithmNotAllowed,
+    /// `kid` names no key of the connection's agency.
+    #[error("kid names no key of the agency")]
+    UnknownKey,
     /// The agency has no verification key configured.
     #[error("no verification key for the agency")]
     NoKey,
@@ -92,6 +147,12 @@ pub enum TokenError {
     /// The token lives longer than the configured maximum.
     #[error("token lifetime exceeds the maximum")]
     LifetimeTooLong,
+    /// The token is bound (`cnf`) to another certificate than the connection's.
+    #[error("token bound to another certificate")]
+    CertificateMismatch,
+    /// The agency requires certificate-bound tokens and this one is not bound.
+    #[error("token not bound to a certificate")]
+    Unbound,
 }
 
 impl TokenError {
@@ -99,7 +160,10 @@ impl TokenError {
     pub fn code(&self) -> &'static str {
         match self {
             TokenError::Missing => "token_missing",
+            TokenError::TooLarge => "token_too_large",
             TokenError::Malformed => "token_malformed",
+            TokenError::AlgorithmNotAllowed => "token_algorithm_not_allowed",
+            TokenError::UnknownKey => "token_unknown_key",
             TokenError::NoKey => "token_no_key",
             TokenError::WrongAgency => "token_wrong_agency",
             TokenError::BadSignature => "token_bad_signature",
@@ -107,8 +171,14 @@ impl TokenError {
             TokenError::NotYetValid => "token_not_yet_valid",
             TokenError::WrongIssuer => "token_wrong_issuer",
             TokenError::WrongAudience => "token_wrong_audience",
-            TokenError::MissingClaim(_) => "token_missing_claim",
+            TokenError::MissingClaim(c) => match *c {
+                "sub" => "token_missing_sub",
+                "purpose" => "token_missing_purpose",
+                _ => "token_missing_claim",
+            },
             TokenError::LifetimeTooLong => "token_lifetime_too_long",
+            TokenError::CertificateMismatch => "token_certificate_mismatch",
+            TokenError::Unbound => "token_unbound",
         }
     }
 
@@ -116,10 +186,12 @@ impl TokenError {
     pub fn detail(&self) -> &'static str {
         match self {
             TokenError::Missing => "an Authorization: Bearer token is required",
+            TokenError::TooLarge => "the token exceeds the gateway's size limit",
             TokenError::Expired => "the token has expired",
             TokenError::NotYetValid => "the token is not valid yet",
             TokenError::MissingClaim(_) => "the token lacks a required claim (sub, purpose, exp)",
             TokenError::LifetimeTooLong => "the token's lifetime exceeds the gateway's maximum",
+            TokenError::Unbound => "this agency must present tokens bound to its certificate",
             _ => "the token is not valid for this connection",
         }
     }
@@ -134,31 +206,66 @@ pub struct VerifyOptions {
     pub leeway: Duration,
     /// Longest lifetime accepted.
     pub max_lifetime: Duration,
+    /// Longest token accepted, in bytes; longer ones are refused unparsed.
+    pub max_token_bytes: usize,
+    /// Verified tokens remembered at most (0 turns the cache off).
+    pub cache_capacity: usize,
 }
 
-struct AgencyKey {
-    key: DecodingKey,
-    alg: Algorithm,
+impl VerifyOptions {
+    /// The options with the defaults for everything but the audience, leeway and lifetime.
+    pub fn new(audience: String, leeway: Duration, max_lifetime: Duration) -> VerifyOptions {
+        VerifyOptions {
+            audience,
+            leeway,
+            max_lifetime,
+            max_token_bytes: DEFAULT_MAX_TOKEN_BYTES,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+        }
+    }
+
+    /// The options a gateway configuration sets.
+    pub fn from_config(tokens: &crate::config::TokenConfig) -> VerifyOptions {
+        VerifyOptions {
+            max_token_bytes: tokens.max_token_bytes,
+            cache_capacity: tokens.cache_capacity,
+            ..VerifyOptions::new(tokens.audience.clone(), tokens.leeway, tokens.max_lifetime)
+        }
+    }
 }
 
-/// The verification keys of every agency, loaded once and shared.
+/// Default [`VerifyOptions::max_token_bytes`]: 8 KiB, far above any honest officer token.
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Default [`VerifyOptions::cache_capacity`].
+pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+
+/// The connection a token is presented on.
+#[derive(Debug, Clone, Copy)]
+pub struct Presented<'a> {
+    /// The agency that holds the connection.
+    pub agency: &'a str,
+    /// Lowercase hex SHA-256 of the connection's client certificate.
+    pub certificate_sha256: Option<&'a str>,
+    /// Whether the agency must present certificate-bound tokens.
+    pub require_bound: bool,
+}
+
+struct Cached {
+    agency: String,
+    officer: Officer,
+    exp: i64,
+    x5t: Option<String>,
+}
+
+/// The verification keys of every agency, loaded once and shared; a reload builds a new one.
 pub struct KeyStore {
-    keys: HashMap<String, Vec<AgencyKey>>,
+    keys: HashMap<String, Vec<VerifyKey>>,
     options: VerifyOptions,
-}
-
-/// A key file that could not be used.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct KeyLoadError {
-    /// The file.
-    pub path: String,
-    /// What was wrong.
-    pub message: String,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
 }
 
 impl KeyStore {
-    /// Loads `<keys_dir>/<agency>.pub.pem` (an EC P-256 public key, ES256) for each agency that has one.
+    /// Loads `<keys_dir>/<agency>.pub.pem` and `<agency>.jwks.json` for each agency that has them.
     pub fn load(
         keys_dir: &Path,
         agencies: &[&str],
@@ -166,30 +273,16 @@ impl KeyStore {
     ) -> Result<KeyStore, KeyLoadError> {
         let mut keys = HashMap::new();
         for agency in agencies {
-            let (_, public) = crate::pki::signing_key_files(keys_dir, agency);
-            let pem = match std::fs::read(&public) {
-                Ok(pem) => pem,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(KeyLoadError {
-                        path: public.display().to_string(),
-                        message: e.to_string(),
-                    })
-                }
-            };
-            let key = DecodingKey::from_ec_pem(&pem).map_err(|e| KeyLoadError {
-                path: public.display().to_string(),
-                message: e.to_string(),
-            })?;
-            keys.insert(
-                (*agency).to_owned(),
-                vec![AgencyKey {
-                    key,
-                    alg: Algorithm::ES256,
-                }],
-            );
+            let k = crate::keys::load_agency_keys(keys_dir, agency)?;
+            if !k.is_empty() {
+                keys.insert((*agency).to_owned(), k);
+            }
         }
-        Ok(KeyStore { keys, options })
+        Ok(KeyStore {
+            keys,
+            options,
+            cache: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Whether the agency has at least one verification key.
@@ -197,63 +290,211 @@ impl KeyStore {
         self.keys.get(agency).is_some_and(|k| !k.is_empty())
     }
 
-    /// Verifies a bearer token presented on a connection held by `agency`.
-    pub fn verify(&self, token: &str, agency: &str) -> Result<Officer, TokenError> {
-        let keys = self.keys.get(agency).ok_or(TokenError::NoKey)?;
+    /// Number of keys per agency (for logs after a reload).
+    pub fn key_counts(&self) -> Vec<(String, usize)> {
+        let mut v: Vec<_> = self
+            .keys
+            .iter()
+            .map(|(a, k)| (a.clone(), k.len()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Verifies a bearer token presented on a connection.
+    pub fn verify(&self, token: &str, on: &Presented<'_>) -> Result<Officer, TokenError> {
+        if token.len() > self.options.max_token_bytes {
+            return Err(TokenError::TooLarge);
+        }
         let now = unix_now();
-        let mut last = TokenError::NoKey;
-        for k in keys {
-            match self.verify_with(token, agency, k, now) {
-                Ok(officer) => return Ok(officer),
-                Err(TokenError::BadSignature) => last = TokenError::BadSignature,
-                Err(other) => return Err(other),
+        let hash = token_hash(token);
+        if let Some(officer) = self.cached(&hash, on, now) {
+            return officer;
+        }
+        let (officer, exp, x5t) = self.verify_uncached(token, on.agency, now)?;
+        check_binding(x5t.as_deref(), on)?;
+        if exp > now {
+            self.remember(
+                hash,
+                Cached {
+                    agency: on.agency.to_owned(),
+                    officer: officer.clone(),
+                    exp,
+                    x5t,
+                },
+                now,
+            );
+        }
+        Ok(officer)
+    }
+
+    fn cached(
+        &self,
+        hash: &[u8; 32],
+        on: &Presented<'_>,
+        now: i64,
+    ) -> Option<Result<Officer, TokenError>> {
+        let cache = self.cache.lock().ok()?;
+        let hit = cache.get(hash)?;
+        // A token verified for one agency says nothing about another; and no entry outlives exp.
+        if hit.agency != on.agency || hit.exp <= now {
+            return None;
+        }
+        Some(check_binding(hit.x5t.as_deref(), on).map(|()| hit.officer.clone()))
+    }
+
+    fn remember(&self, hash: [u8; 32], entry: Cached, now: i64) {
+        let cap = self.options.cache_capacity;
+        if cap == 0 {
+            return;
+        }
+        let Ok(mut cache) = self.cache.lock() else {
+            return;
+        };
+        if cache.len() >= cap {
+            cache.retain(|_, c| c.exp > now);
+        }
+        if cache.len() >= cap {
+            // Still full of live tokens: start over rather than grow without bound.
+            cache.clear();
+        }
+        cache.insert(hash, entry);
+    }
+
+    /// Number of verified tokens currently cached.
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    fn verify_uncached(
+        &self,
+        token: &str,
+        agency: &str,
+        now: i64,
+    ) -> Result<(Officer, i64, Option<String>), TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| {
+            // `none` and unknown algorithms do not parse as a header at all.
+            if raw_alg(token).is_some() {
+                TokenError::AlgorithmNotAllowed
+            } else {
+                TokenError::Malformed
+            }
+        })?;
+        let keys = self
+            .keys
+            .get(agency)
+            .filter(|k| !k.is_empty())
+            .ok_or(TokenError::NoKey)?;
+        let named: Vec<&VerifyKey> = match &header.kid {
+            // kid only ever selects among this agency's keys; it is compared, never resolved.
+            Some(kid) => keys.iter().filter(|k| &k.kid == kid).collect(),
+            None => keys.iter().collect(),
+        };
+        if named.is_empty() {
+            // Name the likely cause for the audit log: a token of another agency, or a stray kid.
+            return Err(if claimed_issuer(token).is_some_and(|i| i != agency) {
+                TokenError::WrongAgency
+            } else {
+                TokenError::UnknownKey
+            });
+        }
+        let usable: Vec<&VerifyKey> = named
+            .into_iter()
+            .filter(|k| k.algorithms.contains(&header.alg))
+            .collect();
+        if usable.is_empty() {
+            return Err(TokenError::AlgorithmNotAllowed);
+        }
+        for k in usable {
+            match self.verify_with(token, agency, header.alg, k, now) {
+                Err(TokenError::BadSignature) => continue,
+                other => return other,
             }
         }
-        if last == TokenError::BadSignature && claimed_issuer(token).is_some_and(|i| i != agency) {
+        if claimed_issuer(token).is_some_and(|i| i != agency) {
             return Err(TokenError::WrongAgency);
         }
-        Err(last)
+        Err(TokenError::BadSignature)
     }
 
     fn verify_with(
         &self,
         token: &str,
         agency: &str,
-        k: &AgencyKey,
+        alg: Algorithm,
+        k: &VerifyKey,
         now: i64,
-    ) -> Result<Officer, TokenError> {
+    ) -> Result<(Officer, i64, Option<String>), TokenError> {
         let o = &self.options;
-        let mut v = Validation::new(k.alg);
+        let mut v = Validation::new(alg);
         v.leeway = o.leeway.as_secs();
         v.validate_nbf = true;
         v.validate_exp = true;
         v.set_audience(&[&o.audience]);
         v.set_issuer(&[agency]);
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &k.key, &v).map_err(map_error)?;
+        let data = jsonwebtoken::decode::<RawClaims>(token, &k.key, &v).map_err(map_error)?;
         let c = data.claims;
+        let exp = c.exp.ok_or(TokenError::MissingClaim("exp"))?;
         let leeway = o.leeway.as_secs() as i64;
         if c.iat.is_some_and(|iat| iat > now + leeway) {
             return Err(TokenError::NotYetValid);
         }
         let max = o.max_lifetime.as_secs() as i64;
-        let lifetime = c.exp - c.iat.unwrap_or(now);
-        if lifetime > max + leeway {
+        let start = c.iat.or(c.nbf).unwrap_or(now);
+        if exp.saturating_sub(start) > max + leeway {
             return Err(TokenError::LifetimeTooLong);
         }
-        if c.sub.trim().is_empty() {
-            return Err(TokenError::MissingClaim("sub"));
-        }
-        if c.purpose.trim().is_empty() {
-            return Err(TokenError::MissingClaim("purpose"));
-        }
-        Ok(Officer {
-            id: c.sub,
-            purpose: c.purpose,
-            case_ref: c.case.filter(|s| !s.is_empty()),
-            token_id: c.jti,
-        })
+        let sub = c
+            .sub
+            .filter(|s| !s.trim().is_empty())
+            .ok_or(TokenError::MissingClaim("sub"))?;
+        let purpose = c
+            .purpose
+            .filter(|s| !s.trim().is_empty())
+            .ok_or(TokenError::MissingClaim("purpose"))?;
+        let x5t = c.cnf.and_then(|c| c.x5t_s256);
+        Ok((
+            Officer {
+                id: sub,
+                purpose,
+                case_ref: c.case.filter(|s| !s.is_empty()),
+                token_id: c.jti,
+            },
+            exp,
+            x5t,
+        ))
     }
+}
+
+/// RFC 8705: a bound token only on its certificate; an unbound one only where the agency allows it.
+fn check_binding(x5t: Option<&str>, on: &Presented<'_>) -> Result<(), TokenError> {
+    match x5t {
+        Some(bound) => {
+            let presented = on.certificate_sha256.and_then(x5t_s256);
+            if presented.as_deref() == Some(bound) {
+                Ok(())
+            } else {
+                Err(TokenError::CertificateMismatch)
+            }
+        }
+        None if on.require_bound => Err(TokenError::Unbound),
+        None => Ok(()),
+    }
+}
+
+/// The `x5t#S256` value for a certificate given its lowercase hex SHA-256 (base64url of the raw digest).
+pub fn x5t_s256(sha256_hex: &str) -> Option<String> {
+    use base64::Engine;
+    let raw = hex::decode(sha256_hex).ok()?;
+    (raw.len() == 32).then(|| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw))
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 fn map_error(e: jsonwebtoken::errors::Error) -> TokenError {
@@ -263,30 +504,41 @@ fn map_error(e: jsonwebtoken::errors::Error) -> TokenError {
         ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
         ErrorKind::InvalidAudience => TokenError::WrongAudience,
         ErrorKind::InvalidSignature => TokenError::BadSignature,
+        ErrorKind::InvalidAlgorithm => TokenError::AlgorithmNotAllowed,
         ErrorKind::MissingRequiredClaim(c) => TokenError::MissingClaim(match c.as_str() {
             "exp" => "exp",
             "iss" => "iss",
             "aud" => "aud",
             _ => "sub",
         }),
-        // `purpose` missing surfaces as a JSON error when deserialising Claims.
-        ErrorKind::Json(_) => TokenError::MissingClaim("purpose"),
         _ => TokenError::Malformed,
     }
 }
 
+/// Reads the first two segments without verification; only to name a refusal.
+fn unverified_json(token: &str, index: usize) -> Option<serde_json::Value> {
+    use base64::Engine;
+    let part = token.split('.').nth(index)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The `alg` a header claims, whatever it is.
+fn raw_alg(token: &str) -> Option<String> {
+    unverified_json(token, 0)?
+        .get("alg")?
+        .as_str()
+        .map(str::to_owned)
+}
+
 /// The `iss` a token claims, read without verification: only to name the refusal.
 fn claimed_issuer(token: &str) -> Option<String> {
-    use base64::Engine;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    #[derive(Deserialize)]
-    struct Iss {
-        iss: String,
-    }
-    serde_json::from_slice::<Iss>(&bytes).ok().map(|i| i.iss)
+    unverified_json(token, 1)?
+        .get("iss")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 fn unix_now() -> i64 {
@@ -334,112 +586,60 @@ pub enum IssueError {
 
 /// Signs a development token with `<keys_dir>/<agency>.key` (ES256).
 pub fn issue(keys_dir: &Path, req: &IssueRequest) -> Result<String, IssueError> {
-    let (private, _) = crate::pki::signing_key_files(keys_dir, &req.agency);
+    issue_claims(keys_dir, &req.agency, &dev_claims(req, None))
+}
+
+/// Signs a development token bound (RFC 8705 `cnf.x5t#S256`) to a certificate's SHA-256 (hex).
+pub fn issue_bound(
+    keys_dir: &Path,
+    req: &IssueRequest,
+    certificate_sha256: &str,
+) -> Result<String, IssueError> {
+    let cnf = Confirmation {
+        x5t_s256: x5t_s256(certificate_sha256),
+    };
+    issue_claims(keys_dir, &req.agency, &dev_claims(req, Some(cnf)))
+}
+
+fn dev_claims(req: &IssueRequest, cnf: Option<Confirmation>) -> serde_json::Value {
+    let now = unix_now() - req.backdate.as_secs() as i64;
+    let claims = Claims {
+        iss: req.agency.clone(),
+        sub: req.officer.clone(),
+        exp: now + req.ttl.as_secs() as i64,
+        nbf: Some(now),
+        iat: Some(now),
+        jti: Some(uuid::Uuid::now_v7().to_string()),
+        purpose: req.purpose.clone(),
+        case: req.case_ref.clone(),
+        cnf,
+    };
+    let mut v = serde_json::to_value(claims).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        m.insert("aud".into(), serde_json::Value::from(req.audience.clone()));
+    }
+    v
+}
+
+/// Signs any claims with an agency's development key (ES256, `kid` = the key's thumbprint).
+/// Tests use it to build hostile tokens; the gateway itself never signs.
+pub fn issue_claims(
+    keys_dir: &Path,
+    agency: &str,
+    claims: &serde_json::Value,
+) -> Result<String, IssueError> {
+    let (private, public) = crate::pki::signing_key_files(keys_dir, agency);
     let pem = std::fs::read(&private).map_err(|source| IssueError::ReadKey {
         path: private.display().to_string(),
         source,
     })?;
     let key = EncodingKey::from_ec_pem(&pem)?;
-    let now = unix_now() - req.backdate.as_secs() as i64;
-    #[derive(Serialize)]
-    struct WithAud<'a> {
-        aud: &'a str,
-        #[serde(flatten)]
-        claims: Claims,
-    }
-    let claims = WithAud {
-        aud: &req.audience,
-        claims: Claims {
-            iss: req.agency.clone(),
-            sub: req.officer.clone(),
-            exp: now + req.ttl.as_secs() as i64,
-            nbf: Some(now),
-            iat: Some(now),
-            jti: Some(uuid::Uuid::now_v7().to_string()),
-            purpose: req.purpose.clone(),
-            case: req.case_ref.clone(),
-        },
-    };
-    Ok(jsonwebtoken::encode(
-        &Header::new(Algorithm::ES256),
-        &claims,
-        &key,
-    )?)
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = std::fs::read(&public)
+        .ok()
+        .and_then(|p| crate::keys::pem_kid(&p));
+    Ok(jsonwebtoken::encode(&header, claims, &key)?)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn setup() -> (tempfile::TempDir, KeyStore) {
-        let dir = tempfile::tempdir().unwrap();
-        crate::pki::ensure_signing_keys(dir.path(), &["psda", "ssg"]).unwrap();
-        let ks = KeyStore::load(
-            dir.path(),
-            &["psda", "ssg"],
-            VerifyOptions {
-                audience: "karibche".into(),
-                leeway: Duration::from_secs(5),
-                max_lifetime: Duration::from_secs(900),
-            },
-        )
-        .unwrap();
-        (dir, ks)
-    }
-
-    fn req(agency: &str, ttl: u64) -> IssueRequest {
-        IssueRequest {
-            agency: agency.into(),
-            officer: "officer-7".into(),
-            purpose: "identity-documentation".into(),
-            case_ref: Some("C-1".into()),
-            ttl: Duration::from_secs(ttl),
-            audience: "karibche".into(),
-            backdate: Duration::ZERO,
-        }
-    }
-
-    #[test]
-    fn issued_token_verifies_for_its_agency_only() {
-        let (dir, ks) = setup();
-        let t = issue(dir.path(), &req("psda", 300)).unwrap();
-        let o = ks.verify(&t, "psda").unwrap();
-        assert_eq!(o.id, "officer-7");
-        assert_eq!(o.case_ref.as_deref(), Some("C-1"));
-        assert!(o.token_id.is_some());
-        assert_eq!(ks.verify(&t, "ssg"), Err(TokenError::WrongAgency));
-        assert_eq!(ks.verify(&t, "geostat"), Err(TokenError::NoKey));
-    }
-
-    #[test]
-    fn lifetime_audience_and_tampering_are_refused() {
-        let (dir, ks) = setup();
-        let long = issue(dir.path(), &req("psda", 3600)).unwrap();
-        assert_eq!(ks.verify(&long, "psda"), Err(TokenError::LifetimeTooLong));
-        let mut r = req("psda", 300);
-        r.audience = "other".into();
-        let t = issue(dir.path(), &r).unwrap();
-        assert_eq!(ks.verify(&t, "psda"), Err(TokenError::WrongAudience));
-        let good = issue(dir.path(), &req("psda", 300)).unwrap();
-        let mut parts: Vec<&str> = good.split('.').collect();
-        parts[2] = "AAAA";
-        assert!(ks.verify(&parts.join("."), "psda").is_err());
-        assert_eq!(ks.verify("not-a-jwt", "psda"), Err(TokenError::Malformed));
-        let mut old = req("psda", 60);
-        old.backdate = Duration::from_secs(600);
-        let t = issue(dir.path(), &old).unwrap();
-        assert_eq!(ks.verify(&t, "psda"), Err(TokenError::Expired));
-    }
-
-    #[test]
-    fn alg_none_is_refused() {
-        let (_dir, ks) = setup();
-        use base64::Engine;
-        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let header = b.encode(br#"{"alg":"none","typ":"JWT"}"#);
-        let body = b
-            .encode(br#"{"iss":"psda","sub":"x","aud":"karibche","exp":9999999999,"purpose":"p"}"#);
-        let t = format!("{header}.{body}.");
-        assert!(ks.verify(&t, "psda").is_err());
-    }
-}
+mod tests;
