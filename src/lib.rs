@@ -23,6 +23,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod identity;
+pub mod limits;
 pub mod minimise;
 pub mod pki;
 pub mod policy;
