@@ -71,8 +71,8 @@ impl Rate {
     pub fn quota(&self, replicas: u32) -> Quota {
         let replicas = replicas.max(1);
         // Each replica admits count/replicas per period: one request every per*replicas/count.
-        let interval = (self.per.saturating_mul(replicas) / self.count.max(1))
-            .max(Duration::from_nanos(1));
+        let interval =
+            (self.per.saturating_mul(replicas) / self.count.max(1)).max(Duration::from_nanos(1));
         let burst = NonZeroU32::new(self.burst.div_ceil(replicas)).unwrap_or(NonZeroU32::MIN);
         Quota::with_period(interval)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
@@ -215,7 +215,10 @@ impl Reporter<'_> {
             Some(b) => match u32::try_from(*b.get_ref()) {
                 Ok(n) if n >= 1 => Some(n),
                 _ => {
-                    self.at(b.span(), "burst must be a whole number from 1 to 4294967295");
+                    self.at(
+                        b.span(),
+                        "burst must be a whole number from 1 to 4294967295",
+                    );
                     None
                 }
             },
@@ -248,11 +251,14 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 
 /// `"100/s"`, `"6000/min"`, `"50000/h"`, `"200000/d"` → (count, period).
 fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
-    let bad = || format!("rate {s:?} must look like \"100/s\", \"600/min\", \"5000/h\" or \"100000/d\"");
+    let bad =
+        || format!("rate {s:?} must look like \"100/s\", \"600/min\", \"5000/h\" or \"100000/d\"");
     let (n, unit) = s.split_once('/').ok_or_else(bad)?;
     let count: u32 = n.trim().parse().map_err(|_| bad())?;
     if count == 0 {
-        return Err(format!("rate {s:?} admits nothing; remove the quota or grant at least 1"));
+        return Err(format!(
+            "rate {s:?} admits nothing; remove the quota or grant at least 1"
+        ));
     }
     let per = match unit.trim() {
         "s" | "sec" | "second" => 1,
@@ -301,7 +307,10 @@ impl LimitSet {
         };
         for (id, pair) in &raw.agencies {
             if policy.agency(id.get_ref()).is_none() {
-                r.at(id.span(), format!("unknown agency {:?} (not in the policy)", id.get_ref()));
+                r.at(
+                    id.span(),
+                    format!("unknown agency {:?} (not in the policy)", id.get_ref()),
+                );
             }
             let p = pair.get_ref();
             if p.agency.is_none() && p.officer.is_none() {
@@ -315,18 +324,35 @@ impl LimitSet {
         }
         for g in &raw.grants {
             let g = g.get_ref();
-            let (agency, provider, service) = (g.agency.get_ref(), g.provider.get_ref(), g.service.get_ref());
+            let (agency, provider, service) = (
+                g.agency.get_ref(),
+                g.provider.get_ref(),
+                g.service.get_ref(),
+            );
             match policy.agency(agency) {
-                None => r.at(g.agency.span(), format!("unknown agency {agency:?} (not in the policy)")),
-                Some(a) if !a.grants.iter().any(|x| &x.provider == provider && &x.service == service) => r.at(
-                    g.provider.span(),
-                    format!("agency {agency:?} has no grant for {provider}/{service}"),
+                None => r.at(
+                    g.agency.span(),
+                    format!("unknown agency {agency:?} (not in the policy)"),
                 ),
+                Some(a)
+                    if !a
+                        .grants
+                        .iter()
+                        .any(|x| &x.provider == provider && &x.service == service) =>
+                {
+                    r.at(
+                        g.provider.span(),
+                        format!("agency {agency:?} has no grant for {provider}/{service}"),
+                    )
+                }
                 Some(_) => {}
             }
             let key = (agency.clone(), provider.clone(), service.clone());
             if set.grants.contains_key(&key) {
-                r.at(g.agency.span(), format!("a second quota for {agency} {provider}/{service}"));
+                r.at(
+                    g.agency.span(),
+                    format!("a second quota for {agency} {provider}/{service}"),
+                );
             }
             if let Some(rate) = r.rate(&g.rate, g.burst.as_ref()) {
                 set.grants.insert(key, rate);
@@ -466,10 +492,18 @@ impl Table {
     fn build(set: &LimitSet, replicas: u32, old: Option<&Table>) -> Table {
         let q = |r: &Rate| r.quota(replicas);
         let default_agency = set.agency.map(|r| {
-            Bucket::reuse(old.and_then(|o| o.default_agency.as_ref()), q(&r), Keyed::keyed)
+            Bucket::reuse(
+                old.and_then(|o| o.default_agency.as_ref()),
+                q(&r),
+                Keyed::keyed,
+            )
         });
         let default_officer = set.officer.map(|r| {
-            Bucket::reuse(old.and_then(|o| o.default_officer.as_ref()), q(&r), Keyed::keyed)
+            Bucket::reuse(
+                old.and_then(|o| o.default_officer.as_ref()),
+                q(&r),
+                Keyed::keyed,
+            )
         });
         let agencies = set
             .agencies
@@ -492,7 +526,8 @@ impl Table {
             .iter()
             .map(|((a, p, s), r)| {
                 let key = grant_key(a, p, s);
-                let bucket = Bucket::reuse(old.and_then(|o| o.grants.get(&key)), q(r), Direct::direct);
+                let bucket =
+                    Bucket::reuse(old.and_then(|o| o.grants.get(&key)), q(r), Direct::direct);
                 (key, bucket)
             })
             .collect();
@@ -598,8 +633,7 @@ impl Limits {
         let t = self.table.load();
         t.default_agency.as_ref().map_or(0, |b| b.limiter.len())
             + t.default_officer.as_ref().map_or(0, |b| b.limiter.len())
-            + t
-                .agencies
+            + t.agencies
                 .values()
                 .filter_map(|a| a.officers.as_ref())
                 .map(|b| b.limiter.len())
@@ -687,9 +721,14 @@ impl RefusalLog {
 
     /// Decides whether the refusal `entry` (complete but for its id) is recorded on its own.
     pub fn sample(&self, entry: &Entry, now: Instant) -> Sample {
-        let key = [&entry.agency, &entry.officer, &entry.provider, &entry.service]
-            .map(|s| s.as_deref().unwrap_or(""))
-            .join("\n");
+        let key = [
+            &entry.agency,
+            &entry.officer,
+            &entry.provider,
+            &entry.service,
+        ]
+        .map(|s| s.as_deref().unwrap_or(""))
+        .join("\n");
         let Ok(mut st) = self.state.lock() else {
             return Sample::Record;
         };
@@ -754,7 +793,8 @@ impl RefusalLog {
                 out.push(s);
             }
         }
-        self.summaries.fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.summaries
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
         out
     }
 
@@ -853,4 +893,266 @@ impl Drop for ConnectionSlot {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap()
+    }
+
+    fn parse(text: &str) -> Result<LimitSet, LimitErrors> {
+        LimitSet::parse(Path::new("limits.toml"), text, &policy())
+    }
+
+    fn set(text: &str) -> LimitSet {
+        parse(text).unwrap()
+    }
+
+    #[test]
+    fn the_repository_file_is_valid() {
+        let set = LimitSet::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
+            &policy(),
+        )
+        .unwrap();
+        assert!(set.agency.is_some() && set.officer.is_some());
+        assert!(set.agencies.contains_key("mia-border"));
+        assert_eq!(set.grants.len(), 1);
+        let missing = LimitSet::load(Path::new("/nonexistent"), &policy()).unwrap();
+        assert_eq!(missing, LimitSet::default(), "no file, no quotas");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_position() {
+        let text = "[defaults]\nagency = { rate = \"10/fortnight\" }\nofficer = { rate = \"5/s\", burst = 0 }\n\n[agencies.mia-bordr]\nagency = { rate = \"1/s\" }\n\n[agencies.ssg]\n\n[[grants]]\nagency = \"geostat\"\nprovider = \"registry\"\nservice = \"visas\"\nrate = \"0/s\"\n";
+        let errors = parse(text).unwrap_err();
+        let shown = errors.to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), 6, "{shown}");
+        assert!(
+            lines[0].starts_with("limits.toml:2:19: rate \"10/fortnight\""),
+            "{shown}"
+        );
+        assert!(lines[1].starts_with("limits.toml:3:35: burst"), "{shown}");
+        assert!(
+            lines[2].starts_with("limits.toml:5:11: unknown agency \"mia-bordr\""),
+            "{shown}"
+        );
+        assert!(shown.contains("sets no quota"), "{shown}");
+        assert!(
+            shown.contains("agency \"geostat\" has no grant for registry/visas"),
+            "{shown}"
+        );
+        let unknown = parse("[defaults]\nagencies = {}\n").unwrap_err();
+        assert!(
+            unknown
+                .to_string()
+                .starts_with("limits.toml:2:1: unknown field `agencies`"),
+            "{unknown}"
+        );
+    }
+
+    #[test]
+    fn replicas_share_a_quota() {
+        let r = Rate {
+            count: 100,
+            per: Duration::from_secs(1),
+            burst: 7,
+        };
+        let one = r.quota(1);
+        assert_eq!(one.burst_size().get(), 7);
+        assert_eq!(one.replenish_interval(), Duration::from_millis(10));
+        let four = r.quota(4);
+        assert_eq!(four.burst_size().get(), 2, "ceil(7/4)");
+        assert_eq!(four.replenish_interval(), Duration::from_millis(40));
+        assert_eq!(r.quota(100).burst_size().get(), 1);
+    }
+
+    fn allowed(l: &Limits, agency: &str, officer: &str, n: usize) -> Vec<Result<(), Scope>> {
+        (0..n)
+            .map(|_| {
+                l.check(agency, officer, "registry", "persons")
+                    .map_err(|e| e.scope)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn officer_quota_sits_inside_the_agency_quota_and_agencies_are_apart() {
+        let l = Limits::new(
+            &set("[defaults]\nagency = { rate = \"1/h\", burst = 6 }\nofficer = { rate = \"1/h\", burst = 4 }\n"),
+            1,
+        );
+        let a = allowed(&l, "ssg", "o1", 5);
+        assert_eq!(a[..4], [Ok(()), Ok(()), Ok(()), Ok(())]);
+        assert_eq!(a[4], Err(Scope::Officer));
+        // o1's refused request did not use the agency's quota: 2 left for o2.
+        let b = allowed(&l, "ssg", "o2", 3);
+        assert_eq!(b, vec![Ok(()), Ok(()), Err(Scope::Agency)]);
+        // Another agency has its own quota.
+        assert_eq!(allowed(&l, "psda", "o1", 4), vec![Ok(()); 4]);
+    }
+
+    #[test]
+    fn overrides_and_grant_quotas_apply() {
+        let l = Limits::new(
+            &set("[defaults]\nofficer = { rate = \"1/h\", burst = 1 }\n[agencies.mia-border]\nofficer = { rate = \"1/h\", burst = 3 }\n[[grants]]\nagency = \"mfa-consular\"\nprovider = \"registry\"\nservice = \"visas\"\nrate = \"1/h\"\nburst = 1\n"),
+            1,
+        );
+        assert_eq!(allowed(&l, "mia-border", "o", 4)[3], Err(Scope::Officer));
+        assert_eq!(allowed(&l, "ssg", "o", 2)[1], Err(Scope::Officer));
+        assert!(l.check("mfa-consular", "a", "registry", "visas").is_ok());
+        let e = l
+            .check("mfa-consular", "b", "registry", "visas")
+            .unwrap_err();
+        assert_eq!(e.scope, Scope::Grant);
+        assert!(e.retry_after > Duration::from_secs(3500));
+        let headers: BTreeMap<String, String> = e
+            .headers()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        assert_eq!(headers["retry-after"], e.retry_after_secs().to_string());
+        assert_eq!(headers["ratelimit-policy"], "\"grant\";q=1;w=3600");
+        assert_eq!(
+            headers["ratelimit"],
+            format!("\"grant\";r=0;t={}", e.retry_after_secs())
+        );
+    }
+
+    #[test]
+    fn reload_keeps_the_state_of_unchanged_quotas() {
+        let before = "[defaults]\nofficer = { rate = \"1/h\", burst = 2 }\n[agencies.ssg]\nagency = { rate = \"1/h\", burst = 2 }\n[agencies.psda]\nagency = { rate = \"1/h\", burst = 2 }\n";
+        let l = Limits::new(&set(before), 1);
+        for agency in ["ssg", "psda"] {
+            allowed(&l, agency, "a", 1);
+            allowed(&l, agency, "b", 1);
+            assert_eq!(allowed(&l, agency, "c", 1), vec![Err(Scope::Agency)]);
+        }
+        // psda's quota changes, ssg's and the officers' do not.
+        let after = before.replace(
+            "[agencies.psda]\nagency = { rate = \"1/h\", burst = 2 }",
+            "[agencies.psda]\nagency = { rate = \"1/h\", burst = 3 }",
+        );
+        l.reload(&set(&after));
+        assert_eq!(
+            allowed(&l, "ssg", "c", 1),
+            vec![Err(Scope::Agency)],
+            "no fresh burst on reload"
+        );
+        assert_eq!(
+            allowed(&l, "psda", "c", 1),
+            vec![Ok(())],
+            "a changed quota starts afresh"
+        );
+        // c's officer bucket (2) was used by the refused and the admitted request.
+        assert_eq!(
+            allowed(&l, "psda", "c", 1),
+            vec![Err(Scope::Officer)],
+            "officer state kept"
+        );
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten() {
+        let l = Limits::new(
+            &set("[defaults]\nofficer = { rate = \"1000/s\", burst = 1 }\n"),
+            1,
+        );
+        for i in 0..100 {
+            l.check("ssg", &format!("o{i}"), "registry", "persons")
+                .unwrap();
+        }
+        assert_eq!(l.keys(), 100);
+        std::thread::sleep(Duration::from_millis(5));
+        l.forget_idle();
+        assert_eq!(l.keys(), 0);
+    }
+
+    fn refusal(officer: &str, subject: &str) -> Entry {
+        Entry {
+            id: uuid::Uuid::now_v7().to_string(),
+            agency: Some("ssg".into()),
+            officer: Some(officer.into()),
+            provider: Some("registry".into()),
+            service: Some("persons".into()),
+            method: "GET".into(),
+            path: format!("/v1/registry/persons/{subject}"),
+            subjects: vec![subject.into()],
+            decision: "deny".into(),
+            reason: Some(RATE_LIMITED.into()),
+            status: 429,
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn a_flood_is_recorded_once_per_window_plus_a_summary() {
+        let log = RefusalLog::new(Duration::from_millis(100), 2);
+        let t0 = Instant::now();
+        assert_eq!(log.sample(&refusal("o1", "RF-1"), t0), Sample::Record);
+        let Sample::Summarised { summary_id } = log.sample(&refusal("o1", "RF-2"), t0) else {
+            panic!("second refusal in the window must be summarised")
+        };
+        for i in 0..10 {
+            assert_eq!(
+                log.sample(
+                    &refusal("o1", &format!("RF-{i}")),
+                    t0 + Duration::from_millis(50)
+                ),
+                Sample::Summarised {
+                    summary_id: summary_id.clone()
+                }
+            );
+        }
+        // Another officer is another key.
+        assert_eq!(log.sample(&refusal("o2", "RF-1"), t0), Sample::Record);
+        assert!(log.due(t0 + Duration::from_millis(99)).is_empty());
+        let due = log.due(t0 + Duration::from_millis(100));
+        assert_eq!(due.len(), 1, "o2's window had nothing to summarise");
+        let s = &due[0];
+        assert_eq!(s.id, summary_id);
+        assert_eq!(s.path, "summary:11");
+        assert_eq!(s.reason.as_deref(), Some(RATE_LIMITED_SUMMARY));
+        assert_eq!(
+            s.subjects.len(),
+            10,
+            "RF-0..RF-9, each once: {:?}",
+            s.subjects
+        );
+        assert_eq!(log.unrecorded(), 11);
+
+        // Past the window the next refusal is recorded again; beyond max_windows keys, every one is.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(log.sample(&refusal("o1", "RF-1"), t1), Sample::Record);
+        assert_eq!(log.sample(&refusal("o2", "RF-1"), t1), Sample::Record);
+        assert_eq!(log.sample(&refusal("o3", "RF-1"), t1), Sample::Record);
+        assert_eq!(log.sample(&refusal("o3", "RF-1"), t1), Sample::Record);
+        assert!(matches!(
+            log.sample(&refusal("o1", "RF-1"), t1),
+            Sample::Summarised { .. }
+        ));
+        let rest = log.drain();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].path, "summary:1");
+        assert_eq!(log.summaries(), 2);
+    }
+
+    #[test]
+    fn connections_are_capped_per_agency() {
+        let policy = Arc::new(ArcSwap::from_pointee(policy()));
+        let caps = ConnectionCaps::new(2, policy);
+        let cert = |agency: &str| PeerCert {
+            uri_sans: vec![format!("urn:karibche:agency:{agency}")],
+            sha256: "00".repeat(32),
+            dns_sans: Vec::new(),
+            subject: String::new(),
+        };
+        let a = caps.admit(Some(&cert("ssg"))).unwrap();
+        let _b = caps.admit(Some(&cert("ssg"))).unwrap();
+        assert_eq!(caps.admit(Some(&cert("ssg"))).unwrap_err(), "ssg");
+        let _c = caps.admit(Some(&cert("psda"))).unwrap();
+        drop(a);
+        assert_eq!(caps.open("ssg"), 1);
+        let _d = caps.admit(Some(&cert("ssg"))).unwrap();
+    }
 }
