@@ -44,8 +44,8 @@ pub struct Metrics {
     denials: Mutex<BTreeMap<&'static str, u64>>,
     upstream_errors: AtomicU64,
     audit_failures: AtomicU64,
-    // Overload bounds that cut off or refused a connection or request, by kind.
-    overload: Mutex<BTreeMap<&'static str, u64>>,
+    // Overload bounds that cut off or refused a connection or request, by listener and kind.
+    overload: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 fn listener_index(name: &str) -> usize {
@@ -88,17 +88,22 @@ impl Metrics {
     /// Counts a connection or request cut off or refused by an overload bound
     /// (`handshake_timeout`, `header_timeout`, `header_too_large`, `idle_timeout`,
     /// `connections_total`, `connections_agency`, `provider_busy`, `breaker_open`).
-    pub fn overload(&self, kind: &'static str) {
+    pub fn overload(&self, listener: &'static str, kind: &'static str) {
         if let Ok(mut m) = self.overload.lock() {
-            *m.entry(kind).or_default() += 1;
+            *m.entry((listener, kind)).or_default() += 1;
         }
     }
 
-    /// How often an overload bound of this kind has acted.
-    pub fn overloads(&self, kind: &str) -> u64 {
+    /// How often an overload bound of this kind has acted on a listener.
+    pub fn overloads(&self, listener: &str, kind: &str) -> u64 {
         self.overload
             .lock()
-            .map(|m| m.get(kind).copied().unwrap_or(0))
+            .map(|m| {
+                m.iter()
+                    .filter(|((l, k), _)| *l == listener && *k == kind)
+                    .map(|(_, n)| *n)
+                    .sum()
+            })
             .unwrap_or(0)
     }
 
@@ -187,8 +192,11 @@ impl Metrics {
             "# HELP karibche_overload_total Connections and requests cut off or refused by an overload bound, by kind.\n# TYPE karibche_overload_total counter"
         );
         if let Ok(m) = self.overload.lock() {
-            for (kind, n) in m.iter() {
-                let _ = writeln!(out, "karibche_overload_total{{kind=\"{kind}\"}} {n}");
+            for ((listener, kind), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "karibche_overload_total{{listener=\"{listener}\",kind=\"{kind}\"}} {n}"
+                );
             }
         }
         let _ = writeln!(
@@ -384,7 +392,7 @@ mod tests {
         m.request_done(StatusCode::FORBIDDEN, Duration::from_millis(1));
         m.denied("no_grant");
         m.handshake_failed("gateway");
-        m.overload("header_timeout");
+        m.overload("gateway", "header_timeout");
         let mut out = String::new();
         m.render(&mut out);
         assert!(out.contains("karibche_requests_total{class=\"2xx\"} 1"));
@@ -392,6 +400,8 @@ mod tests {
         assert!(out.contains("karibche_denials_total{reason=\"no_grant\"} 1"));
         assert!(out.contains("karibche_request_duration_seconds_count 2"));
         assert!(out.contains("karibche_tls_handshake_failures_total{listener=\"gateway\"} 1"));
-        assert!(out.contains("karibche_overload_total{kind=\"header_timeout\"} 1"));
+        assert!(
+            out.contains("karibche_overload_total{listener=\"gateway\",kind=\"header_timeout\"} 1")
+        );
     }
 }

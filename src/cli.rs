@@ -392,6 +392,16 @@ fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCo
                     p.providers().count(),
                     p.version()
                 );
+                // The quotas name agencies and grants, so they are checked against this policy.
+                if let Err(errors) = crate::limits::LimitSet::load(&config.policies_dir, &p) {
+                    eprintln!("{errors}");
+                    eprintln!(
+                        "{} problem(s) in {}; the quotas were not accepted",
+                        errors.0.len(),
+                        crate::limits::LIMITS_FILE
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(errors) => {

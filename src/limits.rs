@@ -34,8 +34,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use governor::clock::Clock;
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+use governor::clock::{Clock, MonotonicClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use toml::Spanned;
@@ -446,8 +449,19 @@ fn ceil_secs(d: Duration) -> u64 {
     s.max(1)
 }
 
-type Direct = DefaultDirectRateLimiter;
-type Keyed<K> = DefaultKeyedRateLimiter<K>;
+// The standard monotonic clock rather than governor's default (quanta's TSC
+// clock): quanta calibrates the TSC for up to 200 ms at first use, and a
+// calibration skewed by a busy machine would refill buckets at the wrong pace.
+type Direct = RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<Instant>>;
+type Keyed<K> = RateLimiter<K, DashMapStateStore<K>, MonotonicClock, NoOpMiddleware<Instant>>;
+
+fn direct_limiter(quota: Quota) -> Direct {
+    RateLimiter::direct_with_clock(quota, MonotonicClock)
+}
+
+fn keyed_limiter<K: std::hash::Hash + Eq + Clone>(quota: Quota) -> Keyed<K> {
+    RateLimiter::dashmap_with_clock(quota, MonotonicClock)
+}
 
 /// A limiter and the quota it was built with, so a reload can tell whether to keep it.
 struct Bucket<L> {
@@ -495,14 +509,14 @@ impl Table {
             Bucket::reuse(
                 old.and_then(|o| o.default_agency.as_ref()),
                 q(&r),
-                Keyed::keyed,
+                keyed_limiter,
             )
         });
         let default_officer = set.officer.map(|r| {
             Bucket::reuse(
                 old.and_then(|o| o.default_officer.as_ref()),
                 q(&r),
-                Keyed::keyed,
+                keyed_limiter,
             )
         });
         let agencies = set
@@ -512,10 +526,10 @@ impl Table {
                 let was = old.and_then(|o| o.agencies.get(id));
                 let buckets = AgencyBuckets {
                     agency: rates.agency.map(|r| {
-                        Bucket::reuse(was.and_then(|w| w.agency.as_ref()), q(&r), Direct::direct)
+                        Bucket::reuse(was.and_then(|w| w.agency.as_ref()), q(&r), direct_limiter)
                     }),
                     officers: rates.officer.map(|r| {
-                        Bucket::reuse(was.and_then(|w| w.officers.as_ref()), q(&r), Keyed::keyed)
+                        Bucket::reuse(was.and_then(|w| w.officers.as_ref()), q(&r), keyed_limiter)
                     }),
                 };
                 (id.clone(), buckets)
@@ -527,7 +541,7 @@ impl Table {
             .map(|((a, p, s), r)| {
                 let key = grant_key(a, p, s);
                 let bucket =
-                    Bucket::reuse(old.and_then(|o| o.grants.get(&key)), q(r), Direct::direct);
+                    Bucket::reuse(old.and_then(|o| o.grants.get(&key)), q(r), direct_limiter);
                 (key, bucket)
             })
             .collect();

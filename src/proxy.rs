@@ -498,7 +498,7 @@ impl Gateway {
                 "the provider is failing and is given time to recover; retry later",
             ),
         };
-        self.metrics.overload(kind);
+        self.metrics.overload("gateway", kind);
         tracing::debug!(provider, reason, "provider call not made");
         let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
         Refusal {

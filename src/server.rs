@@ -222,7 +222,7 @@ pub async fn serve_tls<H, F>(
                 refused: None,
             },
             Err(_) => {
-                metrics.overload("connections_total");
+                metrics.overload(name, "connections_total");
                 match refusing.clone().try_acquire_owned() {
                     Ok(p) => Admission {
                         _slot: p,
@@ -255,7 +255,7 @@ pub async fn serve_tls<H, F>(
                     }
                     Err(_) => {
                         metrics.handshake_failed(name);
-                        metrics.overload("handshake_timeout");
+                        metrics.overload(name, "handshake_timeout");
                         tracing::debug!(listener = name, %peer, "TLS handshake timed out");
                         return;
                     }
@@ -271,7 +271,7 @@ pub async fn serve_tls<H, F>(
                 (Some(caps), None) => match caps.admit(client.as_ref()) {
                     Ok(slot) => Some(slot),
                     Err(agency) => {
-                        metrics.overload("connections_agency");
+                        metrics.overload(name, "connections_agency");
                         tracing::info!(listener = name, %peer, agency, "connection refused: the agency holds its maximum of connections");
                         refused = Some("your agency holds its maximum of open connections; reuse or close one");
                         None
@@ -323,7 +323,7 @@ pub async fn serve_tls<H, F>(
                     _ = activity.idle(idle, min_served), if !closing => {
                         closing = true;
                         if refused.is_none() {
-                            metrics.overload("idle_timeout");
+                            metrics.overload(name, "idle_timeout");
                         }
                         conn.as_mut().graceful_shutdown();
                     }
@@ -334,12 +334,12 @@ pub async fn serve_tls<H, F>(
                 match err.downcast_ref::<hyper::Error>() {
                     // hyper's header timer also runs while HTTP/1.1 waits for the next request.
                     Some(e) if e.is_timeout() && activity.served() == 0 => {
-                        metrics.overload("header_timeout");
+                        metrics.overload(name, "header_timeout");
                         tracing::debug!(listener = name, %peer, "request headers too slow; connection closed");
                     }
-                    Some(e) if e.is_timeout() => metrics.overload("idle_timeout"),
+                    Some(e) if e.is_timeout() => metrics.overload(name, "idle_timeout"),
                     Some(e) if e.is_parse_too_large() => {
-                        metrics.overload("header_too_large");
+                        metrics.overload(name, "header_too_large");
                         tracing::debug!(listener = name, %peer, "request headers too large");
                     }
                     _ => tracing::debug!(listener = name, %peer, %err, "connection ended with an error"),

@@ -281,7 +281,7 @@ async fn a_slowloris_client_is_cut_off_while_others_are_served() {
     let metrics = gw.running.gateway.metrics.clone();
     assert!(
         eventually(Duration::from_secs(2), async || metrics
-            .overloads("header_timeout")
+            .overloads("gateway", "header_timeout")
             == 1)
         .await
     );
@@ -398,7 +398,9 @@ async fn a_hanging_provider_gets_504s_then_its_breaker_opens() {
     assert_eq!(ready["providers"]["registry"]["breaker"], "closed");
     let (_, metrics) = admin_get(&gw, "/metrics").await;
     assert!(metrics.contains("karibche_provider_breaker_open{provider=\"slow\"} 1"));
-    assert!(metrics.contains("karibche_overload_total{kind=\"breaker_open\"} 1"));
+    assert!(
+        metrics.contains("karibche_overload_total{listener=\"gateway\",kind=\"breaker_open\"} 1")
+    );
     let reasons: Vec<String> = records(&gw)
         .await
         .into_iter()
@@ -445,7 +447,10 @@ async fn connections_are_capped_per_agency_with_a_clear_answer() {
         StatusCode::OK
     );
     assert_eq!(
-        gw.running.gateway.metrics.overloads("connections_agency"),
+        gw.running
+            .gateway
+            .metrics
+            .overloads("gateway", "connections_agency"),
         1
     );
     drop((_a, _b));
@@ -454,6 +459,86 @@ async fn connections_are_capped_per_agency_with_a_clear_answer() {
     })
     .await;
     assert!(freed, "closing connections frees the agency's slots");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_idle_connections_are_closed() {
+    let gw = start("", |c, _| {
+        c.gateway.handshake_timeout = Duration::from_millis(300);
+        c.limits.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let metrics = gw.running.gateway.metrics.clone();
+    // A TCP connection that never starts its TLS handshake.
+    let mut silent = tokio::net::TcpStream::connect(gw.gateway_addr())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut buf))
+        .await
+        .expect("cut at the handshake timeout");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert!(
+        eventually(Duration::from_secs(2), async || metrics
+            .overloads("gateway", "handshake_timeout")
+            == 1)
+        .await
+    );
+
+    // A keep-alive connection that answered one request and then sits idle.
+    let token = gw.token("mia-border", "border-control", None);
+    let mut tls = gw.client("mia-border").tls().await;
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n",
+        person()
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the idle connection must be closed");
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            metrics.overloads("gateway", "idle_timeout") == 1
+        })
+        .await
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_total_cap_are_refused_clearly() {
+    let gw = start("", |c, _| c.gateway.max_connections = 1).await;
+    let client = gw.client("geostat");
+    let token = gw.token("geostat", "official-statistics", None);
+    let _held = client.tls().await;
+    let refused = client.get(&person(), Some(&token)).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.json()["type"], "urn:karibche:problem:over-capacity");
+    assert_eq!(
+        gw.running
+            .gateway
+            .metrics
+            .overloads("gateway", "connections_total"),
+        1
+    );
+    drop(_held);
+    let served = eventually(Duration::from_secs(3), async || {
+        client.get(&person(), Some(&token)).await.status == StatusCode::OK
+    })
+    .await;
+    assert!(served);
     gw.shutdown().await;
 }
 
