@@ -307,10 +307,7 @@ pub async fn serve_tls<H, F>(
                 Some(_) => (Duration::ZERO, 1),
                 None => (limits.idle_timeout, 0),
             };
-            let deadline = tokio::time::sleep(match refused {
-                Some(_) => limits.header_timeout,
-                None => Duration::MAX / 4,
-            });
+            let deadline = tokio::time::sleep(limits.header_timeout);
             tokio::pin!(deadline);
             let mut closing = false;
             let result = loop {
@@ -327,7 +324,7 @@ pub async fn serve_tls<H, F>(
                         }
                         conn.as_mut().graceful_shutdown();
                     }
-                    _ = &mut deadline => break Ok(()),
+                    _ = &mut deadline, if refused.is_some() => break Ok(()),
                 }
             };
             if let Err(err) = result {
