@@ -1082,6 +1082,27 @@ mod tests {
         assert_eq!(l.keys(), 0);
     }
 
+    /// `cargo test --lib limits::tests::check_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn check_cost() {
+        let l = Limits::new(
+            &set("[defaults]\nagency = { rate = \"1000000/s\", burst = 1000000 }\nofficer = { rate = \"100000/s\", burst = 100000 }\n"),
+            1,
+        );
+        let officers: Vec<String> = (0..1000).map(|i| format!("officer-{i}")).collect();
+        let n = 1_000_000;
+        let t = Instant::now();
+        for i in 0..n {
+            let _ = l.check("ssg", &officers[i % officers.len()], "registry", "persons");
+        }
+        let per = t.elapsed() / n as u32;
+        println!(
+            "{per:?} per check (officer + agency quota, 1000 officers), {} keys",
+            l.keys()
+        );
+    }
+
     fn refusal(officer: &str, subject: &str) -> Entry {
         Entry {
             id: uuid::Uuid::now_v7().to_string(),
