@@ -2,7 +2,7 @@
 //! order, each a named function returning a typed result.
 //!
 //! ```text
-//! agency → token → route → decide → (limit) → consent → forward → minimise → audit → respond
+//! agency → token → route → decide → limit → consent → forward → minimise → audit → respond
 //! ```
 //!
 //! Whatever happens, [`Gateway::handle`] ends by committing one audit record
