@@ -17,6 +17,8 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::audit::AuditLog;
+use crate::breaker::Providers;
+use crate::limits::Limits;
 use crate::policy::Policy;
 use crate::problem::{json_response, Body, Problem};
 use crate::store::Store;
@@ -46,6 +48,8 @@ pub struct Metrics {
     policy_reload_failures: AtomicU64,
     // (label, notAfter unix seconds); days are computed at render time, so they count down.
     certificates: Mutex<Vec<(String, i64)>>,
+    // Overload bounds that cut off or refused a connection or request, by listener and kind.
+    overload: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 fn listener_index(name: &str) -> usize {
@@ -101,6 +105,28 @@ impl Metrics {
             self.policy_reloads.load(Ordering::Relaxed),
             self.policy_reload_failures.load(Ordering::Relaxed),
         )
+    }
+
+    /// Counts a connection or request cut off or refused by an overload bound
+    /// (`handshake_timeout`, `header_timeout`, `header_too_large`, `idle_timeout`,
+    /// `connections_total`, `connections_agency`, `provider_busy`, `breaker_open`).
+    pub fn overload(&self, listener: &'static str, kind: &'static str) {
+        if let Ok(mut m) = self.overload.lock() {
+            *m.entry((listener, kind)).or_default() += 1;
+        }
+    }
+
+    /// How often an overload bound of this kind has acted on a listener.
+    pub fn overloads(&self, listener: &str, kind: &str) -> u64 {
+        self.overload
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|((l, k), _)| *l == listener && *k == kind)
+                    .map(|(_, n)| *n)
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 
     /// Counts a failed TLS handshake on a listener.
@@ -192,6 +218,18 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
+            "# HELP karibche_overload_total Connections and requests cut off or refused by an overload bound, by kind.\n# TYPE karibche_overload_total counter"
+        );
+        if let Ok(m) = self.overload.lock() {
+            for ((listener, kind), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "karibche_overload_total{{listener=\"{listener}\",kind=\"{kind}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
             "# HELP karibche_upstream_errors_total Provider calls that failed or timed out.\n# TYPE karibche_upstream_errors_total counter\nkaribche_upstream_errors_total {}",
             self.upstream_errors.load(Ordering::Relaxed)
         );
@@ -240,6 +278,10 @@ pub struct AdminState {
     pub audit: AuditLog,
     /// The policy in force, for its version.
     pub policy: Arc<ArcSwap<Policy>>,
+    /// The rate limiters, for their counters.
+    pub limits: Arc<Limits>,
+    /// Providers' breakers, reported by `/readyz` and `/metrics`.
+    pub providers: Arc<Providers>,
 }
 
 impl AdminState {
@@ -268,6 +310,25 @@ impl AdminState {
             .await
             .map(|r| r.is_ok())
             .unwrap_or(false);
+        // An open breaker is reported but keeps the gateway ready: every replica
+        // shares the provider, so taking this one out of rotation would not help.
+        let providers: serde_json::Map<String, serde_json::Value> = self
+            .providers
+            .states()
+            .into_iter()
+            .map(|(name, s)| {
+                let mut v = serde_json::json!({"breaker": s.breaker, "in_flight": s.in_flight});
+                if let Some(r) = s.retry_after {
+                    v["retry_after_ms"] = serde_json::json!(r.as_millis() as u64);
+                }
+                (name, v)
+            })
+            .collect();
+        let open: Vec<&String> = providers
+            .iter()
+            .filter(|(_, v)| v["breaker"] != "closed")
+            .map(|(k, _)| k)
+            .collect();
         let ok = listening && database;
         let status = if ok {
             StatusCode::OK
@@ -281,6 +342,8 @@ impl AdminState {
                 "listeners": listening,
                 "database": database,
                 "policy_version": self.policy.load().version(),
+                "open_breakers": open,
+                "providers": providers,
             }),
         )
     }
@@ -314,6 +377,55 @@ impl AdminState {
             "# HELP karibche_policy_info The policy version in force.\n# TYPE karibche_policy_info gauge\nkaribche_policy_info{{version=\"{}\"}} 1",
             self.policy.load().version()
         );
+        let _ = writeln!(
+            out,
+            "# HELP karibche_rate_limit_unrecorded_total Rate-limited requests not recorded one by one (each counted in a summary record).\n# TYPE karibche_rate_limit_unrecorded_total counter\nkaribche_rate_limit_unrecorded_total {}",
+            self.limits.refusals.unrecorded()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP karibche_rate_limit_summaries_total Summary records of rate-limited requests.\n# TYPE karibche_rate_limit_summaries_total counter\nkaribche_rate_limit_summaries_total {}",
+            self.limits.refusals.summaries()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP karibche_rate_limit_keys Agencies and officers with limiter state in memory.\n# TYPE karibche_rate_limit_keys gauge\nkaribche_rate_limit_keys {}",
+            self.limits.keys()
+        );
+        let states = self.providers.states();
+        let _ = writeln!(
+            out,
+            "# HELP karibche_provider_breaker_open 1 while a provider's circuit breaker is open or half-open.\n# TYPE karibche_provider_breaker_open gauge"
+        );
+        for (p, s) in &states {
+            let _ = writeln!(
+                out,
+                "karibche_provider_breaker_open{{provider=\"{p}\"}} {}",
+                u8::from(s.breaker != "closed")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP karibche_provider_breaker_opened_total Times a provider's circuit breaker opened.\n# TYPE karibche_provider_breaker_opened_total counter"
+        );
+        for (p, s) in &states {
+            let _ = writeln!(
+                out,
+                "karibche_provider_breaker_opened_total{{provider=\"{p}\"}} {}",
+                s.opened
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP karibche_provider_in_flight Requests in flight to a provider.\n# TYPE karibche_provider_in_flight gauge"
+        );
+        for (p, s) in &states {
+            let _ = writeln!(
+                out,
+                "karibche_provider_in_flight{{provider=\"{p}\"}} {}",
+                s.in_flight
+            );
+        }
         let mut resp = Response::new(Full::new(Bytes::from(out)));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -334,6 +446,7 @@ mod tests {
         m.request_done(StatusCode::FORBIDDEN, Duration::from_millis(1));
         m.denied("no_grant");
         m.handshake_failed("gateway");
+        m.overload("gateway", "header_timeout");
         let mut out = String::new();
         m.render(&mut out);
         assert!(out.contains("karibche_requests_total{class=\"2xx\"} 1"));
@@ -341,6 +454,9 @@ mod tests {
         assert!(out.contains("karibche_denials_total{reason=\"no_grant\"} 1"));
         assert!(out.contains("karibche_request_duration_seconds_count 2"));
         assert!(out.contains("karibche_tls_handshake_failures_total{listener=\"gateway\"} 1"));
+        assert!(
+            out.contains("karibche_overload_total{listener=\"gateway\",kind=\"header_timeout\"} 1")
+        );
         let in_ten_days = time::OffsetDateTime::now_utc().unix_timestamp() + 10 * 86_400 + 60;
         m.set_certificates(vec![("gateway".into(), in_ten_days)]);
         let mut out = String::new();

@@ -515,6 +515,16 @@ fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCo
                         );
                         return Ok(ExitCode::FAILURE);
                     }
+                    // The quotas name agencies and grants, so they are checked against this policy.
+                    if let Err(errors) = crate::limits::LimitSet::load(&dir, &p) {
+                        eprintln!("{errors}");
+                        eprintln!(
+                            "{} problem(s) in {}; the quotas were not accepted",
+                            errors.0.len(),
+                            crate::limits::LIMITS_FILE
+                        );
+                        return Ok(ExitCode::FAILURE);
+                    }
                     println!(
                         "{}: {} agencies, {} providers, policy version {}, {} warning(s)",
                         dir.display(),

@@ -37,6 +37,8 @@ pub struct Config {
     pub tokens: TokenConfig,
     /// The audit log writer.
     pub audit: AuditSettings,
+    /// Rate limits and overload bounds (the quotas themselves are in `policies/limits.toml`).
+    pub limits: LimitsConfig,
     /// Pseudonyms released under `pseudonymise` transforms.
     pub pseudonyms: PseudonymConfig,
 }
@@ -182,6 +184,43 @@ pub struct AuditSettings {
     pub key: Option<PathBuf>,
 }
 
+/// Rate limits and overload bounds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Gateway replicas sharing the quotas of `policies/limits.toml`; each enforces its share. Default 1.
+    pub replicas: u32,
+    /// A connection with no request in flight for this long is closed. Default 30 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Connections one agency may hold open at once. Default 512.
+    pub max_connections_per_agency: usize,
+    /// Requests in flight to one provider at once; more get 503. Default 256.
+    pub provider_concurrency: usize,
+    /// Consecutive provider failures (errors, timeouts, 5xx) that open its circuit breaker. Default 5.
+    pub breaker_failures: u32,
+    /// How long an opened breaker refuses before a probe; doubled after each failed probe. Default 5 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub breaker_open: Duration,
+    /// The longest a breaker stays open between probes. Default 60 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub breaker_max_open: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            replicas: 1,
+            idle_timeout: Duration::from_secs(30),
+            max_connections_per_agency: 512,
+            provider_concurrency: 256,
+            breaker_failures: 5,
+            breaker_open: Duration::from_secs(5),
+            breaker_max_open: Duration::from_secs(60),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -196,6 +235,7 @@ impl Default for Config {
             tokens: TokenConfig::default(),
             audit: AuditSettings::default(),
             pseudonyms: PseudonymConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -343,6 +383,8 @@ impl Config {
             ("gateway.upstream_timeout", g.upstream_timeout),
             ("tokens.max_lifetime", self.tokens.max_lifetime),
             ("tls.reload_interval", self.tls.reload_interval),
+            ("limits.idle_timeout", self.limits.idle_timeout),
+            ("limits.breaker_open", self.limits.breaker_open),
         ] {
             if d.is_zero() {
                 problems.push(format!("{name} must be longer than zero"));
@@ -356,6 +398,25 @@ impl Config {
         }
         if self.tokens.max_token_bytes < 256 {
             problems.push("tokens.max_token_bytes must be at least 256".to_owned());
+        }
+        let l = &self.limits;
+        for (name, n) in [
+            ("limits.replicas", l.replicas as usize),
+            (
+                "limits.max_connections_per_agency",
+                l.max_connections_per_agency,
+            ),
+            ("limits.provider_concurrency", l.provider_concurrency),
+            ("limits.breaker_failures", l.breaker_failures as usize),
+        ] {
+            if n == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        if l.breaker_max_open < l.breaker_open {
+            problems.push(
+                "limits.breaker_max_open must not be shorter than limits.breaker_open".to_owned(),
+            );
         }
         if self.tokens.audience.is_empty() {
             problems.push("tokens.audience must not be empty".to_owned());
@@ -502,6 +563,20 @@ mod tests {
         let c: Config = toml::from_str("[tls]\nclient_ca = [\"old.pem\", \"new.pem\"]\n").unwrap();
         assert_eq!(c.tls.client_ca.len(), 2);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn limits_section_is_read_and_checked() {
+        let c: Config = toml::from_str(
+            "[limits]\nreplicas = 3\nidle_timeout = \"5s\"\nbreaker_open = \"10s\"\nbreaker_max_open = \"2s\"\nprovider_concurrency = 0\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.replicas, 3);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(5));
+        let Err(ConfigError::Invalid(problems)) = c.validate() else {
+            panic!("expected invalid")
+        };
+        assert_eq!(problems.len(), 2, "{problems:?}");
     }
 
     #[test]

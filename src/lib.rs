@@ -20,12 +20,14 @@
 
 pub mod admin;
 pub mod audit;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod crl;
 pub mod identity;
 pub mod keys;
+pub mod limits;
 pub mod minimise;
 pub mod pki;
 pub mod policy;

@@ -2,7 +2,7 @@
 //! order, each a named function returning a typed result.
 //!
 //! ```text
-//! agency → token → route → decide → (limit) → consent → forward → minimise → audit → respond
+//! agency → token → route → decide → limit → consent → forward → minimise → audit → respond
 //! ```
 //!
 //! Whatever happens, [`Gateway::handle`] ends by committing one audit record
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -25,7 +25,9 @@ use time::OffsetDateTime;
 
 use crate::admin::Metrics;
 use crate::audit::{AuditLog, Entry};
+use crate::breaker::{Providers, Refused};
 use crate::identity::PeerCert;
+use crate::limits::{Exceeded, Limits, Sample, RATE_LIMITED};
 use crate::policy::{Decision, DecisionRequest, DenyReason, Operation, Policy, Service, Upstream};
 use crate::problem::{Body, Problem};
 use crate::server::ConnInfo;
@@ -85,6 +87,10 @@ pub struct Gateway {
     pub limits: PipelineLimits,
     /// The key behind `pseudonymise` transforms.
     pub pseudonymiser: Arc<crate::transform::Pseudonymiser>,
+    /// Agency, officer and grant quotas.
+    pub rate: Arc<Limits>,
+    /// Concurrency caps and circuit breakers of providers.
+    pub providers: Arc<Providers>,
 }
 
 /// A refusal: what the caller sees and what the log records. Kept small
@@ -99,6 +105,8 @@ struct Refusal {
     /// Refused by the gateway's own checks (identity, policy), as opposed to a provider error.
     denied: bool,
     challenge: bool,
+    /// Sent with the problem (`Retry-After`, `RateLimit`, …).
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Refusal {
@@ -117,6 +125,7 @@ impl Refusal {
             reason,
             denied: true,
             challenge: false,
+            headers: Vec::new(),
         }
     }
 
@@ -200,9 +209,22 @@ impl Gateway {
             }
         };
         entry.status = status.as_u16();
-        let id = entry.id.clone();
-        let resp = match self.audit.append(entry).await {
-            Ok(_) => match response {
+        let mut id = entry.id.clone();
+        // A flood of 429s is folded into summary records (src/limits.rs); a 429 carries no data.
+        let sample = if entry.reason.as_deref() == Some(RATE_LIMITED) {
+            self.rate.refusals.sample(&entry, Instant::now())
+        } else {
+            Sample::Record
+        };
+        let recorded = match sample {
+            Sample::Record => self.audit.append(entry).await.map(drop),
+            Sample::Summarised { summary_id } => {
+                id = summary_id;
+                Ok(())
+            }
+        };
+        let resp = match recorded {
+            Ok(()) => match response {
                 Ok(body) => released_response(status, body),
                 Err(refusal) => {
                     let mut resp = refusal.problem().with_request_id(id.clone()).to_response();
@@ -211,6 +233,9 @@ impl Gateway {
                             header::WWW_AUTHENTICATE,
                             HeaderValue::from_static("Bearer error=\"invalid_token\""),
                         );
+                    }
+                    for (name, value) in refusal.headers {
+                        resp.headers_mut().insert(name, value);
                     }
                     resp
                 }
@@ -270,7 +295,10 @@ impl Gateway {
         entry.shadow_decision = shadow_decision(policy, agency, &route, operation, &officer);
         let allow = decide(policy, agency, &route, operation, &officer)?;
         entry.legal_basis = Some(allow.legal_basis.to_string());
-        // limit: per-agency and per-officer quotas are applied here (issue #6).
+        // limit: the officer's, the grant's and the agency's quota (src/limits.rs).
+        self.rate
+            .check(agency, &officer.id, route.provider, route.service)
+            .map_err(rate_limited)?;
         consent(allow.consent_required)?;
         let (status, body, content_type) = self
             .forward(
@@ -423,6 +451,10 @@ impl Gateway {
                 "the request cannot be forwarded",
             )
         })?;
+        let permit = self
+            .providers
+            .admit(route.provider)
+            .map_err(|r| self.provider_refused(route.provider, r))?;
         let max = self.limits.max_response_bytes;
         let call = async {
             let resp = self.upstream.request(up).await.map_err(|e| {
@@ -446,12 +478,17 @@ impl Gateway {
             Ok((status, body, content_type))
         };
         match tokio::time::timeout(self.limits.upstream_timeout, call).await {
-            Ok(Ok(x)) => Ok(x),
+            Ok(Ok(x)) => {
+                permit.done(!x.0.is_server_error());
+                Ok(x)
+            }
             Ok(Err(refusal)) => {
+                permit.done(false);
                 self.metrics.upstream_error();
                 Err(refusal)
             }
             Err(_) => {
+                permit.done(false);
                 self.metrics.upstream_error();
                 tracing::warn!(provider = route.provider, "provider timed out");
                 Err(Refusal::error(
@@ -463,6 +500,58 @@ impl Gateway {
                 ))
             }
         }
+    }
+}
+
+impl Gateway {
+    /// A provider call not made: too many in flight, or its circuit breaker is open.
+    fn provider_refused(&self, provider: &str, refused: Refused) -> Refusal {
+        let (kind, reason, retry_after, detail) = match refused {
+            Refused::Busy => (
+                "provider_busy",
+                "upstream_busy",
+                Duration::from_secs(1),
+                "the provider has too many requests in flight; retry shortly",
+            ),
+            Refused::Open { retry_after } => (
+                "breaker_open",
+                "upstream_circuit_open",
+                retry_after,
+                "the provider is failing and is given time to recover; retry later",
+            ),
+        };
+        self.metrics.overload("gateway", kind);
+        tracing::debug!(provider, reason, "provider call not made");
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        Refusal {
+            headers: vec![(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))],
+            ..Refusal::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "provider-unavailable",
+                "Service unavailable",
+                reason,
+                detail,
+            )
+        }
+    }
+}
+
+/// limit: a quota is used up → 429 with `Retry-After` and the `RateLimit` headers.
+fn rate_limited(e: Exceeded) -> Refusal {
+    Refusal {
+        detail: Cow::Owned(format!(
+            "the {} quota is used up; retry after {} s",
+            e.scope.as_str(),
+            e.retry_after_secs()
+        )),
+        headers: e.headers(),
+        ..Refusal::deny(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            RATE_LIMITED,
+            "",
+        )
     }
 }
 

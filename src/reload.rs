@@ -83,6 +83,14 @@ pub enum ReloadError {
         /// Every problem found.
         errors: PolicyErrors,
     },
+    /// The quotas in `limits.toml` do not fit the new policy (or are malformed).
+    #[error("the quotas in {dir}/limits.toml are not valid; the old policy and quotas stay in force:\n{errors}")]
+    Limits {
+        /// The policy directory.
+        dir: String,
+        /// Every problem found.
+        errors: crate::limits::LimitErrors,
+    },
     /// The reload could not be recorded, so it was not carried out.
     #[error("the policy reload could not be recorded in the audit log; the old policy stays in force: {0}")]
     Audit(#[from] AuditError),
@@ -97,6 +105,8 @@ pub struct Reloader {
     policy: Arc<ArcSwap<Policy>>,
     audit: AuditLog,
     metrics: Arc<Metrics>,
+    /// The running quotas, rebuilt from `limits.toml` with every reload (unchanged keys keep their state).
+    limits: Option<Arc<crate::limits::Limits>>,
     /// One reload at a time, so two triggers cannot race between compare and swap.
     lock: Mutex<()>,
 }
@@ -114,8 +124,15 @@ impl Reloader {
             policy,
             audit,
             metrics,
+            limits: None,
             lock: Mutex::new(()),
         }
+    }
+
+    /// Also rebuilds these quotas from `limits.toml` on every reload.
+    pub fn with_limits(mut self, limits: Arc<crate::limits::Limits>) -> Reloader {
+        self.limits = Some(limits);
+        self
     }
 
     /// The policy directory watched.
@@ -127,8 +144,14 @@ impl Reloader {
     pub async fn reload(&self, trigger: Trigger) -> Result<ReloadOutcome, ReloadError> {
         let _one_at_a_time = self.lock.lock().await;
         let dir = self.dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || Policy::load(&dir)).await?;
-        let new = match loaded {
+        let loaded = tokio::task::spawn_blocking(move || {
+            Policy::load(&dir).map(|p| {
+                let quotas = crate::limits::LimitSet::load(&dir, &p);
+                (p, quotas)
+            })
+        })
+        .await?;
+        let (new, quotas) = match loaded {
             Ok(p) => p,
             Err(errors) => {
                 self.metrics.policy_reload_failed();
@@ -146,8 +169,28 @@ impl Reloader {
                 });
             }
         };
+        let quotas = match quotas {
+            Ok(q) => q,
+            Err(errors) => {
+                self.metrics.policy_reload_failed();
+                for e in &errors.0 {
+                    tracing::error!(trigger = trigger.as_str(), "{e}");
+                }
+                tracing::error!(
+                    "policy reload refused: the quotas do not fit; the old policy stays in force"
+                );
+                return Err(ReloadError::Limits {
+                    dir: self.dir.display().to_string(),
+                    errors,
+                });
+            }
+        };
         let old = self.policy.load_full();
         if old.version() == new.version() {
+            // limits.toml is not part of the policy version: apply it anyway.
+            if let Some(limits) = &self.limits {
+                limits.reload(&quotas);
+            }
             tracing::debug!(version = new.version(), "policy files unchanged");
             return Ok(ReloadOutcome::Unchanged {
                 version: new.version().to_owned(),
@@ -161,6 +204,9 @@ impl Reloader {
         }
         let (old, new) = (old.version().to_owned(), Arc::new(new));
         self.policy.store(Arc::clone(&new));
+        if let Some(limits) = &self.limits {
+            limits.reload(&quotas);
+        }
         self.metrics.policy_reloaded();
         let new = new.version().to_owned();
         tracing::info!(trigger = trigger.as_str(), %old, %new, "policy reloaded");

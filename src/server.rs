@@ -35,8 +35,10 @@ use http_body_util::BodyExt;
 
 use crate::admin::{AdminState, Metrics};
 use crate::audit::{AuditConfig, AuditKey, AuditLog, AuditWriter, CheckpointPolicy};
+use crate::breaker::{BreakerSettings, Providers};
 use crate::config::Config;
 use crate::identity::PeerCert;
+use crate::limits::{ConnectionCaps, LimitSet, Limits};
 use crate::policy::Policy;
 use crate::problem::{Body, Problem};
 use crate::proxy::{upstream_client, Gateway, PipelineLimits};
@@ -56,7 +58,7 @@ pub struct ConnInfo {
 /// Bounds applied to every connection of one listener.
 #[derive(Debug, Clone)]
 pub struct ListenLimits {
-    /// Connections served at once.
+    /// Connections served at once; further ones are refused.
     pub max_connections: usize,
     /// Time allowed for the TLS handshake.
     pub handshake_timeout: Duration,
@@ -64,12 +66,114 @@ pub struct ListenLimits {
     pub header_timeout: Duration,
     /// Time requests in flight get to finish at shutdown.
     pub shutdown_grace: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections per agency; `None` on listeners agencies do not use.
+    pub per_agency: Option<Arc<ConnectionCaps>>,
 }
 
 /// A receiver that turns true once the system should stop.
 pub type Shutdown = watch::Receiver<bool>;
 
+/// Resolves once `rx` is (or turns) true, or its sender is gone.
+async fn stopped(rx: &mut Shutdown) {
+    // The borrow `wait_for` returns is not `Send`; drop it before any await.
+    let _ = rx.wait_for(|s| *s).await.map(drop);
+}
+
+/// Connections over a cap are still told why (a TLS handshake, then 503) while
+/// there are at most this many of them at once; past that they are closed unanswered.
+const REFUSING_AT_ONCE: usize = 64;
+
+/// A connection's place: served, or only told it is over a cap (`refused`).
+struct Admission {
+    /// Held for the connection's life: a slot of the total cap, or of the refusals.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    refused: Option<&'static str>,
+}
+
+/// When a connection last had a request, and how many it has in flight (for the idle timeout).
+struct Activity {
+    state: std::sync::Mutex<(usize, std::time::Instant)>,
+    served: std::sync::atomic::AtomicU64,
+    ended: tokio::sync::Notify,
+}
+
+/// Marks a request in flight on its connection until dropped.
+struct InFlight(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            state: std::sync::Mutex::new((0, std::time::Instant::now())),
+            served: std::sync::atomic::AtomicU64::new(0),
+            ended: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        if let Ok(mut st) = self.state.lock() {
+            st.0 += 1;
+        }
+        InFlight(self.clone())
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once no request has been in flight for `idle` and at least `min_served` were answered.
+    async fn idle(&self, idle: Duration, min_served: u64) {
+        loop {
+            let (in_flight, last) = match self.state.lock() {
+                Ok(st) => *st,
+                Err(_) => return,
+            };
+            if in_flight > 0 || self.served() < min_served {
+                self.ended.notified().await;
+                continue;
+            }
+            let since = last.elapsed();
+            if since >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - since).await;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.state.lock() {
+            st.0 = st.0.saturating_sub(1);
+            st.1 = std::time::Instant::now();
+        }
+        self.0.served.fetch_add(1, Ordering::Relaxed);
+        self.0.ended.notify_one();
+    }
+}
+
+/// The answer on a connection over a cap.
+fn over_capacity(detail: &'static str) -> Response<Body> {
+    let mut resp = Problem::new(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "over-capacity",
+        "Service unavailable",
+        detail,
+    )
+    .to_response();
+    resp.headers_mut()
+        .insert(http::header::RETRY_AFTER, http::HeaderValue::from(1u32));
+    resp
+}
+
 /// Serves HTTP/1.1 and HTTP/2 over TLS on `listener` until `shutdown` turns true.
+///
+/// Every bound counts in `/metrics` when it acts: the total and per-agency
+/// connection caps (the connection gets one 503, then is closed), the
+/// handshake and header timeouts, oversized headers (hyper answers 431) and
+/// the idle timeout. At shutdown the listener closes, idle connections close,
+/// requests in flight finish within the grace period, and the rest are cut.
 pub async fn serve_tls<H, F>(
     name: &'static str,
     listener: TcpListener,
@@ -77,13 +181,14 @@ pub async fn serve_tls<H, F>(
     limits: ListenLimits,
     metrics: Arc<Metrics>,
     handler: H,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) where
     H: Fn(Arc<ConnInfo>, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let refusing = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
+    let mut conns = tokio::task::JoinSet::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -96,13 +201,10 @@ pub async fn serve_tls<H, F>(
         .max_concurrent_streams(256)
         .max_header_list_size(64 * 1024);
     let builder = Arc::new(builder);
+    let mut stop = shutdown.clone();
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.changed() => break,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
         let (stream, peer) = tokio::select! {
-            _ = shutdown.changed() => break,
+            _ = stopped(&mut stop) => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(err) => {
@@ -113,17 +215,38 @@ pub async fn serve_tls<H, F>(
                 }
             },
         };
+        while conns.try_join_next().is_some() {}
+        let admission = match slots.clone().try_acquire_owned() {
+            Ok(p) => Admission {
+                _slot: p,
+                refused: None,
+            },
+            Err(_) => {
+                metrics.overload(name, "connections_total");
+                match refusing.clone().try_acquire_owned() {
+                    Ok(p) => Admission {
+                        _slot: p,
+                        refused: Some(
+                            "the gateway is serving its maximum of connections; retry shortly",
+                        ),
+                    },
+                    Err(_) => {
+                        tracing::debug!(listener = name, %peer, "connection closed unanswered: over capacity");
+                        continue;
+                    }
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
         let acceptor = TlsAcceptor::from(tls.load_full());
         let handler = handler.clone();
         let metrics = metrics.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let handshake_timeout = limits.handshake_timeout;
-        tokio::spawn(async move {
-            let _permit = permit;
+        let limits = limits.clone();
+        let mut shutdown = shutdown.clone();
+        conns.spawn(async move {
             let tls_stream =
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(err)) => {
                         metrics.handshake_failed(name);
@@ -132,6 +255,7 @@ pub async fn serve_tls<H, F>(
                     }
                     Err(_) => {
                         metrics.handshake_failed(name);
+                        metrics.overload(name, "handshake_timeout");
                         tracing::debug!(listener = name, %peer, "TLS handshake timed out");
                         return;
                     }
@@ -142,31 +266,98 @@ pub async fn serve_tls<H, F>(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|der| PeerCert::from_der(der));
+            let mut refused = admission.refused;
+            let _agency_slot = match (&limits.per_agency, refused) {
+                (Some(caps), None) => match caps.admit(client.as_ref()) {
+                    Ok(slot) => Some(slot),
+                    Err(agency) => {
+                        metrics.overload(name, "connections_agency");
+                        tracing::info!(listener = name, %peer, agency, "connection refused: the agency holds its maximum of connections");
+                        refused = Some("your agency holds its maximum of open connections; reuse or close one");
+                        None
+                    }
+                },
+                _ => None,
+            };
             let info = Arc::new(ConnInfo { peer, client });
             metrics.connection_opened(name);
-            let svc = service_fn(move |req| {
-                let handler = handler.clone();
-                let info = info.clone();
-                async move { Ok::<_, Infallible>(handler(info, req).await) }
-            });
+            let activity = Activity::new();
+            let svc = {
+                let activity = activity.clone();
+                service_fn(move |req| {
+                    let handler = handler.clone();
+                    let info = info.clone();
+                    let in_flight = activity.begin();
+                    async move {
+                        let resp = match refused {
+                            Some(detail) => over_capacity(detail),
+                            None => handler(info, req).await,
+                        };
+                        drop(in_flight);
+                        Ok::<_, Infallible>(resp)
+                    }
+                })
+            };
             let conn = builder
                 .serve_connection(TokioIo::new(tls_stream), svc)
                 .into_owned();
-            if let Err(err) = watcher.watch(conn).await {
-                tracing::debug!(listener = name, %peer, %err, "connection ended with an error");
+            tokio::pin!(conn);
+            // A refused connection gets its one answer, then closes; it never waits long for a request.
+            let (idle, min_served) = match refused {
+                Some(_) => (Duration::ZERO, 1),
+                None => (limits.idle_timeout, 0),
+            };
+            let deadline = tokio::time::sleep(limits.header_timeout);
+            tokio::pin!(deadline);
+            let mut closing = false;
+            let result = loop {
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    _ = stopped(&mut shutdown), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = activity.idle(idle, min_served), if !closing => {
+                        closing = true;
+                        if refused.is_none() {
+                            metrics.overload(name, "idle_timeout");
+                        }
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = &mut deadline, if refused.is_some() => break Ok(()),
+                }
+            };
+            if let Err(err) = result {
+                match err.downcast_ref::<hyper::Error>() {
+                    // hyper's header timer also runs while HTTP/1.1 waits for the next request.
+                    Some(e) if e.is_timeout() && activity.served() == 0 => {
+                        metrics.overload(name, "header_timeout");
+                        tracing::debug!(listener = name, %peer, "request headers too slow; connection closed");
+                    }
+                    Some(e) if e.is_timeout() => metrics.overload(name, "idle_timeout"),
+                    Some(e) if e.is_parse_too_large() => {
+                        metrics.overload(name, "header_too_large");
+                        tracing::debug!(listener = name, %peer, "request headers too large");
+                    }
+                    _ => tracing::debug!(listener = name, %peer, %err, "connection ended with an error"),
+                }
             }
             metrics.connection_closed(name);
+            drop(admission);
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = tokio::time::timeout(limits.shutdown_grace, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
         tracing::warn!(
             listener = name,
-            "connections still open after the grace period"
+            open = conns.len(),
+            "connections still open after the grace period; closing them"
         );
+        conns.shutdown().await;
     }
 }
 
@@ -252,6 +443,9 @@ pub enum StartError {
         /// The problems.
         errors: crate::policy::PolicyErrors,
     },
+    /// The quota file (`limits.toml`) is broken; every problem is listed with file:line.
+    #[error("the quotas are not valid:\n{0}")]
+    Limits(#[from] crate::limits::LimitErrors),
     /// A certificate or key could not be created or loaded.
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
@@ -362,6 +556,10 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     config.validate()?;
     let config = Arc::new(config);
     let policy = load_policy(&config.policies_dir)?;
+    let quotas = LimitSet::load(&config.policies_dir, &policy)?;
+    if quotas == LimitSet::default() {
+        tracing::warn!(dir = %config.policies_dir.display(), "no quotas in {}: requests are not rate limited", crate::limits::LIMITS_FILE);
+    }
     let agencies: Vec<String> = policy.agencies().map(|a| a.id.clone()).collect();
 
     let created_files = if config.tls.generate_dev_pki {
@@ -437,7 +635,16 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         handshake_timeout: config.gateway.handshake_timeout,
         header_timeout: config.gateway.header_timeout,
         shutdown_grace: config.gateway.shutdown_grace,
+        idle_timeout: config.limits.idle_timeout,
+        per_agency: None,
     };
+    let rate = Arc::new(Limits::new(&quotas, config.limits.replicas));
+    let providers = Arc::new(Providers::new(BreakerSettings {
+        concurrency: config.limits.provider_concurrency,
+        failures: config.limits.breaker_failures,
+        open_for: config.limits.breaker_open,
+        max_open_for: config.limits.breaker_max_open,
+    }));
     let mut rest_tasks = Vec::new();
     // Identity material is reloaded while the system runs (see crate::reload).
     let gateway_tls = Arc::new(ArcSwap::from_pointee(tls.gateway));
@@ -499,7 +706,14 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             upstream_timeout: config.gateway.upstream_timeout,
         },
         pseudonymiser: Arc::new(pseudonymiser),
+        rate: rate.clone(),
+        providers: providers.clone(),
     });
+    rest_tasks.push(tokio::spawn(housekeeping(
+        rate.clone(),
+        audit.clone(),
+        rest_rx.clone(),
+    )));
     let gateway_addr = listeners
         .gateway
         .local_addr()
@@ -512,7 +726,13 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         "gateway",
         listeners.gateway,
         gateway_tls.clone(),
-        limits,
+        ListenLimits {
+            per_agency: Some(ConnectionCaps::new(
+                config.limits.max_connections_per_agency,
+                policy.clone(),
+            )),
+            ..limits
+        },
         metrics.clone(),
         move |info: Arc<ConnInfo>, req: Request<Incoming>| {
             let gw = gw.clone();
@@ -528,12 +748,15 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             addr: config.admin.listen,
             source,
         })?;
-    let reloader = Arc::new(crate::reload::Reloader::new(
-        config.policies_dir.clone(),
-        policy.clone(),
-        audit.clone(),
-        metrics.clone(),
-    ));
+    let reloader = Arc::new(
+        crate::reload::Reloader::new(
+            config.policies_dir.clone(),
+            policy.clone(),
+            audit.clone(),
+            metrics.clone(),
+        )
+        .with_limits(rate.clone()),
+    );
     rest_tasks.push(crate::reload::spawn(reloader.clone(), rest_rx.clone()));
     let admin = Arc::new(AdminState {
         metrics,
@@ -541,6 +764,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         store: store.clone(),
         audit,
         policy: policy.clone(),
+        limits: rate,
+        providers,
     });
     let admin_handler = {
         let admin = admin.clone();
@@ -621,6 +846,39 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+/// Writes the summary records of rate-limited floods as their windows close,
+/// and lets the limiters forget idle keys; at shutdown writes what is pending.
+async fn housekeeping(limits: Arc<Limits>, audit: AuditLog, mut stop: Shutdown) {
+    const TICK: Duration = Duration::from_millis(250);
+    const FORGET_EVERY: u32 = 240; // ticks: once a minute
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u32;
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            _ = tick.tick() => {}
+        }
+        for entry in limits.refusals.due(std::time::Instant::now()) {
+            write_summary(&audit, entry).await;
+        }
+        ticks = (ticks + 1) % FORGET_EVERY;
+        if ticks == 0 {
+            limits.forget_idle();
+        }
+    }
+    for entry in limits.refusals.drain() {
+        write_summary(&audit, entry).await;
+    }
+}
+
+async fn write_summary(audit: &AuditLog, entry: crate::audit::Entry) {
+    let (id, path) = (entry.id.clone(), entry.path.clone());
+    if let Err(err) = audit.append(entry).await {
+        tracing::error!(%id, %path, %err, "summary of rate-limited requests not recorded");
     }
 }
 

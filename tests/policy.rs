@@ -51,7 +51,7 @@ fn replace_file(dir: &Path, rel: &str, text: &str) {
 
 async fn start(policies: &Path) -> TestGateway {
     let dir: PathBuf = policies.to_path_buf();
-    TestGateway::start_configured(Db::Sqlite, move |c| c.policies_dir = dir)
+    TestGateway::start_configured(Db::Sqlite, move |c, _| c.policies_dir = dir)
         .await
         .unwrap()
 }
@@ -86,6 +86,8 @@ async fn metrics_text(gw: &TestGateway) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_under_load_loses_no_request_and_never_mixes_sets() {
     let policies = copy_policies();
+    // Four clients as fast as they can go would meet the officer quota; this test is about reload.
+    std::fs::remove_file(policies.path().join("limits.toml")).unwrap();
     let with_documents = std::fs::read_to_string(policies.path().join(BORDER)).unwrap();
     assert!(with_documents.contains("\"documents\", "));
     let without_documents = with_documents.replacen("\"documents\", ", "", 1);
@@ -403,5 +405,57 @@ async fn shadow_grants_are_recorded_and_listed_where_they_differ() {
         .await
         .unwrap()
         .intact());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_changed_quotas_and_refuses_broken_ones() {
+    let policies = copy_policies();
+    let limits = policies.path().join("limits.toml");
+    let original = std::fs::read_to_string(&limits).unwrap();
+    let tight = original.replacen(
+        "officer = { rate = \"30/s\", burst = 60 }",
+        "officer = { rate = \"1/h\", burst = 2 }",
+        1,
+    );
+    assert_ne!(
+        tight, original,
+        "the Border Police officer quota is in limits.toml"
+    );
+    std::fs::write(&limits, &tight).unwrap();
+    let gw = start(policies.path()).await;
+    let token = gw.token("mia-border", "border-control", None);
+    let client = gw.client("mia-border");
+    let path = format!("/v1/registry/persons/{PERSON}");
+    for _ in 0..2 {
+        assert_eq!(client.get(&path, Some(&token)).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        client.get(&path, Some(&token)).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // A broken quota file is refused and the old quotas stay.
+    replace_file(
+        policies.path(),
+        "limits.toml",
+        "[defaults]\nagency = { rate = \"fast\" }\n",
+    );
+    assert!(matches!(
+        gw.running.reload_policy().await,
+        Err(ReloadError::Limits { .. })
+    ));
+    assert_eq!(
+        client.get(&path, Some(&token)).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // A wider quota applies at the next reload, though the policy itself did not change.
+    replace_file(policies.path(), "limits.toml", &original);
+    assert!(matches!(
+        gw.running.reload_policy().await.unwrap(),
+        ReloadOutcome::Unchanged { .. }
+    ));
+    assert_eq!(client.get(&path, Some(&token)).await.status, StatusCode::OK);
     gw.shutdown().await;
 }

@@ -46,13 +46,13 @@ impl TestGateway {
 
     /// Starts with the given database; `None` when PostgreSQL is unreachable outside CI.
     pub async fn start_with(db: Db) -> Option<TestGateway> {
-        Self::start_configured(db, |_| {}).await
+        Self::start_configured(db, |_, _| {}).await
     }
 
-    /// Starts with the given database after `configure` adjusted the test configuration.
+    /// Starts after `configure` adjusted the configuration; it may write files under the temporary directory given.
     pub async fn start_configured(
         db: Db,
-        configure: impl FnOnce(&mut Config),
+        configure: impl FnOnce(&mut Config, &Path),
     ) -> Option<TestGateway> {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
@@ -60,7 +60,6 @@ impl TestGateway {
         config.policies_dir = repo_policies();
         config.registry.seed_persons = 200;
         config.gateway.upstream_timeout = Duration::from_secs(5);
-        configure(&mut config);
         let pg = match db {
             Db::Sqlite => None,
             Db::Postgres => Some(PgDatabase::create().await?),
@@ -68,6 +67,7 @@ impl TestGateway {
         if let Some(pg) = &pg {
             config.database_url = Some(pg.url.clone());
         }
+        configure(&mut config, dir.path());
         let listeners = Listeners {
             gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
@@ -191,6 +191,15 @@ impl Client {
             config: Arc::new(config),
             addr,
         }
+    }
+
+    /// A bare TLS connection (handshake done), for tests that write raw HTTP.
+    pub async fn tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap()
     }
 
     /// Sends one request; `Err` when the TLS handshake or the connection fails.
