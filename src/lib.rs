@@ -23,6 +23,7 @@ pub mod audit;
 pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod consent;
 pub mod credentials;
 pub mod crl;
 pub mod identity;
