@@ -91,6 +91,8 @@ pub struct Gateway {
     pub rate: Arc<Limits>,
     /// Concurrency caps and circuit breakers of providers.
     pub providers: Arc<Providers>,
+    /// Consent records: checked for `consent = "required"` grants, recorded through `/v1/consents`.
+    pub consents: crate::consent::Consents,
 }
 
 /// A refusal: what the caller sees and what the log records. Kept small
@@ -277,6 +279,12 @@ impl Gateway {
         entry.purpose = Some(officer.purpose.clone());
         entry.case_ref = officer.case_ref.clone();
         entry.token_id = officer.token_id.clone();
+        // The gateway's own consent API is answered here, never forwarded (src/consent.rs).
+        if let Some(api) = crate::consent::api_route(parts.uri.path()) {
+            return self
+                .consent_api(policy, agency, &officer, api, &parts, body, entry)
+                .await;
+        }
         let route = route(&parts.uri)?;
         entry.provider = Some(route.provider.to_owned());
         entry.service = Some(route.service.to_owned());
@@ -299,7 +307,24 @@ impl Gateway {
         self.rate
             .check(agency, &officer.id, route.provider, route.service)
             .map_err(rate_limited)?;
-        consent(allow.consent_required)?;
+        let (body, written) = match operation {
+            Operation::Write => {
+                let body = read_body(body, &parts.headers, self.limits.max_body_bytes).await?;
+                let written = write_fields(&body, &allow.fields, &route)?;
+                (body, written)
+            }
+            Operation::Read => (Bytes::new(), None),
+        };
+        let subject = path_subject(route.rest).or_else(|| {
+            written
+                .as_ref()
+                .and_then(|v| v.get(&service.subject_field))
+                .and_then(|v| v.as_str())
+                .and_then(|s| path_subject(&format!("/{s}")))
+        });
+        entry.consent_ref = self
+            .consent(&allow, agency, &officer.purpose, &route, subject.as_deref())
+            .await?;
         let (status, body, content_type) = self
             .forward(
                 &base,
@@ -318,14 +343,28 @@ impl Gateway {
             agency,
             today: OffsetDateTime::now_utc().date(),
         };
-        minimise(
+        let released = minimise(
             status,
             body,
             content_type.as_deref(),
             (&allow.fields, &allow.transforms, &transform),
             service,
             entry,
-        )
+        )?;
+        // A consent covers one person: an answer about anyone else is withheld.
+        if let (Some(_), Some(subject)) = (&entry.consent_ref, subject.as_deref()) {
+            if entry.subjects.iter().any(|s| s != subject) {
+                tracing::warn!(provider = route.provider, "answer under a consent names other subjects; withheld");
+                return Err(Refusal::error(
+                    StatusCode::BAD_GATEWAY,
+                    "provider-error",
+                    "Bad gateway",
+                    "consent_subject_mismatch",
+                    "the provider's answer concerns persons the consent does not cover",
+                ));
+            }
+        }
+        Ok(released)
     }
 
     /// Verifies the bearer token against the connection's agency keys and certificate.
@@ -402,15 +441,9 @@ impl Gateway {
         base: &str,
         route: &Route<'_>,
         parts: &http::request::Parts,
-        body: Incoming,
+        body: Bytes,
         caller: &Caller<'_>,
     ) -> Result<(StatusCode, Bytes, Option<String>), Refusal> {
-        let write = Operation::from_method(&parts.method) == Some(Operation::Write);
-        let body = if write {
-            read_body(body, &parts.headers, self.limits.max_body_bytes).await?
-        } else {
-            Bytes::new()
-        };
         let query = parts
             .uri
             .query()
@@ -676,19 +709,242 @@ fn denied(reason: DenyReason) -> Refusal {
     )
 }
 
-/// consent: grants that need the subject's consent are refused until consent
-/// records exist (issue #5) — failing closed rather than releasing data.
-fn consent(required: bool) -> Result<(), Refusal> {
-    if required {
-        return Err(Refusal::deny(
-            StatusCode::FORBIDDEN,
-            "consent-required",
-            "Forbidden",
-            "consent_missing",
-            "this grant requires the data subject's consent, and none is on record",
-        ));
+impl Gateway {
+    /// consent: where the grant needs it, the id of a valid consent of the
+    /// request's one data subject for this agency, purpose and service.
+    /// Read from the database on every request, so a revocation holds at once.
+    async fn consent(
+        &self,
+        allow: &crate::policy::Allow,
+        agency: &str,
+        purpose: &str,
+        route: &Route<'_>,
+        subject: Option<&str>,
+    ) -> Result<Option<String>, Refusal> {
+        if !allow.consent_required {
+            return Ok(None);
+        }
+        let missing = |detail: String| Refusal {
+            detail: Cow::Owned(detail),
+            ..Refusal::deny(
+                StatusCode::FORBIDDEN,
+                "consent-required",
+                "Forbidden",
+                "consent_missing",
+                "",
+            )
+        };
+        let Some(subject) = subject else {
+            return Err(missing(
+                "this access needs the data subject's consent, so the request must name one person (…/{service}/{id}); searches are not possible under it".to_owned(),
+            ));
+        };
+        match self
+            .consents
+            .valid(subject, agency, purpose, route.provider, route.service)
+            .await
+        {
+            Ok(Some(id)) => Ok(Some(id)),
+            Ok(None) => Err(missing(format!(
+                "no valid consent of data subject {subject} to agency {agency} for purpose {purpose} on {}/{} is on record: none was recorded, or it was revoked or has expired",
+                route.provider, route.service
+            ))),
+            Err(err) => {
+                tracing::error!(%err, "consent records cannot be read; refusing");
+                Err(Refusal::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "consent-unavailable",
+                    "Service unavailable",
+                    "consent_store_unavailable",
+                    "consent records cannot be checked now; no data is released",
+                ))
+            }
+        }
     }
-    Ok(())
+
+    /// `POST /v1/consents` and `POST /v1/consents/{id}/revoke`: authorised by the
+    /// agency's grant on `gateway/consents` like any request, answered by the gateway.
+    #[allow(clippy::too_many_arguments)]
+    async fn consent_api(
+        &self,
+        policy: &Policy,
+        agency: &str,
+        officer: &Officer,
+        api: Result<crate::consent::ApiRoute<'_>, ()>,
+        parts: &http::request::Parts,
+        body: Incoming,
+        entry: &mut Entry,
+    ) -> Result<Released, Refusal> {
+        use crate::consent::{ApiRoute, API_PROVIDER, API_SERVICE};
+        entry.provider = Some(API_PROVIDER.to_owned());
+        entry.service = Some(API_SERVICE.to_owned());
+        let api = api.map_err(|()| {
+            Refusal::deny(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "Not found",
+                "unknown_route",
+                "consent paths are /v1/consents and /v1/consents/{id}/revoke",
+            )
+        })?;
+        if let ApiRoute::Revoke(id) = api {
+            entry.consent_ref = Some(id.to_owned());
+        }
+        if parts.method != http::Method::POST {
+            return Err(Refusal::deny(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "method_not_allowed",
+                "consents are recorded and revoked with POST",
+            ));
+        }
+        entry.operation = Some(Operation::Write.as_str().to_owned());
+        let route = Route {
+            provider: API_PROVIDER,
+            service: API_SERVICE,
+            rest: "",
+        };
+        let allow = decide(policy, agency, &route, Operation::Write, officer)?;
+        entry.legal_basis = Some(allow.legal_basis.to_string());
+        let service = policy.service(API_PROVIDER, API_SERVICE).ok_or_else(|| {
+            denied(crate::policy::DenyReason::UnknownService)
+        })?;
+        self.rate
+            .check(agency, &officer.id, API_PROVIDER, API_SERVICE)
+            .map_err(rate_limited)?;
+        let body = read_body(body, &parts.headers, self.limits.max_body_bytes).await?;
+        write_fields(&body, &allow.fields, &route)?;
+        let actor = crate::consent::Actor {
+            agency: Some(agency.to_owned()),
+            officer: officer.id.clone(),
+            purpose: Some(officer.purpose.clone()),
+            certificate: entry.certificate.clone(),
+            token_id: officer.token_id.clone(),
+            request_id: Some(entry.id.clone()),
+            policy_version: policy.version().to_owned(),
+        };
+        let (status, changed) = match api {
+            ApiRoute::Grant => {
+                let new = crate::consent::parse_grant(&body, agency, &officer.purpose)
+                    .map_err(consent_failed)?;
+                entry.subjects = vec![new.subject.clone()];
+                (StatusCode::CREATED, self.consents.grant(new, &actor).await)
+            }
+            ApiRoute::Revoke(id) => (
+                StatusCode::OK,
+                self.consents.revoke(id, Some(agency), &actor).await,
+            ),
+        };
+        let consent = changed.map_err(consent_failed)?;
+        entry.consent_ref = Some(consent.id.clone());
+        entry.subjects = vec![consent.subject.clone()];
+        let json = serde_json::to_vec(&consent).map_err(|_| {
+            Refusal::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                "internal",
+                "the server could not complete the request",
+            )
+        })?;
+        let transform = crate::transform::Context {
+            pseudonymiser: &self.pseudonymiser,
+            agency,
+            today: OffsetDateTime::now_utc().date(),
+        };
+        minimise(
+            status,
+            Bytes::from(json),
+            Some("application/json"),
+            (&allow.fields, &allow.transforms, &transform),
+            service,
+            entry,
+        )
+    }
+}
+
+/// A consent change refused or failed, as the caller's problem.
+fn consent_failed(e: crate::consent::ConsentError) -> Refusal {
+    let status = e.status();
+    if status.is_server_error() {
+        tracing::error!(err = %e, "consent change failed");
+    }
+    Refusal {
+        detail: Cow::Owned(e.detail()),
+        denied: status.is_client_error(),
+        ..Refusal::error(
+            status,
+            e.slug(),
+            status.canonical_reason().unwrap_or("Error"),
+            e.reason(),
+            "",
+        )
+    }
+}
+
+/// Writes carry only what the grant allows: a body member outside the
+/// grant's `fields` is refused by name before anything is forwarded. Returns
+/// the parsed body (`None` when empty).
+fn write_fields(
+    body: &[u8],
+    fields: &crate::minimise::FieldSet,
+    route: &Route<'_>,
+) -> Result<Option<serde_json::Value>, Refusal> {
+    fn outside(v: &serde_json::Value, path: &mut String, fields: &crate::minimise::FieldSet) -> bool {
+        match v {
+            serde_json::Value::Object(map) if !map.is_empty() => map.iter().any(|(k, v)| {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                let found = outside(v, path, fields);
+                if !found {
+                    path.truncate(len);
+                }
+                found
+            }),
+            serde_json::Value::Array(items) if items.iter().any(|x| x.is_object()) => {
+                items.iter().any(|x| outside(x, path, fields))
+            }
+            // An empty object names no field inside it: granting any part of it suffices.
+            serde_json::Value::Object(_) => !fields.overlaps(path),
+            _ => !fields.covers(path),
+        }
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .ok()
+        .filter(serde_json::Value::is_object)
+        .ok_or_else(|| {
+            Refusal::deny(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "Bad request",
+                "body_not_json",
+                "a write's body must be a JSON object",
+            )
+        })?;
+    let mut path = String::new();
+    if !value.as_object().is_some_and(|m| m.is_empty()) && outside(&value, &mut path, fields) {
+        return Err(Refusal {
+            detail: Cow::Owned(format!(
+                "field {path:?} is not among the fields your agency may write to {}/{}; nothing was written",
+                route.provider, route.service
+            )),
+            ..Refusal::deny(
+                StatusCode::FORBIDDEN,
+                "field-not-allowed",
+                "Forbidden",
+                "field_not_allowed",
+                "",
+            )
+        });
+    }
+    Ok(Some(value))
 }
 
 /// minimise: the provider's JSON reduced to the granted fields; provider errors passed on safely.

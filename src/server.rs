@@ -708,6 +708,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         pseudonymiser: Arc::new(pseudonymiser),
         rate: rate.clone(),
         providers: providers.clone(),
+        consents: crate::consent::Consents::new(store.clone(), audit.clone()),
     });
     rest_tasks.push(tokio::spawn(housekeeping(
         rate.clone(),

@@ -1017,25 +1017,13 @@ fn validate_grant(
         }
     }
 
+    // Consent is given by one person: at run time a grant needing it serves
+    // only requests that name one subject (…/{service}/{id}), never a search,
+    // and withholds an answer about anyone else (src/proxy.rs).
     let consent_required = g
         .consent
         .as_ref()
         .is_some_and(|c| *c.get_ref() == Consent::Required);
-    if let (Some(consent), Some(collection)) = (
-        g.consent.as_ref().filter(|_| consent_required),
-        service
-            .filter(|_| operations.contains(&Operation::Read))
-            .and_then(|s| s.collection.as_deref()),
-    ) {
-        // Consent is given by one person; a search answers with a list
-        // ("collection") of many, whose consents cannot all be checked.
-        r.at(
-            consent.span(),
-            format!(
-                "consent = \"required\" on {provider_id}/{service_id}, a search that returns many subjects (list key {collection:?}): consent is per subject and cannot be checked for a list"
-            ),
-        );
-    }
 
     let released = FieldSet::from_paths(&paths);
     let mut transforms = Vec::new();

@@ -60,7 +60,7 @@ fn document() -> Value {
             "operations": {"$ref": "#/$defs/operations"},
             "purposes": {"type": "array", "minItems": 1, "uniqueItems": true, "items": {"$ref": "#/$defs/kebab"}, "description": "Purpose codes from purposes.toml."},
             "fields": {"type": "array", "uniqueItems": true, "items": {"$ref": "#/$defs/field_path"}, "description": "Field paths released; a path releases its whole subtree; arrays are transparent."},
-            "consent": {"enum": ["none", "required"], "default": "none", "description": "Whether the data subject's consent must be on record. Not allowed on a service that answers searches with lists."},
+            "consent": {"enum": ["none", "required"], "default": "none", "description": "Whether the data subject's consent must be on record (karibche consent, POST /v1/consents). Such a grant serves only requests naming one data subject in the path; searches are refused."},
             "case_required": {"type": "boolean", "default": false, "description": "The officer's token must carry a case reference."},
             "valid_from": {"$ref": "#/$defs/date", "description": "First day the grant applies (inclusive)."},
             "valid_until": {"$ref": "#/$defs/date", "description": "Last day the grant applies (inclusive)."},
