@@ -83,6 +83,49 @@ pub enum Command {
     /// The built-in register of foreigners.
     #[command(subcommand)]
     Registry(RegistryCommand),
+    /// Data subjects' consents: record, revoke, list (each change is an audit event).
+    #[command(subcommand)]
+    Consent(ConsentCommand),
+}
+
+/// `karibche consent …`
+#[derive(Debug, Subcommand)]
+pub enum ConsentCommand {
+    /// Record a consent the agency collected; prints its id.
+    Grant {
+        /// The person's register id.
+        #[arg(long)]
+        subject: String,
+        /// The agency the consent is given to.
+        #[arg(long)]
+        agency: String,
+        /// The purpose consented to (policies/purposes.toml).
+        #[arg(long)]
+        purpose: String,
+        /// Last day the consent holds, YYYY-MM-DD (UTC, inclusive) [default: until revoked].
+        #[arg(long, value_name = "DATE")]
+        until: Option<String>,
+        /// Reference to the evidence, e.g. the signed form's number.
+        #[arg(long, value_name = "REF")]
+        evidence: Option<String>,
+        /// When the person gave it, YYYY-MM-DD or RFC 3339 [default: now].
+        #[arg(long, value_name = "DATE")]
+        given: Option<String>,
+        /// Only this provider/service (repeatable) [default: every service].
+        #[arg(long, value_name = "PROVIDER/SERVICE")]
+        scope: Vec<String>,
+    },
+    /// Revoke a consent; requests relying on it are refused from the next one on.
+    Revoke {
+        /// The consent id (as printed by `consent grant`).
+        id: String,
+    },
+    /// List consents, one line each.
+    List {
+        /// Only this person's.
+        #[arg(long)]
+        subject: Option<String>,
+    },
 }
 
 /// `karibche serve` options.
@@ -481,7 +524,120 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store.close().await;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Consent(cmd) => consent_command(&config, cmd).await,
     }
+}
+
+/// `karibche consent …`: changes are audited on this host's own chain, `<node>-cli`,
+/// so they never contend with a running gateway's chain head.
+async fn consent_command(config: &Config, cmd: &ConsentCommand) -> anyhow::Result<ExitCode> {
+    use crate::consent::{parse_day, parse_instant, Actor, ConsentStore, Consents, NewConsent};
+    let store = crate::store::Store::connect(&config.database_url()).await?;
+    if let ConsentCommand::List { subject } = cmd {
+        let consents = ConsentStore::new(store.clone())
+            .list(subject.as_deref())
+            .await?;
+        for c in &consents {
+            let state = match &c.revoked_at {
+                Some(at) => format!("revoked {at}"),
+                None => match &c.valid_until {
+                    Some(u) => format!("valid until {u}"),
+                    None => "valid until revoked".to_owned(),
+                },
+            };
+            println!(
+                "{} subject={} agency={} purpose={} scope={} given={} evidence={} {state}",
+                c.id,
+                c.subject,
+                c.agency,
+                c.purpose,
+                if c.scope.is_empty() {
+                    "*".to_owned()
+                } else {
+                    c.scope.join(",")
+                },
+                c.given_at,
+                c.evidence_ref.as_deref().unwrap_or("-"),
+            );
+        }
+        println!("{} consent(s)", consents.len());
+        store.close().await;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let policy = server::load_policy(&config.policies_dir)?;
+    let node = format!("{}-cli", config.node);
+    let mut audit_config = crate::audit::AuditConfig::new(node);
+    let key_path = config.audit_key_path();
+    if key_path.exists() {
+        audit_config.checkpoints = Some(crate::audit::CheckpointPolicy {
+            key: std::sync::Arc::new(crate::audit::AuditKey::load_or_create(&key_path)?),
+            every: 1,
+            interval: Duration::from_secs(60),
+        });
+    }
+    let (audit, writer) = crate::audit::AuditLog::start(store.clone(), audit_config).await?;
+    let consents = Consents::new(store.clone(), audit.clone());
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let actor = Actor {
+        officer: format!("admin:{user}"),
+        policy_version: policy.version().to_owned(),
+        ..Actor::default()
+    };
+    let outcome = match cmd {
+        ConsentCommand::Grant {
+            subject,
+            agency,
+            purpose,
+            until,
+            evidence,
+            given,
+            scope,
+        } => {
+            if policy.agency(agency).is_none() {
+                bail!("no agency {agency:?} in {}", config.policies_dir.display());
+            }
+            if policy.purpose(purpose).is_none() {
+                bail!("no purpose {purpose:?} in the purpose vocabulary");
+            }
+            let valid_until = until
+                .as_deref()
+                .map(|u| parse_day(u).with_context(|| format!("--until {u:?} is not YYYY-MM-DD")))
+                .transpose()?;
+            let given_at = given
+                .as_deref()
+                .map(|g| {
+                    parse_instant(g)
+                        .with_context(|| format!("--given {g:?} is not YYYY-MM-DD or RFC 3339"))
+                })
+                .transpose()?;
+            let new = NewConsent {
+                subject: subject.clone(),
+                agency: agency.clone(),
+                purpose: purpose.clone(),
+                scope: scope.clone(),
+                given_at,
+                valid_until,
+                evidence_ref: evidence.clone(),
+            };
+            consents.grant(new, &actor).await.map(|c| println!("{}", c.id))
+        }
+        ConsentCommand::Revoke { id } => consents.revoke(id, None, &actor).await.map(|c| {
+            println!(
+                "revoked {} (subject {}, agency {}, purpose {})",
+                c.id, c.subject, c.agency, c.purpose
+            )
+        }),
+        ConsentCommand::List { .. } => Ok(()),
+    };
+    audit.close();
+    drop(consents);
+    drop(audit);
+    writer.finish().await;
+    store.close().await;
+    outcome?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCode> {
