@@ -621,7 +621,10 @@ async fn consent_command(config: &Config, cmd: &ConsentCommand) -> anyhow::Resul
                 valid_until,
                 evidence_ref: evidence.clone(),
             };
-            consents.grant(new, &actor).await.map(|c| println!("{}", c.id))
+            consents
+                .grant(new, &actor)
+                .await
+                .map(|c| println!("{}", c.id))
         }
         ConsentCommand::Revoke { id } => consents.revoke(id, None, &actor).await.map(|c| {
             println!(

@@ -670,7 +670,10 @@ pub fn parse_grant(body: &[u8], agency: &str, purpose: &str) -> Result<NewConsen
         ));
     }
     if text(&map, "purpose")?.is_some_and(|p| p != purpose) {
-        return Err(invalid("purpose", "must be the purpose stated in the token"));
+        return Err(invalid(
+            "purpose",
+            "must be the purpose stated in the token",
+        ));
     }
     let scope = match map.get("scope") {
         None | Some(Value::Null) => Vec::new(),
@@ -688,9 +691,8 @@ pub fn parse_grant(body: &[u8], agency: &str, purpose: &str) -> Result<NewConsen
     };
     let given_at = text(&map, "given_at")?
         .map(|s| {
-            parse_instant(&s).ok_or_else(|| {
-                invalid("given_at", "must be a date YYYY-MM-DD or an RFC 3339 time")
-            })
+            parse_instant(&s)
+                .ok_or_else(|| invalid("given_at", "must be a date YYYY-MM-DD or an RFC 3339 time"))
         })
         .transpose()?;
     let valid_until = text(&map, "valid_until")?
@@ -768,7 +770,10 @@ mod tests {
         ] {
             assert_eq!(c.valid(s, a, p, svc.0, svc.1).await.unwrap(), None);
         }
-        assert_eq!(c.store().get(&granted.id).await.unwrap(), Some(granted.clone()));
+        assert_eq!(
+            c.store().get(&granted.id).await.unwrap(),
+            Some(granted.clone())
+        );
 
         // Scope: only the services listed.
         let scoped = c
@@ -808,8 +813,13 @@ mod tests {
             .await
             .unwrap();
         let find = |day| {
-            c.store()
-                .find_valid("P-4", "molhsa", "social-assistance", "registry/persons", day)
+            c.store().find_valid(
+                "P-4",
+                "molhsa",
+                "social-assistance",
+                "registry/persons",
+                day,
+            )
         };
         assert_eq!(
             find(date!(2020 - 12 - 31)).await.unwrap().map(|x| x.id),
@@ -819,7 +829,10 @@ mod tests {
         assert_eq!(find(today).await.unwrap(), None);
 
         // Revocation holds from the next check; a second one is refused.
-        let revoked = c.revoke(&granted.id, Some("molhsa"), &actor()).await.unwrap();
+        let revoked = c
+            .revoke(&granted.id, Some("molhsa"), &actor())
+            .await
+            .unwrap();
         assert!(revoked.revoked_at.is_some());
         assert_eq!(
             c.valid("P-1", "molhsa", "social-assistance", svc.0, svc.1)
@@ -857,7 +870,12 @@ mod tests {
         let paths: Vec<&str> = events.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["consent-grant", "consent-grant", "consent-grant", "consent-revoke"]
+            [
+                "consent-grant",
+                "consent-grant",
+                "consent-grant",
+                "consent-revoke"
+            ]
         );
         let revoke = &events[3];
         assert_eq!(revoke.method, "EVENT");
@@ -901,7 +919,10 @@ mod tests {
         ));
         let all = c.store().list(None).await.unwrap();
         assert_eq!(all.len(), 1, "the unaudited grant is gone");
-        assert_eq!(all[0].revoked_at, None, "the unaudited revocation is undone");
+        assert_eq!(
+            all[0].revoked_at, None,
+            "the unaudited revocation is undone"
+        );
     }
 
     #[test]
@@ -978,9 +999,18 @@ mod tests {
         assert_eq!(field("[]"), "body");
         assert_eq!(field(r#"{}"#), "subject");
         assert_eq!(field(r#"{"subject":"P-1","agency":"psda"}"#), "agency");
-        assert_eq!(field(r#"{"subject":"P-1","purpose":"border-control"}"#), "purpose");
-        assert_eq!(field(r#"{"subject":"P-1","valid_until":"soon"}"#), "valid_until");
-        assert_eq!(field(r#"{"subject":"P-1","scope":"registry/persons"}"#), "scope");
+        assert_eq!(
+            field(r#"{"subject":"P-1","purpose":"border-control"}"#),
+            "purpose"
+        );
+        assert_eq!(
+            field(r#"{"subject":"P-1","valid_until":"soon"}"#),
+            "valid_until"
+        );
+        assert_eq!(
+            field(r#"{"subject":"P-1","scope":"registry/persons"}"#),
+            "scope"
+        );
         assert_eq!(field(r#"{"subject":"P-1","note":"x"}"#), "note");
     }
 }

@@ -354,7 +354,10 @@ impl Gateway {
         // A consent covers one person: an answer about anyone else is withheld.
         if let (Some(_), Some(subject)) = (&entry.consent_ref, subject.as_deref()) {
             if entry.subjects.iter().any(|s| s != subject) {
-                tracing::warn!(provider = route.provider, "answer under a consent names other subjects; withheld");
+                tracing::warn!(
+                    provider = route.provider,
+                    "answer under a consent names other subjects; withheld"
+                );
                 return Err(Refusal::error(
                     StatusCode::BAD_GATEWAY,
                     "provider-error",
@@ -807,9 +810,9 @@ impl Gateway {
         };
         let allow = decide(policy, agency, &route, Operation::Write, officer)?;
         entry.legal_basis = Some(allow.legal_basis.to_string());
-        let service = policy.service(API_PROVIDER, API_SERVICE).ok_or_else(|| {
-            denied(crate::policy::DenyReason::UnknownService)
-        })?;
+        let service = policy
+            .service(API_PROVIDER, API_SERVICE)
+            .ok_or_else(|| denied(crate::policy::DenyReason::UnknownService))?;
         self.rate
             .check(agency, &officer.id, API_PROVIDER, API_SERVICE)
             .map_err(rate_limited)?;
@@ -891,7 +894,11 @@ fn write_fields(
     fields: &crate::minimise::FieldSet,
     route: &Route<'_>,
 ) -> Result<Option<serde_json::Value>, Refusal> {
-    fn outside(v: &serde_json::Value, path: &mut String, fields: &crate::minimise::FieldSet) -> bool {
+    fn outside(
+        v: &serde_json::Value,
+        path: &mut String,
+        fields: &crate::minimise::FieldSet,
+    ) -> bool {
         match v {
             serde_json::Value::Object(map) if !map.is_empty() => map.iter().any(|(k, v)| {
                 let len = path.len();

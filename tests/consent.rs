@@ -121,7 +121,10 @@ async fn consent_lifecycle(gw: TestGateway) {
     let e = record_of(&gw, &r).await;
     assert_eq!(e.decision, "allow");
     assert_eq!(e.consent_ref.as_deref(), Some(consent_id.as_str()));
-    assert!(e.legal_basis.as_deref().is_some_and(|b| b.contains("consent")));
+    assert!(e
+        .legal_basis
+        .as_deref()
+        .is_some_and(|b| b.contains("consent")));
 
     // Another person's record is not covered by this person's consent.
     let r = read(&gw, "GEO-000002").await;
@@ -224,10 +227,7 @@ async fn expired_or_misdirected_consent_does_not_help() {
     )
     .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    assert_eq!(
-        record_of(&gw, &r).await.reason.as_deref(),
-        Some("no_grant")
-    );
+    assert_eq!(record_of(&gw, &r).await.reason.as_deref(), Some("no_grant"));
     // Nor may it revoke the ministry's.
     let list = karibche::consent::ConsentStore::new(gw.running.store.clone())
         .list(Some(PERSON))
@@ -302,7 +302,10 @@ async fn nested_arrays_keep_every_element_with_only_the_granted_fields() {
 
 async fn pseudonym(gw: &TestGateway, id: &str) -> String {
     let token = gw.token("geostat", "official-statistics", None);
-    let r = gw.client("geostat").get(&person_path(id), Some(&token)).await;
+    let r = gw
+        .client("geostat")
+        .get(&person_path(id), Some(&token))
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     r.json()["id"].as_str().unwrap().to_owned()
 }
@@ -365,7 +368,15 @@ async fn writes_carry_only_the_granted_fields() {
     let gw = TestGateway::start_configured(Db::Sqlite, move |c, _| c.policies_dir = dir)
         .await
         .unwrap();
-    let consular = |body| post(&gw, "mfa-consular", "visa-decision", "/v1/registry/visas", body);
+    let consular = |body| {
+        post(
+            &gw,
+            "mfa-consular",
+            "visa-decision",
+            "/v1/registry/visas",
+            body,
+        )
+    };
 
     // A member no grant names: refused by the gateway, by name, nothing forwarded or stored.
     let mut body = visa("GEO-V-0001");
