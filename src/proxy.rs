@@ -1177,6 +1177,39 @@ mod tests {
     }
 
     #[test]
+    fn write_bodies_are_held_to_the_granted_fields() {
+        let fields = crate::minimise::FieldSet::from_paths(&["person_id", "employer.name", "tags"]);
+        let route = Route {
+            provider: "registry",
+            service: "work_permits",
+            rest: "",
+        };
+        let check = |body: &str| write_fields(body.as_bytes(), &fields, &route);
+        assert!(check("").unwrap().is_none());
+        assert!(check("{}").is_ok());
+        assert!(check(r#"{"person_id":"P-1","employer":{"name":"X"},"tags":["a","b"]}"#).is_ok());
+        assert!(check(r#"{"employer":[{"name":"X"},{"name":"Y"}]}"#).is_ok());
+        let refused = |body: &str| {
+            let r = check(body).unwrap_err();
+            assert_eq!(r.status, StatusCode::FORBIDDEN);
+            r.detail.into_owned()
+        };
+        assert!(refused(r#"{"person_id":"P-1","note":"x"}"#).contains("\"note\""));
+        assert!(
+            refused(r#"{"employer":{"name":"X","tax_id":"1"}}"#).contains("\"employer.tax_id\"")
+        );
+        assert!(refused(r#"{"employer":[{"name":"X"},{"tax_id":"1"}]}"#)
+            .contains("\"employer.tax_id\""));
+        // A granted path covers its subtree.
+        assert!(check(r#"{"person_id":{"inner":1}}"#).is_ok());
+        assert_eq!(check("[1]").unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            check("not json").unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
     fn provider_errors_keep_only_safe_members() {
         let body = br#"{"type":"x","title":"Unprocessable","detail":"person_id: unknown","status":422,"trace":"secret"}"#;
         let r = provider_problem(StatusCode::UNPROCESSABLE_ENTITY, body);
