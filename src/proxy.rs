@@ -330,6 +330,7 @@ impl Gateway {
                 &base,
                 &route,
                 &parts,
+                narrow_fields(parts.uri.query(), &allow.fields)?.as_deref(),
                 body,
                 &Caller {
                     agency,
@@ -444,14 +445,11 @@ impl Gateway {
         base: &str,
         route: &Route<'_>,
         parts: &http::request::Parts,
+        query: Option<&str>,
         body: Bytes,
         caller: &Caller<'_>,
     ) -> Result<(StatusCode, Bytes, Option<String>), Refusal> {
-        let query = parts
-            .uri
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
+        let query = query.map(|q| format!("?{q}")).unwrap_or_default();
         let uri: Uri = format!("{base}/{}{}{query}", route.service, route.rest)
             .parse()
             .map_err(|_| {
@@ -886,6 +884,58 @@ fn consent_failed(e: crate::consent::ConsentError) -> Refusal {
     }
 }
 
+/// A `fields=` list in the query is narrowed to the granted fields before it
+/// reaches the provider (the answer is minimised anyway); a list naming no
+/// granted field is refused by name rather than sent empty, which a provider
+/// could read as "everything".
+fn narrow_fields(
+    query: Option<&str>,
+    granted: &crate::minimise::FieldSet,
+) -> Result<Option<String>, Refusal> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    if !query.split('&').any(|p| p.starts_with("fields=")) {
+        return Ok(Some(query.to_owned()));
+    }
+    let mut parts = Vec::new();
+    for pair in query.split('&') {
+        let Some(list) = pair.strip_prefix("fields=") else {
+            parts.push(pair.to_owned());
+            continue;
+        };
+        let list = list.replace("%2C", ",").replace("%2c", ",");
+        let asked: Vec<&str> = list.split(',').filter(|f| !f.is_empty()).collect();
+        let kept: Vec<&str> = asked
+            .iter()
+            .copied()
+            .filter(|f| granted.overlaps(f))
+            .collect();
+        if kept.is_empty() {
+            let first = asked.first().copied().unwrap_or_default();
+            let shown: String = first
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '_')
+                .take(64)
+                .collect();
+            return Err(Refusal {
+                detail: Cow::Owned(format!(
+                    "none of the fields asked for (first: {shown:?}) is released to your agency by this grant"
+                )),
+                ..Refusal::deny(
+                    StatusCode::FORBIDDEN,
+                    "field-not-allowed",
+                    "Forbidden",
+                    "field_not_allowed",
+                    "",
+                )
+            });
+        }
+        parts.push(format!("fields={}", kept.join(",")));
+    }
+    Ok(Some(parts.join("&")))
+}
+
 /// Writes carry only what the grant allows: a body member outside the
 /// grant's `fields` is refused by name before anything is forwarded. Returns
 /// the parsed body (`None` when empty).
@@ -1207,6 +1257,24 @@ mod tests {
             check("not json").unwrap_err().status,
             StatusCode::BAD_REQUEST
         );
+    }
+
+    #[test]
+    fn field_lists_are_narrowed_to_the_grant() {
+        let granted = crate::minimise::FieldSet::from_paths(&["id", "names", "visas.category"]);
+        let n = |q: Option<&str>| narrow_fields(q, &granted).map_err(|r| r.reason);
+        assert_eq!(n(None), Ok(None));
+        assert_eq!(n(Some("document=X")), Ok(Some("document=X".into())));
+        assert_eq!(
+            n(Some("fields=id,personal_number,names.surname,visas&x=1")),
+            Ok(Some("fields=id,names.surname,visas&x=1".into()))
+        );
+        assert_eq!(
+            n(Some("fields=id%2Cdocuments")),
+            Ok(Some("fields=id".into()))
+        );
+        assert_eq!(n(Some("fields=documents")), Err("field_not_allowed"));
+        assert_eq!(n(Some("fields=")), Err("field_not_allowed"));
     }
 
     #[test]

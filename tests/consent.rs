@@ -288,6 +288,15 @@ async fn nested_arrays_keep_every_element_with_only_the_granted_fields() {
         let keys: BTreeSet<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(keys, BTreeSet::from(["category"]), "{v}");
     }
+    // A field list is narrowed to the grant; one naming no granted field is refused.
+    let path = format!("{}?fields=visas,documents", person_path(&person));
+    let r = gw.client("geostat").get(&path, Some(&token)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.json().get("documents").is_none());
+    let path = format!("{}?fields=documents", person_path(&person));
+    let r = gw.client("geostat").get(&path, Some(&token)).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(problem_type(&r).ends_with("field-not-allowed"));
     // The Border Police see each visa whole.
     let token = gw.token("mia-border", "border-control", None);
     let r = gw
