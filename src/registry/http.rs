@@ -311,8 +311,12 @@ async fn idempotent(
 
     let mut tx = sqlx::Acquire::begin(&mut *conn).await.map_err(internal)?;
     let inserted = match &write.insert {
-        Insert::Crossing(c) => db::insert_crossing(&mut tx, c).await,
-        Insert::Visa { person_id, visa } => db::insert_visa(&mut tx, person_id, visa).await,
+        Insert::Crossing(c) => {
+            db::insert(&mut tx, reg.store.backend(), &db::CROSSINGS, db::one_row(&db::crossing_cells(c))).await
+        }
+        Insert::Visa { person_id, visa } => {
+            db::insert(&mut tx, reg.store.backend(), &db::VISAS, db::one_row(&db::visa_cells(person_id, visa))).await
+        }
     };
     match inserted {
         Ok(()) => {}

@@ -546,3 +546,4 @@ async fn seeds_and_reads_on_postgres() {
     assert_eq!(c["point"], "Larsi (Kazbegi)");
     store.close().await;
 }
+
