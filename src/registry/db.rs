@@ -612,7 +612,7 @@ pub(crate) async fn records(
     })
 }
 
-async fn documents(conn: &mut AnyConnection, id: &str) -> Result<Vec<Document>, sqlx::Error> {
+pub(crate) async fn documents(conn: &mut AnyConnection, id: &str) -> Result<Vec<Document>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, kind, number, issuing_state, issued_on, valid_until FROM reg_documents \
          WHERE person_id = $1 ORDER BY issued_on, id",
@@ -622,7 +622,7 @@ async fn documents(conn: &mut AnyConnection, id: &str) -> Result<Vec<Document>, 
     .await
 }
 
-async fn visas(conn: &mut AnyConnection, id: &str) -> Result<Vec<Visa>, sqlx::Error> {
+pub(crate) async fn visas(conn: &mut AnyConnection, id: &str) -> Result<Vec<Visa>, sqlx::Error> {
     let rows: Vec<VisaRow> = sqlx::query_as(
         "SELECT id, number, category, issuing_post, valid_from, valid_until, entries \
          FROM reg_visas WHERE person_id = $1 ORDER BY valid_from, id",
@@ -633,7 +633,7 @@ async fn visas(conn: &mut AnyConnection, id: &str) -> Result<Vec<Visa>, sqlx::Er
     Ok(rows.into_iter().map(Visa::from).collect())
 }
 
-async fn residence_permits(
+pub(crate) async fn residence_permits(
     conn: &mut AnyConnection,
     id: &str,
 ) -> Result<Vec<ResidencePermit>, sqlx::Error> {
@@ -691,7 +691,7 @@ async fn asylum_cases(conn: &mut AnyConnection, id: &str) -> Result<Vec<AsylumCa
     .await
 }
 
-async fn entry_bans(conn: &mut AnyConnection, id: &str) -> Result<Vec<EntryBan>, sqlx::Error> {
+pub(crate) async fn entry_bans(conn: &mut AnyConnection, id: &str) -> Result<Vec<EntryBan>, sqlx::Error> {
     let rows: Vec<BanRow> = sqlx::query_as(
         "SELECT id, reason, valid_from, valid_until, expulsion FROM reg_entry_bans \
          WHERE person_id = $1 ORDER BY valid_from, id",
@@ -712,33 +712,119 @@ async fn entry_bans(conn: &mut AnyConnection, id: &str) -> Result<Vec<EntryBan>,
         .collect())
 }
 
-/// Ids of persons holding a document with this number (at most `limit`).
+/// The birth date of a person, or `None` if there is no such person.
+pub(crate) async fn birth_date(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT birth_date FROM reg_persons WHERE id = $1")
+        .bind(id.to_owned())
+        .fetch_optional(conn)
+        .await
+}
+
+/// Ids of persons holding a document with this number (and issuing state, if given), at most `limit`.
 pub(crate) async fn ids_by_document(
     conn: &mut AnyConnection,
     number: &str,
+    issuing_state: Option<&str>,
     limit: i64,
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT DISTINCT person_id FROM reg_documents WHERE number = $1 ORDER BY person_id LIMIT $2",
+        "SELECT DISTINCT person_id FROM reg_documents WHERE number = $1 \
+         AND ($2 = '' OR issuing_state = $2) ORDER BY person_id LIMIT $3",
     )
     .bind(number.to_owned())
+    .bind(issuing_state.unwrap_or_default().to_owned())
     .bind(limit)
     .fetch_all(conn)
     .await
 }
 
-/// Ids of persons with this surname (any script, see [`surname_key`]) born on `birth_date` (at most `limit`).
-pub(crate) async fn ids_by_surname(
+/// `(id, given names)` of persons whose surname has this search key, born on `birth_date`.
+pub(crate) async fn by_surname_key(
     conn: &mut AnyConnection,
-    surname: &str,
+    key: &str,
     birth_date: &str,
+    limit: i64,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, given_names FROM reg_persons WHERE surname_key = $1 AND birth_date = $2 \
+         ORDER BY id LIMIT $3",
+    )
+    .bind(key.to_owned())
+    .bind(birth_date.to_owned())
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Ids of persons of one nationality after `after` (the cursor), optionally born in a date range.
+pub(crate) async fn ids_by_nationality(
+    conn: &mut AnyConnection,
+    code: &str,
+    after: &str,
+    born_from: &str,
+    born_until: &str,
     limit: i64,
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT id FROM reg_persons WHERE surname_key = $1 AND birth_date = $2 ORDER BY id LIMIT $3",
+        "SELECT n.person_id FROM reg_person_nationalities n JOIN reg_persons p ON p.id = n.person_id \
+         WHERE n.code = $1 AND n.person_id > $2 AND p.birth_date >= $3 AND p.birth_date <= $4 \
+         ORDER BY n.person_id LIMIT $5",
     )
-    .bind(surname_key(surname))
-    .bind(birth_date.to_owned())
+    .bind(code.to_owned())
+    .bind(after.to_owned())
+    .bind(born_from.to_owned())
+    .bind(born_until.to_owned())
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// A search for border crossings in a time range; empty strings mean "any".
+#[derive(Debug, Default)]
+pub(crate) struct CrossingQuery {
+    /// Inclusive lower bound, RFC 3339 UTC as stored.
+    pub(crate) from: String,
+    /// Exclusive upper bound.
+    pub(crate) until: String,
+    pub(crate) point: String,
+    pub(crate) direction: String,
+    pub(crate) nationality: String,
+    /// The last crossing of the previous page: `(at, id)`.
+    pub(crate) after: Option<(String, String)>,
+}
+
+/// Crossings matching `q`, ordered by time and id, at most `limit`.
+pub(crate) async fn crossings_between(
+    conn: &mut AnyConnection,
+    q: &CrossingQuery,
+    limit: i64,
+) -> Result<Vec<Crossing>, sqlx::Error> {
+    // The cursor moves the index range's start, so each page costs the same.
+    let (after_at, after_id) = q.after.clone().unwrap_or_default();
+    let from = if after_at > q.from {
+        after_at.clone()
+    } else {
+        q.from.clone()
+    };
+    sqlx::query_as(
+        "SELECT c.id, c.person_id, c.direction, c.point, c.at, c.document_number \
+         FROM reg_crossings c WHERE c.at >= $1 AND c.at < $2 \
+         AND NOT (c.at = $3 AND c.id <= $4) \
+         AND ($5 = '' OR c.point = $5) AND ($6 = '' OR c.direction = $6) \
+         AND ($7 = '' OR EXISTS (SELECT 1 FROM reg_person_nationalities n \
+              WHERE n.code = $7 AND n.person_id = c.person_id)) \
+         ORDER BY c.at, c.id LIMIT $8",
+    )
+    .bind(from)
+    .bind(q.until.clone())
+    .bind(after_at)
+    .bind(after_id)
+    .bind(q.point.clone())
+    .bind(q.direction.clone())
+    .bind(q.nationality.clone())
     .bind(limit)
     .fetch_all(conn)
     .await

@@ -11,10 +11,13 @@
 //! client, policy and body-size checks; field names in [`model`] are what the
 //! policy files' field paths name.
 
+mod bench;
 mod db;
 mod http;
 pub mod model;
+mod statistics;
 mod synth;
+mod write;
 
 #[cfg(test)]
 mod tests;
@@ -22,6 +25,8 @@ mod tests;
 use crate::problem::Body;
 use crate::store::Store;
 
+pub use bench::{bench, BenchOptions, BenchReport, BenchResult, QueryPlan};
+pub use statistics::MIN_CELL;
 pub use synth::{surname_key, to_georgian};
 
 /// One synthetic person's id that exists after seeding with any seed and at least one person.
