@@ -46,17 +46,17 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    /// The kind written by `POST /{segment}`.
+    /// The kind written by `POST /{segment}`; segments are the gateway's kebab-case service ids.
     pub(crate) fn from_segment(segment: &str) -> Option<Kind> {
         Some(match segment {
             "persons" => Kind::Person,
             "documents" => Kind::Document,
             "visas" => Kind::Visa,
-            "residence_permits" => Kind::ResidencePermit,
-            "work_permits" => Kind::WorkPermit,
+            "residence-permits" => Kind::ResidencePermit,
+            "work-permits" => Kind::WorkPermit,
             "crossings" => Kind::Crossing,
-            "asylum_cases" => Kind::AsylumCase,
-            "entry_bans" => Kind::EntryBan,
+            "asylum-cases" => Kind::AsylumCase,
+            "entry-bans" => Kind::EntryBan,
             _ => return None,
         })
     }
@@ -67,11 +67,11 @@ impl Kind {
             Kind::Person => "persons",
             Kind::Document => "documents",
             Kind::Visa => "visas",
-            Kind::ResidencePermit => "residence_permits",
-            Kind::WorkPermit => "work_permits",
+            Kind::ResidencePermit => "residence-permits",
+            Kind::WorkPermit => "work-permits",
             Kind::Crossing => "crossings",
-            Kind::AsylumCase => "asylum_cases",
-            Kind::EntryBan => "entry_bans",
+            Kind::AsylumCase => "asylum-cases",
+            Kind::EntryBan => "entry-bans",
         }
     }
 }
