@@ -53,8 +53,21 @@ async fn agencies_write_and_read_their_own_records(gw: &TestGateway) {
         "birth_place": {"city": "Gyumri", "country": "AM"},
         "nationalities": ["AM"],
     });
-    let r = write(gw, "psda", "identity-documentation", "persons", "k-1", person.clone()).await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    let r = write(
+        gw,
+        "psda",
+        "identity-documentation",
+        "persons",
+        "k-1",
+        person.clone(),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     let created = r.json();
     let pid = created["id"].as_str().unwrap().to_owned();
     assert_eq!(created["names"]["surname_ka"], "გრიგორიან");
@@ -63,7 +76,15 @@ async fn agencies_write_and_read_their_own_records(gw: &TestGateway) {
     assert_eq!(e.subjects, vec![pid.clone()]);
 
     // A retry (lost answer) gets the same person back, and is audited again.
-    let again = write(gw, "psda", "identity-documentation", "persons", "k-1", person).await;
+    let again = write(
+        gw,
+        "psda",
+        "identity-documentation",
+        "persons",
+        "k-1",
+        person,
+    )
+    .await;
     assert_eq!(again.status, StatusCode::CREATED);
     assert_eq!(again.json()["id"], pid.as_str());
     // (The gateway releases its own headers only; the register's Idempotent-Replayed stays behind.)
@@ -73,33 +94,92 @@ async fn agencies_write_and_read_their_own_records(gw: &TestGateway) {
         "person_id": pid, "kind": "passport", "number": "AR7700123", "issuing_state": "AM",
         "issued_on": "2021-03-01", "valid_until": "2031-02-28",
     });
-    let r = write(gw, "psda", "identity-documentation", "documents", "k-2", passport).await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    let r = write(
+        gw,
+        "psda",
+        "identity-documentation",
+        "documents",
+        "k-2",
+        passport,
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
 
     // The register's refusal reaches the caller as problem+json naming the field.
     let bad = json!({
         "person_id": pid, "number": "RP1", "type": "work",
         "valid_from": "2018-01-01", "valid_until": "2019-01-01",
     });
-    let r = write(gw, "psda", "residence-permit-review", "residence-permits", "k-3", bad).await;
+    let r = write(
+        gw,
+        "psda",
+        "residence-permit-review",
+        "residence-permits",
+        "k-3",
+        bad,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(r.content_type(), "application/problem+json");
-    assert!(r.json()["detail"].as_str().unwrap().starts_with("valid_from"));
+    assert!(r.json()["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("valid_from"));
 
     let crossing = json!({
         "person_id": pid, "direction": "entry", "point": "Sadakhlo",
         "at": "2025-04-02T06:30:00Z", "document_number": "AR7700123",
     });
-    let r = write(gw, "mia-border", "border-control", "crossings", "k-4", crossing).await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    let r = write(
+        gw,
+        "mia-border",
+        "border-control",
+        "crossings",
+        "k-4",
+        crossing,
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     let crossing_id = r.json()["id"].as_str().unwrap().to_owned();
 
     // Only the Migration Department records asylum cases.
-    let case = json!({"person_id": pid, "case_number": "AS-2025-000777", "applied_on": "2025-04-10"});
-    let r = write(gw, "mia-border", "border-control", "asylum-cases", "k-5", case.clone()).await;
+    let case =
+        json!({"person_id": pid, "case_number": "AS-2025-000777", "applied_on": "2025-04-10"});
+    let r = write(
+        gw,
+        "mia-border",
+        "border-control",
+        "asylum-cases",
+        "k-5",
+        case.clone(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    let r = write(gw, "mia-migration", "asylum-procedure", "asylum-cases", "k-5", case).await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    let r = write(
+        gw,
+        "mia-migration",
+        "asylum-procedure",
+        "asylum-cases",
+        "k-5",
+        case,
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     assert_eq!(r.json()["status"], "pending");
 
     // A day's crossings, one per page: the cursor survives minimisation.
@@ -108,7 +188,12 @@ async fn agencies_write_and_read_their_own_records(gw: &TestGateway) {
     let mut seen = Vec::new();
     loop {
         let r = gw.client("mia-migration").get(&path, Some(&token)).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
         let page = r.json();
         for c in page["results"].as_array().unwrap() {
             seen.push(c["id"].as_str().unwrap().to_owned());
@@ -134,7 +219,12 @@ async fn agencies_write_and_read_their_own_records(gw: &TestGateway) {
             Some(&token),
         )
         .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     let rows = r.json()["rows"].as_array().unwrap().clone();
     assert!(rows.iter().any(|row| row["nationality"] == "AM"));
     for row in &rows {
@@ -143,7 +233,15 @@ async fn agencies_write_and_read_their_own_records(gw: &TestGateway) {
     }
     assert!(audit_entry(gw, &r.request_id()).await.subjects.is_empty());
     // …and it cannot register persons.
-    let r = write(gw, "geostat", "official-statistics", "persons", "k-6", json!({})).await;
+    let r = write(
+        gw,
+        "geostat",
+        "official-statistics",
+        "persons",
+        "k-6",
+        json!({}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
 }
 
@@ -186,7 +284,12 @@ async fn a_search_by_name_releases_only_granted_fields() {
             Some(&token),
         )
         .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     let results = r.json()["results"].as_array().unwrap().clone();
     assert!(!results.is_empty());
     for p in &results {

@@ -99,14 +99,23 @@ pub async fn bench(store: &Store, opts: &BenchOptions) -> Result<BenchReport, Re
     sqlx::query("ANALYZE").execute(store.pool()).await?;
     let sample = sample(store, opts, persons).await?;
     let reg = Registry::new(store.clone());
-    let by_id: Vec<String> = sample.iter().map(|(id, _, _)| format!("/persons/{id}")).collect();
+    let by_id: Vec<String> = sample
+        .iter()
+        .map(|(id, _, _)| format!("/persons/{id}"))
+        .collect();
     let by_doc: Vec<String> = sample
         .iter()
         .map(|(_, doc, _)| format!("/persons?document={doc}"))
         .collect();
     let results = vec![
         run(&reg, "GET /persons/{id}", by_id, opts.concurrency).await,
-        run(&reg, "GET /persons?document={number}", by_doc, opts.concurrency).await,
+        run(
+            &reg,
+            "GET /persons?document={number}",
+            by_doc,
+            opts.concurrency,
+        )
+        .await,
     ];
     let mut plans = Vec::new();
     if let Some((id, doc, (key, birth))) = sample.first() {
@@ -222,7 +231,8 @@ pub(crate) async fn explain(
                     .any(|l| l.starts_with("SCAN") && !l.contains("USING"))
         }
         Backend::Postgres => {
-            lines.iter().any(|l| l.contains("Index")) && !lines.iter().any(|l| l.contains("Seq Scan"))
+            lines.iter().any(|l| l.contains("Index"))
+                && !lines.iter().any(|l| l.contains("Seq Scan"))
         }
     };
     Ok(QueryPlan {

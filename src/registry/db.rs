@@ -612,7 +612,10 @@ pub(crate) async fn records(
     })
 }
 
-pub(crate) async fn documents(conn: &mut AnyConnection, id: &str) -> Result<Vec<Document>, sqlx::Error> {
+pub(crate) async fn documents(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Vec<Document>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, kind, number, issuing_state, issued_on, valid_until FROM reg_documents \
          WHERE person_id = $1 ORDER BY issued_on, id",
@@ -691,7 +694,10 @@ async fn asylum_cases(conn: &mut AnyConnection, id: &str) -> Result<Vec<AsylumCa
     .await
 }
 
-pub(crate) async fn entry_bans(conn: &mut AnyConnection, id: &str) -> Result<Vec<EntryBan>, sqlx::Error> {
+pub(crate) async fn entry_bans(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Vec<EntryBan>, sqlx::Error> {
     let rows: Vec<BanRow> = sqlx::query_as(
         "SELECT id, reason, valid_from, valid_until, expulsion FROM reg_entry_bans \
          WHERE person_id = $1 ORDER BY valid_from, id",

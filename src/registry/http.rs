@@ -68,9 +68,7 @@ async fn route(reg: &Registry, req: Request<Bytes>) -> Answer {
         ["persons", id, kind] if valid_token(id) && RECORD_KINDS.contains(kind) => {
             (GET, Target::Records(id, kind))
         }
-        ["crossings"] if req.method() == Method::POST => {
-            (GET_POST, Target::Create(Kind::Crossing))
-        }
+        ["crossings"] if req.method() == Method::POST => (GET_POST, Target::Create(Kind::Crossing)),
         ["crossings"] => (GET_POST, Target::SearchCrossings),
         ["statistics"] => (GET, Target::Statistics),
         [kind] => match Kind::from_segment(kind) {
@@ -243,7 +241,13 @@ async fn search_persons(reg: &Registry, query: &str) -> Answer {
             .await
             .map_err(internal)?
     } else if by_name {
-        stray(&["issuing_state", "born_from", "born_until", "limit", "cursor"])?;
+        stray(&[
+            "issuing_state",
+            "born_from",
+            "born_until",
+            "limit",
+            "cursor",
+        ])?;
         let surname = p
             .get("surname")
             .ok_or_else(|| Problem::bad_request("surname is missing"))?;
@@ -281,16 +285,10 @@ async fn search_persons(reg: &Registry, query: &str) -> Answer {
             Some(c) => decode_cursor(c)?,
             None => String::new(),
         };
-        let mut ids = db::ids_by_nationality(
-            &mut conn,
-            code,
-            &after,
-            &born_from,
-            &born_until,
-            limit + 1,
-        )
-        .await
-        .map_err(internal)?;
+        let mut ids =
+            db::ids_by_nationality(&mut conn, code, &after, &born_from, &born_until, limit + 1)
+                .await
+                .map_err(internal)?;
         if ids.len() as i64 > limit {
             ids.truncate(limit as usize);
             next = ids.last().map(|id| encode_cursor(id));
@@ -617,4 +615,3 @@ fn replay(stored: db::StoredAnswer, request_hash: &str) -> Answer {
     h.insert("idempotent-replayed", HeaderValue::from_static("true"));
     Ok(private(resp))
 }
-

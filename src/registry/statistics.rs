@@ -110,10 +110,8 @@ pub(crate) async fn answer(reg: &Registry, p: &Params) -> Result<http::Response<
         .ok_or_else(|| {
             Problem::bad_request(format!("dataset must be one of: {}", names.join(", ")))
         })?;
-    let mut available: Vec<(&str, String)> = vec![(
-        "nationality",
-        "COALESCE(n.code, '')".to_owned(),
-    )];
+    let mut available: Vec<(&str, String)> =
+        vec![("nationality", "COALESCE(n.code, '')".to_owned())];
     if ds.name != "persons" {
         available.push(("sex", "p.sex".to_owned()));
     }

@@ -395,7 +395,9 @@ async fn post(
     if let Some(k) = key {
         b = b.header("Idempotency-Key", k);
     }
-    let resp = reg.handle(b.body(Bytes::from(body.to_string())).unwrap()).await;
+    let resp = reg
+        .handle(b.body(Bytes::from(body.to_string())).unwrap())
+        .await;
     let status = resp.status();
     let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -573,11 +575,28 @@ async fn api_scenario(store: &Store) {
         "person_id": pid, "direction": "entry", "point": "Sarpi",
         "at": "2025-02-01T14:22:00+04:00", "document_number": "U99000001",
     });
-    let (s, c, _) = post(&reg, "/crossings", "mia-border", Some("c-1"), crossing.clone()).await;
+    let (s, c, _) = post(
+        &reg,
+        "/crossings",
+        "mia-border",
+        Some("c-1"),
+        crossing.clone(),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED, "{c}");
     assert_eq!(c["at"], "2025-02-01T10:22:00Z");
-    let (_, c2, h) = post(&reg, "/crossings", "mia-border", Some("c-1"), crossing.clone()).await;
-    assert_eq!((c2, &h["idempotent-replayed"]), (c.clone(), &"true".parse().unwrap()));
+    let (_, c2, h) = post(
+        &reg,
+        "/crossings",
+        "mia-border",
+        Some("c-1"),
+        crossing.clone(),
+    )
+    .await;
+    assert_eq!(
+        (c2, &h["idempotent-replayed"]),
+        (c.clone(), &"true".parse().unwrap())
+    );
     for (field, key, value) in [
         ("document_number", "document_number", json!("X1")),
         ("document_number", "at", json!("2019-05-01T10:00:00Z")),
@@ -597,7 +616,10 @@ async fn api_scenario(store: &Store) {
         "person_id": pid, "direction": "exit", "point": "Tbilisi International Airport",
         "at": "2025-02-20T08:00:00Z", "document_number": "U99000001",
     });
-    assert_eq!(post(&reg, "/crossings", "mia-border", None, exit).await.0, StatusCode::CREATED);
+    assert_eq!(
+        post(&reg, "/crossings", "mia-border", None, exit).await.0,
+        StatusCode::CREATED
+    );
 
     // Entry bans and asylum cases (Migration Department).
     let ban = json!({
@@ -624,7 +646,10 @@ async fn api_scenario(store: &Store) {
     );
     let mut entry = crossing.clone();
     entry["at"] = json!("2025-09-10T10:00:00Z");
-    assert_eq!(post(&reg, "/crossings", "mia-border", None, entry).await.0, StatusCode::CREATED);
+    assert_eq!(
+        post(&reg, "/crossings", "mia-border", None, entry).await.0,
+        StatusCode::CREATED
+    );
     let mut bad = ban.clone();
     bad["valid_until"] = json!("2025-01-01");
     refused(
@@ -665,7 +690,10 @@ async fn api_scenario(store: &Store) {
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(h["allow"], "GET, POST");
     let ((s, _), h) = call_with(&reg, Method::GET, "/entry-bans", None, None).await;
-    assert_eq!((s, &h["allow"]), (StatusCode::METHOD_NOT_ALLOWED, &"POST".parse().unwrap()));
+    assert_eq!(
+        (s, &h["allow"]),
+        (StatusCode::METHOD_NOT_ALLOWED, &"POST".parse().unwrap())
+    );
 
     // The whole person, and each kind on its own.
     let (s, whole) = get(&reg, &format!("/persons/{pid}")).await;
@@ -703,22 +731,29 @@ async fn api_scenario(store: &Store) {
     for (surname, given, hit) in [
         ("OZTURK", "", true),
         ("ozturk", "mehmet", true),
-        ("%E1%83%9D%E1%83%96%E1%83%97%E1%83%A3%E1%83%A0%E1%83%A5", "ALI", true),
+        (
+            "%E1%83%9D%E1%83%96%E1%83%97%E1%83%A3%E1%83%A0%E1%83%A5",
+            "ALI",
+            true,
+        ),
         ("%C3%96ZT%C3%9CRK", "Mehmet%20Ali", true),
         ("Öztürk", "Ahmet", false),
     ] {
-        let surname = if surname.contains('%') { surname.to_owned() } else { percent(surname) };
+        let surname = if surname.contains('%') {
+            surname.to_owned()
+        } else {
+            percent(surname)
+        };
         let uri = format!("/persons?surname={surname}&given_names={given}&birth_date=1990-03-04");
         let (s, found) = get(&reg, &uri).await;
         assert_eq!(s, StatusCode::OK, "{uri}: {found}");
         assert_eq!(ids(&found).contains(&pid), hit, "{uri}");
     }
-    let total: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM reg_person_nationalities WHERE code = 'TR'",
-    )
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
+    let total: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM reg_person_nationalities WHERE code = 'TR'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
     let mut seen: Vec<String> = Vec::new();
     let mut uri = "/persons?nationality=TR&limit=7".to_owned();
     loop {
@@ -726,7 +761,10 @@ async fn api_scenario(store: &Store) {
         assert_eq!(s, StatusCode::OK, "{page}");
         assert!(ids(&page).len() <= 7);
         for p in page["results"].as_array().unwrap() {
-            assert!(p["nationalities"].as_array().unwrap().contains(&json!("TR")));
+            assert!(p["nationalities"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("TR")));
         }
         seen.extend(ids(&page));
         match page["next"].as_str() {
@@ -734,10 +772,18 @@ async fn api_scenario(store: &Store) {
             None => break,
         }
     }
-    assert_eq!(seen.len() as i64, total, "pages cover every TR national once");
+    assert_eq!(
+        seen.len() as i64,
+        total,
+        "pages cover every TR national once"
+    );
     assert!(seen.windows(2).all(|w| w[0] < w[1]));
     assert!(seen.contains(&pid));
-    let (_, young) = get(&reg, "/persons?nationality=TR&born_from=2000-01-01&limit=200").await;
+    let (_, young) = get(
+        &reg,
+        "/persons?nationality=TR&born_from=2000-01-01&limit=200",
+    )
+    .await;
     for p in young["results"].as_array().unwrap() {
         assert!(p["birth_date"].as_str().unwrap() >= "2000-01-01");
     }
@@ -745,24 +791,30 @@ async fn api_scenario(store: &Store) {
     // Crossings in a time range, page by page.
     let (s, day) = get(&reg, "/crossings?from=2025-02-01&until=2025-02-02").await;
     assert_eq!(s, StatusCode::OK, "{day}");
-    assert!(day["results"].as_array().unwrap().iter().any(|c| c["id"] == c2_id(&c)));
+    assert!(day["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["id"] == c["id"]));
     let from = format!("{}", today - time::Duration::days(400));
     let until = format!("{}", today);
-    let expected: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM reg_crossings WHERE at >= $1 AND at < $2",
-    )
-    .bind(format!("{from}T00:00:00Z"))
-    .bind(format!("{until}T00:00:00Z"))
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
+    let expected: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM reg_crossings WHERE at >= $1 AND at < $2")
+            .bind(format!("{from}T00:00:00Z"))
+            .bind(format!("{until}T00:00:00Z"))
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
     let mut got = Vec::new();
     let mut uri = format!("/crossings?from={from}&until={until}&limit=50");
     loop {
         let (s, page) = get(&reg, &uri).await;
         assert_eq!(s, StatusCode::OK, "{page}");
         for c in page["results"].as_array().unwrap() {
-            got.push((c["at"].as_str().unwrap().to_owned(), c["id"].as_str().unwrap().to_owned()));
+            got.push((
+                c["at"].as_str().unwrap().to_owned(),
+                c["id"].as_str().unwrap().to_owned(),
+            ));
         }
         match page["next"].as_str() {
             Some(c) => uri = format!("/crossings?from={from}&until={until}&limit=50&cursor={c}"),
@@ -774,7 +826,10 @@ async fn api_scenario(store: &Store) {
     let (s, tr) = get(&reg, &format!("/crossings?from={from}&until={until}&nationality=TR&point=Sarpi&direction=entry&limit=200")).await;
     assert_eq!(s, StatusCode::OK);
     for c in tr["results"].as_array().unwrap() {
-        assert_eq!((c["point"].as_str(), c["direction"].as_str()), (Some("Sarpi"), Some("entry")));
+        assert_eq!(
+            (c["point"].as_str(), c["direction"].as_str()),
+            (Some("Sarpi"), Some("entry"))
+        );
     }
 
     // Statistics: aggregates only, small cells suppressed.
@@ -830,18 +885,22 @@ async fn api_scenario(store: &Store) {
     let (s, doc) = get(&reg, "/openapi.json").await;
     assert_eq!(s, StatusCode::OK);
     for path in [
-        "/persons", "/persons/{id}", "/persons/{id}/{kind}", "/crossings", "/visas", "/documents",
-        "/residence-permits", "/work-permits", "/asylum-cases", "/entry-bans", "/statistics",
+        "/persons",
+        "/persons/{id}",
+        "/persons/{id}/{kind}",
+        "/crossings",
+        "/visas",
+        "/documents",
+        "/residence-permits",
+        "/work-permits",
+        "/asylum-cases",
+        "/entry-bans",
+        "/statistics",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} undocumented");
     }
     assert!(doc["paths"]["/persons"]["post"].is_object());
     assert!(doc["paths"]["/crossings"]["get"].is_object());
-}
-
-/// The id of the crossing in a POST answer.
-fn c2_id(c: &Value) -> Value {
-    c["id"].clone()
 }
 
 #[tokio::test]

@@ -150,7 +150,10 @@ impl<'a> Fields<'a> {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= max => {
                 if s.chars().any(char::is_control) {
-                    Err(unprocessable(&self.name(field), "must not contain control characters"))
+                    Err(unprocessable(
+                        &self.name(field),
+                        "must not contain control characters",
+                    ))
                 } else {
                     Ok(Some(s.trim().to_owned()))
                 }
@@ -304,7 +307,11 @@ fn parse_person(map: &Map<String, Value>, today: Date) -> Result<Person, Problem
     let sex = f.one_of("sex", &SEXES)?;
     let birth = f.date("birth_date")?;
     not_future(birth, today, "birth_date")?;
-    let b = Fields::new(f.object("birth_place")?, &["city", "country"], "birth_place.")?;
+    let b = Fields::new(
+        f.object("birth_place")?,
+        &["city", "country"],
+        "birth_place.",
+    )?;
     let birth_place = BirthPlace {
         city: b.text("city", MAX_TEXT)?,
         country: b.country("country")?,
@@ -603,7 +610,13 @@ fn parse_asylum(map: &Map<String, Value>, today: Date) -> Result<AsylumCase, Pro
 fn parse_ban(map: &Map<String, Value>) -> Result<EntryBan, Problem> {
     let f = Fields::new(
         map,
-        &["person_id", "reason", "valid_from", "valid_until", "expulsion"],
+        &[
+            "person_id",
+            "reason",
+            "valid_from",
+            "valid_until",
+            "expulsion",
+        ],
         "",
     )?;
     let person_id = f.code("person_id")?;
@@ -771,9 +784,7 @@ async fn check_crossing(conn: &mut AnyConnection, c: &Crossing) -> Result<(), Pr
     if c.direction != "entry" {
         return Ok(());
     }
-    let bans = db::entry_bans(conn, &c.person_id)
-        .await
-        .map_err(internal)?;
+    let bans = db::entry_bans(conn, &c.person_id).await.map_err(internal)?;
     if let Some(b) = bans
         .iter()
         .find(|b| b.valid_from.as_str() <= day && day <= b.valid_until.as_str())
@@ -791,7 +802,9 @@ async fn check_crossing(conn: &mut AnyConnection, c: &Crossing) -> Result<(), Pr
     {
         let visas = db::visas(conn, &c.person_id).await.map_err(internal)?;
         let covered = visas.iter().any(|v| {
-            v.valid_from >= expelled && v.valid_from.as_str() <= day && day <= v.valid_until.as_str()
+            v.valid_from >= expelled
+                && v.valid_from.as_str() <= day
+                && day <= v.valid_until.as_str()
         });
         if !covered {
             return Err(unprocessable(
