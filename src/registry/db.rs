@@ -399,7 +399,8 @@ fn bulk_sql(backend: Backend, table: &Table) -> String {
         .collect();
     let source = match backend {
         Backend::Sqlite => "jsonb_each($1)",
-        Backend::Postgres => "json_array_elements($1::json) AS e",
+        // jsonb: parsed once into a binary form, so `->>` indexes each row instead of re-reading its text.
+        Backend::Postgres => "jsonb_array_elements($1::jsonb) AS e",
     };
     format!(
         "INSERT INTO {} ({}) SELECT {} FROM {source}",

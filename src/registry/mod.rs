@@ -147,6 +147,12 @@ async fn seed_on(
     }
     drop(tx_rows);
     let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
+    if backend == crate::store::Backend::Postgres {
+        // Index rebuilds sort in memory rather than in temporary files; this transaction only.
+        sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
+            .execute(&mut *tx)
+            .await?;
+    }
     // Indexes led by person_id grow in insertion order and stay; the others are rebuilt.
     let indexes: Vec<(String, String)> = db::secondary_indexes(&mut tx, backend)
         .await?
