@@ -3,13 +3,16 @@
 //!
 //! It keeps persons and their documents, visas, residence and work permits,
 //! border crossings, asylum cases and entry bans in the `reg_*` tables
-//! ([`db`]), serves them over a small HTTP API ([`Registry::handle`]), and
-//! fills an empty register with synthetic, internally consistent foreigners
-//! ([`seed`]) so that a development gateway has something to guard.
+//! (`db`), serves them over an HTTP API ([`Registry::handle`]; reads and
+//! searches in `http`, the validated, idempotent writes of each agency in
+//! `write`, aggregate counts in `statistics`; described in
+//! `openapi/registry.json`), fills an empty register with synthetic,
+//! internally consistent foreigners ([`seed()`]), and measures its own lookups
+//! ([`bench()`]).
 //!
-//! The gateway maps `/v1/registry/{rest}` to `/{rest}` here, after TLS,
-//! client, policy and body-size checks; field names in [`model`] are what the
-//! policy files' field paths name.
+//! The gateway maps `/v1/registry/{service}/{rest}` to `/{service}/{rest}`
+//! here, after TLS, client, policy and body-size checks; field names in
+//! [`model`] are what the policy files' field paths name.
 
 mod bench;
 mod db;
