@@ -50,6 +50,8 @@ enum Target<'a> {
     SearchCrossings,
     Statistics,
     Create(Kind),
+    DecideAsylum(&'a str),
+    AssignPersonalNumber(&'a str),
 }
 
 const GET: &[Method] = &[Method::GET];
@@ -71,6 +73,10 @@ async fn route(reg: &Registry, req: Request<Bytes>) -> Answer {
         ["crossings"] if req.method() == Method::POST => (GET_POST, Target::Create(Kind::Crossing)),
         ["crossings"] => (GET_POST, Target::SearchCrossings),
         ["statistics"] => (GET, Target::Statistics),
+        ["asylum-cases", id, "decision"] if valid_token(id) => (POST, Target::DecideAsylum(id)),
+        ["persons", id, "personal-number"] if valid_token(id) => {
+            (POST, Target::AssignPersonalNumber(id))
+        }
         [kind] => match Kind::from_segment(kind) {
             Some(k) => (POST, Target::Create(k)),
             None => return Err(Problem::not_found("no such resource in the register")),
@@ -97,6 +103,10 @@ async fn route(reg: &Registry, req: Request<Bytes>) -> Answer {
         Target::SearchCrossings => search_crossings(reg, query).await,
         Target::Statistics => super::statistics::answer(reg, &parse_query(query)?).await,
         Target::Create(kind) => create(reg, kind, &req).await,
+        Target::DecideAsylum(id) => super::update::decide_asylum(reg, id, req.body()).await,
+        Target::AssignPersonalNumber(id) => {
+            super::update::assign_personal_number(reg, id, req.body()).await
+        }
     }
 }
 

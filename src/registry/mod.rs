@@ -20,6 +20,7 @@ mod http;
 pub mod model;
 mod statistics;
 mod synth;
+mod update;
 mod write;
 
 #[cfg(test)]

@@ -684,6 +684,84 @@ async fn api_scenario(store: &Store) {
         StatusCode::UNPROCESSABLE_ENTITY,
         "decision_on",
     );
+    // A pending case is decided once; a decided one is never overwritten.
+    let mut pending = case.clone();
+    pending["case_number"] = json!("AS-2025-990004");
+    pending["status"] = json!("pending");
+    pending.as_object_mut().unwrap().remove("decision_on");
+    let (s, p_case, _) = post(&reg, "/asylum-cases", "mia-migration", None, pending).await;
+    assert_eq!(s, StatusCode::CREATED, "{p_case}");
+    let decide = format!("/asylum-cases/{}/decision", p_case["id"].as_str().unwrap());
+    let decision = json!({"status": "granted", "decision_on": "2025-03-01"});
+    let (s, d) = call(&reg, Method::POST, &decide, Some(decision.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{d}");
+    assert_eq!(
+        (&d["status"], &d["person_id"]),
+        (&json!("granted"), &json!(pid))
+    );
+    let (s, again) = call(&reg, Method::POST, &decide, Some(decision)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{again}");
+    let (s, bad) = call(
+        &reg,
+        Method::POST,
+        &decide,
+        Some(json!({"status": "maybe", "decision_on": "2025-03-01"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    let (s, _) = call(
+        &reg,
+        Method::POST,
+        "/asylum-cases/AS-none/decision",
+        Some(json!({"status": "granted", "decision_on": "2025-03-01"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // A personal number is assigned once, and never twice the same.
+    let (s, np, _) = post(&reg, "/persons", "psda", None, {
+        let mut n = person.clone();
+        n.as_object_mut().unwrap().remove("personal_number");
+        n
+    })
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{np}");
+    let assign = format!("/persons/{}/personal-number", np["id"].as_str().unwrap());
+    let (s, taken) = call(
+        &reg,
+        Method::POST,
+        &assign,
+        Some(json!({"personal_number": "01999999999"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{taken}");
+    let (s, ok) = call(
+        &reg,
+        Method::POST,
+        &assign,
+        Some(json!({"personal_number": "01999999990"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    let (s, _) = call(
+        &reg,
+        Method::POST,
+        &assign,
+        Some(json!({"personal_number": "01999999991"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = call(
+        &reg,
+        Method::POST,
+        &assign,
+        Some(json!({"personal_number": "12"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (_, whole) = get(&reg, &format!("/persons/{}", np["id"].as_str().unwrap())).await;
+    assert_eq!(whole["personal_number"], "01999999990");
+
     let (s, _) = call(&reg, Method::POST, "/persons/x", Some(json!({}))).await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
     let ((s, _), h) = call_with(&reg, Method::PUT, "/persons", None, None).await;
@@ -704,7 +782,7 @@ async fn api_scenario(store: &Store) {
         ("residence_permits", 1),
         ("work_permits", 1),
         ("crossings", 3),
-        ("asylum_cases", 1),
+        ("asylum_cases", 2),
         ("entry_bans", 1),
     ] {
         assert_eq!(whole[kind].as_array().unwrap().len(), n, "{kind}");
@@ -844,7 +922,8 @@ async fn api_scenario(store: &Store) {
         assert!(r["year"].is_i64());
     }
     let (_, all) = get(&reg, "/statistics?dataset=persons").await;
-    assert_eq!(all["rows"][0]["count"], 302);
+    // The seeded persons plus every person this scenario registered.
+    assert_eq!(all["rows"][0]["count"], 303);
     for uri in [
         "/statistics?dataset=residence_permits&by=type,status,sex&from=2020&until=2030",
         "/statistics?dataset=entry_bans&by=reason,expulsion",
@@ -894,7 +973,9 @@ async fn api_scenario(store: &Store) {
         "/residence-permits",
         "/work-permits",
         "/asylum-cases",
+        "/asylum-cases/{id}/decision",
         "/entry-bans",
+        "/persons/{id}/personal-number",
         "/statistics",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} undocumented");
