@@ -377,6 +377,15 @@ pub enum RegistryCommand {
         #[arg(long, default_value_t = 2013)]
         seed: u64,
     },
+    /// Measure lookups per second by id and by document number, and show their query plans.
+    Bench {
+        /// Lookups per kind.
+        #[arg(long, default_value_t = 20_000)]
+        lookups: usize,
+        /// Lookups in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
 }
 
 impl Cli {
@@ -522,6 +531,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let total = crate::registry::count_persons(&store).await?;
             println!("seeded {n} persons; the register holds {total}");
             store.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Registry(RegistryCommand::Bench {
+            lookups,
+            concurrency,
+        }) => {
+            let store = crate::store::Store::connect(&config.database_url()).await?;
+            let opts = crate::registry::BenchOptions {
+                lookups: *lookups,
+                concurrency: *concurrency,
+                seed: 1,
+            };
+            let report = crate::registry::bench(&store, &opts).await?;
+            store.close().await;
+            println!("register: {} persons", report.persons);
+            for r in &report.results {
+                println!(
+                    "{:<34} {:>9.0} lookups/s  ({} lookups, {} found, {:.2?})",
+                    r.name,
+                    r.per_second(),
+                    r.lookups,
+                    r.found,
+                    r.elapsed
+                );
+            }
+            for p in &report.plans {
+                let verdict = if p.uses_index { "index" } else { "NO INDEX" };
+                println!("plan [{verdict}] {}: {}", p.name, p.sql);
+                for line in &p.lines {
+                    println!("    {line}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Consent(cmd) => consent_command(&config, cmd).await,

@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::num::NonZeroU32;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -117,44 +117,11 @@ pub struct LimitSet {
     pub grants: BTreeMap<(String, String, String), Rate>,
 }
 
-/// One problem in `limits.toml`, at `file:line:column` (1-based; 0 for the whole file).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}", located(self))]
-pub struct LimitError {
-    /// The file.
-    pub file: PathBuf,
-    /// 1-based line, 0 when the whole file is at fault.
-    pub line: usize,
-    /// 1-based column in characters, 0 with `line`.
-    pub column: usize,
-    /// What is wrong.
-    pub message: String,
-}
-
-fn located(e: &LimitError) -> String {
-    if e.line == 0 {
-        format!("{}: {}", e.file.display(), e.message)
-    } else {
-        format!(
-            "{}:{}:{}: {}",
-            e.file.display(),
-            e.line,
-            e.column,
-            e.message
-        )
-    }
-}
+/// One problem in `limits.toml`: the policy files' own error, `file:line:col: message`.
+pub type LimitError = crate::policy::PolicyError;
 
 /// Every problem found in `limits.toml`, one `file:line:col: message` per line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct LimitErrors(pub Vec<LimitError>);
-
-impl fmt::Display for LimitErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let lines: Vec<String> = self.0.iter().map(located).collect();
-        f.write_str(&lines.join("\n"))
-    }
-}
+pub type LimitErrors = crate::policy::PolicyErrors;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -199,7 +166,7 @@ struct Reporter<'a> {
 
 impl Reporter<'_> {
     fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
-        let (line, column) = line_column(self.text, span.start);
+        let (line, column) = crate::policy::line_column(self.text, span.start);
         self.errors.push(LimitError {
             file: self.file.to_path_buf(),
             line,
@@ -240,18 +207,6 @@ impl Reporter<'_> {
     }
 }
 
-/// 1-based line and character column of a byte offset.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
-}
-
 /// `"100/s"`, `"6000/min"`, `"50000/h"`, `"200000/d"` → (count, period).
 fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
     let bad =
@@ -280,7 +235,7 @@ impl LimitSet {
         match std::fs::read_to_string(&file) {
             Ok(text) => LimitSet::parse(&file, &text, policy),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LimitSet::default()),
-            Err(e) => Err(LimitErrors(vec![LimitError {
+            Err(e) => Err(crate::policy::PolicyErrors(vec![LimitError {
                 file,
                 line: 0,
                 column: 0,
@@ -300,7 +255,7 @@ impl LimitSet {
             Ok(raw) => raw,
             Err(e) => {
                 r.at(e.span().unwrap_or(0..0), e.message().trim_end());
-                return Err(LimitErrors(r.errors));
+                return Err(crate::policy::PolicyErrors(r.errors));
             }
         };
         let mut set = LimitSet {
@@ -365,7 +320,7 @@ impl LimitSet {
             Ok(set)
         } else {
             r.errors.sort_by_key(|e| (e.line, e.column));
-            Err(LimitErrors(r.errors))
+            Err(crate::policy::PolicyErrors(r.errors))
         }
     }
 }

@@ -269,9 +269,16 @@ async fn no_grant_is_forbidden_and_the_denial_is_logged() {
 async fn border_police_records_a_crossing_through_the_gateway() {
     let gw = TestGateway::start().await;
     let token = gw.token("mia-border", "border-control", None);
+    // The register checks that the document shown is the person's and valid that day.
+    let document = karibche::registry::example_document(&gw.running.store)
+        .await
+        .unwrap()
+        .unwrap();
+    let an_hour_ago = time::OffsetDateTime::now_utc() - Duration::from_secs(3600);
     let crossing = serde_json::json!({
-        "person_id": PERSON, "direction": "entry", "point": "Sarpi",
-        "at": "2026-11-01T10:00:00Z", "document_number": "X1"
+        "person_id": PERSON, "direction": "exit", "point": "Sarpi",
+        "at": an_hour_ago.format(&time::format_description::well_known::Rfc3339).unwrap(),
+        "document_number": document
     });
     let r = gw
         .client("mia-border")

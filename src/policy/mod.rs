@@ -25,6 +25,7 @@ pub use cases::{run_cases, CaseFailure, CaseReport, CASES_DIR};
 pub use check::{warnings, Warning};
 pub use decide::{Allow, Decision, DecisionRequest, DenyReason};
 pub use diff::diff;
+pub(crate) use load::line_column;
 pub use load::{PolicyError, PolicyErrors, AGENCIES_DIR, PROVIDERS_FILE, PURPOSES_FILE};
 pub use model::{
     Agency, CertificateMatcher, Grant, GrantLocation, GrantPurpose, Operation, Policy, Provider,

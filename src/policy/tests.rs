@@ -422,6 +422,13 @@ service = "people"
 operations = ["read"]
 purposes = []
 fields = []
+
+[[grants]]
+provider = "registry"
+service = "statistics"
+operations = ["write"]
+purposes = ["official-statistics"]
+fields = ["count"]
 "#;
     let copied = "id = \"geostat\"\nname = \"Copy\"\n[certificate]\nuri_san = \"urn:karibche:agency:psda\"\n";
     let shared = "id = \"other\"\nname = \"Other\"\n[certificate]\nuri_san = \"urn:x:shared\"\n";
@@ -445,7 +452,6 @@ fields = []
         "agencies/misnamed.toml:1:6: agency id \"wrong\" does not match the file name \"misnamed\".toml",
         "agencies/misnamed.toml:3:1: certificate needs uri_san, dns_san, subject or sha256 (at least one matcher)",
         "agencies/other2.toml:4:11: certificate URI SAN \"urn:x:shared\" is already agency \"other\"'s",
-        "agencies/psda.toml:10:23: operation \"write\" is not supported by registry/persons (supports: read)",
         "agencies/psda.toml:11:39: unknown purpose \"residence-review\" (known: asylum-procedure, border-control,",
         "agencies/psda.toml:12:28: malformed field path \"Names\"",
         "agencies/psda.toml:12:46: field path \"visas.number\" overlaps \"visas\"",
@@ -453,8 +459,9 @@ fields = []
         "agencies/psda.toml:12:79: unknown field \"birth_place.colour\" for registry/persons (known: ",
         "agencies/psda.toml:14:15: valid_until 2026-01-01 is before valid_from 2026-12-01",
         "agencies/psda.toml:17:12: unknown provider \"regsitry\" (known: gateway, registry)",
-        "agencies/psda.toml:25:11: unknown service \"people\" of provider \"registry\" (known: persons, crossings, visas)",
+        "agencies/psda.toml:25:11: unknown service \"people\" of provider \"registry\" (known: persons, crossings, visas, documents, residence-permits, work-permits, asylum-cases, entry-bans, statistics)",
         "agencies/psda.toml:27:12: a grant needs at least one purpose",
+        "agencies/psda.toml:33:15: operation \"write\" is not supported by registry/statistics (supports: read)",
         "agencies/typo.toml:12:1: unknown field `purpose`",
     ];
     assert_eq!(errors.len(), expected.len(), "{errors:#?}");
@@ -902,7 +909,8 @@ fn diff_says_what_each_agency_gains_and_loses() {
         "geostat (National Statistics Office of Georgia)\n  - when they read registry/persons for \"official-statistics\", no longer sees: crossings.direction, crossings.point",
         "  + to read registry/persons for \"national-security-investigation\", a case reference is no longer required",
         "  + may now write registry/crossings for \"expulsion-procedure\" and see: at, document_number, id, person_id, point, direction",
-        "psda (Public Service Development Agency, Ministry of Justice of Georgia): agency removed, loses all access\n  - may no longer read registry/persons for \"identity-documentation\"",
+        "psda (Public Service Development Agency, Ministry of Justice of Georgia): agency removed, loses all access\n",
+        "  - may no longer read registry/persons for \"identity-documentation\"",
     ] {
         assert!(text.contains(want.split(" and see:").next().unwrap()), "missing {want:?} in\n{text}");
     }

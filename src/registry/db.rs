@@ -14,311 +14,455 @@ use super::model::{
 use super::synth::surname_key;
 use crate::store::Backend;
 
-/// A value bound into a bulk insert.
-pub(crate) enum Val {
-    Text(String),
-    OptText(Option<String>),
-    Int(i32),
+/// How a column's value is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ty {
+    Text,
+    Int,
 }
 
-/// Parameters per multi-row INSERT. SQLite parses long statements slowly (10,000 persons:
-/// 20,000 parameters 10 s, 300 parameters 1 s); PostgreSQL pays per round trip instead.
-pub(crate) fn max_params(backend: Backend) -> usize {
-    match backend {
-        Backend::Sqlite => 300,
-        Backend::Postgres => PG_PARAMS,
-    }
+/// A table the register bulk-loads: its name and columns, in the order rows list them.
+#[derive(Debug)]
+pub(crate) struct Table {
+    pub(crate) name: &'static str,
+    cols: &'static [(&'static str, Ty)],
 }
-const PG_PARAMS: usize = 2000;
 
-/// Inserts `rows` into `table`, as few multi-row statements as the parameter limit allows.
-async fn insert_rows(
-    conn: &mut AnyConnection,
-    table: &'static str,
-    cols: &'static [&'static str],
-    rows: Vec<Vec<Val>>,
-    max_params: usize,
-) -> Result<(), sqlx::Error> {
-    let per_stmt = (max_params / cols.len()).max(1);
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Vec<Val>> = rows.by_ref().take(per_stmt).collect();
-        let mut sql = format!("INSERT INTO {table} ({}) VALUES ", cols.join(", "));
-        let mut n = 0;
-        for (i, _) in chunk.iter().enumerate() {
+use Ty::{Int, Text};
+
+pub(crate) const PERSONS: Table = Table {
+    name: "reg_persons",
+    cols: &[
+        ("id", Text),
+        ("personal_number", Text),
+        ("surname", Text),
+        ("given_names", Text),
+        ("surname_ka", Text),
+        ("given_names_ka", Text),
+        ("surname_key", Text),
+        ("sex", Text),
+        ("birth_date", Text),
+        ("birth_city", Text),
+        ("birth_country", Text),
+        ("nationalities", Text),
+        ("stateless", Int),
+    ],
+};
+pub(crate) const NATIONALITIES: Table = Table {
+    name: "reg_person_nationalities",
+    cols: &[("code", Text), ("person_id", Text)],
+};
+pub(crate) const DOCUMENTS: Table = Table {
+    name: "reg_documents",
+    cols: &[
+        ("id", Text),
+        ("person_id", Text),
+        ("kind", Text),
+        ("number", Text),
+        ("issuing_state", Text),
+        ("issued_on", Text),
+        ("valid_until", Text),
+    ],
+};
+pub(crate) const VISAS: Table = Table {
+    name: "reg_visas",
+    cols: &[
+        ("id", Text),
+        ("person_id", Text),
+        ("number", Text),
+        ("category", Text),
+        ("issuing_post", Text),
+        ("valid_from", Text),
+        ("valid_until", Text),
+        ("entries", Text),
+    ],
+};
+pub(crate) const PERMITS: Table = Table {
+    name: "reg_residence_permits",
+    cols: &[
+        ("id", Text),
+        ("person_id", Text),
+        ("number", Text),
+        ("permit_type", Text),
+        ("status", Text),
+        ("valid_from", Text),
+        ("valid_until", Text),
+    ],
+};
+pub(crate) const WORK_PERMITS: Table = Table {
+    name: "reg_work_permits",
+    cols: &[
+        ("id", Text),
+        ("person_id", Text),
+        ("number", Text),
+        ("employer_name", Text),
+        ("employer_tax_id", Text),
+        ("position", Text),
+        ("valid_from", Text),
+        ("valid_until", Text),
+    ],
+};
+pub(crate) const CROSSINGS: Table = Table {
+    name: "reg_crossings",
+    cols: &[
+        ("id", Text),
+        ("person_id", Text),
+        ("direction", Text),
+        ("point", Text),
+        ("at", Text),
+        ("document_number", Text),
+    ],
+};
+pub(crate) const ASYLUM: Table = Table {
+    name: "reg_asylum_cases",
+    cols: &[
+        ("id", Text),
+        ("person_id", Text),
+        ("case_number", Text),
+        ("applied_on", Text),
+        ("status", Text),
+        ("decision_on", Text),
+    ],
+};
+pub(crate) const BANS: Table = Table {
+    name: "reg_entry_bans",
+    cols: &[
+        ("id", Text),
+        ("person_id", Text),
+        ("reason", Text),
+        ("valid_from", Text),
+        ("valid_until", Text),
+        ("expulsion", Int),
+    ],
+};
+
+/// Every table a person's records fill, parents first (for the foreign keys).
+pub(crate) const PERSON_TABLES: [&Table; 9] = [
+    &PERSONS,
+    &NATIONALITIES,
+    &DOCUMENTS,
+    &VISAS,
+    &PERMITS,
+    &WORK_PERMITS,
+    &CROSSINGS,
+    &ASYLUM,
+    &BANS,
+];
+
+/// Rows of one table as the JSON text of an array of row arrays, built directly (no
+/// `serde_json::Value` per cell) by whoever generates them, so the loading task only binds it.
+#[derive(Debug, Default)]
+pub(crate) struct Rows {
+    json: Vec<u8>,
+    n: usize,
+}
+
+/// One cell of a row.
+pub(crate) enum Cell<'a> {
+    S(&'a str),
+    O(Option<&'a str>),
+    I(i64),
+}
+
+impl Rows {
+    fn push(&mut self, cells: &[Cell<'_>]) {
+        self.json.push(if self.n == 0 { b'[' } else { b',' });
+        self.json.push(b'[');
+        for (i, c) in cells.iter().enumerate() {
             if i > 0 {
-                sql.push_str(", ");
+                self.json.push(b',');
             }
-            sql.push('(');
-            for c in 0..cols.len() {
-                if c > 0 {
-                    sql.push_str(", ");
-                }
-                n += 1;
-                sql.push('$');
-                sql.push_str(&n.to_string());
+            match c {
+                Cell::S(s) | Cell::O(Some(s)) => write_json_str(&mut self.json, s),
+                Cell::O(None) => self.json.extend_from_slice(b"null"),
+                Cell::I(i) => self.json.extend_from_slice(i.to_string().as_bytes()),
             }
-            sql.push(')');
         }
-        // Built from the constant table and column names above; values are bound.
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for v in chunk.into_iter().flatten() {
-            q = match v {
-                Val::Text(s) => q.bind(s),
-                Val::OptText(s) => q.bind(s),
-                Val::Int(i) => q.bind(i),
-            };
-        }
-        q.execute(&mut *conn).await?;
+        self.json.push(b']');
+        self.n += 1;
     }
-    Ok(())
+
+    /// The JSON text, or `None` without rows.
+    fn finish(mut self) -> Option<String> {
+        if self.n == 0 {
+            return None;
+        }
+        self.json.push(b']');
+        // Only valid UTF-8 went in: whole `&str`s, ASCII punctuation and digits.
+        String::from_utf8(self.json).ok()
+    }
 }
 
-const PERSON_COLS: &[&str] = &[
-    "id",
-    "personal_number",
-    "surname",
-    "given_names",
-    "surname_ka",
-    "given_names_ka",
-    "surname_key",
-    "sex",
-    "birth_date",
-    "birth_city",
-    "birth_country",
-    "nationalities",
-    "stateless",
-];
-const DOCUMENT_COLS: &[&str] = &[
-    "id",
-    "person_id",
-    "kind",
-    "number",
-    "issuing_state",
-    "issued_on",
-    "valid_until",
-];
-const VISA_COLS: &[&str] = &[
-    "id",
-    "person_id",
-    "number",
-    "category",
-    "issuing_post",
-    "valid_from",
-    "valid_until",
-    "entries",
-];
-const PERMIT_COLS: &[&str] = &[
-    "id",
-    "person_id",
-    "number",
-    "permit_type",
-    "status",
-    "valid_from",
-    "valid_until",
-];
-const WORK_COLS: &[&str] = &[
-    "id",
-    "person_id",
-    "number",
-    "employer_name",
-    "employer_tax_id",
-    "position",
-    "valid_from",
-    "valid_until",
-];
-const CROSSING_COLS: &[&str] = &[
-    "id",
-    "person_id",
-    "direction",
-    "point",
-    "at",
-    "document_number",
-];
-const ASYLUM_COLS: &[&str] = &[
-    "id",
-    "person_id",
-    "case_number",
-    "applied_on",
-    "status",
-    "decision_on",
-];
-const BAN_COLS: &[&str] = &[
-    "id",
-    "person_id",
-    "reason",
-    "valid_from",
-    "valid_until",
-    "expulsion",
-];
+/// Appends `s` as a JSON string; plain text (the common case) is copied in one go.
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    // A plain loop: iterator adaptors cost several times more in unoptimised builds.
+    let bytes = s.as_bytes();
+    let mut plain = true;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b < 0x20 || b == b'"' || b == b'\\' {
+            plain = false;
+            break;
+        }
+        i += 1;
+    }
+    if plain {
+        out.extend_from_slice(bytes);
+    } else {
+        for c in s.chars() {
+            match c {
+                '"' => out.extend_from_slice(b"\\\""),
+                '\\' => out.extend_from_slice(b"\\\\"),
+                c if (c as u32) < 0x20 => {
+                    out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes())
+                }
+                c => {
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                }
+            }
+        }
+    }
+    out.push(b'"');
+}
 
-/// Inserts whole persons with all their records (parents first, for the foreign keys).
-pub(crate) async fn insert_persons(
-    conn: &mut AnyConnection,
-    persons: &[Person],
-    max_params: usize,
-) -> Result<(), sqlx::Error> {
-    use Val::{Int, OptText, Text};
-    let t = |s: &String| Text(s.clone());
-    let mut people = Vec::with_capacity(persons.len());
-    let mut docs = Vec::new();
-    let mut visas = Vec::new();
-    let mut permits = Vec::new();
-    let mut works = Vec::new();
-    let mut crossings = Vec::new();
-    let mut asylum = Vec::new();
-    let mut bans = Vec::new();
-    for p in persons {
-        let pid = || Text(p.id.clone());
-        people.push(vec![
-            pid(),
-            OptText(p.personal_number.clone()),
-            t(&p.names.surname),
-            t(&p.names.given_names),
-            t(&p.names.surname_ka),
-            t(&p.names.given_names_ka),
-            Text(surname_key(&p.names.surname)),
-            t(&p.sex),
-            t(&p.birth_date),
-            t(&p.birth_place.city),
-            t(&p.birth_place.country),
-            Text(p.nationalities.join(",")),
-            Int(i32::from(p.stateless)),
+/// The rows of whole persons, one [`Rows`] per table in [`PERSON_TABLES`] order.
+#[derive(Debug, Default)]
+pub(crate) struct PersonRows {
+    pub(crate) tables: [Rows; 9],
+}
+
+impl PersonRows {
+    /// Adds a person and all their records.
+    pub(crate) fn add(&mut self, p: &Person) {
+        use Cell::{I, O, S};
+        let key = surname_key(&p.names.surname);
+        let nationalities = p.nationalities.join(",");
+        let [persons, nats, docs, visas, permits, works, crossings, asylum, bans] =
+            &mut self.tables;
+        persons.push(&[
+            S(&p.id),
+            O(p.personal_number.as_deref()),
+            S(&p.names.surname),
+            S(&p.names.given_names),
+            S(&p.names.surname_ka),
+            S(&p.names.given_names_ka),
+            S(&key),
+            S(&p.sex),
+            S(&p.birth_date),
+            S(&p.birth_place.city),
+            S(&p.birth_place.country),
+            S(&nationalities),
+            I(i64::from(p.stateless)),
         ]);
+        for code in &p.nationalities {
+            nats.push(&[S(code), S(&p.id)]);
+        }
         for d in &p.documents {
-            docs.push(vec![
-                t(&d.id),
-                pid(),
-                t(&d.kind),
-                t(&d.number),
-                t(&d.issuing_state),
-                t(&d.issued_on),
-                t(&d.valid_until),
-            ]);
+            docs.push(&document_cells(&p.id, d));
         }
         for v in &p.visas {
-            visas.push(visa_row(&p.id, v));
+            visas.push(&visa_cells(&p.id, v));
         }
         for r in &p.residence_permits {
-            permits.push(vec![
-                t(&r.id),
-                pid(),
-                t(&r.number),
-                t(&r.permit_type),
-                t(&r.status),
-                t(&r.valid_from),
-                t(&r.valid_until),
-            ]);
+            permits.push(&permit_cells(&p.id, r));
         }
         for w in &p.work_permits {
-            works.push(vec![
-                t(&w.id),
-                pid(),
-                t(&w.number),
-                t(&w.employer.name),
-                t(&w.employer.tax_id),
-                t(&w.position),
-                t(&w.valid_from),
-                t(&w.valid_until),
-            ]);
+            works.push(&work_cells(&p.id, w));
         }
         for c in &p.crossings {
-            crossings.push(crossing_row(c));
+            crossings.push(&crossing_cells(c));
         }
         for a in &p.asylum_cases {
-            asylum.push(vec![
-                t(&a.id),
-                pid(),
-                t(&a.case_number),
-                t(&a.applied_on),
-                t(&a.status),
-                OptText(a.decision_on.clone()),
-            ]);
+            asylum.push(&asylum_cells(&p.id, a));
         }
         for b in &p.entry_bans {
-            bans.push(vec![
-                t(&b.id),
-                pid(),
-                t(&b.reason),
-                t(&b.valid_from),
-                t(&b.valid_until),
-                Int(i32::from(b.expulsion)),
-            ]);
+            bans.push(&ban_cells(&p.id, b));
         }
     }
-    insert_rows(conn, "reg_persons", PERSON_COLS, people, max_params).await?;
-    insert_rows(conn, "reg_documents", DOCUMENT_COLS, docs, max_params).await?;
-    insert_rows(conn, "reg_visas", VISA_COLS, visas, max_params).await?;
-    insert_rows(
-        conn,
-        "reg_residence_permits",
-        PERMIT_COLS,
-        permits,
-        max_params,
+}
+
+pub(crate) fn document_cells<'a>(pid: &'a str, d: &'a Document) -> [Cell<'a>; 7] {
+    use Cell::S;
+    [
+        S(&d.id),
+        S(pid),
+        S(&d.kind),
+        S(&d.number),
+        S(&d.issuing_state),
+        S(&d.issued_on),
+        S(&d.valid_until),
+    ]
+}
+
+pub(crate) fn visa_cells<'a>(pid: &'a str, v: &'a Visa) -> [Cell<'a>; 8] {
+    use Cell::S;
+    [
+        S(&v.id),
+        S(pid),
+        S(&v.number),
+        S(&v.category),
+        S(&v.issuing_post),
+        S(&v.valid_from),
+        S(&v.valid_until),
+        S(&v.entries),
+    ]
+}
+
+pub(crate) fn permit_cells<'a>(pid: &'a str, r: &'a ResidencePermit) -> [Cell<'a>; 7] {
+    use Cell::S;
+    [
+        S(&r.id),
+        S(pid),
+        S(&r.number),
+        S(&r.permit_type),
+        S(&r.status),
+        S(&r.valid_from),
+        S(&r.valid_until),
+    ]
+}
+
+pub(crate) fn work_cells<'a>(pid: &'a str, w: &'a WorkPermit) -> [Cell<'a>; 8] {
+    use Cell::S;
+    [
+        S(&w.id),
+        S(pid),
+        S(&w.number),
+        S(&w.employer.name),
+        S(&w.employer.tax_id),
+        S(&w.position),
+        S(&w.valid_from),
+        S(&w.valid_until),
+    ]
+}
+
+pub(crate) fn crossing_cells(c: &Crossing) -> [Cell<'_>; 6] {
+    use Cell::S;
+    [
+        S(&c.id),
+        S(&c.person_id),
+        S(&c.direction),
+        S(&c.point),
+        S(&c.at),
+        S(&c.document_number),
+    ]
+}
+
+pub(crate) fn asylum_cells<'a>(pid: &'a str, a: &'a AsylumCase) -> [Cell<'a>; 6] {
+    use Cell::{O, S};
+    [
+        S(&a.id),
+        S(pid),
+        S(&a.case_number),
+        S(&a.applied_on),
+        S(&a.status),
+        O(a.decision_on.as_deref()),
+    ]
+}
+
+pub(crate) fn ban_cells<'a>(pid: &'a str, b: &'a EntryBan) -> [Cell<'a>; 6] {
+    use Cell::{I, S};
+    [
+        S(&b.id),
+        S(pid),
+        S(&b.reason),
+        S(&b.valid_from),
+        S(&b.valid_until),
+        I(i64::from(b.expulsion)),
+    ]
+}
+
+/// One row of `table` as JSON rows, for the single-record writes.
+pub(crate) fn one_row(cells: &[Cell<'_>]) -> Rows {
+    let mut rows = Rows::default();
+    rows.push(cells);
+    rows
+}
+
+/// `INSERT … SELECT` from a JSON array of row arrays bound as one text parameter: one
+/// parameter per statement instead of one per value (binding is what costs in sqlx), and the
+/// database splits the rows in C. SQLite's `jsonb_each` hands each row over as a parsed blob,
+/// so `->>` does not parse it again.
+fn bulk_sql(backend: Backend, table: &Table) -> String {
+    let cols: Vec<&str> = table.cols.iter().map(|(c, _)| *c).collect();
+    let values: Vec<String> = table
+        .cols
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| match (backend, ty) {
+            (Backend::Sqlite, _) => format!("value ->> {i}"),
+            (Backend::Postgres, Ty::Text) => format!("e ->> {i}"),
+            (Backend::Postgres, Ty::Int) => format!("(e ->> {i})::integer"),
+        })
+        .collect();
+    let source = match backend {
+        Backend::Sqlite => "jsonb_each($1)",
+        // jsonb: parsed once into a binary form, so `->>` indexes each row instead of re-reading its text.
+        Backend::Postgres => "jsonb_array_elements($1::jsonb) AS e",
+    };
+    format!(
+        "INSERT INTO {} ({}) SELECT {} FROM {source}",
+        table.name,
+        cols.join(", "),
+        values.join(", ")
     )
-    .await?;
-    insert_rows(conn, "reg_work_permits", WORK_COLS, works, max_params).await?;
-    insert_rows(conn, "reg_crossings", CROSSING_COLS, crossings, max_params).await?;
-    insert_rows(conn, "reg_asylum_cases", ASYLUM_COLS, asylum, max_params).await?;
-    insert_rows(conn, "reg_entry_bans", BAN_COLS, bans, max_params).await?;
+}
+
+/// Inserts `rows` into `table` in one statement.
+pub(crate) async fn insert(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    table: &Table,
+    rows: Rows,
+) -> Result<(), sqlx::Error> {
+    let Some(json) = rows.finish() else {
+        return Ok(());
+    };
+    // Built from the constant table and column names above; the values travel as one bound JSON text.
+    sqlx::query(AssertSqlSafe(bulk_sql(backend, table)))
+        .bind(json)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
-fn visa_row(person_id: &str, v: &Visa) -> Vec<Val> {
-    use Val::Text;
-    vec![
-        Text(v.id.clone()),
-        Text(person_id.to_owned()),
-        Text(v.number.clone()),
-        Text(v.category.clone()),
-        Text(v.issuing_post.clone()),
-        Text(v.valid_from.clone()),
-        Text(v.valid_until.clone()),
-        Text(v.entries.clone()),
-    ]
-}
-
-fn crossing_row(c: &Crossing) -> Vec<Val> {
-    use Val::Text;
-    vec![
-        Text(c.id.clone()),
-        Text(c.person_id.clone()),
-        Text(c.direction.clone()),
-        Text(c.point.clone()),
-        Text(c.at.clone()),
-        Text(c.document_number.clone()),
-    ]
-}
-
-/// Stores one crossing.
-pub(crate) async fn insert_crossing(
+/// Inserts whole persons with all their records.
+pub(crate) async fn insert_persons(
     conn: &mut AnyConnection,
-    c: &Crossing,
+    backend: Backend,
+    rows: PersonRows,
 ) -> Result<(), sqlx::Error> {
-    insert_rows(
-        conn,
-        "reg_crossings",
-        CROSSING_COLS,
-        vec![crossing_row(c)],
-        1000,
-    )
-    .await
+    for (table, rows) in PERSON_TABLES.iter().zip(rows.tables) {
+        insert(conn, backend, table, rows).await?;
+    }
+    Ok(())
 }
 
-/// Stores one visa of `person_id`.
-pub(crate) async fn insert_visa(
+/// The secondary indexes of the person tables as `(name, CREATE statement)`, read from the
+/// database's own catalogue so they can be dropped for a bulk load and recreated exactly.
+pub(crate) async fn secondary_indexes(
     conn: &mut AnyConnection,
-    person_id: &str,
-    v: &Visa,
-) -> Result<(), sqlx::Error> {
-    insert_rows(
-        conn,
-        "reg_visas",
-        VISA_COLS,
-        vec![visa_row(person_id, v)],
-        1000,
-    )
-    .await
+    backend: Backend,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    let sql = match backend {
+        Backend::Sqlite => {
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL \
+             AND tbl_name IN ('reg_persons', 'reg_person_nationalities', 'reg_documents', \
+             'reg_visas', 'reg_residence_permits', 'reg_work_permits', 'reg_crossings', \
+             'reg_asylum_cases', 'reg_entry_bans') ORDER BY name"
+        }
+        Backend::Postgres => {
+            "SELECT i.indexname::text, i.indexdef::text FROM pg_indexes i WHERE i.schemaname = current_schema() \
+             AND i.tablename IN ('reg_persons', 'reg_person_nationalities', 'reg_documents', \
+             'reg_visas', 'reg_residence_permits', 'reg_work_permits', 'reg_crossings', \
+             'reg_asylum_cases', 'reg_entry_bans') \
+             AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname) \
+             ORDER BY i.indexname"
+        }
+    };
+    sqlx::query_as(sql).fetch_all(conn).await
 }
 
 #[derive(sqlx::FromRow)]
@@ -469,7 +613,10 @@ pub(crate) async fn records(
     })
 }
 
-async fn documents(conn: &mut AnyConnection, id: &str) -> Result<Vec<Document>, sqlx::Error> {
+pub(crate) async fn documents(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Vec<Document>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, kind, number, issuing_state, issued_on, valid_until FROM reg_documents \
          WHERE person_id = $1 ORDER BY issued_on, id",
@@ -479,7 +626,7 @@ async fn documents(conn: &mut AnyConnection, id: &str) -> Result<Vec<Document>, 
     .await
 }
 
-async fn visas(conn: &mut AnyConnection, id: &str) -> Result<Vec<Visa>, sqlx::Error> {
+pub(crate) async fn visas(conn: &mut AnyConnection, id: &str) -> Result<Vec<Visa>, sqlx::Error> {
     let rows: Vec<VisaRow> = sqlx::query_as(
         "SELECT id, number, category, issuing_post, valid_from, valid_until, entries \
          FROM reg_visas WHERE person_id = $1 ORDER BY valid_from, id",
@@ -490,7 +637,7 @@ async fn visas(conn: &mut AnyConnection, id: &str) -> Result<Vec<Visa>, sqlx::Er
     Ok(rows.into_iter().map(Visa::from).collect())
 }
 
-async fn residence_permits(
+pub(crate) async fn residence_permits(
     conn: &mut AnyConnection,
     id: &str,
 ) -> Result<Vec<ResidencePermit>, sqlx::Error> {
@@ -515,6 +662,7 @@ async fn work_permits(conn: &mut AnyConnection, id: &str) -> Result<Vec<WorkPerm
         .into_iter()
         .map(|r| WorkPermit {
             id: r.id,
+            person_id: None,
             number: r.number,
             employer: Employer {
                 name: r.employer_name,
@@ -547,7 +695,10 @@ async fn asylum_cases(conn: &mut AnyConnection, id: &str) -> Result<Vec<AsylumCa
     .await
 }
 
-async fn entry_bans(conn: &mut AnyConnection, id: &str) -> Result<Vec<EntryBan>, sqlx::Error> {
+pub(crate) async fn entry_bans(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Vec<EntryBan>, sqlx::Error> {
     let rows: Vec<BanRow> = sqlx::query_as(
         "SELECT id, reason, valid_from, valid_until, expulsion FROM reg_entry_bans \
          WHERE person_id = $1 ORDER BY valid_from, id",
@@ -559,6 +710,7 @@ async fn entry_bans(conn: &mut AnyConnection, id: &str) -> Result<Vec<EntryBan>,
         .into_iter()
         .map(|r| EntryBan {
             id: r.id,
+            person_id: None,
             reason: r.reason,
             valid_from: r.valid_from,
             valid_until: r.valid_until,
@@ -567,33 +719,119 @@ async fn entry_bans(conn: &mut AnyConnection, id: &str) -> Result<Vec<EntryBan>,
         .collect())
 }
 
-/// Ids of persons holding a document with this number (at most `limit`).
+/// The birth date of a person, or `None` if there is no such person.
+pub(crate) async fn birth_date(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT birth_date FROM reg_persons WHERE id = $1")
+        .bind(id.to_owned())
+        .fetch_optional(conn)
+        .await
+}
+
+/// Ids of persons holding a document with this number (and issuing state, if given), at most `limit`.
 pub(crate) async fn ids_by_document(
     conn: &mut AnyConnection,
     number: &str,
+    issuing_state: Option<&str>,
     limit: i64,
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT DISTINCT person_id FROM reg_documents WHERE number = $1 ORDER BY person_id LIMIT $2",
+        "SELECT DISTINCT person_id FROM reg_documents WHERE number = $1 \
+         AND ($2 = '' OR issuing_state = $2) ORDER BY person_id LIMIT $3",
     )
     .bind(number.to_owned())
+    .bind(issuing_state.unwrap_or_default().to_owned())
     .bind(limit)
     .fetch_all(conn)
     .await
 }
 
-/// Ids of persons with this surname (any script, see [`surname_key`]) born on `birth_date` (at most `limit`).
-pub(crate) async fn ids_by_surname(
+/// `(id, given names)` of persons whose surname has this search key, born on `birth_date`.
+pub(crate) async fn by_surname_key(
     conn: &mut AnyConnection,
-    surname: &str,
+    key: &str,
     birth_date: &str,
+    limit: i64,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, given_names FROM reg_persons WHERE surname_key = $1 AND birth_date = $2 \
+         ORDER BY id LIMIT $3",
+    )
+    .bind(key.to_owned())
+    .bind(birth_date.to_owned())
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Ids of persons of one nationality after `after` (the cursor), optionally born in a date range.
+pub(crate) async fn ids_by_nationality(
+    conn: &mut AnyConnection,
+    code: &str,
+    after: &str,
+    born_from: &str,
+    born_until: &str,
     limit: i64,
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT id FROM reg_persons WHERE surname_key = $1 AND birth_date = $2 ORDER BY id LIMIT $3",
+        "SELECT n.person_id FROM reg_person_nationalities n JOIN reg_persons p ON p.id = n.person_id \
+         WHERE n.code = $1 AND n.person_id > $2 AND p.birth_date >= $3 AND p.birth_date <= $4 \
+         ORDER BY n.person_id LIMIT $5",
     )
-    .bind(surname_key(surname))
-    .bind(birth_date.to_owned())
+    .bind(code.to_owned())
+    .bind(after.to_owned())
+    .bind(born_from.to_owned())
+    .bind(born_until.to_owned())
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// A search for border crossings in a time range; empty strings mean "any".
+#[derive(Debug, Default)]
+pub(crate) struct CrossingQuery {
+    /// Inclusive lower bound, RFC 3339 UTC as stored.
+    pub(crate) from: String,
+    /// Exclusive upper bound.
+    pub(crate) until: String,
+    pub(crate) point: String,
+    pub(crate) direction: String,
+    pub(crate) nationality: String,
+    /// The last crossing of the previous page: `(at, id)`.
+    pub(crate) after: Option<(String, String)>,
+}
+
+/// Crossings matching `q`, ordered by time and id, at most `limit`.
+pub(crate) async fn crossings_between(
+    conn: &mut AnyConnection,
+    q: &CrossingQuery,
+    limit: i64,
+) -> Result<Vec<Crossing>, sqlx::Error> {
+    // The cursor moves the index range's start, so each page costs the same.
+    let (after_at, after_id) = q.after.clone().unwrap_or_default();
+    let from = if after_at > q.from {
+        after_at.clone()
+    } else {
+        q.from.clone()
+    };
+    sqlx::query_as(
+        "SELECT c.id, c.person_id, c.direction, c.point, c.at, c.document_number \
+         FROM reg_crossings c WHERE c.at >= $1 AND c.at < $2 \
+         AND NOT (c.at = $3 AND c.id <= $4) \
+         AND ($5 = '' OR c.point = $5) AND ($6 = '' OR c.direction = $6) \
+         AND ($7 = '' OR EXISTS (SELECT 1 FROM reg_person_nationalities n \
+              WHERE n.code = $7 AND n.person_id = c.person_id)) \
+         ORDER BY c.at, c.id LIMIT $8",
+    )
+    .bind(from)
+    .bind(q.until.clone())
+    .bind(after_at)
+    .bind(after_id)
+    .bind(q.point.clone())
+    .bind(q.direction.clone())
+    .bind(q.nationality.clone())
     .bind(limit)
     .fetch_all(conn)
     .await

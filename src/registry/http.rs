@@ -1,30 +1,34 @@
-//! The register's HTTP API, behind the gateway: routing, query and body
-//! validation, and idempotent writes.
+//! The register's HTTP API, behind the gateway: routing, reads and searches,
+//! and the idempotent write wrapper around [`super::write`].
 //!
 //! The gateway has already checked TLS, the client and the body size; this
 //! layer answers one fully read request. Every failure is a problem+json,
 //! and database errors are logged here and shown only as `internal`.
+//! The API is described in `openapi/registry.json`, served at `/openapi.json`.
 
+use base64::Engine;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::db;
-use super::model::{self, Crossing, Visa, CROSSING_POINTS, DIRECTIONS, RECORD_KINDS, VISA_ENTRIES};
-use super::synth::parse_date;
+use super::db::{self, CrossingQuery};
+use super::model::{self, CROSSING_POINTS, DIRECTIONS, RECORD_KINDS};
+use super::synth::{parse_date, surname_key};
+use super::write::{self, Kind, MAX_TOKEN};
 use super::Registry;
 use crate::problem::{json_response, Body, Problem};
 
-/// Most persons one search returns; a surname and birth date rarely match more than a few.
+/// Most persons a document or name search returns; a name and birth date rarely match more than a few.
 const MAX_RESULTS: i64 = 50;
-/// Longest id, number or key accepted in a path, query or header.
-const MAX_TOKEN: usize = 64;
-/// Longest free-text field (issuing post).
-const MAX_TEXT: usize = 200;
-/// How far in the future a crossing may be stamped, for clock skew between posts and the register.
-const CLOCK_SKEW_SECS: i64 = 600;
+/// Page size of the paginated searches when the caller gives none.
+const DEFAULT_PAGE: i64 = 50;
+/// Largest page the caller may ask for.
+const MAX_PAGE: i64 = 200;
+
+/// The register's OpenAPI document, kept in the repository and served as is.
+pub(crate) const OPENAPI: &str = include_str!("../../openapi/registry.json");
 
 type Answer = Result<Response<Body>, Problem>;
 
@@ -39,50 +43,85 @@ pub(crate) async fn handle(reg: &Registry, req: Request<Bytes>) -> Response<Body
 /// What a path names, before the method is checked.
 enum Target<'a> {
     Health,
-    Search,
+    OpenApi,
+    SearchPersons,
     Person(&'a str),
     Records(&'a str, &'a str),
-    NewCrossing,
-    NewVisa,
+    SearchCrossings,
+    Statistics,
+    Create(Kind),
+    DecideAsylum(&'a str),
+    AssignPersonalNumber(&'a str),
 }
+
+const GET: &[Method] = &[Method::GET];
+const POST: &[Method] = &[Method::POST];
+const GET_POST: &[Method] = &[Method::GET, Method::POST];
 
 async fn route(reg: &Registry, req: Request<Bytes>) -> Answer {
     let path = req.uri().path();
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     let (allowed, target) = match segments.as_slice() {
-        ["healthz"] => (Method::GET, Target::Health),
-        ["persons"] => (Method::GET, Target::Search),
-        ["persons", id] if valid_token(id) => (Method::GET, Target::Person(id)),
+        ["healthz"] => (GET, Target::Health),
+        ["openapi.json"] => (GET, Target::OpenApi),
+        ["persons"] if req.method() == Method::POST => (GET_POST, Target::Create(Kind::Person)),
+        ["persons"] => (GET_POST, Target::SearchPersons),
+        ["persons", id] if valid_token(id) => (GET, Target::Person(id)),
         ["persons", id, kind] if valid_token(id) && RECORD_KINDS.contains(kind) => {
-            (Method::GET, Target::Records(id, kind))
+            (GET, Target::Records(id, kind))
         }
-        ["crossings"] => (Method::POST, Target::NewCrossing),
-        ["visas"] => (Method::POST, Target::NewVisa),
+        ["crossings"] if req.method() == Method::POST => (GET_POST, Target::Create(Kind::Crossing)),
+        ["crossings"] => (GET_POST, Target::SearchCrossings),
+        ["statistics"] => (GET, Target::Statistics),
+        ["asylum-cases", id, "decision"] if valid_token(id) => (POST, Target::DecideAsylum(id)),
+        ["persons", id, "personal-number"] if valid_token(id) => {
+            (POST, Target::AssignPersonalNumber(id))
+        }
+        [kind] => match Kind::from_segment(kind) {
+            Some(k) => (POST, Target::Create(k)),
+            None => return Err(Problem::not_found("no such resource in the register")),
+        },
         _ => return Err(Problem::not_found("no such resource in the register")),
     };
-    if req.method() != allowed {
-        return Ok(method_not_allowed(&allowed));
+    if !allowed.contains(req.method()) {
+        return Ok(method_not_allowed(allowed));
     }
+    let query = req.uri().query().unwrap_or("");
     match target {
         Target::Health => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
-        Target::Search => search(reg, req.uri().query().unwrap_or("")).await,
+        Target::OpenApi => {
+            let mut resp = Response::new(Body::new(Bytes::from_static(OPENAPI.as_bytes())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Ok(resp)
+        }
+        Target::SearchPersons => search_persons(reg, query).await,
         Target::Person(id) => get_person(reg, id).await,
         Target::Records(id, kind) => get_records(reg, id, kind).await,
-        Target::NewCrossing => idempotent(reg, "crossings", &req, post_crossing).await,
-        Target::NewVisa => idempotent(reg, "visas", &req, post_visa).await,
+        Target::SearchCrossings => search_crossings(reg, query).await,
+        Target::Statistics => super::statistics::answer(reg, &parse_query(query)?).await,
+        Target::Create(kind) => create(reg, kind, &req).await,
+        Target::DecideAsylum(id) => super::update::decide_asylum(reg, id, req.body()).await,
+        Target::AssignPersonalNumber(id) => {
+            super::update::assign_personal_number(reg, id, req.body()).await
+        }
     }
 }
 
-/// 405 naming, in `Allow`, the one method the path serves.
-fn method_not_allowed(allowed: &Method) -> Response<Body> {
+/// 405 naming, in `Allow`, the methods the path serves.
+fn method_not_allowed(allowed: &[Method]) -> Response<Body> {
+    let list: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    let list = list.join(", ");
     let mut resp = Problem::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method-not-allowed",
         "Method not allowed",
-        format!("this resource accepts {allowed} only"),
+        format!("this resource accepts {list} only"),
     )
     .to_response();
-    if let Ok(v) = HeaderValue::from_str(allowed.as_str()) {
+    if let Ok(v) = HeaderValue::from_str(&list) {
         resp.headers_mut().insert(header::ALLOW, v);
     }
     resp
@@ -93,22 +132,13 @@ fn valid_token(s: &str) -> bool {
 }
 
 /// Logs a database error where it happened and hides it from the caller.
-fn internal(err: sqlx::Error) -> Problem {
+pub(crate) fn internal(err: sqlx::Error) -> Problem {
     tracing::error!(%err, "register database error");
     Problem::internal()
 }
 
-fn unprocessable(field: &str, why: &str) -> Problem {
-    Problem::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid-field",
-        "Invalid field",
-        format!("{field}: {why}"),
-    )
-}
-
 /// Personal data must not linger in shared caches.
-fn private(mut resp: Response<Body>) -> Response<Body> {
+pub(crate) fn private(mut resp: Response<Body>) -> Response<Body> {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
@@ -137,52 +167,143 @@ async fn get_records(reg: &Registry, id: &str, kind: &str) -> Answer {
     Ok(private(json_response(StatusCode::OK, &body)))
 }
 
-/// `GET /persons?document=N` or `GET /persons?surname=S&birth_date=D`.
-async fn search(reg: &Registry, query: &str) -> Answer {
-    let params = parse_query(query)?;
-    let get = |name: &str| {
-        params
+/// Query parameters, decoded, each at most once.
+pub(crate) struct Params(Vec<(String, String)>);
+
+impl Params {
+    /// The value of `name`, if given (an empty value counts as not given).
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.0
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
-    };
-    if let Some((k, _)) = params
-        .iter()
-        .find(|(k, _)| !["document", "surname", "birth_date"].contains(&k.as_str()))
-    {
-        return Err(Problem::bad_request(format!(
-            "unknown query parameter {k}: search by document, or by surname and birth_date"
-        )));
+            .filter(|v| !v.is_empty())
     }
+
+    /// Refuses any parameter not in `allowed`.
+    pub(crate) fn only(&self, allowed: &[&str], hint: &str) -> Result<(), Problem> {
+        match self.0.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+            Some((k, _)) => Err(Problem::bad_request(format!(
+                "unknown query parameter {k}: {hint}"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `GET /persons`: by document, by names and birth date, or by nationality (paginated).
+async fn search_persons(reg: &Registry, query: &str) -> Answer {
+    let p = parse_query(query)?;
+    p.only(
+        &[
+            "document",
+            "issuing_state",
+            "surname",
+            "given_names",
+            "birth_date",
+            "nationality",
+            "born_from",
+            "born_until",
+            "limit",
+            "cursor",
+        ],
+        "search by document, by surname and birth_date, or by nationality",
+    )?;
+    let by_document = p.get("document").is_some();
+    let by_name = p.get("surname").is_some() || p.get("birth_date").is_some();
+    let by_nationality = p.get("nationality").is_some();
+    let modes = [by_document, by_name, by_nationality]
+        .iter()
+        .filter(|m| **m)
+        .count();
+    if modes == 0 {
+        return Err(Problem::bad_request(
+            "document, surname and birth_date, or nationality is missing",
+        ));
+    }
+    if modes > 1 {
+        return Err(Problem::bad_request(
+            "search by one of document, surname and birth_date, or nationality",
+        ));
+    }
+    let stray = |names: &[&str]| -> Result<(), Problem> {
+        match names.iter().find(|n| p.get(n).is_some()) {
+            Some(n) => Err(Problem::bad_request(format!(
+                "{n} does not apply to this search"
+            ))),
+            None => Ok(()),
+        }
+    };
     let mut conn = reg.store.pool().acquire().await.map_err(internal)?;
-    let ids = match (get("document"), get("surname"), get("birth_date")) {
-        (Some(doc), None, None) => {
-            nonempty("document", doc)?;
-            db::ids_by_document(&mut conn, doc, MAX_RESULTS)
-                .await
-                .map_err(internal)?
-        }
-        (None, Some(surname), Some(birth)) => {
-            nonempty("surname", surname)?;
-            if parse_date(birth).is_none() {
-                return Err(Problem::bad_request("birth_date must be a date YYYY-MM-DD"));
+    let mut next = None;
+    let ids = if by_document {
+        stray(&["given_names", "born_from", "born_until", "limit", "cursor"])?;
+        let doc = bounded("document", p.get("document"))?;
+        let state = p.get("issuing_state");
+        if let Some(s) = state {
+            if !model::is_country(s) {
+                return Err(Problem::bad_request(
+                    "issuing_state must be an ISO 3166-1 alpha-2 code",
+                ));
             }
-            db::ids_by_surname(&mut conn, surname, birth, MAX_RESULTS)
+        }
+        db::ids_by_document(&mut conn, doc, state, MAX_RESULTS)
+            .await
+            .map_err(internal)?
+    } else if by_name {
+        stray(&[
+            "issuing_state",
+            "born_from",
+            "born_until",
+            "limit",
+            "cursor",
+        ])?;
+        let surname = p
+            .get("surname")
+            .ok_or_else(|| Problem::bad_request("surname is missing"))?;
+        let birth = p
+            .get("birth_date")
+            .ok_or_else(|| Problem::bad_request("birth_date is missing"))?;
+        bounded("surname", Some(surname))?;
+        if parse_date(birth).is_none() {
+            return Err(Problem::bad_request("birth_date must be a date YYYY-MM-DD"));
+        }
+        let key = surname_key(surname);
+        if key.is_empty() {
+            return Err(Problem::bad_request("surname must contain letters"));
+        }
+        let given = p.get("given_names").map(surname_key);
+        db::by_surname_key(&mut conn, &key, birth, MAX_RESULTS)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .filter(|(_, names)| given.as_deref().is_none_or(|g| given_matches(g, names)))
+            .map(|(id, _)| id)
+            .collect()
+    } else {
+        stray(&["issuing_state", "given_names"])?;
+        let code = p.get("nationality").unwrap_or_default();
+        if !model::is_country(code) {
+            return Err(Problem::bad_request(
+                "nationality must be an ISO 3166-1 alpha-2 code",
+            ));
+        }
+        let born_from = opt_date(&p, "born_from")?.unwrap_or_else(|| "0000-01-01".to_owned());
+        let born_until = opt_date(&p, "born_until")?.unwrap_or_else(|| "9999-12-31".to_owned());
+        let limit = page_limit(&p)?;
+        let after = match p.get("cursor") {
+            Some(c) => decode_cursor(c)?,
+            None => String::new(),
+        };
+        let mut ids =
+            db::ids_by_nationality(&mut conn, code, &after, &born_from, &born_until, limit + 1)
                 .await
-                .map_err(internal)?
+                .map_err(internal)?;
+        if ids.len() as i64 > limit {
+            ids.truncate(limit as usize);
+            next = ids.last().map(|id| encode_cursor(id));
         }
-        (Some(_), _, _) => {
-            return Err(Problem::bad_request(
-                "search by document alone, or by surname and birth_date, not both",
-            ))
-        }
-        (None, Some(_), None) => return Err(Problem::bad_request("birth_date is missing")),
-        (None, None, Some(_)) => return Err(Problem::bad_request("surname is missing")),
-        (None, None, None) => {
-            return Err(Problem::bad_request(
-                "document, or surname and birth_date, is missing",
-            ))
-        }
+        ids
     };
     let mut results = Vec::with_capacity(ids.len());
     for id in ids {
@@ -190,23 +311,166 @@ async fn search(reg: &Registry, query: &str) -> Answer {
             results.push(p);
         }
     }
-    Ok(private(json_response(
-        StatusCode::OK,
-        &json!({ "results": results }),
-    )))
+    let mut body = json!({ "results": results });
+    if let Some(n) = next {
+        body["next"] = Value::String(n);
+    }
+    Ok(private(json_response(StatusCode::OK, &body)))
 }
 
-fn nonempty(name: &str, value: &str) -> Result<(), Problem> {
-    if value.trim().is_empty() || value.len() > MAX_TOKEN {
+/// Whether given names typed by an officer (already keyed) match a person's given names:
+/// all of them, or any one of them.
+fn given_matches(query_key: &str, names: &str) -> bool {
+    surname_key(names) == query_key
+        || names
+            .split([' ', '-'])
+            .any(|word| !word.is_empty() && surname_key(word) == query_key)
+}
+
+/// `GET /crossings`: crossings in a time range, oldest first, paginated.
+async fn search_crossings(reg: &Registry, query: &str) -> Answer {
+    let p = parse_query(query)?;
+    p.only(
+        &[
+            "from",
+            "until",
+            "point",
+            "direction",
+            "nationality",
+            "limit",
+            "cursor",
+        ],
+        "search crossings by from, until, point, direction and nationality",
+    )?;
+    let from = p
+        .get("from")
+        .ok_or_else(|| Problem::bad_request("from is missing"))?;
+    let until = p
+        .get("until")
+        .ok_or_else(|| Problem::bad_request("until is missing"))?;
+    let from = instant("from", from)?;
+    let until = instant("until", until)?;
+    if until <= from {
+        return Err(Problem::bad_request("until must be after from"));
+    }
+    let point = p.get("point").unwrap_or_default();
+    if !point.is_empty() && !CROSSING_POINTS.contains(&point) {
         return Err(Problem::bad_request(format!(
-            "{name} must be 1 to {MAX_TOKEN} characters"
+            "point must be one of: {}",
+            CROSSING_POINTS.join(", ")
         )));
     }
-    Ok(())
+    let direction = p.get("direction").unwrap_or_default();
+    if !direction.is_empty() && !DIRECTIONS.contains(&direction) {
+        return Err(Problem::bad_request("direction must be entry or exit"));
+    }
+    let nationality = p.get("nationality").unwrap_or_default();
+    if !nationality.is_empty() && !model::is_country(nationality) {
+        return Err(Problem::bad_request(
+            "nationality must be an ISO 3166-1 alpha-2 code",
+        ));
+    }
+    let limit = page_limit(&p)?;
+    let after = match p.get("cursor") {
+        Some(c) => {
+            let raw = decode_cursor(c)?;
+            let (at, id) = raw
+                .split_once('|')
+                .ok_or_else(|| Problem::bad_request("cursor is not valid"))?;
+            Some((at.to_owned(), id.to_owned()))
+        }
+        None => None,
+    };
+    let q = CrossingQuery {
+        from,
+        until,
+        point: point.to_owned(),
+        direction: direction.to_owned(),
+        nationality: nationality.to_owned(),
+        after,
+    };
+    let mut conn = reg.store.pool().acquire().await.map_err(internal)?;
+    let mut found = db::crossings_between(&mut conn, &q, limit + 1)
+        .await
+        .map_err(internal)?;
+    let mut body = Map::new();
+    if found.len() as i64 > limit {
+        found.truncate(limit as usize);
+        if let Some(last) = found.last() {
+            body.insert(
+                "next".to_owned(),
+                Value::String(encode_cursor(&format!("{}|{}", last.at, last.id))),
+            );
+        }
+    }
+    body.insert(
+        "results".to_owned(),
+        serde_json::to_value(found).map_err(|_| Problem::internal())?,
+    );
+    Ok(private(json_response(StatusCode::OK, &body)))
+}
+
+/// An RFC 3339 timestamp or a date (midnight UTC), in the stored form.
+fn instant(name: &str, v: &str) -> Result<String, Problem> {
+    if let Some(d) = parse_date(v) {
+        return Ok(format!("{}T00:00:00Z", super::synth::iso(d)));
+    }
+    OffsetDateTime::parse(v, &Rfc3339)
+        .map(db::rfc3339)
+        .map_err(|_| {
+            Problem::bad_request(format!(
+                "{name} must be an RFC 3339 timestamp or a date YYYY-MM-DD"
+            ))
+        })
+}
+
+fn opt_date(p: &Params, name: &str) -> Result<Option<String>, Problem> {
+    match p.get(name) {
+        None => Ok(None),
+        Some(v) => parse_date(v)
+            .map(|d| Some(super::synth::iso(d)))
+            .ok_or_else(|| Problem::bad_request(format!("{name} must be a date YYYY-MM-DD"))),
+    }
+}
+
+fn page_limit(p: &Params) -> Result<i64, Problem> {
+    match p.get("limit") {
+        None => Ok(DEFAULT_PAGE),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| Problem::bad_request(format!("limit must be 1 to {MAX_PAGE}"))),
+    }
+}
+
+/// Cursors are opaque to callers: the position, base64url-encoded.
+fn encode_cursor(position: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(position)
+}
+
+fn decode_cursor(cursor: &str) -> Result<String, Problem> {
+    let bad = || Problem::bad_request("cursor is not valid");
+    if cursor.len() > 4 * MAX_TOKEN {
+        return Err(bad());
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| bad())?;
+    String::from_utf8(bytes).map_err(|_| bad())
+}
+
+fn bounded<'a>(name: &str, value: Option<&'a str>) -> Result<&'a str, Problem> {
+    match value {
+        Some(v) if !v.trim().is_empty() && v.len() <= MAX_TOKEN => Ok(v),
+        _ => Err(Problem::bad_request(format!(
+            "{name} must be 1 to {MAX_TOKEN} characters"
+        ))),
+    }
 }
 
 /// Decodes `application/x-www-form-urlencoded` pairs; repeats are refused so no value is silently ignored.
-fn parse_query(query: &str) -> Result<Vec<(String, String)>, Problem> {
+fn parse_query(query: &str) -> Result<Params, Problem> {
     let mut out: Vec<(String, String)> = Vec::new();
     for part in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
@@ -219,7 +483,7 @@ fn parse_query(query: &str) -> Result<Vec<(String, String)>, Problem> {
         }
         out.push((k, v));
     }
-    Ok(out)
+    Ok(Params(out))
 }
 
 fn percent_decode(s: &str) -> Result<String, Problem> {
@@ -245,27 +509,10 @@ fn percent_decode(s: &str) -> Result<String, Problem> {
     String::from_utf8(out).map_err(|_| bad())
 }
 
-/// A validated write, ready to store: the answer body and how to insert it.
-struct Write {
-    body: Value,
-    insert: Insert,
-}
-
-enum Insert {
-    Crossing(Crossing),
-    Visa { person_id: String, visa: Visa },
-}
-
-type Validator = fn(&Map<String, Value>) -> Result<(String, Write), Problem>;
-
-/// Runs a POST under an optional `Idempotency-Key`: a key seen before replays the first
-/// answer; the new record and the key's answer are stored in one transaction.
-async fn idempotent(
-    reg: &Registry,
-    scope: &str,
-    req: &Request<Bytes>,
-    validate: Validator,
-) -> Answer {
+/// Runs a POST under an optional `Idempotency-Key`, remembered per calling agency and record
+/// kind: a key seen before replays the first answer (or refuses a different body); the new
+/// record and the key's answer are stored in one transaction.
+async fn create(reg: &Registry, kind: Kind, req: &Request<Bytes>) -> Answer {
     let key = match req.headers().get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str() {
@@ -279,6 +526,14 @@ async fn idempotent(
             }
         },
     };
+    // The gateway names the calling agency; keys of different agencies never meet.
+    let agency = req
+        .headers()
+        .get("x-karibche-agency")
+        .and_then(|v| v.to_str().ok())
+        .filter(|a| valid_token(a))
+        .unwrap_or("-");
+    let scope = format!("{agency}/{}", kind.segment());
     let fields = match serde_json::from_slice::<Value>(req.body()) {
         Ok(Value::Object(m)) => m,
         _ => return Err(Problem::bad_request("the body must be a JSON object")),
@@ -292,7 +547,7 @@ async fn idempotent(
 
     let mut conn = reg.store.pool().acquire().await.map_err(internal)?;
     if let Some(key) = &key {
-        if let Some(stored) = db::idempotent_answer(&mut conn, scope, key)
+        if let Some(stored) = db::idempotent_answer(&mut conn, &scope, key)
             .await
             .map_err(internal)?
         {
@@ -300,28 +555,23 @@ async fn idempotent(
         }
     }
 
-    let (person_id, write) = validate(&fields)?;
-    if !db::person_exists(&mut conn, &person_id)
-        .await
-        .map_err(internal)?
-    {
-        return Err(unprocessable("person_id", "no person with this id"));
-    }
-    let body_text = serde_json::to_string(&write.body).map_err(|_| Problem::internal())?;
+    let record = write::parse(kind, &fields)?;
+    record.check(&mut conn).await?;
+    let body = record.body()?;
+    let body_text = serde_json::to_string(&body).map_err(|_| Problem::internal())?;
 
     let mut tx = sqlx::Acquire::begin(&mut *conn).await.map_err(internal)?;
-    let inserted = match &write.insert {
-        Insert::Crossing(c) => db::insert_crossing(&mut tx, c).await,
-        Insert::Visa { person_id, visa } => db::insert_visa(&mut tx, person_id, visa).await,
-    };
-    match inserted {
+    match record.insert(&mut tx, reg.store.backend()).await {
         Ok(()) => {}
         Err(e) if db::is_unique_violation(&e) => {
             return Err(Problem::new(
                 StatusCode::CONFLICT,
                 "conflict",
                 "Conflict",
-                "number: a record with this number is already registered",
+                format!(
+                    "{}: a record with this number is already registered",
+                    record.unique_field()
+                ),
             ));
         }
         Err(e) => return Err(internal(e)),
@@ -329,7 +579,7 @@ async fn idempotent(
     if let Some(key) = &key {
         let stored = db::store_answer(
             &mut tx,
-            scope,
+            &scope,
             key,
             &request_hash,
             StatusCode::CREATED.as_u16(),
@@ -341,7 +591,7 @@ async fn idempotent(
             Err(e) if db::is_unique_violation(&e) => {
                 // The same key raced us and won: drop our record, answer with theirs.
                 drop(tx);
-                let stored = db::idempotent_answer(&mut conn, scope, key)
+                let stored = db::idempotent_answer(&mut conn, &scope, key)
                     .await
                     .map_err(internal)?
                     .ok_or_else(Problem::internal)?;
@@ -351,12 +601,12 @@ async fn idempotent(
         }
     }
     tx.commit().await.map_err(internal)?;
-    Ok(private(json_response(StatusCode::CREATED, &write.body)))
+    Ok(private(json_response(StatusCode::CREATED, &body)))
 }
 
 fn replay(stored: db::StoredAnswer, request_hash: &str) -> Answer {
     if stored.request_hash != request_hash {
-        return Err(unprocessable(
+        return Err(write::unprocessable(
             "Idempotency-Key",
             "this key was already used with a different request",
         ));
@@ -374,145 +624,4 @@ fn replay(stored: db::StoredAnswer, request_hash: &str) -> Answer {
     );
     h.insert("idempotent-replayed", HeaderValue::from_static("true"));
     Ok(private(resp))
-}
-
-/// The fields of a JSON object, each read once; members not read are refused.
-struct Fields<'a> {
-    map: &'a Map<String, Value>,
-    allowed: &'static [&'static str],
-}
-
-impl Fields<'_> {
-    fn check_unknown(&self) -> Result<(), Problem> {
-        match self
-            .map
-            .keys()
-            .find(|k| !self.allowed.contains(&k.as_str()))
-        {
-            Some(k) => Err(unprocessable(k, "unknown field")),
-            None => Ok(()),
-        }
-    }
-
-    fn text(&self, name: &str, max: usize) -> Result<String, Problem> {
-        match self.map.get(name) {
-            Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= max => Ok(s.clone()),
-            Some(Value::String(_)) => Err(unprocessable(
-                name,
-                &format!("must be 1 to {max} characters"),
-            )),
-            Some(_) => Err(unprocessable(name, "must be a string")),
-            None => Err(unprocessable(name, "is required")),
-        }
-    }
-
-    fn one_of(&self, name: &str, allowed: &[&str]) -> Result<String, Problem> {
-        let v = self.text(name, MAX_TEXT)?;
-        if allowed.contains(&v.as_str()) {
-            Ok(v)
-        } else {
-            Err(unprocessable(
-                name,
-                &format!("must be one of: {}", allowed.join(", ")),
-            ))
-        }
-    }
-
-    fn date(&self, name: &str) -> Result<time::Date, Problem> {
-        parse_date(&self.text(name, MAX_TOKEN)?)
-            .ok_or_else(|| unprocessable(name, "must be a date YYYY-MM-DD"))
-    }
-}
-
-fn post_crossing(map: &Map<String, Value>) -> Result<(String, Write), Problem> {
-    let f = Fields {
-        map,
-        allowed: &["person_id", "direction", "point", "at", "document_number"],
-    };
-    f.check_unknown()?;
-    let person_id = f.text("person_id", MAX_TOKEN)?;
-    let direction = f.one_of("direction", &DIRECTIONS)?;
-    let point = f.one_of("point", &CROSSING_POINTS)?;
-    let at = OffsetDateTime::parse(&f.text("at", MAX_TOKEN)?, &Rfc3339)
-        .map_err(|_| unprocessable("at", "must be an RFC 3339 timestamp"))?;
-    if (at - OffsetDateTime::now_utc()).whole_seconds() > CLOCK_SKEW_SECS {
-        return Err(unprocessable("at", "lies in the future"));
-    }
-    let document_number = f.text("document_number", MAX_TOKEN)?;
-    let crossing = Crossing {
-        id: format!("CR-{}", uuid::Uuid::now_v7().simple()),
-        person_id: person_id.clone(),
-        direction,
-        point,
-        at: db::rfc3339(at),
-        document_number,
-    };
-    let body = serde_json::to_value(&crossing).map_err(|_| Problem::internal())?;
-    Ok((
-        person_id,
-        Write {
-            body,
-            insert: Insert::Crossing(crossing),
-        },
-    ))
-}
-
-fn post_visa(map: &Map<String, Value>) -> Result<(String, Write), Problem> {
-    let f = Fields {
-        map,
-        allowed: &[
-            "person_id",
-            "number",
-            "category",
-            "issuing_post",
-            "valid_from",
-            "valid_until",
-            "entries",
-        ],
-    };
-    f.check_unknown()?;
-    let person_id = f.text("person_id", MAX_TOKEN)?;
-    let number = f.text("number", MAX_TOKEN)?;
-    if !number
-        .bytes()
-        .all(|c| c.is_ascii_alphanumeric() || c == b'-')
-    {
-        return Err(unprocessable(
-            "number",
-            "must be letters, digits and hyphens",
-        ));
-    }
-    let category = f.text("category", MAX_TOKEN)?;
-    if !model::is_visa_category(&category) {
-        let codes: Vec<&str> = model::VISA_CATEGORIES.iter().map(|(c, _)| *c).collect();
-        return Err(unprocessable(
-            "category",
-            &format!("must be one of: {}", codes.join(", ")),
-        ));
-    }
-    let issuing_post = f.text("issuing_post", MAX_TEXT)?;
-    let valid_from = f.date("valid_from")?;
-    let valid_until = f.date("valid_until")?;
-    if valid_until <= valid_from {
-        return Err(unprocessable("valid_until", "must be after valid_from"));
-    }
-    let entries = f.one_of("entries", &VISA_ENTRIES)?;
-    let visa = Visa {
-        id: format!("VI-{}", uuid::Uuid::now_v7().simple()),
-        person_id: Some(person_id.clone()),
-        number,
-        category,
-        issuing_post,
-        valid_from: super::synth::iso(valid_from),
-        valid_until: super::synth::iso(valid_until),
-        entries,
-    };
-    let body = serde_json::to_value(&visa).map_err(|_| Problem::internal())?;
-    Ok((
-        person_id.clone(),
-        Write {
-            body,
-            insert: Insert::Visa { person_id, visa },
-        },
-    ))
 }

@@ -3,18 +3,25 @@
 //!
 //! It keeps persons and their documents, visas, residence and work permits,
 //! border crossings, asylum cases and entry bans in the `reg_*` tables
-//! ([`db`]), serves them over a small HTTP API ([`Registry::handle`]), and
-//! fills an empty register with synthetic, internally consistent foreigners
-//! ([`seed`]) so that a development gateway has something to guard.
+//! (`db`), serves them over an HTTP API ([`Registry::handle`]; reads and
+//! searches in `http`, the validated, idempotent writes of each agency in
+//! `write`, aggregate counts in `statistics`; described in
+//! `openapi/registry.json`), fills an empty register with synthetic,
+//! internally consistent foreigners ([`seed()`]), and measures its own lookups
+//! ([`bench()`]).
 //!
-//! The gateway maps `/v1/registry/{rest}` to `/{rest}` here, after TLS,
-//! client, policy and body-size checks; field names in [`model`] are what the
-//! policy files' field paths name.
+//! The gateway maps `/v1/registry/{service}/{rest}` to `/{service}/{rest}`
+//! here, after TLS, client, policy and body-size checks; field names in
+//! [`model`] are what the policy files' field paths name.
 
+mod bench;
 mod db;
 mod http;
 pub mod model;
+mod statistics;
 mod synth;
+mod update;
+mod write;
 
 #[cfg(test)]
 mod tests;
@@ -22,13 +29,18 @@ mod tests;
 use crate::problem::Body;
 use crate::store::Store;
 
+pub use bench::{bench, BenchOptions, BenchReport, BenchResult, QueryPlan};
+pub use statistics::MIN_CELL;
 pub use synth::{surname_key, to_georgian};
 
 /// One synthetic person's id that exists after seeding with any seed and at least one person.
 pub const EXAMPLE_PERSON_ID: &str = "RF-0000001";
 
-/// Persons generated and inserted per batch while seeding (bounds memory; one transaction overall).
-const SEED_BATCH: usize = 500;
+/// Persons generated, serialised and inserted per batch: big enough that each bulk statement
+/// carries thousands of rows, small enough to keep a few batches in memory.
+const SEED_BATCH: usize = 5_000;
+/// Batches the generator may run ahead of the database.
+const SEED_QUEUE: usize = 2;
 
 /// Errors of the register's library functions (the HTTP handler turns its own into problems).
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +49,9 @@ pub enum RegistryError {
     /// The database failed.
     #[error("register database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The synthetic data generator stopped unexpectedly.
+    #[error("the synthetic data generator failed")]
+    Generator,
 }
 
 /// The register's request handler; cheap to clone.
@@ -63,20 +78,99 @@ impl Registry {
 /// Names, ids and numbers depend on `seed` only; dates are anchored on today (UTC) so the
 /// register always looks current. All persons go in one transaction: a register is either
 /// seeded completely or not at all, and a replica racing another one backs off with 0.
+///
+/// Speed: a generator thread builds batches of rows as JSON while this task loads the previous
+/// batch, one bulk statement per table and batch; the secondary indexes are dropped for the load
+/// and rebuilt at the end (sorting once beats millions of random B-tree inserts).
 pub async fn seed(store: &Store, persons: usize, seed: u64) -> Result<usize, RegistryError> {
-    if count_persons(store).await? > 0 {
+    if persons == 0 || count_persons(store).await? > 0 {
         return Ok(0);
     }
     let anchor = time::OffsetDateTime::now_utc().date();
     let started = std::time::Instant::now();
-    let mut tx = store.pool().begin().await?;
-    let mut next = 1usize;
-    while next <= persons {
-        let end = (next + SEED_BATCH).min(persons + 1);
-        let batch: Vec<model::Person> = (next..end)
-            .map(|i| synth::person(seed, i as u64, anchor))
-            .collect();
-        match db::insert_persons(&mut tx, &batch, db::max_params(store.backend())).await {
+    let backend = store.backend();
+    let mut conn = store.pool().acquire().await?;
+    if backend == crate::store::Backend::Sqlite {
+        // Consistent by construction; checking each foreign key costs a lookup per row.
+        // A bigger page cache keeps index rebuilds in memory. Both are undone below.
+        sqlx::raw_sql("PRAGMA foreign_keys=OFF; PRAGMA cache_size=-262144; PRAGMA threads=2;")
+            .execute(&mut *conn)
+            .await?;
+    }
+    let result = seed_on(&mut conn, backend, persons, seed, anchor).await;
+    if backend == crate::store::Backend::Sqlite {
+        sqlx::raw_sql("PRAGMA foreign_keys=ON; PRAGMA cache_size=-2000; PRAGMA threads=0;")
+            .execute(&mut *conn)
+            .await?;
+    }
+    let inserted = result?;
+    if inserted > 0 {
+        tracing::info!(
+            persons,
+            seed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "register seeded with synthetic foreigners"
+        );
+    }
+    Ok(inserted)
+}
+
+async fn seed_on(
+    conn: &mut sqlx::AnyConnection,
+    backend: crate::store::Backend,
+    persons: usize,
+    seed: u64,
+    anchor: time::Date,
+) -> Result<usize, RegistryError> {
+    let (tx_rows, mut rx_rows) = tokio::sync::mpsc::channel::<db::PersonRows>(SEED_QUEUE);
+    // Generation is the costlier half: one generator per core beside the database's own
+    // thread; batches are claimed from a shared counter, so they arrive roughly in id order.
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
+    let next_batch = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut generators = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let tx_rows = tx_rows.clone();
+        let next_batch = next_batch.clone();
+        generators.push(tokio::task::spawn_blocking(move || loop {
+            let b = next_batch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let first = b * SEED_BATCH + 1;
+            if first > persons {
+                return;
+            }
+            let end = (first + SEED_BATCH).min(persons + 1);
+            let mut rows = db::PersonRows::default();
+            for i in first..end {
+                rows.add(&synth::person(seed, i as u64, anchor));
+            }
+            if tx_rows.blocking_send(rows).is_err() {
+                return; // the loader gave up
+            }
+        }));
+    }
+    drop(tx_rows);
+    let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
+    if backend == crate::store::Backend::Postgres {
+        // Index rebuilds sort in memory rather than in temporary files; this transaction only.
+        sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
+            .execute(&mut *tx)
+            .await?;
+    }
+    // Indexes led by person_id grow in insertion order and stay; the others are rebuilt.
+    let indexes: Vec<(String, String)> = db::secondary_indexes(&mut tx, backend)
+        .await?
+        .into_iter()
+        .filter(|(_, create)| !create.contains("(person_id)"))
+        .collect();
+    for (name, _) in &indexes {
+        // Names come from the database's own catalogue, not from input.
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX {name}")))
+            .execute(&mut *tx)
+            .await?;
+    }
+    while let Some(rows) = rx_rows.recv().await {
+        match db::insert_persons(&mut tx, backend, rows).await {
             Ok(()) => {}
             Err(e) if db::is_unique_violation(&e) => {
                 tracing::info!("another process is seeding the register; leaving it to them");
@@ -84,20 +178,24 @@ pub async fn seed(store: &Store, persons: usize, seed: u64) -> Result<usize, Reg
             }
             Err(e) => return Err(e.into()),
         }
-        next = end;
+    }
+    for generator in generators {
+        if let Err(e) = generator.await {
+            tracing::error!(err = %e, "the synthetic data generator failed");
+            return Err(RegistryError::Generator);
+        }
+    }
+    for (_, create) in &indexes {
+        // Statements from the database's own catalogue, recreated as they were.
+        sqlx::query(sqlx::AssertSqlSafe(create.clone()))
+            .execute(&mut *tx)
+            .await?;
     }
     match tx.commit().await {
-        Ok(()) => {}
-        Err(e) if db::is_unique_violation(&e) => return Ok(0),
-        Err(e) => return Err(e.into()),
+        Ok(()) => Ok(persons),
+        Err(e) if db::is_unique_violation(&e) => Ok(0),
+        Err(e) => Err(e.into()),
     }
-    tracing::info!(
-        persons,
-        seed,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "register seeded with synthetic foreigners"
-    );
-    Ok(persons)
 }
 
 /// Count of persons in the register.

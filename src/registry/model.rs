@@ -69,6 +69,10 @@ pub struct BirthPlace {
 pub struct Document {
     /// Record id.
     pub id: String,
+    /// The person it belongs to; shown only where a document stands alone (the POST answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[sqlx(skip)]
+    pub person_id: Option<String>,
     /// `passport`, `travel_document` or `stateless_document`.
     pub kind: String,
     /// Document number.
@@ -108,6 +112,10 @@ pub struct Visa {
 pub struct ResidencePermit {
     /// Record id.
     pub id: String,
+    /// The person it belongs to; shown only in the POST answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[sqlx(skip)]
+    pub person_id: Option<String>,
     /// Permit card number.
     pub number: String,
     /// Permit type, one of [`RESIDENCE_PERMIT_TYPES`].
@@ -126,6 +134,9 @@ pub struct ResidencePermit {
 pub struct WorkPermit {
     /// Record id.
     pub id: String,
+    /// The person it belongs to; shown only in the POST answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub person_id: Option<String>,
     /// Permit number.
     pub number: String,
     /// The Georgian employer.
@@ -169,6 +180,10 @@ pub struct Crossing {
 pub struct AsylumCase {
     /// Record id.
     pub id: String,
+    /// The person it belongs to; shown only in the POST answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[sqlx(skip)]
+    pub person_id: Option<String>,
     /// Case file number.
     pub case_number: String,
     /// Date of application.
@@ -184,6 +199,9 @@ pub struct AsylumCase {
 pub struct EntryBan {
     /// Record id.
     pub id: String,
+    /// The person it concerns; shown only in the POST answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub person_id: Option<String>,
     /// `overstay`, `criminal_conviction`, `public_order` or `forged_document`.
     pub reason: String,
     /// First day of the ban.
@@ -248,6 +266,45 @@ pub const RESIDENCE_PERMIT_TYPES: [&str; 8] = [
     "humanitarian",
     "stateless",
 ];
+
+/// Identity document kinds.
+pub const DOCUMENT_KINDS: [&str; 3] = ["passport", "travel_document", "stateless_document"];
+
+/// Residence permit statuses.
+pub const PERMIT_STATUSES: [&str; 3] = ["valid", "expired", "revoked"];
+
+/// Asylum case statuses; every status but `pending` carries a decision date.
+pub const ASYLUM_STATUSES: [&str; 4] = ["pending", "granted", "refused", "withdrawn"];
+
+/// Reason categories of entry bans.
+pub const BAN_REASONS: [&str; 4] = [
+    "overstay",
+    "criminal_conviction",
+    "public_order",
+    "forged_document",
+];
+
+/// Sexes as recorded in travel documents (ICAO 9303: `X` unspecified).
+pub const SEXES: [&str; 3] = ["F", "M", "X"];
+
+/// ISO 3166-1 alpha-2 codes of every assigned country and territory.
+pub const COUNTRY_CODES: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ \
+BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS BT BV BW BY BZ \
+CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ \
+EC EE EG EH ER ES ET FI FJ FK FM FO FR \
+GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM HN HR HT HU \
+ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ \
+LA LB LC LI LK LR LS LT LU LV LY \
+MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ \
+NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA \
+RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ \
+TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ \
+VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW";
+
+/// Whether `code` is an ISO 3166-1 alpha-2 code.
+pub fn is_country(code: &str) -> bool {
+    code.len() == 2 && COUNTRY_CODES.split(' ').any(|c| c == code)
+}
 
 /// Visa entry counts.
 pub const VISA_ENTRIES: [&str; 3] = ["single", "double", "multiple"];

@@ -786,6 +786,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             });
             residence_permits.push(ResidencePermit {
                 id: format!("RP-{index:07}-{}", residence_permits.len() + 1),
+                person_id: None,
                 number: seq.permit_number("RP"),
                 permit_type: (*ptype).to_owned(),
                 status: status.to_owned(),
@@ -827,6 +828,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
         let (name, tax_id) = *r.pick(EMPLOYERS);
         work_permits.push(WorkPermit {
             id: format!("WP-{index:07}-1"),
+            person_id: None,
             number: seq.permit_number("WP"),
             employer: Employer {
                 name: name.to_owned(),
@@ -952,6 +954,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
         }
         asylum_cases.push(AsylumCase {
             id: format!("AS-{index:07}-1"),
+            person_id: None,
             case_number: format!("AS-{}-{index:07}", applied.year()),
             applied_on: iso(applied),
             status: status.to_owned(),
@@ -1011,6 +1014,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
         };
         entry_bans.push(EntryBan {
             id: format!("EB-{index:07}-1"),
+            person_id: None,
             reason: reason.to_owned(),
             valid_from: iso(from),
             valid_until: iso(add_years(from, r.range(1, 5) as i32)),
@@ -1024,6 +1028,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
         .enumerate()
         .map(|(i, d)| Document {
             id: format!("DO-{index:07}-{}", i + 1),
+            person_id: None,
             kind: d.kind.to_owned(),
             number: d.number,
             issuing_state: d.state,

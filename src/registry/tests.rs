@@ -364,7 +364,7 @@ async fn reads_person_records_and_searches() {
     )
     .await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
-    let ((s, _), headers) = call_with(&reg, Method::GET, "/crossings", None, None).await;
+    let ((s, _), headers) = call_with(&reg, Method::GET, "/visas", None, None).await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(headers["allow"], "POST");
     let (s, _) = call(&reg, Method::GET, "/persons?document=%+1", None).await;
@@ -383,120 +383,660 @@ fn percent(s: &str) -> String {
         .collect()
 }
 
-#[tokio::test]
-async fn posts_crossings_idempotently_and_visas() {
-    let dir = tempfile::tempdir().unwrap();
-    let (reg, store) = seeded_registry(&dir).await;
-    let number = example_document(&store).await.unwrap().unwrap();
-    let body = json!({
-        "person_id": EXAMPLE_PERSON_ID, "direction": "entry", "point": "Sarpi",
-        "at": "2024-05-01T14:22:00+04:00", "document_number": number,
-    });
-    let ((s, first), _) = call_with(
-        &reg,
-        Method::POST,
-        "/crossings",
-        Some(body.clone()),
-        Some("k-1"),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED);
-    assert_eq!(first["person_id"], EXAMPLE_PERSON_ID);
-    assert_eq!(first["at"], "2024-05-01T10:22:00Z");
-    let ((s, again), headers) = call_with(
-        &reg,
-        Method::POST,
-        "/crossings",
-        Some(body.clone()),
-        Some("k-1"),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED);
-    assert_eq!(again, first, "the same key replays the first answer");
-    assert_eq!(headers["idempotent-replayed"], "true");
-    let (s, list) = call(
-        &reg,
-        Method::GET,
-        &format!("/persons/{EXAMPLE_PERSON_ID}/crossings"),
-        None,
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
-    let stored = list["crossings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["id"] == first["id"])
-        .count();
-    assert_eq!(stored, 1, "a replay stores nothing new");
-
-    let mut other = body.clone();
-    other["point"] = json!("Vale");
-    let ((s, _), _) = call_with(&reg, Method::POST, "/crossings", Some(other), Some("k-1")).await;
-    assert_eq!(
-        s,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "a key reused for another request"
-    );
-
-    let mut bad = body.clone();
-    bad["person_id"] = json!("RF-9999999");
-    let (s, p) = call(&reg, Method::POST, "/crossings", Some(bad)).await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(p["detail"].as_str().unwrap().contains("person_id"));
-    for (field, value) in [
-        ("direction", json!("sideways")),
-        ("point", json!("Moon")),
-        ("at", json!("yesterday")),
-    ] {
-        let mut bad = body.clone();
-        bad[field] = value;
-        let (s, p) = call(&reg, Method::POST, "/crossings", Some(bad)).await;
-        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-        assert!(p["detail"].as_str().unwrap().starts_with(field));
+/// A POST as the gateway sends it: with the calling agency and, optionally, a key.
+async fn post(
+    reg: &Registry,
+    uri: &str,
+    agency: &str,
+    key: Option<&str>,
+    body: Value,
+) -> (StatusCode, Value, ::http::HeaderMap) {
+    let mut b = Request::post(uri).header("x-karibche-agency", agency);
+    if let Some(k) = key {
+        b = b.header("Idempotency-Key", k);
     }
     let resp = reg
-        .handle(
-            Request::post("/crossings")
-                .body(Bytes::from_static(b"{not json"))
-                .unwrap(),
-        )
+        .handle(b.body(Bytes::from(body.to_string())).unwrap())
         .await;
-    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap(), headers)
+}
 
-    let visa = json!({
-        "person_id": EXAMPLE_PERSON_ID, "number": "GE99000001", "category": "C1",
-        "issuing_post": "Embassy of Georgia in Ankara", "valid_from": "2026-07-01",
-        "valid_until": "2026-09-28", "entries": "double",
+async fn get(reg: &Registry, uri: &str) -> (StatusCode, Value) {
+    call(reg, Method::GET, uri, None).await
+}
+
+/// Asserts a 422 (or other refusal) whose detail starts with `field`.
+#[track_caller]
+fn refused(got: (StatusCode, Value, ::http::HeaderMap), status: StatusCode, field: &str) {
+    assert_eq!(got.0, status, "{}", got.1);
+    let detail = got.1["detail"].as_str().unwrap_or_default();
+    assert!(detail.starts_with(field), "expected {field}: {detail}");
+}
+
+/// Every write, read and search path, validation errors and idempotent retries, on one store.
+async fn api_scenario(store: &Store) {
+    assert_eq!(seed(store, 300, 9).await.unwrap(), 300);
+    let reg = Registry::new(store.clone());
+    let today = time::OffsetDateTime::now_utc().date();
+
+    // Persons (PSDA): registered, replayed, refused.
+    let person = json!({
+        "names": {"surname": "Öztürk", "given_names": "Mehmet Ali"},
+        "sex": "M", "birth_date": "1990-03-04",
+        "birth_place": {"city": "Trabzon", "country": "TR"},
+        "nationalities": ["TR"], "personal_number": "01999999999",
     });
-    let (s, v) = call(&reg, Method::POST, "/visas", Some(visa.clone())).await;
+    let (s, p, _) = post(&reg, "/persons", "psda", Some("p-1"), person.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    let pid = p["id"].as_str().unwrap().to_owned();
+    assert_eq!(p["names"]["surname_ka"], to_georgian("Öztürk"));
+    assert_eq!(p["documents"], json!([]));
+    let (s, again, h) = post(&reg, "/persons", "psda", Some("p-1"), person.clone()).await;
+    assert_eq!((s, &again), (StatusCode::CREATED, &p), "a retry replays");
+    assert_eq!(h["idempotent-replayed"], "true");
+    let mut other = person.clone();
+    other["sex"] = json!("F");
+    refused(
+        post(&reg, "/persons", "psda", Some("p-1"), other).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Idempotency-Key",
+    );
+    // Another agency's key space is its own: the same key is a new request there.
+    let mut second = person.clone();
+    second["personal_number"] = json!("01999999998");
+    let (s, p2, _) = post(&reg, "/persons", "mia-migration", Some("p-1"), second).await;
     assert_eq!(s, StatusCode::CREATED);
-    assert_eq!(v["person_id"], EXAMPLE_PERSON_ID);
-    assert_eq!(v["category"], "C1");
-    let (_, visas) = call(
+    assert_ne!(p2["id"], p["id"]);
+    refused(
+        post(&reg, "/persons", "psda", None, person.clone()).await,
+        StatusCode::CONFLICT,
+        "personal_number",
+    );
+    for (field, path, value) in [
+        ("sex", "sex", json!("Q")),
+        ("birth_date", "birth_date", json!("1990-02-30")),
+        ("birth_date", "birth_date", json!("2999-01-01")),
+        ("birth_place.country", "birth_place.country", json!("XX")),
+        ("nationalities", "nationalities", json!(["TR", "ZZ"])),
+        ("nationalities", "nationalities", json!(["GE"])),
+        ("stateless", "stateless", json!(true)),
+        ("personal_number", "personal_number", json!("123")),
+        ("names.surname", "names.surname", json!("")),
+        ("colour", "colour", json!("blue")),
+    ] {
+        let mut bad = person.clone();
+        match path.split_once('.') {
+            Some((outer, inner)) => bad[outer][inner] = value,
+            None => bad[path] = value,
+        }
+        refused(
+            post(&reg, "/persons", "psda", None, bad).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            field,
+        );
+    }
+
+    // Documents (PSDA).
+    let doc = json!({
+        "person_id": pid, "kind": "passport", "number": "U99000001", "issuing_state": "TR",
+        "issued_on": "2020-01-10", "valid_until": "2030-01-09",
+    });
+    let (s, d, _) = post(&reg, "/documents", "psda", Some("d-1"), doc.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{d}");
+    assert_eq!(d["person_id"], pid.as_str());
+    refused(
+        post(&reg, "/documents", "psda", None, doc.clone()).await,
+        StatusCode::CONFLICT,
+        "number",
+    );
+    for (field, key, value) in [
+        ("issued_on", "issued_on", json!("1980-01-01")),
+        ("valid_until", "valid_until", json!("2019-01-01")),
+        ("issuing_state", "kind", json!("travel_document")),
+        ("person_id", "person_id", json!("RF-9999999")),
+        ("kind", "kind", json!("library_card")),
+    ] {
+        let mut bad = doc.clone();
+        bad[key] = value;
+        bad["number"] = json!("U99000002");
+        refused(
+            post(&reg, "/documents", "psda", None, bad).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            field,
+        );
+    }
+
+    // Visas (consular department).
+    let visa = json!({
+        "person_id": pid, "number": "GE99000001", "category": "D1",
+        "issuing_post": "Consulate General of Georgia in Trabzon",
+        "valid_from": "2025-09-01", "valid_until": "2026-08-31", "entries": "multiple",
+    });
+    let (s, v, _) = post(&reg, "/visas", "mfa-consular", None, visa.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    refused(
+        post(&reg, "/visas", "mfa-consular", None, visa.clone()).await,
+        StatusCode::CONFLICT,
+        "number",
+    );
+    let mut bad = visa.clone();
+    bad["category"] = json!("Z9");
+    refused(
+        post(&reg, "/visas", "mfa-consular", None, bad).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "category",
+    );
+
+    // Residence and work permits (PSDA).
+    let permit = json!({
+        "person_id": pid, "number": "RP990000001", "type": "work",
+        "valid_from": "2024-01-15", "valid_until": "2099-01-14",
+    });
+    let (s, r, _) = post(&reg, "/residence-permits", "psda", None, permit.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert_eq!(r["status"], "valid");
+    assert_eq!(r["type"], "work");
+    let mut bad = permit.clone();
+    bad["number"] = json!("RP990000002");
+    bad["valid_from"] = json!("2019-01-01");
+    refused(
+        post(&reg, "/residence-permits", "psda", None, bad).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "valid_from",
+    );
+    let mut bad = permit.clone();
+    bad["number"] = json!("RP990000003");
+    bad["status"] = json!("expired");
+    refused(
+        post(&reg, "/residence-permits", "psda", None, bad).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "status",
+    );
+    let work = json!({
+        "person_id": pid, "number": "WP990000001", "position": "chef",
+        "employer": {"name": "Adjara Hospitality JSC", "tax_id": "245601884"},
+        "valid_from": "2024-02-01", "valid_until": "2025-01-31",
+    });
+    let (s, w, _) = post(&reg, "/work-permits", "psda", None, work.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{w}");
+    let mut bad = work.clone();
+    bad["employer"]["tax_id"] = json!("12");
+    refused(
+        post(&reg, "/work-permits", "psda", None, bad).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "employer.tax_id",
+    );
+
+    // Crossings (Border Police): document checks, bans, expulsion.
+    let crossing = json!({
+        "person_id": pid, "direction": "entry", "point": "Sarpi",
+        "at": "2025-02-01T14:22:00+04:00", "document_number": "U99000001",
+    });
+    let (s, c, _) = post(
         &reg,
-        Method::GET,
-        &format!("/persons/{EXAMPLE_PERSON_ID}/visas"),
-        None,
+        "/crossings",
+        "mia-border",
+        Some("c-1"),
+        crossing.clone(),
     )
     .await;
-    assert!(visas["visas"]
+    assert_eq!(s, StatusCode::CREATED, "{c}");
+    assert_eq!(c["at"], "2025-02-01T10:22:00Z");
+    let (_, c2, h) = post(
+        &reg,
+        "/crossings",
+        "mia-border",
+        Some("c-1"),
+        crossing.clone(),
+    )
+    .await;
+    assert_eq!(
+        (c2, &h["idempotent-replayed"]),
+        (c.clone(), &"true".parse().unwrap())
+    );
+    for (field, key, value) in [
+        ("document_number", "document_number", json!("X1")),
+        ("document_number", "at", json!("2019-05-01T10:00:00Z")),
+        ("at", "at", json!("2999-01-01T00:00:00Z")),
+        ("point", "point", json!("Moon")),
+        ("direction", "direction", json!("sideways")),
+    ] {
+        let mut bad = crossing.clone();
+        bad[key] = value;
+        refused(
+            post(&reg, "/crossings", "mia-border", None, bad).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            field,
+        );
+    }
+    let exit = json!({
+        "person_id": pid, "direction": "exit", "point": "Tbilisi International Airport",
+        "at": "2025-02-20T08:00:00Z", "document_number": "U99000001",
+    });
+    assert_eq!(
+        post(&reg, "/crossings", "mia-border", None, exit).await.0,
+        StatusCode::CREATED
+    );
+
+    // Entry bans and asylum cases (Migration Department).
+    let ban = json!({
+        "person_id": pid, "reason": "overstay", "valid_from": "2025-03-01",
+        "valid_until": "2025-08-01", "expulsion": true,
+    });
+    let (s, b, _) = post(&reg, "/entry-bans", "mia-migration", None, ban.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["expulsion"], true);
+    let mut entry = crossing.clone();
+    entry["at"] = json!("2025-06-01T10:00:00Z");
+    refused(
+        post(&reg, "/crossings", "mia-border", None, entry).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "person_id: an entry ban",
+    );
+    // After the ban: an entry needs a visa issued after the expulsion (the D1 visa above).
+    let mut entry = crossing.clone();
+    entry["at"] = json!("2025-08-20T10:00:00Z");
+    refused(
+        post(&reg, "/crossings", "mia-border", None, entry).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "person_id: expelled",
+    );
+    let mut entry = crossing.clone();
+    entry["at"] = json!("2025-09-10T10:00:00Z");
+    assert_eq!(
+        post(&reg, "/crossings", "mia-border", None, entry).await.0,
+        StatusCode::CREATED
+    );
+    let mut bad = ban.clone();
+    bad["valid_until"] = json!("2025-01-01");
+    refused(
+        post(&reg, "/entry-bans", "mia-migration", None, bad).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "valid_until",
+    );
+    let case = json!({
+        "person_id": pid, "case_number": "AS-2025-990001", "applied_on": "2025-02-05",
+        "status": "refused", "decision_on": "2025-02-25",
+    });
+    let (s, a, _) = post(&reg, "/asylum-cases", "mia-migration", None, case.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{a}");
+    refused(
+        post(&reg, "/asylum-cases", "mia-migration", None, case.clone()).await,
+        StatusCode::CONFLICT,
+        "case_number",
+    );
+    let mut bad = case.clone();
+    bad["case_number"] = json!("AS-2025-990002");
+    bad["status"] = json!("pending");
+    refused(
+        post(&reg, "/asylum-cases", "mia-migration", None, bad).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "decision_on",
+    );
+    let mut bad = case.clone();
+    bad["case_number"] = json!("AS-2025-990003");
+    bad["decision_on"] = json!("2025-01-01");
+    refused(
+        post(&reg, "/asylum-cases", "mia-migration", None, bad).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "decision_on",
+    );
+    // A pending case is decided once; a decided one is never overwritten.
+    let mut pending = case.clone();
+    pending["case_number"] = json!("AS-2025-990004");
+    pending["status"] = json!("pending");
+    pending.as_object_mut().unwrap().remove("decision_on");
+    let (s, p_case, _) = post(&reg, "/asylum-cases", "mia-migration", None, pending).await;
+    assert_eq!(s, StatusCode::CREATED, "{p_case}");
+    let decide = format!("/asylum-cases/{}/decision", p_case["id"].as_str().unwrap());
+    let decision = json!({"status": "granted", "decision_on": "2025-03-01"});
+    let (s, d) = call(&reg, Method::POST, &decide, Some(decision.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{d}");
+    assert_eq!(
+        (&d["status"], &d["person_id"]),
+        (&json!("granted"), &json!(pid))
+    );
+    let (s, again) = call(&reg, Method::POST, &decide, Some(decision)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{again}");
+    let (s, bad) = call(
+        &reg,
+        Method::POST,
+        &decide,
+        Some(json!({"status": "maybe", "decision_on": "2025-03-01"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    let (s, _) = call(
+        &reg,
+        Method::POST,
+        "/asylum-cases/AS-none/decision",
+        Some(json!({"status": "granted", "decision_on": "2025-03-01"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // A personal number is assigned once, and never twice the same.
+    let (s, np, _) = post(&reg, "/persons", "psda", None, {
+        let mut n = person.clone();
+        n.as_object_mut().unwrap().remove("personal_number");
+        n
+    })
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{np}");
+    let assign = format!("/persons/{}/personal-number", np["id"].as_str().unwrap());
+    let (s, taken) = call(
+        &reg,
+        Method::POST,
+        &assign,
+        Some(json!({"personal_number": "01999999999"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{taken}");
+    let (s, ok) = call(
+        &reg,
+        Method::POST,
+        &assign,
+        Some(json!({"personal_number": "01999999990"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    let (s, _) = call(
+        &reg,
+        Method::POST,
+        &assign,
+        Some(json!({"personal_number": "01999999991"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = call(
+        &reg,
+        Method::POST,
+        &assign,
+        Some(json!({"personal_number": "12"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (_, whole) = get(&reg, &format!("/persons/{}", np["id"].as_str().unwrap())).await;
+    assert_eq!(whole["personal_number"], "01999999990");
+
+    let (s, _) = call(&reg, Method::POST, "/persons/x", Some(json!({}))).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    let ((s, _), h) = call_with(&reg, Method::PUT, "/persons", None, None).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(h["allow"], "GET, POST");
+    let ((s, _), h) = call_with(&reg, Method::GET, "/entry-bans", None, None).await;
+    assert_eq!(
+        (s, &h["allow"]),
+        (StatusCode::METHOD_NOT_ALLOWED, &"POST".parse().unwrap())
+    );
+
+    // The whole person, and each kind on its own.
+    let (s, whole) = get(&reg, &format!("/persons/{pid}")).await;
+    assert_eq!(s, StatusCode::OK);
+    for (kind, n) in [
+        ("documents", 1),
+        ("visas", 1),
+        ("residence_permits", 1),
+        ("work_permits", 1),
+        ("crossings", 3),
+        ("asylum_cases", 2),
+        ("entry_bans", 1),
+    ] {
+        assert_eq!(whole[kind].as_array().unwrap().len(), n, "{kind}");
+        let (s, one) = get(&reg, &format!("/persons/{pid}/{kind}")).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(one[kind], whole[kind]);
+        // Records inside a person do not repeat the person's id.
+        assert!(one[kind][0].get("person_id").is_none() || kind == "crossings");
+    }
+
+    // Searches: by document, by names in any script, by nationality with pages.
+    let ids = |v: &Value| -> Vec<String> {
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (s, found) = get(&reg, "/persons?document=U99000001&issuing_state=TR").await;
+    assert_eq!((s, ids(&found)), (StatusCode::OK, vec![pid.clone()]));
+    let (_, found) = get(&reg, "/persons?document=U99000001&issuing_state=DE").await;
+    assert!(ids(&found).is_empty());
+    for (surname, given, hit) in [
+        ("OZTURK", "", true),
+        ("ozturk", "mehmet", true),
+        (
+            "%E1%83%9D%E1%83%96%E1%83%97%E1%83%A3%E1%83%A0%E1%83%A5",
+            "ALI",
+            true,
+        ),
+        ("%C3%96ZT%C3%9CRK", "Mehmet%20Ali", true),
+        ("Öztürk", "Ahmet", false),
+    ] {
+        let surname = if surname.contains('%') {
+            surname.to_owned()
+        } else {
+            percent(surname)
+        };
+        let uri = format!("/persons?surname={surname}&given_names={given}&birth_date=1990-03-04");
+        let (s, found) = get(&reg, &uri).await;
+        assert_eq!(s, StatusCode::OK, "{uri}: {found}");
+        assert_eq!(ids(&found).contains(&pid), hit, "{uri}");
+    }
+    let total: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM reg_person_nationalities WHERE code = 'TR'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    let mut seen: Vec<String> = Vec::new();
+    let mut uri = "/persons?nationality=TR&limit=7".to_owned();
+    loop {
+        let (s, page) = get(&reg, &uri).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        assert!(ids(&page).len() <= 7);
+        for p in page["results"].as_array().unwrap() {
+            assert!(p["nationalities"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("TR")));
+        }
+        seen.extend(ids(&page));
+        match page["next"].as_str() {
+            Some(c) => uri = format!("/persons?nationality=TR&limit=7&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen.len() as i64,
+        total,
+        "pages cover every TR national once"
+    );
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    assert!(seen.contains(&pid));
+    let (_, young) = get(
+        &reg,
+        "/persons?nationality=TR&born_from=2000-01-01&limit=200",
+    )
+    .await;
+    for p in young["results"].as_array().unwrap() {
+        assert!(p["birth_date"].as_str().unwrap() >= "2000-01-01");
+    }
+
+    // Crossings in a time range, page by page.
+    let (s, day) = get(&reg, "/crossings?from=2025-02-01&until=2025-02-02").await;
+    assert_eq!(s, StatusCode::OK, "{day}");
+    assert!(day["results"]
         .as_array()
         .unwrap()
         .iter()
-        .any(|x| x["number"] == "GE99000001"));
-    let (s, _) = call(&reg, Method::POST, "/visas", Some(visa.clone())).await;
-    assert_eq!(s, StatusCode::CONFLICT, "visa numbers are unique");
-    let mut bad = visa.clone();
-    bad["category"] = json!("Z9");
-    let (s, p) = call(&reg, Method::POST, "/visas", Some(bad)).await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(p["detail"].as_str().unwrap().starts_with("category"));
-    let mut bad = visa.clone();
-    bad["valid_until"] = json!("2026-06-30");
-    let (s, p) = call(&reg, Method::POST, "/visas", Some(bad)).await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(p["detail"].as_str().unwrap().starts_with("valid_until"));
+        .any(|x| x["id"] == c["id"]));
+    let from = format!("{}", today - time::Duration::days(400));
+    let until = format!("{}", today);
+    let expected: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM reg_crossings WHERE at >= $1 AND at < $2")
+            .bind(format!("{from}T00:00:00Z"))
+            .bind(format!("{until}T00:00:00Z"))
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    let mut got = Vec::new();
+    let mut uri = format!("/crossings?from={from}&until={until}&limit=50");
+    loop {
+        let (s, page) = get(&reg, &uri).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        for c in page["results"].as_array().unwrap() {
+            got.push((
+                c["at"].as_str().unwrap().to_owned(),
+                c["id"].as_str().unwrap().to_owned(),
+            ));
+        }
+        match page["next"].as_str() {
+            Some(c) => uri = format!("/crossings?from={from}&until={until}&limit=50&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(got.len() as i64, expected);
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "ordered, no repeats");
+    let (s, tr) = get(&reg, &format!("/crossings?from={from}&until={until}&nationality=TR&point=Sarpi&direction=entry&limit=200")).await;
+    assert_eq!(s, StatusCode::OK);
+    for c in tr["results"].as_array().unwrap() {
+        assert_eq!(
+            (c["point"].as_str(), c["direction"].as_str()),
+            (Some("Sarpi"), Some("entry"))
+        );
+    }
+
+    // Statistics: aggregates only, small cells suppressed.
+    let (s, stats) = get(&reg, "/statistics?dataset=crossings&by=nationality,year").await;
+    assert_eq!(s, StatusCode::OK, "{stats}");
+    let rows = stats["rows"].as_array().unwrap();
+    assert!(!rows.is_empty());
+    for r in rows {
+        let keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["count", "nationality", "year"]);
+        assert!(r["count"].as_i64().unwrap() >= MIN_CELL);
+        assert!(r["year"].is_i64());
+    }
+    let (_, all) = get(&reg, "/statistics?dataset=persons").await;
+    // The seeded persons plus every person this scenario registered.
+    assert_eq!(all["rows"][0]["count"], 303);
+    for uri in [
+        "/statistics?dataset=residence_permits&by=type,status,sex&from=2020&until=2030",
+        "/statistics?dataset=entry_bans&by=reason,expulsion",
+        "/statistics?dataset=asylum_cases&by=status,nationality&nationality=TR",
+        "/statistics?dataset=visas&by=category,month",
+        "/statistics?dataset=work_permits&by=year",
+        "/statistics?dataset=persons&by=sex,birth_country",
+    ] {
+        let (s, v) = get(&reg, uri).await;
+        assert_eq!(s, StatusCode::OK, "{uri}: {v}");
+    }
+    for uri in [
+        "/statistics?dataset=people",
+        "/statistics?dataset=crossings&by=id",
+        "/statistics?dataset=crossings&by=year,year",
+        "/statistics?dataset=persons&from=2020",
+        "/statistics?dataset=visas&from=twenty",
+    ] {
+        assert_eq!(get(&reg, uri).await.0, StatusCode::BAD_REQUEST, "{uri}");
+    }
+
+    // Malformed searches.
+    for uri in [
+        "/persons?document=U1&surname=X&birth_date=1990-01-01",
+        "/persons?nationality=TR&cursor=%%%",
+        "/persons?nationality=TR&cursor=!!",
+        "/persons?nationality=TR&limit=0",
+        "/persons?nationality=Turkey",
+        "/persons?document=U1&limit=5",
+        "/crossings?from=2025-01-01",
+        "/crossings?from=2025-02-01&until=2025-01-01",
+        "/crossings?from=2025-01-01&until=2025-02-01&point=Moon",
+    ] {
+        assert_eq!(get(&reg, uri).await.0, StatusCode::BAD_REQUEST, "{uri}");
+    }
+
+    // The OpenAPI document describes every endpoint the router serves.
+    let (s, doc) = get(&reg, "/openapi.json").await;
+    assert_eq!(s, StatusCode::OK);
+    for path in [
+        "/persons",
+        "/persons/{id}",
+        "/persons/{id}/{kind}",
+        "/crossings",
+        "/visas",
+        "/documents",
+        "/residence-permits",
+        "/work-permits",
+        "/asylum-cases",
+        "/asylum-cases/{id}/decision",
+        "/entry-bans",
+        "/persons/{id}/personal-number",
+        "/statistics",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} undocumented");
+    }
+    assert!(doc["paths"]["/persons"]["post"].is_object());
+    assert!(doc["paths"]["/crossings"]["get"].is_object());
+}
+
+#[tokio::test]
+async fn api_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(&dir).await;
+    api_scenario(&store).await;
+}
+
+#[tokio::test]
+async fn api_on_postgres() {
+    let Some((store, _guard)) = pg_store().await else {
+        return;
+    };
+    api_scenario(&store).await;
+    store.close().await;
+}
+
+/// Index names of the register's tables, as the database lists them.
+async fn index_names(store: &Store) -> Vec<String> {
+    let mut conn = store.pool().acquire().await.unwrap();
+    let mut names: Vec<String> = db::secondary_indexes(&mut conn, store.backend())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn seeding_restores_every_index_and_lookups_use_them_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(&dir).await;
+    let before = index_names(&store).await;
+    assert!(before.len() >= 12, "{before:?}");
+    seed(&store, 2_000, 3).await.unwrap();
+    assert_eq!(index_names(&store).await, before);
+    let report = bench(
+        &store,
+        &BenchOptions {
+            lookups: 50,
+            concurrency: 2,
+            seed: 1,
+        },
+    )
+    .await
+    .unwrap();
+    for r in &report.results {
+        assert_eq!(r.found, r.lookups, "{}", r.name);
+    }
+    for p in &report.plans {
+        assert!(p.uses_index, "{}: {:?}", p.name, p.lines);
+    }
 }
 
 #[tokio::test]
@@ -504,45 +1044,38 @@ async fn seeds_and_reads_on_postgres() {
     let Some((store, _guard)) = pg_store().await else {
         return;
     };
+    let before = index_names(&store).await;
     let t = std::time::Instant::now();
     assert_eq!(seed(&store, 10_000, 5).await.unwrap(), 10_000);
     eprintln!("seeded 10,000 persons on PostgreSQL in {:?}", t.elapsed());
+    assert_eq!(index_names(&store).await, before);
     assert_eq!(count_persons(&store).await.unwrap(), 10_000);
     assert_eq!(seed(&store, 1_000, 5).await.unwrap(), 0);
     let reg = Registry::new(store.clone());
     let number = example_document(&store).await.unwrap().unwrap();
-    let (s, found) = call(
-        &reg,
-        Method::GET,
-        &format!("/persons?document={number}"),
-        None,
-    )
-    .await;
+    let (s, found) = get(&reg, &format!("/persons?document={number}")).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(found["results"][0]["id"], EXAMPLE_PERSON_ID);
-    let (s, person) = call(
-        &reg,
-        Method::GET,
-        &format!("/persons/{EXAMPLE_PERSON_ID}"),
-        None,
-    )
-    .await;
+    let (s, person) = get(&reg, &format!("/persons/{EXAMPLE_PERSON_ID}")).await;
     assert_eq!(s, StatusCode::OK);
     let generated =
         serde_json::to_value(synth::person(5, 1, time::OffsetDateTime::now_utc().date())).unwrap();
     assert_eq!(person, generated);
-    let ((s, c), _) = call_with(
-        &reg,
-        Method::POST,
-        "/crossings",
-        Some(
-            json!({"person_id": EXAMPLE_PERSON_ID, "direction": "exit", "point": "Larsi (Kazbegi)",
-                    "at": "2025-01-02T03:04:05Z", "document_number": number}),
-        ),
-        Some("pg-1"),
+    let report = bench(
+        &store,
+        &BenchOptions {
+            lookups: 50,
+            concurrency: 2,
+            seed: 1,
+        },
     )
-    .await;
-    assert_eq!(s, StatusCode::CREATED);
-    assert_eq!(c["point"], "Larsi (Kazbegi)");
+    .await
+    .unwrap();
+    for r in &report.results {
+        assert_eq!(r.found, r.lookups, "{}", r.name);
+    }
+    for p in &report.plans {
+        assert!(p.uses_index, "{}: {:?}", p.name, p.lines);
+    }
     store.close().await;
 }

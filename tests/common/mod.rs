@@ -210,6 +210,18 @@ impl Client {
         token: Option<&str>,
         body: Option<serde_json::Value>,
     ) -> Result<Reply, String> {
+        self.send_with(method, path, token, body, &[]).await
+    }
+
+    /// [`Client::send`] with extra request headers (e.g. `Idempotency-Key`).
+    pub async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, String> {
         let tcp = TcpStream::connect(self.addr)
             .await
             .map_err(|e| e.to_string())?;
@@ -228,6 +240,9 @@ impl Client {
             .header("host", "localhost");
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let body = match body {
             Some(v) => {
