@@ -153,7 +153,7 @@ async fn handshake_requires_a_certificate_from_the_agency_ca() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Neither attempt reached policy, so neither left an audit record.
-    assert_eq!(audit::count(&gw.running.store).await.unwrap(), 0);
+    assert_eq!(audit::count_requests(&gw.running.store).await.unwrap(), 0);
     gw.shutdown().await;
 }
 
@@ -344,7 +344,7 @@ async fn unwritable_audit_log_means_503_and_no_data() {
     assert_eq!(r.content_type(), "application/problem+json");
     let text = String::from_utf8_lossy(&r.body);
     assert!(!text.contains(PERSON) && !text.contains("names"), "{text}");
-    assert_eq!(audit::count(&store).await.unwrap(), 0);
+    assert_eq!(audit::count_requests(&store).await.unwrap(), 0);
 
     sqlx::raw_sql("DROP TRIGGER audit_block;")
         .execute(store.pool())
@@ -489,7 +489,7 @@ async fn the_same_path_works_on_postgresql() {
         .get(&person_path(PERSON), Some(&token))
         .await;
     assert_eq!(r2.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(audit::count(&gw.running.store).await.unwrap(), 2);
+    assert_eq!(audit::count_requests(&gw.running.store).await.unwrap(), 2);
     assert!(audit::verify(&gw.running.store, None)
         .await
         .unwrap()
