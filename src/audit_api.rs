@@ -135,9 +135,7 @@ impl ApiError {
     /// Reason code for the audit record.
     pub fn reason(&self) -> &'static str {
         match self {
-            ApiError::BadRequest(_) | ApiError::Audit(AuditError::InvalidFilter(_)) => {
-                "bad_query"
-            }
+            ApiError::BadRequest(_) | ApiError::Audit(AuditError::InvalidFilter(_)) => "bad_query",
             ApiError::NotFound => "unknown_route",
             ApiError::OutOfScope => "audit_scope",
             ApiError::Audit(_) => "audit_read_failed",

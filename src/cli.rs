@@ -732,9 +732,7 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
         // Exit codes a script can rely on: 0 intact, 1 tampered, 2 could not check.
         let outcome = match file {
             Some(file) => verify_file(file, checkpoints.as_ref(), pubkey.as_deref()),
-            None => {
-                verify_database(config, node.as_deref(), pubkey.as_deref(), *from).await
-            }
+            None => verify_database(config, node.as_deref(), pubkey.as_deref(), *from).await,
         };
         return Ok(match outcome {
             Ok(true) => ExitCode::SUCCESS,

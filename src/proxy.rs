@@ -917,7 +917,11 @@ fn header_safe(s: &str) -> String {
         .collect()
 }
 
-fn released_response(status: StatusCode, body: Bytes, content_type: &'static str) -> Response<Body> {
+fn released_response(
+    status: StatusCode,
+    body: Bytes,
+    content_type: &'static str,
+) -> Response<Body> {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();

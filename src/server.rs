@@ -610,7 +610,11 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     audit
         .append(crate::audit::event::event(
             crate::audit::event::NODE_START,
-            format!("node {} started, karibche {}", config.node, env!("CARGO_PKG_VERSION")),
+            format!(
+                "node {} started, karibche {}",
+                config.node,
+                env!("CARGO_PKG_VERSION")
+            ),
             policy.version(),
         ))
         .await?;

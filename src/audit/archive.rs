@@ -68,7 +68,12 @@ impl std::fmt::Display for ArchiveReport {
             writeln!(f, "node {node}: nothing archived: {why}")?;
         }
         if let (Some(file), Some(cps)) = (&self.file, &self.checkpoints_file) {
-            writeln!(f, "archive: {} (checkpoints: {})", file.display(), cps.display())?;
+            writeln!(
+                f,
+                "archive: {} (checkpoints: {})",
+                file.display(),
+                cps.display()
+            )?;
         }
         Ok(())
     }
@@ -294,9 +299,11 @@ async fn write_files(
             };
             for row in rows {
                 let (node, seq) = (row.place().0.to_owned(), row.place().1);
-                let record = row
-                    .into_record()
-                    .map_err(|reason| AuditError::Corrupt { node, seq, reason })?;
+                let record = row.into_record().map_err(|reason| AuditError::Corrupt {
+                    node,
+                    seq,
+                    reason,
+                })?;
                 let mut line = serde_json::to_vec(&record)?;
                 line.push(b'\n');
                 ctx.update(&line);

@@ -98,16 +98,15 @@ pub async fn verify_from(
     trusted: Option<&str>,
     from: Option<i64>,
 ) -> Result<VerifyReport, AuditError> {
-    let nodes: Vec<String> = match node {
-        Some(node) => vec![node.to_owned()],
-        None => {
-            sqlx::query_scalar(
+    let nodes: Vec<String> =
+        match node {
+            Some(node) => vec![node.to_owned()],
+            None => sqlx::query_scalar(
                 "SELECT node FROM audit_log UNION SELECT node FROM audit_archives ORDER BY node",
             )
             .fetch_all(store.pool())
-            .await?
-        }
-    };
+            .await?,
+        };
     let mut reports = Vec::with_capacity(nodes.len());
     for node in nodes {
         let (mut report, last) = verify_node(store, node, trusted, from).await?;
@@ -154,7 +153,11 @@ async fn verify_node(
     if let Some(cp) = &archived {
         if let Err(why) = cp.verify(trusted) {
             return Ok((
-                broken(0, cp.seq, format!("archive checkpoint at seq {}: {why}", cp.seq)),
+                broken(
+                    0,
+                    cp.seq,
+                    format!("archive checkpoint at seq {}: {why}", cp.seq),
+                ),
                 base_seq,
             ));
         }

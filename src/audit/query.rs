@@ -223,7 +223,14 @@ pub async fn count_requests(store: &Store) -> Result<i64, AuditError> {
 /// Writes records as an aligned table for people: one line each, newest last.
 pub fn write_table<W: Write>(records: &[Record], out: &mut W) -> std::io::Result<()> {
     const HEADER: [&str; 9] = [
-        "TIME (UTC)", "RECORD", "ID", "AGENCY", "OFFICER", "PURPOSE", "REQUEST", "SUBJECTS",
+        "TIME (UTC)",
+        "RECORD",
+        "ID",
+        "AGENCY",
+        "OFFICER",
+        "PURPOSE",
+        "REQUEST",
+        "SUBJECTS",
         "OUTCOME",
     ];
     let rows: Vec<[String; 9]> = records
@@ -257,7 +264,11 @@ pub fn write_table<W: Write>(records: &[Record], out: &mut W) -> std::io::Result
                 dash(&e.officer),
                 dash(&e.purpose),
                 request,
-                if subjects.is_empty() { "-".to_owned() } else { subjects },
+                if subjects.is_empty() {
+                    "-".to_owned()
+                } else {
+                    subjects
+                },
                 outcome,
             ]
         })
