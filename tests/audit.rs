@@ -162,7 +162,7 @@ async fn auditors_api(db: Db) {
     assert_eq!(read.entry.provider.as_deref(), Some("audit"));
     assert_eq!(read.entry.subjects, [PERSON]);
     assert_eq!(read.entry.response_digest, Some(sha256_hex(&r.body)));
-    assert_eq!(read.entry.legal_basis.is_some(), true);
+    assert!(read.entry.legal_basis.is_some());
 
     // JSON lines, with filters.
     let r = gw

@@ -87,6 +87,7 @@ fn repository_policies_load() {
             "mia-border",
             "mia-migration",
             "molhsa",
+            "pdps",
             "psda",
             "ssg"
         ]
@@ -452,7 +453,7 @@ fields = []
         "agencies/psda.toml:12:62: duplicate field path \"names.surname\"",
         "agencies/psda.toml:12:79: unknown field \"birth_place.colour\" for registry/persons (known: ",
         "agencies/psda.toml:14:15: valid_until 2026-01-01 is before valid_from 2026-12-01",
-        "agencies/psda.toml:17:12: unknown provider \"regsitry\" (known: registry)",
+        "agencies/psda.toml:17:12: unknown provider \"regsitry\" (known: audit, registry)",
         "agencies/psda.toml:25:11: unknown service \"people\" of provider \"registry\" (known: persons, crossings, visas)",
         "agencies/psda.toml:27:12: a grant needs at least one purpose",
         "agencies/typo.toml:12:1: unknown field `purpose`",
@@ -914,7 +915,8 @@ fn diff_says_what_each_agency_gains_and_loses() {
         "geostat (National Statistics Office of Georgia)\n  - when they read registry/persons for \"official-statistics\", no longer sees: crossings.direction, crossings.point",
         "  + to read registry/persons for \"national-security-investigation\", a case reference is no longer required",
         "  + may now write registry/crossings for \"expulsion-procedure\" and see: at, document_number, id, person_id, point, direction",
-        "psda (Public Service Development Agency, Ministry of Justice of Georgia): agency removed, loses all access\n  - may no longer read registry/persons for \"identity-documentation\"",
+        "psda (Public Service Development Agency, Ministry of Justice of Georgia): agency removed, loses all access\n",
+        "  - may no longer read registry/persons for \"identity-documentation\"",
     ] {
         assert!(text.contains(want.split(" and see:").next().unwrap()), "missing {want:?} in\n{text}");
     }
