@@ -243,6 +243,12 @@ pub struct FilterArgs {
     /// Records for this provider.
     #[arg(long)]
     pub provider: Option<String>,
+    /// Records for this service (of any provider, unless --provider is given too).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Records stating this purpose.
+    #[arg(long)]
+    pub purpose: Option<String>,
     /// allow or deny.
     #[arg(long)]
     pub decision: Option<String>,
@@ -270,12 +276,15 @@ impl FilterArgs {
             agency: self.agency.clone(),
             officer: self.officer.clone(),
             provider: self.provider.clone(),
+            service: self.service.clone(),
+            purpose: self.purpose.clone(),
             decision: self.decision.clone(),
             since: self.since.clone(),
             until: self.until.clone(),
             node: self.node.clone(),
             shadow_diff: self.shadow_diff,
             limit: self.limit,
+            hide_restricted_since: None,
         }
     }
 }
@@ -283,11 +292,14 @@ impl FilterArgs {
 /// `karibche audit …`
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Recompute every node's hash chain; exit 1 if any is broken.
+    /// Recompute every node's hash chain. Exit 0: intact; 1: tampered; 2: could not check.
     Verify {
         /// Only this node's chain.
         #[arg(long)]
         node: Option<String>,
+        /// Start at this sequence number (its prev_hash is taken as given).
+        #[arg(long, value_name = "SEQ", conflicts_with = "file")]
+        from: Option<i64>,
         /// Trusted audit public key (hex, as printed by `audit pubkey`): every checkpoint must carry its signature.
         #[arg(long, value_name = "HEX")]
         pubkey: Option<String>,
@@ -321,8 +333,24 @@ pub enum AuditCommand {
         #[arg(long, value_name = "URL")]
         scratch_url: Option<String>,
     },
-    /// List matching records, one line each.
-    Query(FilterArgs),
+    /// List matching records: a table for people, or JSON lines for tools.
+    Query {
+        /// Filters.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = QueryFormat::Table)]
+        format: QueryFormat,
+    },
+    /// Move records older than a time to an archive file (JSON lines + checkpoints) and out of the database.
+    Archive {
+        /// Archive every node's records before this time (RFC 3339).
+        #[arg(long, value_name = "RFC3339")]
+        before: String,
+        /// The archive file (created; FILE.checkpoints is written beside it).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Write matching records as JSON lines.
     Export {
         /// Filters.
@@ -335,6 +363,15 @@ pub enum AuditCommand {
         #[arg(long, value_name = "FILE")]
         checkpoints: Option<PathBuf>,
     },
+}
+
+/// Output of `audit query`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum QueryFormat {
+    /// Aligned columns, for people.
+    Table,
+    /// One JSON record per line (the export format), for tools.
+    Jsonl,
 }
 
 /// Output of `audit report`.
@@ -885,29 +922,45 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
         return Ok(ExitCode::SUCCESS);
     }
     if let AuditCommand::Verify {
-        file: Some(file),
+        file,
         checkpoints,
         pubkey,
-        ..
+        node,
+        from,
     } = cmd
     {
-        let open = |p: &PathBuf| {
-            std::fs::File::open(p)
-                .map(std::io::BufReader::new)
-                .with_context(|| format!("cannot read {}", p.display()))
+        // Exit codes a script can rely on: 0 intact, 1 tampered, 2 could not check.
+        let outcome = match file {
+            Some(file) => verify_file(file, checkpoints.as_ref(), pubkey.as_deref()),
+            None => verify_database(config, node.as_deref(), pubkey.as_deref(), *from).await,
         };
-        let cps = checkpoints.as_ref().map(open).transpose()?;
-        let report = crate::audit::offline::verify_export(open(file)?, cps, pubkey.as_deref())?;
-        print!("{report}");
-        return Ok(if report.intact() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
+        return Ok(match outcome {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(err) => {
+                eprintln!("karibche: could not verify the audit log: {err:#}");
+                ExitCode::from(2)
+            }
         });
     }
     let store = crate::store::Store::connect(&config.database_url()).await?;
     let code = match cmd {
-        AuditCommand::Bench { .. } => ExitCode::SUCCESS,
+        AuditCommand::Bench { .. } | AuditCommand::Verify { .. } => ExitCode::SUCCESS,
+        AuditCommand::Archive { before, out } => {
+            let path = config.audit_key_path();
+            let key = if path.exists() {
+                Some(crate::audit::AuditKey::load_or_create(&path)?)
+            } else {
+                None
+            };
+            let signer = key.as_ref().map(|k| (config.node.as_str(), k));
+            let report = crate::audit::archive::archive(&store, before, out, signer).await?;
+            print!("{report}");
+            if report.archived.is_empty() {
+                println!("nothing archived");
+            }
+            ExitCode::SUCCESS
+        }
         AuditCommand::Report { subject, format } => {
             // Names come from the policy in force; without it the report shows ids.
             let policy = Policy::load(&config.policies_dir).ok();
@@ -920,7 +973,13 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
                     }
                 }
             };
-            let report = crate::audit::report::subject_report(&store, subject, &name_of).await?;
+            let options = crate::audit::report::ReportOptions {
+                restricted_delay: config.audit.restricted_report_delay,
+                agency: None,
+            };
+            let report =
+                crate::audit::report::subject_report_with(&store, subject, &options, &name_of)
+                    .await?;
             match format {
                 ReportFormat::Text => print!("{report}"),
                 ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -939,50 +998,22 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
             println!("{}", key.public_hex());
             ExitCode::SUCCESS
         }
-        AuditCommand::Verify { node, pubkey, .. } => {
-            let report =
-                crate::audit::verify_with_key(&store, node.as_deref(), pubkey.as_deref()).await?;
-            print!("{report}");
-            if report.nodes.is_empty() {
-                println!("no audit records");
-            }
-            if report.intact() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        AuditCommand::Query(filter) => {
+        AuditCommand::Query { filter, format } => {
             let records = crate::audit::query(&store, &filter.to_filter()).await?;
-            let mut out = std::io::stdout().lock();
-            for r in &records {
-                let e = &r.entry;
-                writeln!(
-                    out,
-                    "{} {}#{} {} {} officer={} purpose={} {} {} subjects={} -> {} {}{}{}",
-                    e.ts,
-                    r.node,
-                    r.seq,
-                    e.id,
-                    e.agency.as_deref().unwrap_or("-"),
-                    e.officer.as_deref().unwrap_or("-"),
-                    e.purpose.as_deref().unwrap_or("-"),
-                    e.method,
-                    e.path,
-                    e.subjects.join(","),
-                    e.decision,
-                    e.status,
-                    e.reason
-                        .as_deref()
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default(),
-                    e.shadow_decision
-                        .as_deref()
-                        .map(|d| format!(" shadow={d}"))
-                        .unwrap_or_default()
-                )?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            match format {
+                QueryFormat::Table => {
+                    crate::audit::query::write_table(&records, &mut out)?;
+                    writeln!(out, "{} record(s)", records.len())?;
+                }
+                QueryFormat::Jsonl => {
+                    for r in &records {
+                        serde_json::to_writer(&mut out, r)?;
+                        writeln!(out)?;
+                    }
+                }
             }
-            writeln!(out, "{} record(s)", records.len())?;
+            out.flush()?;
             ExitCode::SUCCESS
         }
         AuditCommand::Export {
@@ -1024,6 +1055,41 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
     };
     store.close().await;
     Ok(code)
+}
+
+/// `audit verify --file`: an export or archive, offline. `Ok(intact)`, or why it could not be checked.
+fn verify_file(
+    file: &std::path::Path,
+    checkpoints: Option<&PathBuf>,
+    pubkey: Option<&str>,
+) -> anyhow::Result<bool> {
+    let open = |p: &std::path::Path| {
+        std::fs::File::open(p)
+            .map(std::io::BufReader::new)
+            .with_context(|| format!("cannot read {}", p.display()))
+    };
+    let cps = checkpoints.map(|p| open(p)).transpose()?;
+    let report = crate::audit::offline::verify_export(open(file)?, cps, pubkey)?;
+    print!("{report}");
+    Ok(report.intact())
+}
+
+/// `audit verify` against the database. `Ok(intact)`, or why it could not be checked.
+async fn verify_database(
+    config: &Config,
+    node: Option<&str>,
+    pubkey: Option<&str>,
+    from: Option<i64>,
+) -> anyhow::Result<bool> {
+    let store = crate::store::Store::connect(&config.database_url()).await?;
+    let report = crate::audit::verify_from(&store, node, pubkey, from).await;
+    store.close().await;
+    let report = report?;
+    print!("{report}");
+    if report.nodes.is_empty() {
+        println!("no audit records");
+    }
+    Ok(report.intact())
 }
 
 /// Prints one line per certificate and CRL: days left, label, subject, file.

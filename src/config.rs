@@ -182,6 +182,9 @@ pub struct AuditSettings {
     pub checkpoint_interval: Duration,
     /// The node's Ed25519 audit key (created if missing). Default `keys/audit-<node>.key` under `data_dir`.
     pub key: Option<PathBuf>,
+    /// How long accesses under `restricted` grants stay out of the data subject's report. Default 365 days.
+    #[serde(with = "humantime_serde_compat")]
+    pub restricted_report_delay: Duration,
 }
 
 /// Rate limits and overload bounds.
@@ -314,6 +317,7 @@ impl Default for AuditSettings {
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(60),
             key: None,
+            restricted_report_delay: crate::audit::DEFAULT_RESTRICTED_REPORT_DELAY,
         }
     }
 }

@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 
 use crate::admin::Metrics;
+use crate::audit::event::{self, EventLog};
 use crate::config::Config;
 use crate::policy::Policy;
 use crate::server::Shutdown;
@@ -151,7 +152,7 @@ where
     })
 }
 
-/// Keeps the gateway's server TLS configuration in step with its files.
+/// Keeps the gateway's server TLS configuration in step with its files; each reload is an audit event.
 pub fn spawn_tls_reloader(
     files: GatewayTlsFiles,
     target: Arc<ArcSwap<ServerConfig>>,
@@ -159,6 +160,7 @@ pub fn spawn_tls_reloader(
     config: Arc<Config>,
     interval: Duration,
     shutdown: Shutdown,
+    events: EventLog,
 ) -> tokio::task::JoinHandle<()> {
     let watched = files.watched();
     spawn_watch(
@@ -168,6 +170,13 @@ pub fn spawn_tls_reloader(
         move || watched.clone(),
         move || match files.build() {
             Ok(new) => {
+                // Recorded before the swap, so every handshake decided by the
+                // new CRLs comes after its event in the log; a failure to
+                // record does not hold back a revocation.
+                events.record_blocking(
+                    event::TLS_RELOAD,
+                    event::files_detail("gateway TLS (certificate, CAs, CRLs)", &files.watched()),
+                );
                 target.store(Arc::new(new));
                 metrics.set_certificates(crate::pki::expiry_gauges(&config));
                 tracing::info!("TLS configuration reloaded (certificates, CAs, CRLs)");
@@ -179,7 +188,8 @@ pub fn spawn_tls_reloader(
     )
 }
 
-/// Keeps the agencies' token keys in step with the keys directory (agencies as the policy names them now).
+/// Keeps the agencies' token keys in step with the keys directory (agencies as the policy names them now);
+/// each reload is an audit event.
 pub fn spawn_key_reloader(
     keys_dir: PathBuf,
     policy: Arc<ArcSwap<Policy>>,
@@ -187,6 +197,7 @@ pub fn spawn_key_reloader(
     target: Arc<ArcSwap<KeyStore>>,
     interval: Duration,
     shutdown: Shutdown,
+    events: EventLog,
 ) -> tokio::task::JoinHandle<()> {
     let agencies = {
         let policy = policy.clone();
@@ -201,11 +212,16 @@ pub fn spawn_key_reloader(
                 .collect()
         }
     };
+    let files = paths.clone();
     spawn_watch("token keys", interval, shutdown, paths, move || {
         let names = agencies();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         match KeyStore::load(&keys_dir, &names, options.clone()) {
             Ok(ks) => {
+                events.record_blocking(
+                    event::KEYS_RELOAD,
+                    event::files_detail("agency token keys", &files()),
+                );
                 tracing::info!(keys = ?ks.key_counts(), "agency token keys reloaded");
                 target.store(Arc::new(ks));
             }

@@ -8,7 +8,8 @@
 //! 2. knows which **officer** asks and **why**, from a JWT signed by the agency ([`token`]);
 //! 3. decides from the **policy files** administrators edit ([`policy`]);
 //! 4. forwards to the **provider** and releases only the granted fields ([`proxy`], [`minimise`]);
-//! 5. commits a tamper-evident **audit record** before any data leaves ([`audit`]).
+//! 5. commits a tamper-evident **audit record** before any data leaves ([`audit`]);
+//!    auditors read the log over the gateway itself ([`audit_api`]).
 //!
 //! The built-in register of foreigners ([`registry`]) is a provider like any
 //! other, on its own TLS listener. [`admin`] serves health and metrics;
@@ -20,6 +21,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod audit_api;
 pub mod breaker;
 pub mod cli;
 pub mod config;

@@ -160,6 +160,7 @@ struct Caller<'a> {
 struct Released {
     status: StatusCode,
     body: Bytes,
+    content_type: &'static str,
 }
 
 /// `/v1/{provider}/{service}/{rest}` split up.
@@ -194,7 +195,7 @@ impl Gateway {
         let (status, response) = match outcome {
             Ok(released) => {
                 entry.decision = "allow".to_owned();
-                (released.status, Ok(released.body))
+                (released.status, Ok((released.body, released.content_type)))
             }
             Err(refusal) => {
                 if !refusal.denied {
@@ -227,7 +228,7 @@ impl Gateway {
         };
         let resp = match recorded {
             Ok(()) => match response {
-                Ok(body) => released_response(status, body),
+                Ok((body, content_type)) => released_response(status, body, content_type),
                 Err(refusal) => {
                     let mut resp = refusal.problem().with_request_id(id.clone()).to_response();
                     if refusal.challenge {
@@ -301,8 +302,11 @@ impl Gateway {
         })?;
         entry.operation = Some(operation.as_str().to_owned());
         entry.shadow_decision = shadow_decision(policy, agency, &route, operation, &officer);
+        // Set before deciding: a refused request under a restricted grant reveals as much as an allowed one.
+        entry.restricted = restricted_service(policy, agency, &route);
         let allow = decide(policy, agency, &route, operation, &officer)?;
         entry.legal_basis = Some(allow.legal_basis.to_string());
+        entry.restricted |= allow.restricted;
         // limit: the officer's, the grant's and the agency's quota (src/limits.rs).
         self.rate
             .check(agency, &officer.id, route.provider, route.service)
@@ -325,6 +329,35 @@ impl Gateway {
         entry.consent_ref = self
             .consent(&allow, agency, &officer.purpose, &route, subject.as_deref())
             .await?;
+        if crate::audit_api::is_builtin(policy, route.provider) {
+            // The auditors' API: answered from the log itself, not forwarded.
+            let ask = crate::audit_api::Ask {
+                service: route.service,
+                rest: route.rest,
+                query: parts.uri.query(),
+            };
+            let asker = crate::audit_api::Asker {
+                agency,
+                purpose: &officer.purpose,
+            };
+            let served = crate::audit_api::serve(
+                &self.audit,
+                policy,
+                asker,
+                ask,
+                &parts.headers,
+                &allow.fields,
+                entry,
+            )
+            .await
+            .map_err(audit_api_refusal)?;
+            entry.response_digest = Some(crate::audit_api::digest(&served.body));
+            return Ok(Released {
+                status: served.status,
+                body: served.body,
+                content_type: served.content_type,
+            });
+        }
         let (status, body, content_type) = self
             .forward(
                 &base,
@@ -420,6 +453,8 @@ impl Gateway {
             .ok_or_else(not_found)?;
         let base = match &provider.upstream {
             Upstream::Url(url) => url.trim_end_matches('/').to_owned(),
+            // Served in-process by the pipeline (src/audit_api.rs).
+            Upstream::Builtin(name) if name == crate::audit_api::BUILTIN => String::new(),
             Upstream::Builtin(name) => self
                 .builtin
                 .iter()
@@ -570,6 +605,16 @@ impl Gateway {
     }
 }
 
+/// The auditors' API refused or failed a request.
+fn audit_api_refusal(e: crate::audit_api::ApiError) -> Refusal {
+    let base = Refusal::deny(e.status(), e.slug(), e.title(), e.reason(), "");
+    Refusal {
+        detail: Cow::Owned(e.detail()),
+        denied: e.denied(),
+        ..base
+    }
+}
+
 /// limit: a quota is used up → 429 with `Retry-After` and the `RateLimit` headers.
 fn rate_limited(e: Exceeded) -> Refusal {
     Refusal {
@@ -698,6 +743,16 @@ fn shadow_decision(
             Decision::Allow(_) => "allow".to_owned(),
             Decision::Deny(_) => "deny".to_owned(),
         })
+}
+
+/// Whether any of the agency's grants for the service is marked `restricted` (kept out of subjects' reports for a while).
+fn restricted_service(policy: &Policy, agency: &str, route: &Route<'_>) -> bool {
+    policy.agency(agency).is_some_and(|a| {
+        policy
+            .grants_for(agency, route.provider, route.service)
+            .iter()
+            .any(|&i| a.grants.get(i).is_some_and(|g| g.restricted))
+    })
 }
 
 fn denied(reason: DenyReason) -> Refusal {
@@ -1067,9 +1122,11 @@ fn minimise(
             "the server could not complete the request",
         )
     })?;
+    entry.response_digest = Some(crate::audit_api::digest(&body));
     Ok(Released {
         status,
         body: Bytes::from(body),
+        content_type: "application/json",
     })
 }
 
@@ -1173,14 +1230,15 @@ fn header_safe(s: &str) -> String {
         .collect()
 }
 
-fn released_response(status: StatusCode, body: Bytes) -> Response<Body> {
+fn released_response(
+    status: StatusCode,
+    body: Bytes,
+    content_type: &'static str,
+) -> Response<Body> {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }

@@ -544,6 +544,14 @@ impl Running {
         for t in self.rest_tasks {
             let _ = t.await;
         }
+        let stop = crate::audit::event::event(
+            crate::audit::event::NODE_STOP,
+            "node stopped: no more requests are served".to_owned(),
+            self.gateway.policy.load().version(),
+        );
+        if let Err(err) = self.gateway.audit.append(stop).await {
+            tracing::error!(%err, "node-stop event not recorded");
+        }
         self.gateway.audit.close();
         drop(self.gateway);
         self.audit_writer.finish().await;
@@ -596,7 +604,20 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         every: config.audit.checkpoint_every,
         interval: config.audit.checkpoint_interval,
     });
+    audit_config.restricted_report_delay = config.audit.restricted_report_delay;
     let (audit, audit_writer) = AuditLog::start(store.clone(), audit_config).await?;
+    // A node that cannot record its own start must not serve (fail closed).
+    audit
+        .append(crate::audit::event::event(
+            crate::audit::event::NODE_START,
+            format!(
+                "node {} started, karibche {}",
+                config.node,
+                env!("CARGO_PKG_VERSION")
+            ),
+            policy.version(),
+        ))
+        .await?;
 
     let tls = load_tls(&config)?;
     let names: Vec<&str> = agencies.iter().map(String::as_str).collect();
@@ -655,6 +676,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         config.clone(),
         config.tls.reload_interval,
         rest_rx.clone(),
+        crate::audit::event::EventLog::new(audit.clone(), policy.clone()),
     ));
     rest_tasks.push(crate::credentials::spawn_key_reloader(
         keys_dir,
@@ -663,6 +685,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         keys.clone(),
         config.tls.reload_interval,
         rest_rx.clone(),
+        crate::audit::event::EventLog::new(audit.clone(), policy.clone()),
     ));
     let mut builtin = Vec::new();
     let registry_addr = match listeners.registry {

@@ -343,7 +343,7 @@ async fn a_revoked_certificate_is_refused_within_seconds() {
     // The same client object: its session tickets from before must not resume past the revocation.
     let took = until_refused(&psda, &token, Duration::from_secs(10)).await;
     eprintln!("revoked certificate refused {took:?} after `certs revoke`");
-    let records_before = audit::count(&gw.running.store).await.unwrap();
+    let records_before = audit::count_requests(&gw.running.store).await.unwrap();
     // Stays refused, and a fresh client fares no better.
     assert!(gw
         .client("psda")
@@ -361,7 +361,7 @@ async fn a_revoked_certificate_is_refused_within_seconds() {
     );
     // Handshake refusals never reach HTTP: the log grew by the Border Police's request only.
     assert_eq!(
-        audit::count(&gw.running.store).await.unwrap(),
+        audit::count_requests(&gw.running.store).await.unwrap(),
         records_before + 1
     );
     gw.shutdown().await;
@@ -400,7 +400,7 @@ async fn expired_and_foreign_certificates_fail_the_handshake() {
         .is_err());
 
     handshake_failures_reach(&gw, 2).await;
-    assert_eq!(audit::count(&gw.running.store).await.unwrap(), 0);
+    assert_eq!(audit::count_requests(&gw.running.store).await.unwrap(), 0);
     gw.shutdown().await;
 }
 

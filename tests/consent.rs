@@ -155,7 +155,7 @@ async fn consent_lifecycle(gw: TestGateway) {
     let paths: Vec<String> = entries(&gw)
         .await
         .into_iter()
-        .filter(|e| e.method == "EVENT")
+        .filter(|e| e.method == "EVENT" && e.path.starts_with("consent-"))
         .map(|e| e.path)
         .collect();
     assert_eq!(paths, ["consent-grant", "consent-revoke"]);

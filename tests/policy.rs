@@ -277,7 +277,7 @@ async fn a_broken_edit_is_refused_and_the_old_policy_keeps_working() {
     assert!(all_records(&gw)
         .await
         .iter()
-        .all(|r| r.entry.method != "EVENT"));
+        .all(|r| r.entry.path != "policy-reload"));
 
     // Fixing the files brings the same version back: nothing to swap.
     replace_file(policies.path(), BORDER, &good);

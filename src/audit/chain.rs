@@ -34,6 +34,8 @@ pub struct NodeReport {
     pub broken_at: Option<(i64, String)>,
     /// Signed checkpoints checked against the chain.
     pub checkpoints: usize,
+    /// The first sequence number verified (1 unless `--from` or archived records moved the start).
+    pub first_seq: i64,
 }
 
 impl VerifyReport {
@@ -56,11 +58,11 @@ impl fmt::Display for NodeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.broken_at {
             None => {
-                write!(
-                    f,
-                    "node {}: {} records, chain intact",
-                    self.node, self.records
-                )?;
+                write!(f, "node {}: {} records", self.node, self.records)?;
+                if self.first_seq > 1 {
+                    write!(f, " from seq {}", self.first_seq)?;
+                }
+                write!(f, ", chain intact")?;
                 if self.checkpoints > 0 {
                     write!(f, ", {} signed checkpoint(s) verified", self.checkpoints)?;
                 }
@@ -83,37 +85,83 @@ pub async fn verify_with_key(
     node: Option<&str>,
     trusted: Option<&str>,
 ) -> Result<VerifyReport, AuditError> {
-    let nodes: Vec<String> = match node {
-        Some(node) => vec![node.to_owned()],
-        None => {
-            sqlx::query_scalar("SELECT DISTINCT node FROM audit_log ORDER BY node")
-                .fetch_all(store.pool())
-                .await?
-        }
-    };
+    verify_from(store, node, trusted, None).await
+}
+
+/// [`verify_with_key`] from sequence number `from` on (`audit verify --from`):
+/// the `prev_hash` of the record at `from` is taken as given, and checkpoints
+/// below it are not checked. Without `from`, a chain whose oldest records
+/// were archived is verified from the archive's signed checkpoint on.
+pub async fn verify_from(
+    store: &Store,
+    node: Option<&str>,
+    trusted: Option<&str>,
+    from: Option<i64>,
+) -> Result<VerifyReport, AuditError> {
+    let nodes: Vec<String> =
+        match node {
+            Some(node) => vec![node.to_owned()],
+            None => sqlx::query_scalar(
+                "SELECT node FROM audit_log UNION SELECT node FROM audit_archives ORDER BY node",
+            )
+            .fetch_all(store.pool())
+            .await?,
+        };
     let mut reports = Vec::with_capacity(nodes.len());
     for node in nodes {
-        let mut report = verify_node(store, node).await?;
+        let (mut report, last) = verify_node(store, node, trusted, from).await?;
         if report.broken_at.is_none() {
-            check_checkpoints(store, &mut report, trusted).await?;
+            check_checkpoints(store, &mut report, last, trusted).await?;
         }
         reports.push(report);
     }
     Ok(VerifyReport { nodes: reports })
 }
 
-async fn verify_node(store: &Store, node: String) -> Result<NodeReport, AuditError> {
+/// Verifies one chain; returns the report and the last sequence number read.
+async fn verify_node(
+    store: &Store,
+    node: String,
+    trusted: Option<&str>,
+    from: Option<i64>,
+) -> Result<(NodeReport, i64), AuditError> {
+    // Records moved to an archive: the chain goes on from its signed checkpoint.
+    let archived = super::archive::latest(store, &node).await?;
+    let (base_seq, base_hash) = match &archived {
+        Some(cp) => (cp.seq, cp.hash.clone()),
+        None => (0, GENESIS_HASH.to_owned()),
+    };
+    let (mut expected_seq, mut prev_hash) = match from {
+        Some(f) if f > base_seq + 1 => (f, None),
+        _ => (base_seq + 1, Some(base_hash)),
+    };
+    let first_seq = expected_seq;
     let mut records = 0_i64;
-    let mut expected_seq = 1_i64;
-    // Read from the very bottom, so rows below seq 1 are seen (and refused) too.
-    let mut after = i64::MIN;
-    let mut prev_hash = GENESIS_HASH.to_owned();
+    // Without --from, read from the very bottom, so rows below the start are seen (and refused) too.
+    let mut after = if from.is_some() {
+        expected_seq - 1
+    } else {
+        i64::MIN
+    };
     let broken = |records, seq, reason: String| NodeReport {
         node: node.clone(),
         records,
         broken_at: Some((seq, reason)),
         checkpoints: 0,
+        first_seq,
     };
+    if let Some(cp) = &archived {
+        if let Err(why) = cp.verify(trusted) {
+            return Ok((
+                broken(
+                    0,
+                    cp.seq,
+                    format!("archive checkpoint at seq {}: {why}", cp.seq),
+                ),
+                base_seq,
+            ));
+        }
+    }
     loop {
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT * FROM audit_log WHERE node = $1 AND seq > $2 ORDER BY seq LIMIT $3",
@@ -142,35 +190,43 @@ async fn verify_node(store: &Store, node: String) -> Result<NodeReport, AuditErr
         for row in rows {
             let seq = row.place().1;
             if seq < expected_seq {
-                return Ok(broken(
-                    records,
-                    seq,
-                    format!("unexpected seq {seq} (chains start at 1)"),
-                ));
+                let why = if archived.as_ref().is_some_and(|cp| seq <= cp.seq) {
+                    format!("unexpected seq {seq}: records up to {base_seq} were archived")
+                } else {
+                    format!("unexpected seq {seq} (chains start at 1)")
+                };
+                return Ok((broken(records, seq, why), expected_seq - 1));
             }
             if seq > expected_seq {
-                return Ok(broken(
-                    records,
-                    expected_seq,
-                    format!("record {expected_seq} is missing (next is {seq})"),
-                ));
+                let why = if records == 0 && archived.is_some() && from.is_none() {
+                    format!(
+                        "record {expected_seq} is missing (next is {seq}; the archive ends at {base_seq})"
+                    )
+                } else {
+                    format!("record {expected_seq} is missing (next is {seq})")
+                };
+                return Ok((broken(records, expected_seq, why), expected_seq - 1));
             }
             let record = match row.into_record() {
                 Ok(r) => r,
-                Err(reason) => return Ok(broken(records, seq, reason)),
+                Err(reason) => return Ok((broken(records, seq, reason), expected_seq - 1)),
             };
-            if record.prev_hash != prev_hash {
-                return Ok(broken(
-                    records,
-                    seq,
-                    "prev_hash does not match the previous record".into(),
-                ));
+            if prev_hash.as_ref().is_some_and(|p| *p != record.prev_hash) {
+                let why = if records == 0 && archived.is_some() {
+                    "prev_hash does not match the archived checkpoint"
+                } else {
+                    "prev_hash does not match the previous record"
+                };
+                return Ok((broken(records, seq, why.into()), expected_seq - 1));
             }
             if record.expected_hash()? != record.hash {
-                return Ok(broken(
-                    records,
-                    seq,
-                    "hash does not match the record's content".into(),
+                return Ok((
+                    broken(
+                        records,
+                        seq,
+                        "hash does not match the record's content".into(),
+                    ),
+                    expected_seq - 1,
                 ));
             }
             let mut indexed = Vec::new();
@@ -182,21 +238,27 @@ async fn verify_node(store: &Store, node: String) -> Result<NodeReport, AuditErr
                 .map(String::as_str)
                 .ne(distinct(&record.entry.subjects))
             {
-                return Ok(broken(
-                    records,
-                    seq,
-                    "subject index does not match the record".into(),
+                return Ok((
+                    broken(
+                        records,
+                        seq,
+                        "subject index does not match the record".into(),
+                    ),
+                    expected_seq - 1,
                 ));
             }
             records += 1;
             expected_seq += 1;
-            prev_hash = record.hash;
+            prev_hash = Some(record.hash);
         }
         if let Some((seq, _)) = index.next() {
-            return Ok(broken(
-                records,
-                seq,
-                "subject index lists a record that does not exist".into(),
+            return Ok((
+                broken(
+                    records,
+                    seq,
+                    "subject index lists a record that does not exist".into(),
+                ),
+                expected_seq - 1,
             ));
         }
         after = last;
@@ -204,46 +266,61 @@ async fn verify_node(store: &Store, node: String) -> Result<NodeReport, AuditErr
             break;
         }
     }
+    let last_seq = expected_seq - 1;
     // Index rows outside the chain would put phantom accesses in a subject's report.
+    let below = if from.is_some() { i64::MIN } else { first_seq };
     let stray: Option<i64> = sqlx::query_scalar(
-        "SELECT MIN(seq) FROM audit_subjects WHERE node = $1 AND (seq < 1 OR seq > $2)",
+        "SELECT MIN(seq) FROM audit_subjects WHERE node = $1 AND (seq < $2 OR seq > $3)",
     )
     .bind(node.as_str())
-    .bind(records)
+    .bind(below)
+    .bind(last_seq)
     .fetch_one(store.pool())
     .await?;
     if let Some(seq) = stray {
-        return Ok(broken(
-            records,
-            seq,
-            "subject index lists a record that does not exist".into(),
+        return Ok((
+            broken(
+                records,
+                seq,
+                "subject index lists a record that does not exist".into(),
+            ),
+            last_seq,
         ));
     }
-    Ok(NodeReport {
-        node: node.clone(),
-        records,
-        broken_at: None,
-        checkpoints: 0,
-    })
+    Ok((
+        NodeReport {
+            node: node.clone(),
+            records,
+            broken_at: None,
+            checkpoints: 0,
+            first_seq,
+        },
+        last_seq,
+    ))
 }
 
-/// Every checkpoint must verify and name a record still in the (intact) chain.
+/// Every checkpoint at or after the first verified record must verify and
+/// name a record still in the (intact) chain, which ends at `last_seq`.
 async fn check_checkpoints(
     store: &Store,
     report: &mut NodeReport,
+    last_seq: i64,
     trusted: Option<&str>,
 ) -> Result<(), AuditError> {
     for cp in super::checkpoint::list(store, &report.node).await? {
+        if cp.seq < report.first_seq {
+            continue;
+        }
         if let Err(why) = cp.verify(trusted) {
             report.broken_at = Some((cp.seq, format!("checkpoint at seq {}: {why}", cp.seq)));
             return Ok(());
         }
-        if cp.seq > report.records {
+        if cp.seq > last_seq {
             report.broken_at = Some((
-                report.records + 1,
+                last_seq + 1,
                 format!(
-                    "records removed from the end: the chain ends at seq {} but a signed checkpoint covers seq {}",
-                    report.records, cp.seq
+                    "records removed from the end: the chain ends at seq {last_seq} but a signed checkpoint covers seq {}",
+                    cp.seq
                 ),
             ));
             return Ok(());

@@ -4,11 +4,15 @@
 //! Each gateway node extends its own hash chain ([`record`]), so replicas never
 //! contend for one chain head. One writer task per node commits queued entries
 //! in groups ([`writer`]); [`chain`] verifies the stored chains and [`query`]
-//! reads them back for auditors, data subjects and export.
+//! reads them back for auditors, data subjects and export. [`event`] records
+//! what happens to the node itself; [`archive`] moves old records out while
+//! keeping the chain verifiable.
 
+pub mod archive;
 pub mod bench;
 pub mod chain;
 pub mod checkpoint;
+pub mod event;
 pub mod offline;
 pub mod query;
 pub mod record;
@@ -20,11 +24,14 @@ mod tests;
 
 use http::StatusCode;
 
-pub use chain::{verify, verify_with_key, NodeReport, VerifyReport};
+pub use chain::{verify, verify_from, verify_with_key, NodeReport, VerifyReport};
 pub use checkpoint::{AuditKey, Checkpoint};
-pub use query::{count, export, query, Filter};
+pub use query::{count, count_requests, export, query, Filter};
 pub use record::{canonical_json, chain_hash, format_ts, now_ts, Entry, Record, GENESIS_HASH};
-pub use writer::{AuditConfig, AuditLog, AuditStats, AuditWriter, CheckpointPolicy, Committed};
+pub use writer::{
+    AuditConfig, AuditLog, AuditStats, AuditWriter, CheckpointPolicy, Committed,
+    DEFAULT_RESTRICTED_REPORT_DELAY,
+};
 
 use crate::problem::Problem;
 
@@ -64,6 +71,9 @@ pub enum AuditError {
     /// Serialising a record failed.
     #[error("audit record serialisation failed: {0}")]
     Json(#[from] serde_json::Error),
+    /// `audit archive` refused to move records (the chain does not verify).
+    #[error("refusing to archive: {0}")]
+    ArchiveRefused(String),
     /// Writing an export failed.
     #[error("writing the audit export failed: {0}")]
     Io(#[from] std::io::Error),

@@ -61,6 +61,7 @@ fn verify_chain(
         records: 0,
         broken_at: None,
         checkpoints: 0,
+        first_seq: chain.first().map_or(1, |r| r.seq),
     };
     let Some(first) = chain.first() else {
         return Ok(report);

@@ -25,6 +25,10 @@ pub struct Filter {
     pub officer: Option<String>,
     /// Requests to this provider.
     pub provider: Option<String>,
+    /// Requests to this service (of any provider, unless `provider` is set too).
+    pub service: Option<String>,
+    /// Requests stating this purpose.
+    pub purpose: Option<String>,
     /// `"allow"` or `"deny"`.
     pub decision: Option<String>,
     /// Requests at or after this time (RFC 3339).
@@ -37,12 +41,16 @@ pub struct Filter {
     pub shadow_diff: bool,
     /// At most this many records.
     pub limit: Option<i64>,
+    /// Leave out records of restricted grants at or after this time (RFC 3339):
+    /// the data subject's report sets it to now minus the report delay.
+    pub hide_restricted_since: Option<String>,
 }
 
 /// Placeholders shared by both query forms: $1 subject, $2 agency, $3 officer,
 /// $4 provider, $5 decision, $6 since, $7 until, $8 node, then the keyset
 /// cursor after (ts, node, seq) = ($9, $10, $11), $12 the limit, and $13 set
-/// (non-NULL) for records whose shadow decision differs from the enforced one.
+/// (non-NULL) for records whose shadow decision differs from the enforced one,
+/// $14 purpose, $15 service, $16 hides restricted records at or after that time.
 macro_rules! filter_clauses {
     () => {
         " ($2 IS NULL OR l.agency = $2) \
@@ -54,6 +62,9 @@ macro_rules! filter_clauses {
           AND ($8 IS NULL OR l.node = $8) \
           AND ($9 IS NULL OR l.ts > $9 OR (l.ts = $9 AND (l.node > $10 OR (l.node = $10 AND l.seq > $11)))) \
           AND ($13 IS NULL OR (l.shadow_decision IS NOT NULL AND l.shadow_decision <> l.decision)) \
+          AND ($14 IS NULL OR l.purpose = $14) \
+          AND ($15 IS NULL OR l.service = $15) \
+          AND ($16 IS NULL OR l.restricted = 0 OR l.ts < $16) \
           ORDER BY l.ts, l.node, l.seq LIMIT $12"
     };
 }
@@ -75,6 +86,7 @@ struct Bound<'a> {
     filter: &'a Filter,
     since: Option<String>,
     until: Option<String>,
+    hide_restricted_since: Option<String>,
 }
 
 impl<'a> Bound<'a> {
@@ -92,6 +104,7 @@ impl<'a> Bound<'a> {
             filter,
             since: ts("since", &filter.since)?,
             until: ts("until", &filter.until)?,
+            hide_restricted_since: ts("hide_restricted_since", &filter.hide_restricted_since)?,
         })
     }
 
@@ -122,6 +135,9 @@ impl<'a> Bound<'a> {
             .bind(after.map(|a| a.2))
             .bind(limit.max(0))
             .bind(f.shadow_diff.then_some(1_i64))
+            .bind(f.purpose.as_deref())
+            .bind(f.service.as_deref())
+            .bind(self.hide_restricted_since.as_deref())
             .fetch_all(store.pool())
             .await?;
         rows.into_iter()
@@ -193,4 +209,92 @@ pub async fn count(store: &Store) -> Result<i64, AuditError> {
     Ok(sqlx::query_scalar("SELECT COUNT(*) FROM audit_log")
         .fetch_one(store.pool())
         .await?)
+}
+
+/// How many records of requests the log holds, over all nodes (events such as `node-start` left out).
+pub async fn count_requests(store: &Store) -> Result<i64, AuditError> {
+    Ok(
+        sqlx::query_scalar("SELECT COUNT(*) FROM audit_log WHERE method <> 'EVENT'")
+            .fetch_one(store.pool())
+            .await?,
+    )
+}
+
+/// Writes records as an aligned table for people: one line each, newest last.
+pub fn write_table<W: Write>(records: &[Record], out: &mut W) -> std::io::Result<()> {
+    const HEADER: [&str; 9] = [
+        "TIME (UTC)",
+        "RECORD",
+        "ID",
+        "AGENCY",
+        "OFFICER",
+        "PURPOSE",
+        "REQUEST",
+        "SUBJECTS",
+        "OUTCOME",
+    ];
+    let rows: Vec<[String; 9]> = records
+        .iter()
+        .map(|r| {
+            let e = &r.entry;
+            let request = match (&e.provider, &e.service) {
+                (Some(p), Some(s)) => format!("{} {p}/{s}", e.method),
+                _ => format!("{} {}", e.method, e.path),
+            };
+            let mut outcome = format!("{} {}", e.decision, e.status);
+            if let Some(reason) = &e.reason {
+                outcome.push_str(&format!(" ({reason})"));
+            }
+            if let Some(shadow) = &e.shadow_decision {
+                outcome.push_str(&format!(" shadow={shadow}"));
+            }
+            if e.restricted {
+                outcome.push_str(" restricted");
+            }
+            let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+            let mut subjects = e.subjects.join(",");
+            if subjects.chars().count() > 40 {
+                subjects = subjects.chars().take(39).collect::<String>() + "…";
+            }
+            [
+                e.ts.get(..19).unwrap_or(&e.ts).replace('T', " "),
+                format!("{}#{}", r.node, r.seq),
+                e.id.clone(),
+                dash(&e.agency),
+                dash(&e.officer),
+                dash(&e.purpose),
+                request,
+                if subjects.is_empty() {
+                    "-".to_owned()
+                } else {
+                    subjects
+                },
+                outcome,
+            ]
+        })
+        .collect();
+    let mut widths = HEADER.map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[&str], out: &mut W| -> std::io::Result<()> {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                let pad = w.saturating_sub(cell.chars().count());
+                text.push_str(cell);
+                text.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        writeln!(out, "{}", text.trim_end())
+    };
+    line(&HEADER, out)?;
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str), out)?;
+    }
+    Ok(())
 }

@@ -64,6 +64,13 @@ pub struct Entry {
     /// `None` when no shadow grant applies to the request.
     #[serde(default)]
     pub shadow_decision: Option<String>,
+    /// Hex SHA-256 of the response body exactly as released; `None` when nothing was released.
+    #[serde(default)]
+    pub response_digest: Option<String>,
+    /// Whether a grant marked `restricted` allowed the request (kept out of the
+    /// data subject's report until `audit.restricted_report_delay` has passed).
+    #[serde(default)]
+    pub restricted: bool,
 }
 
 /// A committed record: the entry plus its place in the node's hash chain.
@@ -138,7 +145,16 @@ struct Canonical<'a> {
     // Left out when absent, so records written before shadow mode keep their hashes.
     #[serde(skip_serializing_if = "Option::is_none")]
     shadow_decision: Option<&'a str>,
+    // Likewise for records written before response digests and restricted grants.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_digest: Option<&'a str>,
+    #[serde(skip_serializing_if = "is_false")]
+    restricted: bool,
     prev_hash: &'a str,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The canonical JSON of a record without its hash: the text the hash covers.
@@ -174,6 +190,8 @@ pub fn canonical_json(
         status: e.status,
         policy_version: &e.policy_version,
         shadow_decision: e.shadow_decision.as_deref(),
+        response_digest: e.response_digest.as_deref(),
+        restricted: e.restricted,
         prev_hash,
     };
     serde_json::to_string(&canonical).map_err(AuditError::Json)
@@ -254,6 +272,7 @@ pub(crate) fn prepare(mut entry: Entry) -> Result<Entry, AuditError> {
         &mut e.operation,
         &mut e.reason,
         &mut e.shadow_decision,
+        &mut e.response_digest,
     ]
     .into_iter()
     .flatten()
@@ -300,6 +319,8 @@ pub(crate) struct Row {
     status: i64,
     policy_version: String,
     shadow_decision: Option<String>,
+    response_digest: Option<String>,
+    restricted: i64,
     prev_hash: String,
     hash: String,
 }
@@ -344,6 +365,12 @@ impl Row {
                 status,
                 policy_version: self.policy_version,
                 shadow_decision: self.shadow_decision,
+                response_digest: self.response_digest,
+                restricted: match self.restricted {
+                    0 => false,
+                    1 => true,
+                    n => return Err(format!("restricted {n} is neither 0 nor 1")),
+                },
             },
             prev_hash: self.prev_hash,
             hash: self.hash,
@@ -351,15 +378,16 @@ impl Row {
     }
 }
 
-/// The columns of `audit_log` in insert order (26 of them).
+/// The columns of `audit_log` in insert order (28 of them).
 macro_rules! audit_columns {
     () => {
         "node, seq, id, ts, agency, certificate, officer, purpose, legal_basis, case_ref, \
          consent_ref, token_id, provider, service, operation, method, path, subjects, fields, \
-         decision, reason, status, policy_version, prev_hash, hash, shadow_decision"
+         decision, reason, status, policy_version, prev_hash, hash, shadow_decision, \
+         response_digest, restricted"
     };
 }
 pub(crate) use audit_columns;
 
 /// How many columns [`audit_columns!`] lists.
-pub(crate) const AUDIT_COLUMN_COUNT: usize = 26;
+pub(crate) const AUDIT_COLUMN_COUNT: usize = 28;

@@ -45,25 +45,68 @@ pub struct SubjectReport {
     pub subject: String,
     /// Accesses, oldest first.
     pub accesses: Vec<Access>,
+    /// Said in every report, whether or not such accesses exist: accesses
+    /// under restricted grants appear only after a delay.
+    pub notice: String,
 }
 
-/// Builds the report for `subject`; `name_of` maps agency ids and purpose codes to words.
+/// Which accesses a report shows.
+#[derive(Debug, Clone)]
+pub struct ReportOptions {
+    /// Accesses under restricted grants appear only once they are this old.
+    pub restricted_delay: std::time::Duration,
+    /// Only this agency's accesses (an agency's own internal audit).
+    pub agency: Option<String>,
+}
+
+impl Default for ReportOptions {
+    fn default() -> Self {
+        ReportOptions {
+            restricted_delay: super::DEFAULT_RESTRICTED_REPORT_DELAY,
+            agency: None,
+        }
+    }
+}
+
+/// Builds the report for `subject` with the default options; `name_of` maps agency ids and purpose codes to words.
 pub async fn subject_report(
     store: &Store,
     subject: &str,
-    name_of: &dyn Fn(NameKind, &str) -> Option<String>,
+    name_of: &(dyn Fn(NameKind, &str) -> Option<String> + Sync),
 ) -> Result<SubjectReport, AuditError> {
+    subject_report_with(store, subject, &ReportOptions::default(), name_of).await
+}
+
+/// Builds the report for `subject`: restricted accesses younger than the delay are left out, unmarked.
+pub async fn subject_report_with(
+    store: &Store,
+    subject: &str,
+    options: &ReportOptions,
+    name_of: &(dyn Fn(NameKind, &str) -> Option<String> + Sync),
+) -> Result<SubjectReport, AuditError> {
+    let delay = time::Duration::try_from(options.restricted_delay).unwrap_or(time::Duration::MAX);
+    let cut = time::OffsetDateTime::now_utc()
+        .checked_sub(delay)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     let records = query(
         store,
         &Filter {
             subject: Some(subject.to_owned()),
+            agency: options.agency.clone(),
+            hide_restricted_since: Some(super::format_ts(cut)),
             ..Filter::default()
         },
     )
     .await?;
+    let days = options.restricted_delay.as_secs() / 86_400;
     Ok(SubjectReport {
         subject: subject.to_owned(),
         accesses: records.iter().map(|r| access(r, name_of)).collect(),
+        notice: format!(
+            "Accesses under restricted grants (such as national security investigations) may exist; \
+             they are shown here only {days} day(s) after they happened. The supervisory authority \
+             sees them at once."
+        ),
     })
 }
 
@@ -76,7 +119,7 @@ pub enum NameKind {
     Purpose,
 }
 
-fn access(r: &Record, name_of: &dyn Fn(NameKind, &str) -> Option<String>) -> Access {
+fn access(r: &Record, name_of: &(dyn Fn(NameKind, &str) -> Option<String> + Sync)) -> Access {
     let e = &r.entry;
     let released = e.decision == "allow" && (200..300).contains(&e.status);
     Access {
@@ -116,7 +159,8 @@ impl std::fmt::Display for SubjectReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "Access report for the record {}", self.subject)?;
         if self.accesses.is_empty() {
-            return writeln!(f, "No agency has asked for this record.");
+            writeln!(f, "No agency has asked for this record.")?;
+            return writeln!(f, "\n{}", self.notice);
         }
         let released = self.accesses.iter().filter(|a| a.released).count();
         writeln!(
@@ -156,7 +200,7 @@ impl std::fmt::Display for SubjectReport {
             }
             writeln!(f, "    Record: {}", a.record_id)?;
         }
-        Ok(())
+        writeln!(f, "\n{}", self.notice)
     }
 }
 

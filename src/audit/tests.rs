@@ -56,6 +56,10 @@ fn entry(n: usize) -> Entry {
         policy_version: "v1".into(),
         // Every sixth request also had a shadow decision, "allow".
         shadow_decision: n.is_multiple_of(6).then(|| "allow".to_owned()),
+        response_digest: (!n.is_multiple_of(4))
+            .then(|| crate::audit_api::digest(n.to_string().as_bytes())),
+        // Every fifth request was under a restricted grant.
+        restricted: n.is_multiple_of(5),
     }
 }
 
@@ -545,3 +549,427 @@ async fn throughput_sqlite() {
     drop(log);
     writer.finish().await;
 }
+
+#[test]
+fn digest_and_restricted_are_hashed_only_when_set() {
+    let mut e = Entry {
+        id: "01900000-0000-7000-8000-000000000000".into(),
+        ts: "2026-11-03T09:00:00.000000Z".into(),
+        method: "GET".into(),
+        path: "/v1/x".into(),
+        decision: "allow".into(),
+        status: 200,
+        policy_version: "v1".into(),
+        ..Entry::default()
+    };
+    let plain = canonical_json(1, "n1", &e, GENESIS_HASH).unwrap();
+    assert!(!plain.contains("response_digest") && !plain.contains("restricted"));
+    let without = chain_hash(1, "n1", &e, GENESIS_HASH).unwrap();
+    e.response_digest = Some("ab".repeat(32));
+    e.restricted = true;
+    let json = canonical_json(1, "n1", &e, GENESIS_HASH).unwrap();
+    assert!(
+        json.contains(&format!(
+            "\"policy_version\":\"v1\",\"response_digest\":\"{}\",\"restricted\":true,\"prev_hash\"",
+            "ab".repeat(32)
+        )),
+        "{json}"
+    );
+    assert_ne!(chain_hash(1, "n1", &e, GENESIS_HASH).unwrap(), without);
+    // An export line without the new members (written before them) still reads and verifies.
+    let record = Record::chain(
+        1,
+        "n1",
+        Entry {
+            response_digest: None,
+            restricted: false,
+            ..e
+        },
+        GENESIS_HASH,
+    )
+    .unwrap();
+    let mut line: serde_json::Value = serde_json::to_value(&record).unwrap();
+    let map = line.as_object_mut().unwrap();
+    map.remove("response_digest");
+    map.remove("restricted");
+    let back: Record = serde_json::from_value(line).unwrap();
+    assert_eq!(back.expected_hash().unwrap(), record.hash);
+}
+
+async fn digest_and_restricted_are_stored(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    let entries: Vec<Entry> = (0..10).map(entry).collect();
+    for e in &entries {
+        log.append(e.clone()).await.unwrap();
+    }
+    drop(log);
+    writer.finish().await;
+    let records = query(&store, &Filter::default()).await.unwrap();
+    let got: Vec<&Entry> = records.iter().map(|r| &r.entry).collect();
+    assert_eq!(got, entries.iter().collect::<Vec<_>>());
+    assert!(records[1].entry.response_digest.is_some());
+    assert!(records[0].entry.restricted && !records[1].entry.restricted);
+    assert!(verify(&store, None).await.unwrap().intact());
+    // The new columns are covered by the hash.
+    exec(
+        &store,
+        "UPDATE audit_log SET restricted = 0 WHERE node = 'n1' AND seq = 6",
+    )
+    .await;
+    let report = verify(&store, None).await.unwrap();
+    assert_eq!(report.nodes[0].broken_at.as_ref().unwrap().0, 6, "{report}");
+    exec(
+        &store,
+        "UPDATE audit_log SET restricted = 1 WHERE node = 'n1' AND seq = 6",
+    )
+    .await;
+    exec(
+        &store,
+        "UPDATE audit_log SET response_digest = NULL WHERE node = 'n1' AND seq = 2",
+    )
+    .await;
+    let report = verify(&store, None).await.unwrap();
+    assert_eq!(report.nodes[0].broken_at.as_ref().unwrap().0, 2, "{report}");
+}
+both!(digest_sqlite, digest_pg, digest_and_restricted_are_stored);
+
+async fn purpose_service_and_restricted_filters(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    for n in 0..20 {
+        let mut e = entry(n);
+        if n % 2 == 0 {
+            e.purpose = Some("border-control".into());
+            e.service = Some("visas".into());
+        }
+        log.append(e).await.unwrap();
+    }
+    drop(log);
+    writer.finish().await;
+    let q = |f: Filter| {
+        let store = store.clone();
+        async move { query(&store, &f).await.unwrap() }
+    };
+    let by_purpose = q(Filter {
+        purpose: Some("border-control".into()),
+        ..Filter::default()
+    })
+    .await;
+    assert_eq!(by_purpose.len(), 10);
+    assert!(by_purpose
+        .iter()
+        .all(|r| r.entry.purpose.as_deref() == Some("border-control")));
+    let by_service = q(Filter {
+        service: Some("persons".into()),
+        purpose: Some("visa-check".into()),
+        ..Filter::default()
+    })
+    .await;
+    assert_eq!(by_service.len(), 10);
+    assert_eq!(
+        q(Filter {
+            service: Some("persons".into()),
+            purpose: Some("border-control".into()),
+            ..Filter::default()
+        })
+        .await
+        .len(),
+        0
+    );
+    // Restricted records (every fifth: 0, 5, 10, 15) at or after the time are left out.
+    let hidden = q(Filter {
+        hide_restricted_since: Some(entry(10).ts),
+        ..Filter::default()
+    })
+    .await;
+    let seqs: Vec<i64> = hidden
+        .iter()
+        .filter(|r| r.entry.restricted)
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 6], "restricted records before the time stay");
+    assert_eq!(hidden.len(), 18);
+    assert!(matches!(
+        query(
+            &store,
+            &Filter {
+                hide_restricted_since: Some("yesterday".into()),
+                ..Filter::default()
+            }
+        )
+        .await,
+        Err(AuditError::InvalidFilter(_))
+    ));
+}
+both!(
+    filters2_sqlite,
+    filters2_pg,
+    purpose_service_and_restricted_filters
+);
+
+async fn verify_from_and_reordering(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    append_n(&log, 0..12).await;
+    drop(log);
+    writer.finish().await;
+    // A record changed before --from is not looked at; the prev_hash at --from is taken as given.
+    exec(
+        &store,
+        "UPDATE audit_log SET officer = 'mallory' WHERE node = 'n1' AND seq = 3",
+    )
+    .await;
+    assert_eq!(
+        verify(&store, None).await.unwrap().nodes[0]
+            .broken_at
+            .as_ref()
+            .unwrap()
+            .0,
+        3
+    );
+    let from4 = verify_from(&store, None, None, Some(4)).await.unwrap();
+    assert!(from4.intact(), "{from4}");
+    assert_eq!(from4.nodes[0].records, 9);
+    assert_eq!(from4.nodes[0].first_seq, 4);
+    assert_eq!(
+        from4.to_string(),
+        "node n1: 9 records from seq 4, chain intact\n"
+    );
+    // Reordered in the database: records 7 and 8 swap places (their seq numbers swapped).
+    for sql in [
+        "UPDATE audit_log SET seq = -7 WHERE node = 'n1' AND seq = 7",
+        "UPDATE audit_log SET seq = 7 WHERE node = 'n1' AND seq = 8",
+        "UPDATE audit_log SET seq = 8 WHERE node = 'n1' AND seq = -7",
+        "UPDATE audit_subjects SET seq = -7 WHERE node = 'n1' AND seq = 7",
+        "UPDATE audit_subjects SET seq = 7 WHERE node = 'n1' AND seq = 8",
+        "UPDATE audit_subjects SET seq = 8 WHERE node = 'n1' AND seq = -7",
+    ] {
+        exec(&store, sql).await;
+    }
+    let report = verify_from(&store, None, None, Some(4)).await.unwrap();
+    let (seq, why) = report.nodes[0].broken_at.clone().unwrap();
+    assert_eq!(seq, 7, "{report}");
+    assert!(why.contains("prev_hash") || why.contains("hash"), "{why}");
+    // Starting past a missing record names it.
+    exec(
+        &store,
+        "DELETE FROM audit_subjects WHERE node = 'n1' AND seq = 10",
+    )
+    .await;
+    exec(
+        &store,
+        "DELETE FROM audit_log WHERE node = 'n1' AND seq = 10",
+    )
+    .await;
+    let report = verify_from(&store, None, None, Some(9)).await.unwrap();
+    assert_eq!(
+        report.nodes[0].broken_at.as_ref().unwrap().0,
+        10,
+        "{report}"
+    );
+}
+both!(
+    verify_from_sqlite,
+    verify_from_pg,
+    verify_from_and_reordering
+);
+
+async fn archive_keeps_the_chain_verifiable(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = AuditKey::load_or_create(&dir.path().join("k")).unwrap();
+    let (log, writer) = start(&store, "n1").await;
+    append_n(&log, 0..20).await;
+    drop(log);
+    writer.finish().await;
+    let (other, other_writer) = start(&store, "n2").await;
+    append_n(&other, 0..5).await;
+    drop(other);
+    other_writer.finish().await;
+
+    // Records 1..=11 of n1 are older than record 12; n2 has no checkpoint and no key here.
+    let out = dir.path().join("archive.jsonl");
+    let report = archive::archive(&store, &entry(11).ts, &out, Some(("n1", &key)))
+        .await
+        .unwrap();
+    assert_eq!(report.archived.len(), 1, "{report}");
+    let a = &report.archived[0];
+    assert_eq!((a.node.as_str(), a.first_seq, a.last_seq), ("n1", 1, 11));
+    assert_eq!(report.skipped.len(), 1, "{report}");
+    assert_eq!(count(&store).await.unwrap(), 9 + 5);
+    let subjects: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM audit_subjects WHERE node = 'n1' AND seq <= 11")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(subjects, 0);
+
+    // The database verifies across the cut, with the archive's signature checked.
+    let report = verify_with_key(&store, Some("n1"), Some(key.public_hex()))
+        .await
+        .unwrap();
+    assert!(report.intact(), "{report}");
+    assert_eq!(
+        (report.nodes[0].records, report.nodes[0].first_seq),
+        (9, 12)
+    );
+    // The archive verifies offline, its cut checkpoint included.
+    let cps = std::fs::read(archive::checkpoints_path(&out)).unwrap();
+    let offline = offline::verify_export(
+        std::fs::File::open(&out)
+            .map(std::io::BufReader::new)
+            .unwrap(),
+        Some(&cps[..]),
+        Some(key.public_hex()),
+    )
+    .unwrap();
+    assert!(offline.intact(), "{offline}");
+    assert_eq!(
+        (offline.nodes[0].records, offline.nodes[0].checkpoints),
+        (11, 1)
+    );
+    // The writer goes on after the cut.
+    let (log, writer) = start(&store, "n1").await;
+    assert_eq!(log.append(entry(20)).await.unwrap().seq, 21);
+    drop(log);
+    writer.finish().await;
+    assert!(verify(&store, None).await.unwrap().intact());
+    // A second archive takes the rest, and a restart still continues the chain.
+    let out2 = dir.path().join("archive2.jsonl");
+    let report = archive::archive(&store, "2100-01-01T00:00:00Z", &out2, Some(("n1", &key)))
+        .await
+        .unwrap();
+    assert_eq!(report.archived[0].first_seq, 12, "{report}");
+    assert_eq!(report.archived[0].last_seq, 21, "{report}");
+    assert!(
+        archive::archive(&store, "2100-01-01T00:00:00Z", &out2, Some(("n1", &key)))
+            .await
+            .is_ok()
+    );
+    let (log, writer) = start(&store, "n1").await;
+    assert_eq!(log.append(entry(21)).await.unwrap().seq, 22);
+    drop(log);
+    writer.finish().await;
+    let report = verify(&store, None).await.unwrap();
+    assert!(report.intact(), "{report}");
+
+    // The first remaining record must link to the archived checkpoint.
+    exec(
+        &store,
+        "UPDATE audit_log SET prev_hash = '00' WHERE node = 'n1' AND seq = 22",
+    )
+    .await;
+    let report = verify(&store, Some("n1")).await.unwrap();
+    let (seq, why) = report.nodes[0].broken_at.clone().unwrap();
+    assert_eq!(seq, 22);
+    assert!(why.contains("archived checkpoint"), "{why}");
+    // A forged archive row (wrong signature) is named.
+    exec(
+        &store,
+        "UPDATE audit_archives SET hash = 'ff' WHERE node = 'n1' AND seq = 21",
+    )
+    .await;
+    let report = verify(&store, Some("n1")).await.unwrap();
+    assert!(
+        report.nodes[0]
+            .broken_at
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("archive checkpoint"),
+        "{report}"
+    );
+}
+both!(
+    archive_sqlite,
+    archive_pg,
+    archive_keeps_the_chain_verifiable
+);
+
+async fn archive_refuses_a_broken_chain(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = AuditKey::load_or_create(&dir.path().join("k")).unwrap();
+    let (log, writer) = start(&store, "n1").await;
+    append_n(&log, 0..6).await;
+    drop(log);
+    writer.finish().await;
+    exec(
+        &store,
+        "UPDATE audit_log SET officer = 'mallory' WHERE node = 'n1' AND seq = 2",
+    )
+    .await;
+    let out = dir.path().join("a.jsonl");
+    let err = archive::archive(&store, &entry(4).ts, &out, Some(("n1", &key)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AuditError::ArchiveRefused(_)), "{err}");
+    assert_eq!(count(&store).await.unwrap(), 6);
+    assert!(!out.exists());
+}
+both!(
+    archive_refuses_sqlite,
+    archive_refuses_pg,
+    archive_refuses_a_broken_chain
+);
+
+async fn restricted_accesses_wait_in_the_report(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    for (id, restricted, agency) in [("open", false, "mia-border"), ("secret", true, "ssg")] {
+        log.append(Entry {
+            id: id.into(),
+            ts: now_ts(),
+            agency: Some(agency.into()),
+            method: "GET".into(),
+            path: "/v1/registry/persons/RF-1".into(),
+            subjects: vec!["RF-1".into()],
+            decision: "allow".into(),
+            status: 200,
+            policy_version: "v".into(),
+            restricted,
+            ..Entry::default()
+        })
+        .await
+        .unwrap();
+    }
+    drop(log);
+    writer.finish().await;
+    let names = |_: report::NameKind, _: &str| None;
+    let r = report::subject_report(&store, "RF-1", &names)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = r.accesses.iter().map(|a| a.record_id.as_str()).collect();
+    assert_eq!(ids, ["open"]);
+    assert!(r.to_string().contains("restricted grants"), "{r}");
+    assert!(!r.to_string().contains("ssg"));
+    // After the delay the access appears.
+    let options = report::ReportOptions {
+        restricted_delay: std::time::Duration::ZERO,
+        agency: None,
+    };
+    let r = report::subject_report_with(&store, "RF-1", &options, &names)
+        .await
+        .unwrap();
+    assert_eq!(r.accesses.len(), 2);
+    // An agency's own view.
+    let options = report::ReportOptions {
+        restricted_delay: std::time::Duration::ZERO,
+        agency: Some("ssg".into()),
+    };
+    let r = report::subject_report_with(&store, "RF-1", &options, &names)
+        .await
+        .unwrap();
+    assert_eq!(r.accesses.len(), 1);
+    // Auditors always see both.
+    let all = query(
+        &store,
+        &Filter {
+            subject: Some("RF-1".into()),
+            ..Filter::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(all.len(), 2);
+}
+both!(
+    restricted_report_sqlite,
+    restricted_report_pg,
+    restricted_accesses_wait_in_the_report
+);

@@ -21,7 +21,7 @@ use super::record::{audit_columns, prepare, Entry, Record, AUDIT_COLUMN_COUNT, G
 use super::AuditError;
 use crate::store::Store;
 
-/// Rows per multi-row `INSERT` into `audit_log`: 32 × 25 parameters stays far
+/// Rows per multi-row `INSERT` into `audit_log`: 32 × 28 parameters stays far
 /// below SQLite's and PostgreSQL's parameter limits.
 const LOG_ROWS_PER_INSERT: usize = 32;
 /// Rows per multi-row `INSERT` into `audit_subjects` (3 parameters each).
@@ -38,6 +38,8 @@ pub struct AuditConfig {
     pub queue: usize,
     /// Signed checkpoints of the chain head; `None` writes none.
     pub checkpoints: Option<CheckpointPolicy>,
+    /// How long accesses under restricted grants stay out of the data subject's report (default 365 days).
+    pub restricted_report_delay: Duration,
 }
 
 /// When the writer signs a checkpoint of its chain head.
@@ -59,9 +61,13 @@ impl AuditConfig {
             max_batch: 512,
             queue: 8192,
             checkpoints: None,
+            restricted_report_delay: DEFAULT_RESTRICTED_REPORT_DELAY,
         }
     }
 }
+
+/// Default of [`AuditConfig::restricted_report_delay`]: a year.
+pub const DEFAULT_RESTRICTED_REPORT_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Where an entry went: its place in the node's chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +122,10 @@ pub struct AuditLog {
     counters: Arc<Counters>,
     /// Wakes the writer to stop taking entries and drain the queue.
     close: Arc<Notify>,
+    /// The database the log lives in, for the auditors' API.
+    store: Store,
+    /// How long restricted accesses stay out of the data subject's report.
+    restricted_report_delay: Duration,
 }
 
 /// The writer task; [`AuditWriter::finish`] waits for it to drain and stop.
@@ -147,10 +157,11 @@ impl AuditLog {
         tracing::info!(node = %config.node, seq = head.seq, "audit chain head loaded");
         let last_checkpoint = checkpoint::latest(&store, &config.node).await?.unwrap_or(0);
         let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let restricted_report_delay = config.restricted_report_delay;
         let counters = Arc::new(Counters::default());
         let close = Arc::new(Notify::new());
         let writer = Writer {
-            store,
+            store: store.clone(),
             node: config.node,
             max_batch: config.max_batch.max(1),
             head: Some(head),
@@ -164,6 +175,8 @@ impl AuditLog {
                 tx,
                 counters,
                 close,
+                store,
+                restricted_report_delay,
             },
             AuditWriter { task },
         ))
@@ -195,6 +208,16 @@ impl AuditLog {
             failed_records: c.failed_records.load(Ordering::Relaxed),
             queue_depth: self.tx.max_capacity().saturating_sub(self.tx.capacity()),
         }
+    }
+
+    /// The database the log is written to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// How long accesses under restricted grants stay out of the data subject's report.
+    pub fn restricted_report_delay(&self) -> Duration {
+        self.restricted_report_delay
     }
 
     /// Stops taking entries (later `append`s fail); what is queued is still committed.
@@ -388,13 +411,22 @@ impl Writer {
     }
 }
 
-/// The node's last committed record, or the genesis position.
+/// The node's last committed record (or, when all were archived, the last
+/// archived one), or the genesis position.
 async fn load_head(store: &Store, node: &str) -> Result<Head, AuditError> {
-    let row: Option<(i64, String)> =
+    let mut row: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM audit_log WHERE node = $1 ORDER BY seq DESC LIMIT 1")
             .bind(node)
             .fetch_optional(store.pool())
             .await?;
+    if row.is_none() {
+        row = sqlx::query_as(
+            "SELECT seq, hash FROM audit_archives WHERE node = $1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(node)
+        .fetch_optional(store.pool())
+        .await?;
+    }
     Ok(match row {
         Some((seq, hash)) => Head { seq, hash },
         None => Head {
@@ -446,7 +478,9 @@ async fn write_batch(
                 .bind(e.policy_version.as_str())
                 .bind(r.prev_hash.as_str())
                 .bind(r.hash.as_str())
-                .bind(e.shadow_decision.as_deref());
+                .bind(e.shadow_decision.as_deref())
+                .bind(e.response_digest.as_deref())
+                .bind(i32::from(e.restricted));
         }
         q.execute(&mut *tx).await?;
     }

@@ -1,0 +1,356 @@
+//! The auditors' API: the audit log read over mutual TLS on the gateway
+//! itself, for tools.
+//!
+//! ```text
+//! GET /v1/audit/records?subject=&agency=&officer=&purpose=&provider=&service=&decision=&since=&until=&node=&limit=&format=json|jsonl
+//! GET /v1/audit/report?subject=
+//! ```
+//!
+//! The log is a provider like any other: `providers.toml` names a provider
+//! `audit` with `upstream = "builtin:audit"` and the services `records` and
+//! `report`, and agencies hold grants on it. So a request passes the whole
+//! pipeline (agency, token, decide, limit) and leaves its own audit record
+//! before any answer — reads of the log are logged. Only the last step
+//! differs: the gateway answers from its database instead of forwarding, and
+//! the grant's fields minimise each record as they would a provider's.
+//!
+//! Scope: a grant used with the purpose [`SUPERVISION`] (the Personal Data
+//! Protection Service, `pdps`) sees every agency's records; under any other
+//! purpose (each agency's `internal-audit`) the caller sees its own agency's
+//! records only — insider misuse is found there first.
+
+use bytes::Bytes;
+use http::{header, HeaderMap, StatusCode};
+
+use crate::audit::report::{subject_report_with, NameKind, ReportOptions};
+use crate::audit::{AuditError, AuditLog, Entry, Filter};
+use crate::minimise::FieldSet;
+use crate::policy::{Policy, Upstream};
+
+/// The built-in provider name: `upstream = "builtin:audit"`.
+pub const BUILTIN: &str = "audit";
+/// The purpose under which an audit grant reaches every agency's records.
+pub const SUPERVISION: &str = "supervision";
+/// Records returned when the request names no `limit`.
+pub const DEFAULT_LIMIT: i64 = 1000;
+/// The most records one request returns.
+pub const MAX_LIMIT: i64 = 10_000;
+
+/// Whether `provider` is the audit log itself (served in-process).
+pub fn is_builtin(policy: &Policy, provider: &str) -> bool {
+    matches!(policy.provider(provider).map(|p| &p.upstream), Some(Upstream::Builtin(n)) if n == BUILTIN)
+}
+
+/// Hex SHA-256 of a released body: the record's `response_digest`.
+pub fn digest(body: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body).as_ref())
+}
+
+/// Who asks, as the pipeline established it.
+#[derive(Debug, Clone, Copy)]
+pub struct Asker<'a> {
+    /// The calling agency.
+    pub agency: &'a str,
+    /// The purpose the officer's token states.
+    pub purpose: &'a str,
+}
+
+/// What a request to the auditors' API asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// `records` or `report`.
+    pub service: &'a str,
+    /// The path after the service (must be empty).
+    pub rest: &'a str,
+    /// The raw query string.
+    pub query: Option<&'a str>,
+}
+
+/// An answer of the auditors' API.
+#[derive(Debug)]
+pub struct Served {
+    /// `200 OK`.
+    pub status: StatusCode,
+    /// The minimised answer.
+    pub body: Bytes,
+    /// `application/json` or `application/jsonl`.
+    pub content_type: &'static str,
+}
+
+/// Why the auditors' API refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The query string is malformed or names an unknown parameter.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such service or path under `/v1/audit/`.
+    #[error("no such audit service")]
+    NotFound,
+    /// The caller asked for another agency's records without the supervision purpose.
+    #[error("this purpose reaches only the calling agency's own records")]
+    OutOfScope,
+    /// Reading the log failed.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+impl ApiError {
+    /// The HTTP status of the refusal.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::OutOfScope => StatusCode::FORBIDDEN,
+            ApiError::Audit(e) => e.status(),
+        }
+    }
+
+    /// Problem type slug.
+    pub fn slug(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) | ApiError::Audit(AuditError::InvalidFilter(_)) => {
+                "bad-request"
+            }
+            ApiError::NotFound => "not-found",
+            ApiError::OutOfScope => "access-denied",
+            ApiError::Audit(e) if e.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                "audit-unavailable"
+            }
+            ApiError::Audit(_) => "internal",
+        }
+    }
+
+    /// Problem title.
+    pub fn title(&self) -> &'static str {
+        match self.status() {
+            StatusCode::BAD_REQUEST => "Bad request",
+            StatusCode::NOT_FOUND => "Not found",
+            StatusCode::FORBIDDEN => "Forbidden",
+            StatusCode::SERVICE_UNAVAILABLE => "Service unavailable",
+            _ => "Internal error",
+        }
+    }
+
+    /// Reason code for the audit record.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) | ApiError::Audit(AuditError::InvalidFilter(_)) => "bad_query",
+            ApiError::NotFound => "unknown_route",
+            ApiError::OutOfScope => "audit_scope",
+            ApiError::Audit(_) => "audit_read_failed",
+        }
+    }
+
+    /// Detail safe to show the caller.
+    pub fn detail(&self) -> String {
+        match self {
+            ApiError::Audit(AuditError::InvalidFilter(m)) => m.clone(),
+            ApiError::Audit(_) => "the audit log could not be read".to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Whether the gateway's own checks refused it (as opposed to a failure).
+    pub fn denied(&self) -> bool {
+        !matches!(self, ApiError::Audit(_))
+    }
+}
+
+/// Answers one request of the auditors' API, filling in the request's audit entry.
+///
+/// `fields` are the grant's fields: each record (or the report) is minimised
+/// to them, like a provider's answer.
+pub async fn serve(
+    audit: &AuditLog,
+    policy: &Policy,
+    asker: Asker<'_>,
+    ask: Ask<'_>,
+    headers: &HeaderMap,
+    fields: &FieldSet,
+    entry: &mut Entry,
+) -> Result<Served, ApiError> {
+    if !ask.rest.is_empty() {
+        return Err(ApiError::NotFound);
+    }
+    let params = parse_query(ask.query.unwrap_or_default())?;
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let own_only = asker.purpose != SUPERVISION;
+    let agency = match get("agency") {
+        Some(a) if own_only && a != asker.agency => return Err(ApiError::OutOfScope),
+        Some(a) => Some(a),
+        None if own_only => Some(asker.agency.to_owned()),
+        None => None,
+    };
+    let subject = get("subject");
+    entry.subjects.extend(subject.iter().cloned());
+    match ask.service {
+        "records" => {
+            allow_only(
+                &params,
+                &[
+                    "subject", "agency", "officer", "purpose", "provider", "service", "decision",
+                    "since", "until", "node", "limit", "format",
+                ],
+            )?;
+            let limit = match get("limit") {
+                Some(l) => l
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!("limit must be 1 to {MAX_LIMIT}"))
+                    })?,
+                None => DEFAULT_LIMIT,
+            };
+            let jsonl = match get("format").as_deref() {
+                Some("jsonl") => true,
+                Some("json") => false,
+                Some(_) => return Err(ApiError::BadRequest("format must be json or jsonl".into())),
+                None => accepts_jsonl(headers),
+            };
+            let filter = Filter {
+                subject,
+                agency,
+                officer: get("officer"),
+                purpose: get("purpose"),
+                provider: get("provider"),
+                service: get("service"),
+                decision: get("decision"),
+                since: get("since"),
+                until: get("until"),
+                node: get("node"),
+                limit: Some(limit),
+                ..Filter::default()
+            };
+            let records = crate::audit::query(audit.store(), &filter).await?;
+            let mut released = Vec::new();
+            let mut body = Vec::new();
+            let mut values = Vec::with_capacity(records.len());
+            for record in &records {
+                let mut value = serde_json::to_value(record).map_err(AuditError::Json)?;
+                let r = crate::minimise::apply(&mut value, fields, None, "subjects");
+                released.extend(r.fields);
+                values.push(value);
+            }
+            if jsonl {
+                for v in &values {
+                    serde_json::to_writer(&mut body, v).map_err(AuditError::Json)?;
+                    body.push(b'\n');
+                }
+            } else {
+                serde_json::to_writer(&mut body, &values).map_err(AuditError::Json)?;
+            }
+            released.sort_unstable();
+            released.dedup();
+            entry.fields = released;
+            Ok(Served {
+                status: StatusCode::OK,
+                body: Bytes::from(body),
+                content_type: if jsonl {
+                    "application/jsonl"
+                } else {
+                    "application/json"
+                },
+            })
+        }
+        "report" => {
+            allow_only(&params, &["subject", "agency"])?;
+            let subject =
+                subject.ok_or_else(|| ApiError::BadRequest("subject is required".into()))?;
+            let options = ReportOptions {
+                restricted_delay: audit.restricted_report_delay(),
+                agency,
+            };
+            let name_of = |kind: NameKind, id: &str| match kind {
+                NameKind::Agency => policy.agency(id).map(|a| a.name.clone()),
+                NameKind::Purpose => policy.purpose(id).map(|p| p.title.clone()),
+            };
+            let report = subject_report_with(audit.store(), &subject, &options, &name_of).await?;
+            let mut value = serde_json::to_value(&report).map_err(AuditError::Json)?;
+            entry.fields = crate::minimise::apply(&mut value, fields, None, "subject").fields;
+            Ok(Served {
+                status: StatusCode::OK,
+                body: Bytes::from(serde_json::to_vec(&value).map_err(AuditError::Json)?),
+                content_type: "application/json",
+            })
+        }
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+fn allow_only(params: &[(String, String)], known: &[&str]) -> Result<(), ApiError> {
+    match params.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+        Some((k, _)) => Err(ApiError::BadRequest(format!(
+            "unknown parameter {k:?} (known: {})",
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn accepts_jsonl(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/jsonl") || v.contains("application/x-ndjson"))
+}
+
+/// Splits a query string into decoded pairs; a repeated or undecodable parameter is refused.
+fn parse_query(query: &str) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (decode(k)?, decode(v)?);
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(ApiError::BadRequest(format!("parameter {k:?} given twice")));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+/// `application/x-www-form-urlencoded` decoding of one component.
+fn decode(s: &str) -> Result<String, ApiError> {
+    let bad = || ApiError::BadRequest("malformed percent-encoding in the query".into());
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_decoded_and_checked() {
+        let p = parse_query("subject=RF-1&since=2026-01-01T00%3A00%3A00Z&x=a+b").unwrap();
+        assert_eq!(p[0], ("subject".into(), "RF-1".into()));
+        assert_eq!(p[1].1, "2026-01-01T00:00:00Z");
+        assert_eq!(p[2].1, "a b");
+        assert!(parse_query("a=1&a=2").is_err());
+        assert!(parse_query("a=%zz").is_err());
+        assert!(parse_query("a=%e2%82").is_err());
+        assert!(allow_only(&p, &["subject", "since"]).is_err());
+        assert_eq!(digest(b"abc").len(), 64);
+    }
+}
