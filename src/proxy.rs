@@ -289,8 +289,14 @@ impl Gateway {
         let route = route(&parts.uri)?;
         entry.provider = Some(route.provider.to_owned());
         entry.service = Some(route.service.to_owned());
-        entry.subjects.extend(path_subject(route.rest));
         let (base, service) = self.resolve(policy, &route)?;
+        // `/{service}/{id}` names a data subject only where the service's records are persons.
+        let path_person = if service.subject_field == "id" {
+            path_subject(route.rest)
+        } else {
+            None
+        };
+        entry.subjects.extend(path_person.clone());
         let operation = Operation::from_method(&parts.method).ok_or_else(|| {
             Refusal::deny(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -319,7 +325,7 @@ impl Gateway {
             }
             Operation::Read => (Bytes::new(), None),
         };
-        let subject = path_subject(route.rest).or_else(|| {
+        let subject = path_person.or_else(|| {
             written
                 .as_ref()
                 .and_then(|v| v.get(&service.subject_field))

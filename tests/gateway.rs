@@ -507,3 +507,53 @@ async fn the_same_path_works_on_postgresql() {
         .intact());
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_on_an_asylum_case_is_logged_against_the_person() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("mia-migration", "asylum-procedure", None);
+    let client = gw.client("mia-migration");
+    let case = serde_json::json!({
+        "person_id": PERSON, "case_number": "AS-2026-000777", "applied_on": "2026-01-10",
+    });
+    let r = client
+        .send(
+            Method::POST,
+            "/v1/registry/asylum-cases",
+            Some(&token),
+            Some(case),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let case_id = r.json()["id"].as_str().unwrap().to_owned();
+    let decision = serde_json::json!({"status": "granted", "decision_on": "2026-02-01"});
+    let path = format!("/v1/registry/asylum-cases/{case_id}/decision");
+    let r = client
+        .send(Method::POST, &path, Some(&token), Some(decision.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let e = records_for(&gw, &r.request_id()).await.pop().unwrap().entry;
+    assert_eq!(
+        e.subjects,
+        vec![PERSON.to_owned()],
+        "the person, not the case id"
+    );
+    let again = client
+        .send(Method::POST, &path, Some(&token), Some(decision))
+        .await
+        .unwrap();
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    gw.shutdown().await;
+}
