@@ -46,7 +46,7 @@ pub struct Common {
     /// Directory of policy files [default: policies].
     #[arg(long, global = true, env = "KARIBCHE_POLICIES", value_name = "DIR")]
     pub policies: Option<PathBuf>,
-    /// Database URL: sqlite://FILE or postgres://USER@HOST/DB [default: sqlite://<data-dir>/karibche.db].
+    /// Database URL: sqlite://FILE or postgres://USER@HOST/DB [default: sqlite://DATA_DIR/karibche.db].
     #[arg(long, global = true, env = "KARIBCHE_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
     /// Log format on standard error.

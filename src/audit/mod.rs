@@ -3,7 +3,7 @@
 //!
 //! Each gateway node extends its own hash chain ([`record`]), so replicas never
 //! contend for one chain head. One writer task per node commits queued entries
-//! in groups ([`writer`]); [`chain`] verifies the stored chains and [`query`]
+//! in groups ([`writer`]); [`chain`] verifies the stored chains and [`query`](mod@query)
 //! reads them back for auditors, data subjects and export. [`event`] records
 //! what happens to the node itself; [`archive`] moves old records out while
 //! keeping the chain verifiable.
