@@ -121,12 +121,11 @@ where
 {
     let paths = Arc::new(paths);
     let on_change = Arc::new(on_change);
+    // The baseline is taken before this returns (a few small files, once, at
+    // start-up): a change made right after start must never be mistaken for
+    // the baseline and missed.
+    let mut last = snapshot(&paths());
     tokio::spawn(async move {
-        let first = {
-            let paths = paths.clone();
-            tokio::task::spawn_blocking(move || snapshot(&paths())).await
-        };
-        let Ok(mut last) = first else { return };
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
