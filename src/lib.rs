@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod bench;
 pub mod breaker;
 pub mod cli;
 pub mod config;
