@@ -146,6 +146,9 @@ if [[ " $ONLY " == *" 1 "* || " $ONLY " == *" 2 "* ]]; then
 fi
 if [[ " $ONLY " == *" 3 "* ]]; then
     HS=(--mode handshakes --mix read=100 --duration "$HS_DURATION" --warmup 1s --concurrency 32)
+    bench gateway-handshakes-only-full "${GW[@]}" "${HS[@]}" --handshake-only
+    bench gateway-handshakes-only-resumed "${GW[@]}" "${HS[@]}" --handshake-only --resume
+    bench nginx-handshakes-only-full --target nginx --addr "$NGINX_ADDR" "${HS[@]}" --handshake-only
     bench gateway-handshakes-full "${GW[@]}" "${HS[@]}"
     bench gateway-handshakes-resumed "${GW[@]}" "${HS[@]}" --resume
     bench nginx-handshakes-full --target nginx --addr "$NGINX_ADDR" "${HS[@]}"
@@ -168,7 +171,8 @@ fi
         done
     fi
     if [[ " $ONLY " == *" 3 "* ]]; then
-        echo "3. gateway handshakes: full $(get gateway-handshakes-full rps)/s using $(get gateway-handshakes-full cpu_s) CPU-s = $(get gateway-handshakes-full per_cpu_s) per core-second; resumed $(get gateway-handshakes-resumed rps)/s = $(get gateway-handshakes-resumed per_cpu_s) per core-second ($(get gateway-handshakes-resumed resumed_hs) resumed); nginx full $(get nginx-handshakes-full rps)/s, resumed $(get nginx-handshakes-resumed rps)/s"
+        echo "3. gateway bare handshakes: full $(get gateway-handshakes-only-full rps)/s using $(get gateway-handshakes-only-full cpu_s) CPU-s = $(get gateway-handshakes-only-full per_cpu_s) per core-second; resumed $(get gateway-handshakes-only-resumed rps)/s = $(get gateway-handshakes-only-resumed per_cpu_s) per core-second; nginx full $(get nginx-handshakes-only-full rps)/s"
+        echo "3. gateway handshake + one request: full $(get gateway-handshakes-full rps)/s using $(get gateway-handshakes-full cpu_s) CPU-s = $(get gateway-handshakes-full per_cpu_s) per core-second; resumed $(get gateway-handshakes-resumed rps)/s = $(get gateway-handshakes-resumed per_cpu_s) per core-second ($(get gateway-handshakes-resumed resumed_hs) resumed); nginx full $(get nginx-handshakes-full rps)/s, resumed $(get nginx-handshakes-resumed rps)/s"
     fi
     if [[ " $ONLY " == *" 4 "* ]]; then
         echo "4. idle: $(get gateway-idle conns) HTTP/1.1 connections = $(get gateway-idle kib_per_conn) KiB each; $(get gateway-idle-h2 conns) HTTP/2 = $(get gateway-idle-h2 kib_per_conn) KiB each"

@@ -73,6 +73,12 @@ async fn handshakes_direct_and_idle_modes_work() {
     let resumed = bench::run(&o).await.unwrap();
     assert_eq!(resumed.errors(), 0, "{resumed}");
     assert!(resumed.resumed_handshakes > 0, "{resumed}");
+    o.handshake_only = true;
+    let bare = bench::run(&o).await.unwrap();
+    assert_eq!(bare.errors(), 0, "{bare}");
+    assert!(bare.handshakes_only > 0, "{bare}");
+    assert!(bare.resumed_handshakes > 0, "{bare}");
+    assert_eq!(bare.ok(), 0, "no request was sent: {bare}");
 
     // The register directly, as the gateway calls it: its own paths, the gateway's certificate.
     let registry = gw.running.started.registry.unwrap();

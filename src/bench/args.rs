@@ -51,6 +51,9 @@ pub struct BenchArgs {
     /// Handshakes mode: resume TLS sessions instead of full handshakes.
     #[arg(long)]
     pub resume: bool,
+    /// Handshakes mode: only the TLS handshake on each connection, no request.
+    #[arg(long)]
+    pub handshake_only: bool,
     /// Request mix: shares of reads by id, searches by document, writes (POST crossings).
     #[arg(long, default_value = "read=70,search=20,write=10")]
     pub mix: Mix,
@@ -132,6 +135,7 @@ impl BenchArgs {
             _ => self.concurrency,
         });
         o.resume = self.resume;
+        o.handshake_only = self.handshake_only;
         o.mix = self.mix;
         o.persons = self.persons;
         o.pid = self.pid;

@@ -19,7 +19,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::client::Resumption;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use super::{BenchError, Protocol};
 
@@ -89,8 +91,7 @@ impl Endpoint {
         self.addr
     }
 
-    /// Opens a connection: TCP, TLS (full or resumed), HTTP.
-    pub async fn connect(&self) -> Result<Conn, SendError> {
+    async fn tls(&self) -> Result<(TlsStream<TcpStream>, bool), SendError> {
         let tcp = TcpStream::connect(self.addr)
             .await
             .map_err(|_| SendError::Connect)?;
@@ -105,6 +106,31 @@ impl Endpoint {
             tls.get_ref().1.handshake_kind(),
             Some(rustls::HandshakeKind::Resumed)
         );
+        Ok((tls, resumed))
+    }
+
+    /// Only a TLS handshake, then a clean close (`close_notify`); true when the session was resumed.
+    pub async fn handshake(&self) -> Result<bool, SendError> {
+        let (mut tls, resumed) = self.tls().await?;
+        // TLS 1.3 sends session tickets after the handshake: read until the server closes,
+        // so they are stored for resumption and the server sees a complete exchange.
+        tls.shutdown().await.map_err(|_| SendError::Http)?;
+        let mut sink = [0u8; 1024];
+        loop {
+            match tls.read(&mut sink).await {
+                Ok(0) => return Ok(resumed),
+                Ok(_) => {}
+                // A server may close without close_notify once it has read ours.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(resumed),
+                // An alert: the server refused the client certificate after all.
+                Err(_) => return Err(SendError::Handshake),
+            }
+        }
+    }
+
+    /// Opens a connection: TCP, TLS (full or resumed), HTTP.
+    pub async fn connect(&self) -> Result<Conn, SendError> {
+        let (tls, resumed) = self.tls().await?;
         let io = TokioIo::new(tls);
         let sender = match self.protocol {
             Protocol::Http1 => {

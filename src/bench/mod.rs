@@ -179,6 +179,8 @@ pub struct BenchOptions {
     pub connections: usize,
     /// Keep TLS sessions and resume them (handshakes mode).
     pub resume: bool,
+    /// Handshakes mode: close each connection right after its handshake, sending no request.
+    pub handshake_only: bool,
     /// Request mix.
     pub mix: Mix,
     /// Persons in the register (ids `RF-0000001` …).
@@ -219,6 +221,7 @@ impl BenchOptions {
             concurrency: 64,
             connections: 64,
             resume: false,
+            handshake_only: false,
             mix: Mix::default(),
             persons: 10_000,
             pid: None,
@@ -237,10 +240,12 @@ impl BenchOptions {
         match self.mode {
             Mode::Open => format!("{target} open {}/s {proto}", self.rate),
             Mode::Closed => format!("{target} closed c{} {proto}", self.concurrency),
-            Mode::Handshakes if self.resume => {
-                format!("{target} handshakes resumed c{}", self.concurrency)
-            }
-            Mode::Handshakes => format!("{target} handshakes full c{}", self.concurrency),
+            Mode::Handshakes => format!(
+                "{target} handshakes {}{} c{}",
+                if self.resume { "resumed" } else { "full" },
+                if self.handshake_only { " only" } else { "" },
+                self.concurrency
+            ),
             Mode::Idle => format!("{target} idle {} {proto}", self.connections),
         }
     }
@@ -567,6 +572,7 @@ async fn load(
             schedule: schedule.clone(),
             conn,
             per_request: opts.mode == Mode::Handshakes,
+            handshake_only: opts.mode == Mode::Handshakes && opts.handshake_only,
             rng: Rng(opts.seed ^ (w as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
         };
         tasks.spawn(worker.run());
@@ -601,6 +607,8 @@ struct Worker {
     conn: Option<Conn>,
     /// A new connection for every request (handshakes mode).
     per_request: bool,
+    /// Only the TLS handshake: no HTTP on the connection.
+    handshake_only: bool,
     rng: Rng,
 }
 
@@ -612,6 +620,20 @@ impl Worker {
             let call = self.workload.call(&mut self.rng);
             let token = self.workload.token(&mut self.rng).to_owned();
             let sent = Instant::now();
+            if self.handshake_only {
+                let result = self.endpoint.handshake().await;
+                let done = Instant::now();
+                match result {
+                    Ok(resumed) if measured => {
+                        report.handshake_done(resumed, done - due);
+                        report.service(done - sent);
+                    }
+                    Ok(_) => {}
+                    Err(e) if measured => report.failed(e.kind(), done - due),
+                    Err(_) => report.setup_errors += 1,
+                }
+                continue;
+            }
             let result = self.send(&call, &token, &mut report).await;
             let done = Instant::now();
             match result {
@@ -793,7 +815,8 @@ mod tests {
             let c = w.call(&mut rng);
             if c.method == http::Method::POST {
                 assert_eq!(c.path, "/v1/registry/crossings");
-                let v: serde_json::Value = serde_json::from_slice(c.body.as_ref().unwrap()).unwrap();
+                let v: serde_json::Value =
+                    serde_json::from_slice(c.body.as_ref().unwrap()).unwrap();
                 assert_eq!(v["document_number"], "AB 12/3");
                 writes += 1;
             } else if c.path.contains('?') {

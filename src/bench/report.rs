@@ -35,6 +35,8 @@ pub struct Report {
     pub setup_ok: u64,
     /// Requests sent before measuring that were not answered 2xx.
     pub setup_errors: u64,
+    /// Measured connections that only did a TLS handshake (no request; counted as requests, not as 2xx).
+    pub handshakes_only: u64,
     /// Connections whose TLS handshake was a full one.
     pub full_handshakes: u64,
     /// Connections whose TLS handshake resumed an earlier session.
@@ -59,6 +61,7 @@ impl Report {
             failures: BTreeMap::new(),
             setup_ok: 0,
             setup_errors: 0,
+            handshakes_only: 0,
             full_handshakes: 0,
             resumed_handshakes: 0,
             cpu: None,
@@ -70,6 +73,17 @@ impl Report {
     /// Records one answered request.
     pub fn answered(&mut self, status: u16, latency: Duration) {
         *self.statuses.entry(status).or_default() += 1;
+        self.record_latency(latency);
+    }
+
+    /// Records one connection that only did its TLS handshake.
+    pub fn handshake_done(&mut self, resumed: bool, latency: Duration) {
+        self.handshakes_only += 1;
+        if resumed {
+            self.resumed_handshakes += 1;
+        } else {
+            self.full_handshakes += 1;
+        }
         self.record_latency(latency);
     }
 
@@ -101,14 +115,17 @@ impl Report {
         }
         self.setup_ok += other.setup_ok;
         self.setup_errors += other.setup_errors;
+        self.handshakes_only += other.handshakes_only;
         self.full_handshakes += other.full_handshakes;
         self.resumed_handshakes += other.resumed_handshakes;
         self.held_connections += other.held_connections;
     }
 
-    /// Requests measured (answered or not).
+    /// Requests (or bare handshakes) measured, answered or not.
     pub fn requests(&self) -> u64 {
-        self.statuses.values().sum::<u64>() + self.failures.values().sum::<u64>()
+        self.statuses.values().sum::<u64>()
+            + self.failures.values().sum::<u64>()
+            + self.handshakes_only
     }
 
     /// Measured requests answered 2xx.
@@ -120,9 +137,9 @@ impl Report {
             .sum()
     }
 
-    /// Measured requests not answered 2xx.
+    /// Measured requests not answered 2xx, and handshakes that failed.
     pub fn errors(&self) -> u64 {
-        self.requests() - self.ok()
+        self.requests() - self.ok() - self.handshakes_only
     }
 
     /// Measured requests per second.
