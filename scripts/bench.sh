@@ -95,15 +95,23 @@ TOML
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -m | awk '/Mem:/ {print $2}') MiB; $(uname -sr)" | tee "$OUT/machine.txt"
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews absolute figures; ratios are measured side by side)" | tee -a "$OUT/machine.txt"
 
-"$BIN" --config "$WORK/bench.toml" serve >"$WORK/serve.log" 2>&1 &
-GW_PID=$!
-for _ in $(seq 1 600); do
-    curl -sf "http://$ADMIN_ADDR/readyz" >/dev/null 2>&1 && break
-    kill -0 "$GW_PID" 2>/dev/null || { cat "$WORK/serve.log"; exit 1; }
-    sleep 0.2
-done
-curl -sf "http://$ADMIN_ADDR/readyz" >/dev/null || { echo "gateway not ready"; cat "$WORK/serve.log"; exit 1; }
-echo "gateway + register: pid $GW_PID ($BIN)"
+# start_gateway: the gateway and its built-in register, in one process ($GW_PID), ready.
+start_gateway() {
+    "$BIN" --config "$WORK/bench.toml" serve >>"$WORK/serve.log" 2>&1 &
+    GW_PID=$!
+    for _ in $(seq 1 600); do
+        curl -sf "http://$ADMIN_ADDR/readyz" >/dev/null 2>&1 && break
+        kill -0 "$GW_PID" 2>/dev/null || { cat "$WORK/serve.log"; exit 1; }
+        sleep 0.2
+    done
+    curl -sf "http://$ADMIN_ADDR/readyz" >/dev/null || { echo "gateway not ready"; cat "$WORK/serve.log"; exit 1; }
+    echo "gateway + register: pid $GW_PID ($BIN)"
+}
+stop_gateway() {
+    kill "$GW_PID" && wait "$GW_PID" || true
+    GW_PID=
+}
+start_gateway
 
 PKI=$WORK/var/pki
 sed -e "s#@WORK@#$WORK#g" -e "s#@PKI@#$PKI#g" -e "s#@LISTEN@#$NGINX_ADDR#g" -e "s#@UPSTREAM@#$REG_ADDR#g" \
@@ -155,7 +163,14 @@ if [[ " $ONLY " == *" 3 "* ]]; then
     bench nginx-handshakes-resumed --target nginx --addr "$NGINX_ADDR" "${HS[@]}" --resume
 fi
 if [[ " $ONLY " == *" 4 "* ]]; then
+    # A fresh process for each: memory freed by earlier runs would be reused and hide the cost.
+    stop_gateway
+    start_gateway
+    GW=(--target gateway --pid "$GW_PID" --check-audit)
     bench gateway-idle "${GW[@]}" --mode idle --connections "$IDLE_CONNECTIONS" --mix read=100 --protocol http1
+    stop_gateway
+    start_gateway
+    GW=(--target gateway --pid "$GW_PID" --check-audit)
     bench gateway-idle-h2 "${GW[@]}" --mode idle --connections "$IDLE_CONNECTIONS" --mix read=100 --protocol http2
 fi
 
