@@ -83,6 +83,8 @@ pub enum Command {
     /// The built-in register of foreigners.
     #[command(subcommand)]
     Registry(RegistryCommand),
+    /// Load generator: mutual TLS, officers' tokens, HTTP/1.1 or HTTP/2, fixed rate or max throughput (BENCHMARKS.md).
+    Bench(crate::bench::args::BenchArgs),
     /// Data subjects' consents: record, revoke, list (each change is an audit event).
     #[command(subcommand)]
     Consent(ConsentCommand),
@@ -518,6 +520,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(cmd) => policy_command(&config, cmd),
+        Command::Bench(args) => crate::bench::args::command(&config, args).await,
         Command::Audit(cmd) => audit_command(&config, cmd).await,
         Command::Certs(CertsCommand::Revoke { agency }) => {
             let r =

@@ -31,6 +31,7 @@
 pub mod admin;
 pub mod audit;
 pub mod audit_api;
+pub mod bench;
 pub mod breaker;
 pub mod cli;
 pub mod config;
