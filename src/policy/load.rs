@@ -133,6 +133,10 @@ struct AgencyFile {
     certificate: Spanned<RawCertificate>,
     #[serde(default)]
     require_bound_tokens: bool,
+    /// The whole file is a proposal: every grant in it is a shadow grant
+    /// (decided and recorded as `shadow_decision`, never enforced).
+    #[serde(default)]
+    shadow: bool,
     #[serde(default)]
     grants: Vec<Spanned<RawGrant>>,
 }
@@ -811,7 +815,8 @@ fn validate_agency(
             file: src.shown.clone(),
             line,
         };
-        let g = g.into_inner();
+        let mut g = g.into_inner();
+        g.shadow |= file.shadow;
         purpose_spans.push(g.purposes.span());
         grants.push(validate_grant(&mut r, &id, index, g, refs, location));
     }

@@ -155,6 +155,7 @@ fn document() -> Value {
         "id": {"$ref": "#/$defs/kebab", "description": "The agency id; equal to the file name without .toml."},
         "name": {"type": "string", "minLength": 1, "description": "The agency's full name."},
         "require_bound_tokens": {"type": "boolean", "default": false, "description": "Officers' tokens must be bound to the client certificate (cnf.x5t#S256)."},
+        "shadow": {"type": "boolean", "default": false, "description": "The whole file is a proposal: every grant in it is a shadow grant, decided and recorded as shadow_decision, never enforced (the agency's requests are refused meanwhile)."},
         "certificate": {"$ref": "#/$defs/certificate"},
         "grants": {"type": "array", "items": {"$ref": "#/$defs/grant"}}
     },

@@ -565,6 +565,23 @@ shadow = true
 }
 
 #[test]
+fn a_whole_file_can_be_a_proposal() {
+    // An agency being onboarded: its file is decided and recorded, never enforced.
+    let head = "id = \"a\"\nname = \"A\"\nshadow = true\n[certificate]\nuri_san = \"urn:karibche:agency:a\"\n";
+    let dir = temp_policy(&[("a.toml", &format!("{head}{GOOD_GRANT}"))]);
+    let p = Policy::load(dir.path()).unwrap();
+    let border = req("a", "persons", Operation::Read, "border-control");
+    assert!(
+        p.decide(&border, TODAY).deny_reason().is_some(),
+        "nothing enforced"
+    );
+    assert!(matches!(
+        p.decide_shadow(&border, TODAY),
+        Some(Decision::Allow(_))
+    ));
+}
+
+#[test]
 fn broken_shared_files_are_reported_without_cascades() {
     let dir = temp_policy(&[(
         "a.toml",
