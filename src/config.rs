@@ -76,8 +76,11 @@ pub struct GatewayConfig {
     /// Time allowed to send the request headers (slowloris bound). Default 10 s.
     #[serde(with = "humantime_serde_compat")]
     pub header_timeout: Duration,
-    /// Largest request body accepted. Default 1 MiB.
+    /// Largest request body accepted (a grant may set less). Default 1 MiB.
     pub max_body_bytes: usize,
+    /// Time to send a write's body once the headers are in (slow uploads). Default 30 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub body_timeout: Duration,
     /// Largest provider response accepted. Default 16 MiB.
     pub max_response_bytes: usize,
     /// Time a provider has to answer. Default 10 s.
@@ -251,6 +254,7 @@ impl Default for GatewayConfig {
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             max_body_bytes: 1024 * 1024,
+            body_timeout: Duration::from_secs(30),
             max_response_bytes: 16 * 1024 * 1024,
             upstream_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(20),
@@ -385,6 +389,7 @@ impl Config {
             ("gateway.handshake_timeout", g.handshake_timeout),
             ("gateway.header_timeout", g.header_timeout),
             ("gateway.upstream_timeout", g.upstream_timeout),
+            ("gateway.body_timeout", g.body_timeout),
             ("tokens.max_lifetime", self.tokens.max_lifetime),
             ("tls.reload_interval", self.tls.reload_interval),
             ("limits.idle_timeout", self.limits.idle_timeout),

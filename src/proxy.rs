@@ -65,6 +65,8 @@ pub struct PipelineLimits {
     pub max_response_bytes: usize,
     /// Time a provider has to answer, body included.
     pub upstream_timeout: Duration,
+    /// Time a caller has to send a write's body once its headers are in.
+    pub body_timeout: Duration,
 }
 
 /// The gateway: shared state of the pipeline.
@@ -319,7 +321,9 @@ impl Gateway {
             .map_err(rate_limited)?;
         let (body, written) = match operation {
             Operation::Write => {
-                let body = read_body(body, &parts.headers, self.limits.max_body_bytes).await?;
+                let body = self
+                    .read_body(body, &parts.headers, allow.max_body_bytes)
+                    .await?;
                 let written = write_fields(&body, &allow.fields, &route)?;
                 (body, written)
             }
@@ -408,6 +412,32 @@ impl Gateway {
             }
         }
         Ok(released)
+    }
+
+    /// Reads a write's body: at most the grant's limit (capped by the gateway's), within the body timeout.
+    async fn read_body(
+        &self,
+        body: Incoming,
+        headers: &HeaderMap,
+        grant_max: Option<usize>,
+    ) -> Result<Bytes, Refusal> {
+        let max = grant_max.map_or(self.limits.max_body_bytes, |g| {
+            g.min(self.limits.max_body_bytes)
+        });
+        match tokio::time::timeout(self.limits.body_timeout, read_body(body, headers, max)).await {
+            Ok(read) => read,
+            Err(_) => {
+                // A slow upload holds a connection; it gets the header timeout's treatment.
+                self.metrics.overload("gateway", "body_timeout");
+                Err(Refusal::deny(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body-timeout",
+                    "Request timeout",
+                    "body_timeout",
+                    "the request body did not arrive in time",
+                ))
+            }
+        }
     }
 
     /// Verifies the bearer token against the connection's agency keys and certificate.
@@ -875,7 +905,9 @@ impl Gateway {
         self.rate
             .check(agency, &officer.id, API_PROVIDER, API_SERVICE)
             .map_err(rate_limited)?;
-        let body = read_body(body, &parts.headers, self.limits.max_body_bytes).await?;
+        let body = self
+            .read_body(body, &parts.headers, allow.max_body_bytes)
+            .await?;
         write_fields(&body, &allow.fields, &route)?;
         let actor = crate::consent::Actor {
             agency: Some(agency.to_owned()),

@@ -727,6 +727,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             max_body_bytes: config.gateway.max_body_bytes,
             max_response_bytes: config.gateway.max_response_bytes,
             upstream_timeout: config.gateway.upstream_timeout,
+            body_timeout: config.gateway.body_timeout,
         },
         pseudonymiser: Arc::new(pseudonymiser),
         rate: rate.clone(),

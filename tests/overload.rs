@@ -679,3 +679,86 @@ async fn sigterm_under_load_loses_no_acknowledged_request() {
     }
     store.close().await;
 }
+
+/// Sends `head` and `body` over raw TLS and returns the status line and the x-request-id.
+async fn raw_exchange(gw: &TestGateway, agency: &str, head: &str, body: &[u8]) -> (String, String) {
+    let mut tls = gw.client(agency).tls().await;
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("an answer");
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    (text.lines().next().unwrap_or_default().to_owned(), id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_can_set_a_smaller_body_limit_and_slow_bodies_time_out() {
+    let gw = start("", |config, _| {
+        config.gateway.body_timeout = Duration::from_millis(300);
+        // The consular department's visa grant accepts at most 256 bytes.
+        let file = config.policies_dir.join("agencies/mfa-consular.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let text = text.replacen(
+            "service = \"visas\"\n",
+            "service = \"visas\"\nmax_body_bytes = 256\n",
+            1,
+        );
+        std::fs::write(&file, text).unwrap();
+    })
+    .await;
+    let token = token_for(&gw, "mfa-consular", "consul-1", "visa-decision");
+    let big = format!(
+        "{{\"person_id\": \"RF-0000001\", \"padding\": \"{}\"}}",
+        "x".repeat(400)
+    );
+    let head = format!(
+        "POST /v1/registry/visas HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    );
+    let (status, id) = raw_exchange(&gw, "mfa-consular", &head, big.as_bytes()).await;
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    let rec = records(&gw)
+        .await
+        .into_iter()
+        .find(|r| r.entry.id == id)
+        .unwrap();
+    assert_eq!(rec.entry.reason.as_deref(), Some("body_too_large"));
+
+    // Headers promise 100 bytes, 10 arrive, the rest never does: 408 within the body timeout.
+    let head = format!(
+        "POST /v1/registry/visas HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    );
+    let started = std::time::Instant::now();
+    let (status, id) = raw_exchange(&gw, "mfa-consular", &head, b"{\"person_i").await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let rec = records(&gw)
+        .await
+        .into_iter()
+        .find(|r| r.entry.id == id)
+        .unwrap();
+    assert_eq!(rec.entry.reason.as_deref(), Some("body_timeout"));
+    assert!(
+        gw.running
+            .gateway
+            .metrics
+            .overloads("gateway", "body_timeout")
+            >= 1
+    );
+    gw.shutdown().await;
+}

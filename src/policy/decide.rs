@@ -65,6 +65,8 @@ pub struct Allow {
     pub restricted: bool,
     /// Transforms applied to the released fields.
     pub transforms: Arc<crate::transform::Transforms>,
+    /// Largest write body under the grant, if it sets one.
+    pub max_body_bytes: Option<usize>,
 }
 
 /// Why a request was refused, most specific first.
@@ -232,6 +234,7 @@ fn decide_among(
                     legal_basis: Arc::clone(&purpose.legal_basis),
                     restricted: grant.restricted,
                     transforms: Arc::clone(&grant.transforms),
+                    max_body_bytes: grant.max_body_bytes,
                 });
             }
             Err(reason) if reason.rank() > best.rank() => best = reason,

@@ -168,6 +168,8 @@ struct RawGrant {
     shadow: bool,
     #[serde(default)]
     restricted: bool,
+    /// Largest request body a write under this grant may send (bytes); the gateway's limit caps it.
+    max_body_bytes: Option<Spanned<i64>>,
     /// Field path → transform applied to the released value.
     #[serde(default)]
     transforms: std::collections::BTreeMap<String, Spanned<crate::transform::Transform>>,
@@ -1046,6 +1048,27 @@ fn validate_grant(
         transforms.push((path.as_str(), *t.get_ref()));
     }
 
+    let max_body_bytes = match &g.max_body_bytes {
+        None => None,
+        Some(n) if !operations.contains(&Operation::Write) => {
+            r.at(
+                n.span(),
+                "max_body_bytes applies to writes, and this grant allows none",
+            );
+            None
+        }
+        Some(n) => match usize::try_from(*n.get_ref()) {
+            Ok(v) if v > 0 => Some(v),
+            _ => {
+                r.at(
+                    n.span(),
+                    "max_body_bytes must be a positive number of bytes",
+                );
+                None
+            }
+        },
+    };
+
     Grant {
         id: Arc::from(format!("{agency}#{index}")),
         provider: provider_id.clone(),
@@ -1060,6 +1083,7 @@ fn validate_grant(
         shadow: g.shadow,
         restricted: g.restricted,
         transforms: Arc::new(crate::transform::Transforms::new(transforms)),
+        max_body_bytes,
         location,
     }
 }

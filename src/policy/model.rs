@@ -209,6 +209,8 @@ pub struct Grant {
     pub restricted: bool,
     /// Transforms applied to released fields (pseudonymise, year_only, age_band).
     pub transforms: Arc<crate::transform::Transforms>,
+    /// Largest write body under this grant, if lower than the gateway's limit.
+    pub max_body_bytes: Option<usize>,
     /// Where the grant is written: its policy file and the 1-based line of its `[[grants]]` header.
     pub location: GrantLocation,
 }

@@ -66,6 +66,7 @@ fn document() -> Value {
             "valid_until": {"$ref": "#/$defs/date", "description": "Last day the grant applies (inclusive)."},
             "shadow": {"type": "boolean", "default": false, "description": "A proposed grant: decided and recorded in the audit log as shadow_decision, never enforced. The shadow grants of a service stand in for all its enforced grants."},
             "restricted": {"type": "boolean", "default": false, "description": "Stricter handling of restricted records."},
+            "max_body_bytes": {"type": "integer", "minimum": 1, "description": "Largest request body (bytes) a write under this grant may send; the gateway's own limit (gateway.max_body_bytes) caps it."},
             "transforms": {"type": "object", "additionalProperties": {"enum": ["pseudonymise", "year_only", "age_band"]}, "description": "Field path (one the grant releases) -> transform of the released value: pseudonymise (keyed hash, stable per agency within a key period), year_only (dates to their year), age_band (birth date to an age band)."}
         }
     });

@@ -582,6 +582,20 @@ fn a_whole_file_can_be_a_proposal() {
 }
 
 #[test]
+fn a_body_limit_belongs_on_write_grants() {
+    let head = "id = \"a\"\nname = \"A\"\n[certificate]\nuri_san = \"urn:karibche:agency:a\"\n";
+    let dir = temp_policy(&[(
+        "a.toml",
+        &format!("{head}{GOOD_GRANT}max_body_bytes = 1024\n"),
+    )]);
+    let errors = Policy::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        errors.contains("agencies/a.toml:12:18: max_body_bytes applies to writes"),
+        "{errors}"
+    );
+}
+
+#[test]
 fn broken_shared_files_are_reported_without_cascades() {
     let dir = temp_policy(&[(
         "a.toml",
