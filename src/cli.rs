@@ -173,6 +173,9 @@ pub enum TokenCommand {
         /// Lifetime, e.g. 5m, 90s.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Bind the token to this client certificate (RFC 8705 `cnf.x5t#S256`): it is then accepted only on a connection presenting it.
+        #[arg(long, value_name = "CERT_PEM")]
+        bind_cert: Option<PathBuf>,
     },
 }
 
@@ -499,20 +502,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             purpose,
             case_ref,
             ttl,
+            bind_cert,
         }) => {
             let keys_dir = config.data_path(&config.tokens.keys_dir);
-            let token = crate::token::issue(
-                &keys_dir,
-                &crate::token::IssueRequest {
-                    agency: agency.clone(),
-                    officer: officer.clone(),
-                    purpose: purpose.clone(),
-                    case_ref: case_ref.clone(),
-                    ttl: *ttl,
-                    audience: config.tokens.audience.clone(),
-                    backdate: Duration::ZERO,
-                },
-            )
+            let request = crate::token::IssueRequest {
+                agency: agency.clone(),
+                officer: officer.clone(),
+                purpose: purpose.clone(),
+                case_ref: case_ref.clone(),
+                ttl: *ttl,
+                audience: config.tokens.audience.clone(),
+                backdate: Duration::ZERO,
+            };
+            let token = match bind_cert {
+                Some(cert) => {
+                    let der = crate::pki::load_certs(cert)?;
+                    let sha256 = crate::pki::fingerprint(&der[0]);
+                    crate::token::issue_bound(&keys_dir, &request, &sha256)
+                }
+                None => crate::token::issue(&keys_dir, &request),
+            }
             .with_context(|| {
                 format!("no development key for agency {agency:?}; run `karibche certs init` (or `serve`) first")
             })?;
