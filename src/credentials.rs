@@ -154,7 +154,7 @@ where
 /// Keeps the gateway's server TLS configuration in step with its files; each reload is an audit event.
 pub fn spawn_tls_reloader(
     files: GatewayTlsFiles,
-    target: Arc<ArcSwap<ServerConfig>>,
+    target: Arc<crate::tls::ReloadableTls>,
     metrics: Arc<Metrics>,
     config: Arc<Config>,
     interval: Duration,
@@ -176,7 +176,7 @@ pub fn spawn_tls_reloader(
                     event::TLS_RELOAD,
                     event::files_detail("gateway TLS (certificate, CAs, CRLs)", &files.watched()),
                 );
-                target.store(Arc::new(new));
+                target.replace(new);
                 metrics.set_certificates(crate::pki::expiry_gauges(&config));
                 tracing::info!("TLS configuration reloaded (certificates, CAs, CRLs)");
             }

@@ -177,7 +177,7 @@ fn over_capacity(detail: &'static str) -> Response<Body> {
 pub async fn serve_tls<H, F>(
     name: &'static str,
     listener: TcpListener,
-    tls: Arc<ArcSwap<ServerConfig>>,
+    tls: Arc<crate::tls::ReloadableTls>,
     limits: ListenLimits,
     metrics: Arc<Metrics>,
     handler: H,
@@ -238,7 +238,8 @@ pub async fn serve_tls<H, F>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(tls.load_full());
+        let acceptor = TlsAcceptor::from(tls.current());
+        let mut replaced = tls.replaced();
         let handler = handler.clone();
         let metrics = metrics.clone();
         let builder = builder.clone();
@@ -315,6 +316,12 @@ pub async fn serve_tls<H, F>(
                     r = conn.as_mut() => break r,
                     _ = stopped(&mut shutdown), if !closing => {
                         closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    // New TLS configuration (e.g. a CRL): close, so the client re-handshakes under it.
+                    Ok(()) = replaced.changed(), if !closing => {
+                        closing = true;
+                        metrics.overload(name, "tls_reloaded");
                         conn.as_mut().graceful_shutdown();
                     }
                     _ = activity.idle(idle, min_served), if !closing => {
@@ -518,7 +525,7 @@ pub struct Running {
     /// The database.
     pub store: Store,
     /// The gateway's TLS configuration in force; reloads swap it.
-    pub gateway_tls: Arc<ArcSwap<ServerConfig>>,
+    pub gateway_tls: Arc<crate::tls::ReloadableTls>,
     stop_gateway: watch::Sender<bool>,
     stop_rest: watch::Sender<bool>,
     gateway_task: tokio::task::JoinHandle<()>,
@@ -668,7 +675,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     }));
     let mut rest_tasks = Vec::new();
     // Identity material is reloaded while the system runs (see crate::reload).
-    let gateway_tls = Arc::new(ArcSwap::from_pointee(tls.gateway));
+    let gateway_tls = Arc::new(crate::tls::ReloadableTls::new(tls.gateway));
     rest_tasks.push(crate::credentials::spawn_tls_reloader(
         crate::credentials::GatewayTlsFiles::from_config(&config),
         gateway_tls.clone(),
@@ -704,7 +711,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             rest_tasks.push(tokio::spawn(serve_tls(
                 "registry",
                 listener,
-                Arc::new(ArcSwap::from_pointee(tls.registry)),
+                Arc::new(crate::tls::ReloadableTls::new(tls.registry)),
                 limits.clone(),
                 metrics.clone(),
                 handler,

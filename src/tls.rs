@@ -124,6 +124,44 @@ pub fn client_config(
         .with_client_auth_cert(chain, key)?)
 }
 
+/// A server configuration that can be replaced while connections are open.
+///
+/// Replacing it (new CRLs, CAs or certificate) also tells every open
+/// connection, which then closes gracefully: its client reconnects and
+/// handshakes against the new configuration, so a revocation reaches
+/// connections that were established before it.
+#[derive(Debug)]
+pub struct ReloadableTls {
+    config: arc_swap::ArcSwap<ServerConfig>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl ReloadableTls {
+    /// Wraps the first configuration.
+    pub fn new(config: ServerConfig) -> ReloadableTls {
+        ReloadableTls {
+            config: arc_swap::ArcSwap::from_pointee(config),
+            generation: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// The configuration new handshakes use.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.config.load_full()
+    }
+
+    /// Swaps in a new configuration and asks open connections to close.
+    pub fn replace(&self, config: ServerConfig) {
+        self.config.store(Arc::new(config));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes whenever the configuration is replaced.
+    pub fn replaced(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -580,3 +580,40 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_also_closes_connections_opened_before_it() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("psda", "identity-documentation", None);
+    // A keep-alive connection, established and used before the revocation.
+    let mut tls = gw.client("psda").tls().await;
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n",
+        path()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    karibche::crl::revoke_dev_agency(&gw.pki(), "psda").unwrap();
+    // The server closes it once the new CRL is in force; the client must handshake again, and fails.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the old connection stayed open after the revocation"
+    );
+    assert!(gw
+        .client("psda")
+        .send(http::Method::GET, &path(), Some(&token), None)
+        .await
+        .is_err());
+    gw.shutdown().await;
+}
