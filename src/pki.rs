@@ -476,8 +476,17 @@ pub(crate) fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> 
 
 /// Writes through a temporary file and a rename, so a crash never leaves half a key.
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    write_atomic(path, contents.as_bytes(), mode).map_err(|source| PkiError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Writes `contents` to `path` with `mode`, through a synced temporary file and a
+/// rename (creating the directory), so a crash never leaves half a key or secret.
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()
@@ -485,11 +494,10 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
         .create(true)
         .truncate(true)
         .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+        .open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

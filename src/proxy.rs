@@ -146,6 +146,17 @@ impl Refusal {
         }
     }
 
+    /// 500 with a fixed detail: the cause is the gateway's, and stays in its logs.
+    fn internal() -> Self {
+        Refusal::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "internal",
+            "the server could not complete the request",
+        )
+    }
+
     fn problem(&self) -> Problem {
         Problem::new(self.status, self.slug, &self.title, self.detail.clone())
     }
@@ -933,15 +944,7 @@ impl Gateway {
         let consent = changed.map_err(consent_failed)?;
         entry.consent_ref = Some(consent.id.clone());
         entry.subjects = vec![consent.subject.clone()];
-        let json = serde_json::to_vec(&consent).map_err(|_| {
-            Refusal::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "Internal error",
-                "internal",
-                "the server could not complete the request",
-            )
-        })?;
+        let json = serde_json::to_vec(&consent).map_err(|_| Refusal::internal())?;
         let transform = crate::transform::Context {
             pseudonymiser: &self.pseudonymiser,
             agency,
@@ -1151,15 +1154,7 @@ fn minimise(
         transforms,
         transform,
     );
-    let body = serde_json::to_vec(&value).map_err(|_| {
-        Refusal::error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "Internal error",
-            "internal",
-            "the server could not complete the request",
-        )
-    })?;
+    let body = serde_json::to_vec(&value).map_err(|_| Refusal::internal())?;
     entry.response_digest = Some(crate::audit_api::digest(&body));
     Ok(Released {
         status,

@@ -115,7 +115,7 @@ impl Pseudonymiser {
                 let mut secret = [0u8; 32];
                 aws_lc_rs::rand::fill(&mut secret)
                     .map_err(|_| std::io::Error::other("no randomness"))?;
-                write_secret(path, &hex::encode(secret))?;
+                crate::pki::write_atomic(path, hex::encode(secret).as_bytes(), 0o600)?;
                 secret.to_vec()
             }
             Err(e) => return Err(e),
@@ -137,24 +137,6 @@ impl Pseudonymiser {
         let tag = ctx.sign();
         format!("ps-{}", hex::encode(&tag.as_ref()[..16]))
     }
-}
-
-fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(tmp, path)
 }
 
 /// What a transform needs besides the value.

@@ -96,11 +96,6 @@ impl AuditKey {
 }
 
 fn write_pem(path: &Path, der: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
@@ -109,16 +104,7 @@ fn write_pem(path: &Path, der: &[u8]) -> std::io::Result<()> {
         pem.push('\n');
     }
     pem.push_str("-----END PRIVATE KEY-----\n");
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(pem.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(tmp, path)
+    crate::pki::write_atomic(path, pem.as_bytes(), 0o600)
 }
 
 /// The text a checkpoint signature covers.
