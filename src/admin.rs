@@ -329,7 +329,9 @@ impl AdminState {
             .filter(|(_, v)| v["breaker"] != "closed")
             .map(|(k, _)| k)
             .collect();
-        let ok = listening && database;
+        // A log that cannot be written means every data request gets 503: not ready.
+        let audit = !self.audit.stats().failing;
+        let ok = listening && database && audit;
         let status = if ok {
             StatusCode::OK
         } else {
@@ -341,6 +343,7 @@ impl AdminState {
                 "status": if ok { "ready" } else { "not ready" },
                 "listeners": listening,
                 "database": database,
+                "audit_log": audit,
                 "policy_version": self.policy.load().version(),
                 "open_breakers": open,
                 "providers": providers,

@@ -352,6 +352,10 @@ async fn unwritable_audit_log_means_503_and_no_data() {
     let text = String::from_utf8_lossy(&r.body);
     assert!(!text.contains(PERSON) && !text.contains("names"), "{text}");
     assert_eq!(audit::count_requests(&store).await.unwrap(), 0);
+    // Health says so too: a node that cannot log is taken out of rotation.
+    let (status, body) = admin_get(gw.running.started.admin, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("\"audit_log\":false"), "{body}");
 
     sqlx::raw_sql("DROP TRIGGER audit_block;")
         .execute(store.pool())
@@ -360,6 +364,10 @@ async fn unwritable_audit_log_means_503_and_no_data() {
     let r = client.get(&person_path(PERSON), Some(&token)).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(audit::verify(&store, None).await.unwrap().intact());
+    assert_eq!(
+        admin_get(gw.running.started.admin, "/readyz").await.0,
+        StatusCode::OK
+    );
     gw.shutdown().await;
 }
 
@@ -446,23 +454,7 @@ async fn admin_reports_health_readiness_and_metrics() {
         .get(&person_path(PERSON), Some(&token))
         .await;
     let admin = gw.running.started.admin;
-    let get = |path: &'static str| async move {
-        let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-        let (mut s, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header("host", "localhost")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = s.send_request(req).await.unwrap();
-        let status = resp.status();
-        use http_body_util::BodyExt;
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8(body.to_vec()).unwrap())
-    };
+    let get = |path: &'static str| admin_get(admin, path);
     assert_eq!(get("/healthz").await.0, StatusCode::OK);
     let (status, ready) = get("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{ready}");
@@ -556,4 +548,22 @@ async fn a_decision_on_an_asylum_case_is_logged_against_the_person() {
         .unwrap();
     assert_eq!(again.status, StatusCode::CONFLICT);
     gw.shutdown().await;
+}
+
+/// GET on the plain-HTTP admin listener.
+async fn admin_get(admin: std::net::SocketAddr, path: &str) -> (StatusCode, String) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
 }

@@ -91,6 +91,8 @@ pub struct AuditStats {
     pub failed_records: u64,
     /// Entries queued for the writer right now.
     pub queue_depth: usize,
+    /// Whether the last transaction failed: requests are being refused (fail closed).
+    pub failing: bool,
 }
 
 /// Counters shared by the writer task and every handle.
@@ -100,6 +102,8 @@ struct Counters {
     batches: AtomicU64,
     failed_batches: AtomicU64,
     failed_records: AtomicU64,
+    /// Set by a failed transaction, cleared by the next one that commits.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 /// One caller waiting for its record.
@@ -207,6 +211,7 @@ impl AuditLog {
             failed_batches: c.failed_batches.load(Ordering::Relaxed),
             failed_records: c.failed_records.load(Ordering::Relaxed),
             queue_depth: self.tx.max_capacity().saturating_sub(self.tx.capacity()),
+            failing: c.failing.load(Ordering::Relaxed),
         }
     }
 
@@ -331,6 +336,7 @@ impl Writer {
                 self.head = Some(Head { seq, hash: prev });
                 let c = &self.counters;
                 c.batches.fetch_add(1, Ordering::Relaxed);
+                c.failing.store(false, Ordering::Relaxed);
                 c.committed
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
                 for (record, reply) in records.into_iter().zip(replies) {
@@ -350,6 +356,7 @@ impl Writer {
                     "audit batch failed to commit; its requests are refused"
                 );
                 self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+                self.counters.failing.store(true, Ordering::Relaxed);
                 self.counters
                     .failed_records
                     .fetch_add(replies.len() as u64, Ordering::Relaxed);
@@ -402,6 +409,7 @@ impl Writer {
     /// Answers every job with a commit failure.
     fn fail(&self, jobs: Vec<Job>) {
         self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+        self.counters.failing.store(true, Ordering::Relaxed);
         self.counters
             .failed_records
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);
