@@ -190,7 +190,7 @@ pub(crate) async fn latest(store: &Store, node: &str) -> Result<Option<i64>, Aud
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -210,24 +210,32 @@ mod tests {
         assert!(forged.verify(None).is_err());
     }
 
-    async fn scenario(store: Store) {
-        use crate::audit::{verify_with_key, AuditConfig, AuditLog, CheckpointPolicy, Entry};
-        let dir = tempfile::tempdir().unwrap();
-        let key = std::sync::Arc::new(AuditKey::load_or_create(&dir.path().join("k")).unwrap());
-        let mut config = AuditConfig::new("node-cp");
-        config.max_batch = 4;
+    /// Writes `records` entries to `node` through a writer that checkpoints every
+    /// `every` records (batches of at most `max_batch`), stops it, and returns its key.
+    pub(crate) async fn write_checkpointed(
+        store: &Store,
+        dir: &std::path::Path,
+        node: &str,
+        max_batch: usize,
+        every: u64,
+        records: usize,
+    ) -> std::sync::Arc<AuditKey> {
+        use crate::audit::{AuditConfig, AuditLog, CheckpointPolicy, Entry};
+        let key = std::sync::Arc::new(AuditKey::load_or_create(&dir.join("k")).unwrap());
+        let mut config = AuditConfig::new(node);
+        config.max_batch = max_batch;
         config.checkpoints = Some(CheckpointPolicy {
             key: key.clone(),
-            every: 10,
+            every,
             interval: std::time::Duration::from_secs(3600),
         });
         let (log, writer) = AuditLog::start(store.clone(), config).await.unwrap();
-        for i in 0..25 {
+        for i in 0..records {
             log.append(Entry {
-                id: format!("cp-{i}"),
+                id: format!("{node}-{i}"),
                 ts: crate::audit::now_ts(),
                 method: "GET".into(),
-                path: "/x".into(),
+                path: format!("/v1/registry/persons/RF-{i}"),
                 decision: "allow".into(),
                 status: 200,
                 policy_version: "v".into(),
@@ -240,6 +248,13 @@ mod tests {
         log.close();
         drop(log);
         writer.finish().await;
+        key
+    }
+
+    async fn scenario(store: Store) {
+        use crate::audit::verify_with_key;
+        let dir = tempfile::tempdir().unwrap();
+        let key = write_checkpointed(&store, dir.path(), "node-cp", 4, 10, 25).await;
         let cps = list(&store, "node-cp").await.unwrap();
         assert!(cps.len() >= 3, "{cps:?}");
         assert_eq!(cps.last().unwrap().seq, 25, "shutdown checkpoints the head");

@@ -153,36 +153,20 @@ pub async fn export_checkpoints<W: std::io::Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{export, AuditConfig, AuditKey, AuditLog, CheckpointPolicy, Entry, Filter};
+    use crate::audit::{export, Filter};
 
     #[tokio::test]
     async fn an_export_verifies_offline_and_edits_are_named() {
         let (store, dir) = crate::testing::sqlite_store().await;
-        let key = std::sync::Arc::new(AuditKey::load_or_create(&dir.path().join("k")).unwrap());
-        let mut config = AuditConfig::new("n1");
-        config.checkpoints = Some(CheckpointPolicy {
-            key: key.clone(),
-            every: 5,
-            interval: std::time::Duration::from_secs(3600),
-        });
-        let (log, writer) = AuditLog::start(store.clone(), config).await.unwrap();
-        for i in 0..12 {
-            log.append(Entry {
-                id: format!("r{i}"),
-                ts: crate::audit::now_ts(),
-                method: "GET".into(),
-                path: format!("/v1/registry/persons/RF-{i}"),
-                decision: "allow".into(),
-                status: 200,
-                policy_version: "v".into(),
-                ..Entry::default()
-            })
-            .await
-            .unwrap();
-        }
-        log.close();
-        drop(log);
-        writer.finish().await;
+        let key = crate::audit::checkpoint::tests::write_checkpointed(
+            &store,
+            dir.path(),
+            "n1",
+            512,
+            5,
+            12,
+        )
+        .await;
         let mut records = Vec::new();
         export(&store, &Filter::default(), &mut records)
             .await
