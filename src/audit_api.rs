@@ -43,7 +43,7 @@ pub fn is_builtin(policy: &Policy, provider: &str) -> bool {
 
 /// Hex SHA-256 of a released body: the record's `response_digest`.
 pub fn digest(body: &[u8]) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body).as_ref())
+    crate::pki::sha256_hex(body)
 }
 
 /// Who asks, as the pipeline established it.

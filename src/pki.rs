@@ -88,7 +88,12 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
 
 /// Lowercase hex SHA-256 of a DER certificate: the fingerprint policies may pin.
 pub fn fingerprint(cert: &[u8]) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert))
+    sha256_hex(cert)
+}
+
+/// Lowercase hex SHA-256 of some bytes: fingerprints, digests of released bodies, file hashes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes))
 }
 
 /// A certificate authority that can sign leaf certificates (development only).

@@ -11,6 +11,7 @@ use std::process::Command;
 use common::{Db, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter, Record};
+use karibche::pki::sha256_hex;
 
 const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
 
@@ -25,10 +26,6 @@ async fn record(gw: &TestGateway, id: &str) -> Record {
         .into_iter()
         .find(|r| r.entry.id == id)
         .unwrap_or_else(|| panic!("no audit record {id}"))
-}
-
-fn sha256_hex(body: &[u8]) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body).as_ref())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

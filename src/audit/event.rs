@@ -86,11 +86,7 @@ pub fn files_detail(what: &str, paths: &[PathBuf]) -> String {
     let files: Vec<String> = paths
         .iter()
         .map(|p| match std::fs::read(p) {
-            Ok(bytes) => format!(
-                "{} {}",
-                p.display(),
-                hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref())
-            ),
+            Ok(bytes) => format!("{} {}", p.display(), crate::pki::sha256_hex(&bytes)),
             Err(_) => format!("{} unreadable", p.display()),
         })
         .collect();

@@ -320,10 +320,7 @@ fn version_of(sources: &[Source]) -> String {
 fn file_hashes(sources: &[Source]) -> Vec<(String, String)> {
     sources
         .iter()
-        .map(|s| {
-            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.text.as_bytes());
-            (s.rel.clone(), hex::encode(digest.as_ref()))
-        })
+        .map(|s| (s.rel.clone(), crate::pki::sha256_hex(s.text.as_bytes())))
         .collect()
 }
 

@@ -540,10 +540,7 @@ async fn create(reg: &Registry, kind: Kind, req: &Request<Bytes>) -> Answer {
     };
     // serde_json maps are ordered by key, so this hash ignores member order and whitespace.
     let canonical = serde_json::to_vec(&fields).map_err(|_| Problem::internal())?;
-    let request_hash = hex::encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        &canonical,
-    ));
+    let request_hash = crate::pki::sha256_hex(&canonical);
 
     let mut conn = reg.store.pool().acquire().await.map_err(internal)?;
     if let Some(key) = &key {
