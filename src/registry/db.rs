@@ -9,7 +9,7 @@ use sqlx::{AnyConnection, AssertSqlSafe};
 
 use super::model::{
     AsylumCase, BirthPlace, Crossing, Document, Employer, EntryBan, Names, Person, ResidencePermit,
-    Visa, WorkPermit,
+    Visa, WorkPermit, RECORD_KINDS,
 };
 use super::synth::surname_key;
 use crate::store::Backend;
@@ -465,115 +465,127 @@ pub(crate) async fn secondary_indexes(
     sqlx::query_as(sql).fetch_all(conn).await
 }
 
-#[derive(sqlx::FromRow)]
-struct PersonRow {
-    id: String,
-    personal_number: Option<String>,
-    surname: String,
-    given_names: String,
-    surname_ka: String,
-    given_names_ka: String,
-    sex: String,
-    birth_date: String,
-    birth_city: String,
-    birth_country: String,
-    nationalities: String,
-    stateless: i64,
+/// The person's own row in the wide shape every record query shares: `k` is
+/// the kind (0 for the person, then 1 + the index in
+/// [`super::model::RECORD_KINDS`]), `s` the sort key within the kind, `c0`…`c10`
+/// text columns and `n` the one integer column.
+const PERSON_SELECT: &str = "SELECT 0 AS k, '' AS s, id AS c0, personal_number AS c1, \
+    surname AS c2, given_names AS c3, surname_ka AS c4, given_names_ka AS c5, sex AS c6, \
+    birth_date AS c7, birth_city AS c8, birth_country AS c9, nationalities AS c10, stateless AS n \
+    FROM reg_persons WHERE id = $1";
+
+/// One branch per record kind, in the order of [`super::model::RECORD_KINDS`], in the wide shape.
+const RECORD_SELECTS: [&str; 7] = [
+    "SELECT 1, issued_on, id, kind, number, issuing_state, issued_on, valid_until, \
+     NULL, NULL, NULL, NULL, NULL, 0 FROM reg_documents WHERE person_id = $1",
+    "SELECT 2, valid_from, id, number, category, issuing_post, valid_from, valid_until, entries, \
+     NULL, NULL, NULL, NULL, 0 FROM reg_visas WHERE person_id = $1",
+    "SELECT 3, valid_from, id, number, permit_type, status, valid_from, valid_until, \
+     NULL, NULL, NULL, NULL, NULL, 0 FROM reg_residence_permits WHERE person_id = $1",
+    "SELECT 4, valid_from, id, number, employer_name, employer_tax_id, position, valid_from, \
+     valid_until, NULL, NULL, NULL, NULL, 0 FROM reg_work_permits WHERE person_id = $1",
+    "SELECT 5, at, id, person_id, direction, point, at, document_number, \
+     NULL, NULL, NULL, NULL, NULL, 0 FROM reg_crossings WHERE person_id = $1",
+    "SELECT 6, applied_on, id, case_number, applied_on, status, decision_on, \
+     NULL, NULL, NULL, NULL, NULL, NULL, 0 FROM reg_asylum_cases WHERE person_id = $1",
+    "SELECT 7, valid_from, id, reason, valid_from, valid_until, \
+     NULL, NULL, NULL, NULL, NULL, NULL, NULL, expulsion FROM reg_entry_bans WHERE person_id = $1",
+];
+
+/// Which record kinds a read wants.
+#[derive(Debug, Clone, Copy)]
+enum Kinds<'a> {
+    All,
+    /// One of [`super::model::RECORD_KINDS`]; any other name reads no records.
+    One(&'a str),
 }
 
-#[derive(sqlx::FromRow)]
-struct VisaRow {
-    id: String,
-    number: String,
-    category: String,
-    issuing_post: String,
-    valid_from: String,
-    valid_until: String,
-    entries: String,
-}
+/// The person with the records of `kinds` (the others left empty), or `None`.
+///
+/// One statement (a `UNION ALL` of the wide branches), not one per kind:
+/// sqlx runs every SQLite statement on the connection's worker thread, so
+/// each statement costs a round of context switches.
+async fn fetch(
+    conn: &mut AnyConnection,
+    id: &str,
+    kinds: Kinds<'_>,
+) -> Result<Option<Person>, sqlx::Error> {
+    use sqlx::Row;
 
-impl From<VisaRow> for Visa {
-    fn from(r: VisaRow) -> Visa {
-        Visa {
-            id: r.id,
-            person_id: None,
-            number: r.number,
-            category: r.category,
-            issuing_post: r.issuing_post,
-            valid_from: r.valid_from,
-            valid_until: r.valid_until,
-            entries: r.entries,
+    let mut sql = String::from(PERSON_SELECT);
+    let branches = match kinds {
+        Kinds::All => &RECORD_SELECTS[..],
+        Kinds::One(kind) => match RECORD_KINDS.iter().position(|k| *k == kind) {
+            Some(i) => &RECORD_SELECTS[i..=i],
+            None => &[][..],
+        },
+    };
+    for branch in branches {
+        sql.push_str(" UNION ALL ");
+        sql.push_str(branch);
+    }
+    sql.push_str(" ORDER BY k, s, c0");
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(id.to_owned())
+        .fetch_all(conn)
+        .await?;
+    let mut person: Option<Person> = None;
+    for row in rows {
+        let k: i64 = row.try_get("k")?;
+        let n: i64 = row.try_get("n")?;
+        let mut c = Cols(
+            (2..13)
+                .map(|i| row.try_get::<Option<String>, _>(i))
+                .collect::<Result<_, _>>()?,
+        );
+        if k == 0 {
+            person = Some(person_from(&mut c, n));
+            continue;
         }
+        // Records sort after their person; without one (impossible under the foreign keys) they are skipped.
+        if let Some(p) = person.as_mut() {
+            add_record(p, k, &mut c, n);
+        }
+    }
+    Ok(person)
+}
+
+/// The text columns of one wide row, each taken at most once.
+struct Cols(Vec<Option<String>>);
+
+impl Cols {
+    fn opt(&mut self, i: usize) -> Option<String> {
+        self.0.get_mut(i).and_then(Option::take)
+    }
+
+    fn text(&mut self, i: usize) -> String {
+        self.opt(i).unwrap_or_default()
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct WorkRow {
-    id: String,
-    number: String,
-    employer_name: String,
-    employer_tax_id: String,
-    position: String,
-    valid_from: String,
-    valid_until: String,
-}
-
-#[derive(sqlx::FromRow)]
-struct BanRow {
-    id: String,
-    reason: String,
-    valid_from: String,
-    valid_until: String,
-    expulsion: i64,
-}
-
-/// Whether a person with this id exists.
-pub(crate) async fn person_exists(conn: &mut AnyConnection, id: &str) -> Result<bool, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM reg_persons WHERE id = $1")
-        .bind(id.to_owned())
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(n > 0)
-}
-
-/// The person with all records, or `None`.
-pub(crate) async fn load_person(
-    conn: &mut AnyConnection,
-    id: &str,
-) -> Result<Option<Person>, sqlx::Error> {
-    let row: Option<PersonRow> = sqlx::query_as(
-        "SELECT id, personal_number, surname, given_names, surname_ka, given_names_ka, sex, \
-         birth_date, birth_city, birth_country, nationalities, stateless \
-         FROM reg_persons WHERE id = $1",
-    )
-    .bind(id.to_owned())
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let mut person = Person {
-        id: row.id,
-        personal_number: row.personal_number,
+fn person_from(c: &mut Cols, stateless: i64) -> Person {
+    Person {
+        id: c.text(0),
+        personal_number: c.opt(1),
         names: Names {
-            surname: row.surname,
-            given_names: row.given_names,
-            surname_ka: row.surname_ka,
-            given_names_ka: row.given_names_ka,
+            surname: c.text(2),
+            given_names: c.text(3),
+            surname_ka: c.text(4),
+            given_names_ka: c.text(5),
         },
-        sex: row.sex,
-        birth_date: row.birth_date,
+        sex: c.text(6),
+        birth_date: c.text(7),
         birth_place: BirthPlace {
-            city: row.birth_city,
-            country: row.birth_country,
+            city: c.text(8),
+            country: c.text(9),
         },
-        nationalities: row
-            .nationalities
+        nationalities: c
+            .text(10)
             .split(',')
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect(),
-        stateless: row.stateless != 0,
+        stateless: stateless != 0,
         documents: Vec::new(),
         visas: Vec::new(),
         residence_permits: Vec::new(),
@@ -581,18 +593,90 @@ pub(crate) async fn load_person(
         crossings: Vec::new(),
         asylum_cases: Vec::new(),
         entry_bans: Vec::new(),
-    };
-    person.documents = documents(conn, id).await?;
-    person.visas = visas(conn, id).await?;
-    person.residence_permits = residence_permits(conn, id).await?;
-    person.work_permits = work_permits(conn, id).await?;
-    person.crossings = crossings(conn, id).await?;
-    person.asylum_cases = asylum_cases(conn, id).await?;
-    person.entry_bans = entry_bans(conn, id).await?;
-    Ok(Some(person))
+    }
 }
 
-/// One kind of record of a person as JSON (`kind` must be one of [`super::model::RECORD_KINDS`]).
+/// Adds the record in a wide row of kind `k` (see [`RECORD_SELECTS`]) to the person.
+fn add_record(p: &mut Person, k: i64, c: &mut Cols, n: i64) {
+    match k {
+        1 => p.documents.push(Document {
+            id: c.text(0),
+            person_id: None,
+            kind: c.text(1),
+            number: c.text(2),
+            issuing_state: c.text(3),
+            issued_on: c.text(4),
+            valid_until: c.text(5),
+        }),
+        2 => p.visas.push(Visa {
+            id: c.text(0),
+            person_id: None,
+            number: c.text(1),
+            category: c.text(2),
+            issuing_post: c.text(3),
+            valid_from: c.text(4),
+            valid_until: c.text(5),
+            entries: c.text(6),
+        }),
+        3 => p.residence_permits.push(ResidencePermit {
+            id: c.text(0),
+            person_id: None,
+            number: c.text(1),
+            permit_type: c.text(2),
+            status: c.text(3),
+            valid_from: c.text(4),
+            valid_until: c.text(5),
+        }),
+        4 => p.work_permits.push(WorkPermit {
+            id: c.text(0),
+            person_id: None,
+            number: c.text(1),
+            employer: Employer {
+                name: c.text(2),
+                tax_id: c.text(3),
+            },
+            position: c.text(4),
+            valid_from: c.text(5),
+            valid_until: c.text(6),
+        }),
+        5 => p.crossings.push(Crossing {
+            id: c.text(0),
+            person_id: c.text(1),
+            direction: c.text(2),
+            point: c.text(3),
+            at: c.text(4),
+            document_number: c.text(5),
+        }),
+        6 => p.asylum_cases.push(AsylumCase {
+            id: c.text(0),
+            person_id: None,
+            case_number: c.text(1),
+            applied_on: c.text(2),
+            status: c.text(3),
+            decision_on: c.opt(4),
+        }),
+        7 => p.entry_bans.push(EntryBan {
+            id: c.text(0),
+            person_id: None,
+            reason: c.text(1),
+            valid_from: c.text(2),
+            valid_until: c.text(3),
+            expulsion: n != 0,
+        }),
+        _ => {}
+    }
+}
+
+/// The person with all records, or `None`.
+pub(crate) async fn load_person(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Option<Person>, sqlx::Error> {
+    fetch(conn, id, Kinds::All).await
+}
+
+/// One kind of record of a person as JSON, or `None` if there is no such
+/// person (`kind` must be one of [`super::model::RECORD_KINDS`]).
 pub(crate) async fn records(
     conn: &mut AnyConnection,
     id: &str,
@@ -601,122 +685,53 @@ pub(crate) async fn records(
     fn json<T: serde::Serialize>(v: Vec<T>) -> Option<serde_json::Value> {
         serde_json::to_value(v).ok()
     }
+    let Some(p) = fetch(conn, id, Kinds::One(kind)).await? else {
+        return Ok(None);
+    };
     Ok(match kind {
-        "documents" => json(documents(conn, id).await?),
-        "visas" => json(visas(conn, id).await?),
-        "residence_permits" => json(residence_permits(conn, id).await?),
-        "work_permits" => json(work_permits(conn, id).await?),
-        "crossings" => json(crossings(conn, id).await?),
-        "asylum_cases" => json(asylum_cases(conn, id).await?),
-        "entry_bans" => json(entry_bans(conn, id).await?),
+        "documents" => json(p.documents),
+        "visas" => json(p.visas),
+        "residence_permits" => json(p.residence_permits),
+        "work_permits" => json(p.work_permits),
+        "crossings" => json(p.crossings),
+        "asylum_cases" => json(p.asylum_cases),
+        "entry_bans" => json(p.entry_bans),
         _ => None,
     })
 }
 
+/// The records of one kind of a person (none if there is no such person).
+async fn kind_of<T>(
+    conn: &mut AnyConnection,
+    id: &str,
+    kind: &str,
+    take: fn(Person) -> Vec<T>,
+) -> Result<Vec<T>, sqlx::Error> {
+    Ok(fetch(conn, id, Kinds::One(kind))
+        .await?
+        .map(take)
+        .unwrap_or_default())
+}
+
+/// The person's travel and identity documents.
 pub(crate) async fn documents(
     conn: &mut AnyConnection,
     id: &str,
 ) -> Result<Vec<Document>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, kind, number, issuing_state, issued_on, valid_until FROM reg_documents \
-         WHERE person_id = $1 ORDER BY issued_on, id",
-    )
-    .bind(id.to_owned())
-    .fetch_all(conn)
-    .await
+    kind_of(conn, id, "documents", |p| p.documents).await
 }
 
+/// The person's visas.
 pub(crate) async fn visas(conn: &mut AnyConnection, id: &str) -> Result<Vec<Visa>, sqlx::Error> {
-    let rows: Vec<VisaRow> = sqlx::query_as(
-        "SELECT id, number, category, issuing_post, valid_from, valid_until, entries \
-         FROM reg_visas WHERE person_id = $1 ORDER BY valid_from, id",
-    )
-    .bind(id.to_owned())
-    .fetch_all(conn)
-    .await?;
-    Ok(rows.into_iter().map(Visa::from).collect())
+    kind_of(conn, id, "visas", |p| p.visas).await
 }
 
-pub(crate) async fn residence_permits(
-    conn: &mut AnyConnection,
-    id: &str,
-) -> Result<Vec<ResidencePermit>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, number, permit_type, status, valid_from, valid_until \
-         FROM reg_residence_permits WHERE person_id = $1 ORDER BY valid_from, id",
-    )
-    .bind(id.to_owned())
-    .fetch_all(conn)
-    .await
-}
-
-async fn work_permits(conn: &mut AnyConnection, id: &str) -> Result<Vec<WorkPermit>, sqlx::Error> {
-    let rows: Vec<WorkRow> = sqlx::query_as(
-        "SELECT id, number, employer_name, employer_tax_id, position, valid_from, valid_until \
-         FROM reg_work_permits WHERE person_id = $1 ORDER BY valid_from, id",
-    )
-    .bind(id.to_owned())
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| WorkPermit {
-            id: r.id,
-            person_id: None,
-            number: r.number,
-            employer: Employer {
-                name: r.employer_name,
-                tax_id: r.employer_tax_id,
-            },
-            position: r.position,
-            valid_from: r.valid_from,
-            valid_until: r.valid_until,
-        })
-        .collect())
-}
-
-async fn crossings(conn: &mut AnyConnection, id: &str) -> Result<Vec<Crossing>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, person_id, direction, point, at, document_number FROM reg_crossings \
-         WHERE person_id = $1 ORDER BY at, id",
-    )
-    .bind(id.to_owned())
-    .fetch_all(conn)
-    .await
-}
-
-async fn asylum_cases(conn: &mut AnyConnection, id: &str) -> Result<Vec<AsylumCase>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, case_number, applied_on, status, decision_on FROM reg_asylum_cases \
-         WHERE person_id = $1 ORDER BY applied_on, id",
-    )
-    .bind(id.to_owned())
-    .fetch_all(conn)
-    .await
-}
-
+/// The person's entry bans.
 pub(crate) async fn entry_bans(
     conn: &mut AnyConnection,
     id: &str,
 ) -> Result<Vec<EntryBan>, sqlx::Error> {
-    let rows: Vec<BanRow> = sqlx::query_as(
-        "SELECT id, reason, valid_from, valid_until, expulsion FROM reg_entry_bans \
-         WHERE person_id = $1 ORDER BY valid_from, id",
-    )
-    .bind(id.to_owned())
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| EntryBan {
-            id: r.id,
-            person_id: None,
-            reason: r.reason,
-            valid_from: r.valid_from,
-            valid_until: r.valid_until,
-            expulsion: r.expulsion != 0,
-        })
-        .collect())
+    kind_of(conn, id, "entry_bans", |p| p.entry_bans).await
 }
 
 /// The birth date of a person, or `None` if there is no such person.

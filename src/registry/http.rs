@@ -154,13 +154,10 @@ async fn get_person(reg: &Registry, id: &str) -> Answer {
 
 async fn get_records(reg: &Registry, id: &str, kind: &str) -> Answer {
     let mut conn = reg.store.pool().acquire().await.map_err(internal)?;
-    if !db::person_exists(&mut conn, id).await.map_err(internal)? {
-        return Err(Problem::not_found("no person with this id"));
-    }
     let records = db::records(&mut conn, id, kind)
         .await
         .map_err(internal)?
-        .ok_or_else(Problem::internal)?;
+        .ok_or_else(|| Problem::not_found("no person with this id"))?;
     let mut body = Map::new();
     body.insert("id".to_owned(), Value::String(id.to_owned()));
     body.insert(kind.to_owned(), records);

@@ -65,13 +65,12 @@ pub struct BirthPlace {
 }
 
 /// A passport or travel document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Document {
     /// Record id.
     pub id: String,
     /// The person it belongs to; shown only where a document stands alone (the POST answer).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[sqlx(skip)]
     pub person_id: Option<String>,
     /// `passport`, `travel_document` or `stateless_document`.
     pub kind: String,
@@ -108,13 +107,12 @@ pub struct Visa {
 }
 
 /// A Georgian residence permit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ResidencePermit {
     /// Record id.
     pub id: String,
     /// The person it belongs to; shown only in the POST answer.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[sqlx(skip)]
     pub person_id: Option<String>,
     /// Permit card number.
     pub number: String,
@@ -176,13 +174,12 @@ pub struct Crossing {
 }
 
 /// An application for international protection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AsylumCase {
     /// Record id.
     pub id: String,
     /// The person it belongs to; shown only in the POST answer.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[sqlx(skip)]
     pub person_id: Option<String>,
     /// Case file number.
     pub case_number: String,
