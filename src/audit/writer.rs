@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use super::checkpoint::{self, AuditKey, Checkpoint};
 use super::record::{audit_columns, prepare, Entry, Record, AUDIT_COLUMN_COUNT, GENESIS_HASH};
 use super::AuditError;
-use crate::store::Store;
+use crate::store::{Backend, Store};
 
 /// Rows per multi-row `INSERT` into `audit_log`: 32 × 28 parameters stays far
 /// below SQLite's and PostgreSQL's parameter limits.
@@ -453,6 +453,7 @@ async fn write_batch(
     let mut tx = store.pool().begin().await?;
     for chunk in records.chunks(LOG_ROWS_PER_INSERT) {
         let sql = insert_sql(
+            store.backend(),
             concat!("INSERT INTO audit_log (", audit_columns!(), ") VALUES "),
             AUDIT_COLUMN_COUNT,
             chunk.len(),
@@ -503,6 +504,7 @@ async fn write_batch(
         .collect();
     for chunk in subjects.chunks(SUBJECT_ROWS_PER_INSERT) {
         let sql = insert_sql(
+            store.backend(),
             "INSERT INTO audit_subjects (node, seq, subject) VALUES ",
             3,
             chunk.len(),
@@ -533,8 +535,13 @@ fn json_list(items: &[String]) -> String {
     serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
 }
 
-/// `prefix` followed by `rows` groups of `cols` numbered placeholders.
-fn insert_sql(prefix: &str, cols: usize, rows: usize) -> String {
+/// `prefix` followed by `rows` groups of `cols` placeholders.
+///
+/// SQLite gets anonymous `?`: sqlx asks SQLite for the name of every
+/// parameter it binds, and SQLite finds a numbered one by a linear scan, so
+/// `$n` would make a batch of hundreds of parameters cost quadratic time.
+/// PostgreSQL needs `$n`.
+fn insert_sql(backend: Backend, prefix: &str, cols: usize, rows: usize) -> String {
     let mut sql = String::with_capacity(prefix.len() + rows * cols * 6);
     sql.push_str(prefix);
     let mut n = 0;
@@ -542,7 +549,13 @@ fn insert_sql(prefix: &str, cols: usize, rows: usize) -> String {
         sql.push_str(if row == 0 { "(" } else { ",(" });
         for col in 0..cols {
             n += 1;
-            let _ = write!(sql, "{}${n}", if col == 0 { "" } else { "," });
+            sql.push_str(if col == 0 { "" } else { "," });
+            match backend {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => {
+                    let _ = write!(sql, "${n}");
+                }
+            }
         }
         sql.push(')');
     }
@@ -554,7 +567,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_are_numbered_across_rows() {
-        assert_eq!(insert_sql("V ", 2, 2), "V ($1,$2),($3,$4)");
+    fn placeholders_are_numbered_across_rows_on_postgres_and_anonymous_on_sqlite() {
+        assert_eq!(
+            insert_sql(Backend::Postgres, "V ", 2, 2),
+            "V ($1,$2),($3,$4)"
+        );
+        assert_eq!(insert_sql(Backend::Sqlite, "V ", 2, 2), "V (?,?),(?,?)");
     }
 }
