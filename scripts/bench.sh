@@ -9,6 +9,9 @@
 # Knobs (environment): RATE=1000 DURATION=20s WARMUP=3s CONCURRENCY=64
 #   IDLE_CONNECTIONS=10000 HS_DURATION=10s OUT=target/bench KARIBCHE_BIN=path
 #   ONLY="1 2 3 4" (which comparisons to run)
+#   RUNS="gateway-closed-http1 …" (only these runs of the chosen comparisons)
+#   PERF="gateway-closed-http1 …" (runs to profile with perf record, to $OUT/NAME.perf.data)
+#   PERF_OPTS="-F 999 -g" (perf record's sampling options, e.g. "-F 199 --call-graph dwarf")
 #
 # Everything runs on 127.0.0.1 on ports 18443-18445/19090 in a temporary
 # directory (development PKI, SQLite database, a copy of policies/ whose
@@ -129,8 +132,16 @@ echo "nginx: pid $NGINX_PID ($("$NGINX" -v 2>&1))"
 bench() {
     local name=$1
     shift
+    if [ -n "${RUNS:-}" ] && [[ " $RUNS " != *" $name "* ]]; then return 0; fi
     echo
+    local perf_pid=
+    if [[ " ${PERF:-} " == *" $name "* ]]; then
+        # Samples the karibche process (gateway + register) for the measured part of this run.
+        (sleep "${WARMUP%s}"; exec perf record -q ${PERF_OPTS:--F 999 -g} -p "$GW_PID" -o "$OUT/$name.perf.data" -- sleep "${DURATION%s}") &
+        perf_pid=$!
+    fi
     "$BIN" --config "$WORK/bench.toml" bench "$@" | tee "$OUT/$name.txt"
+    [ -n "$perf_pid" ] && wait "$perf_pid" && echo "profile: perf report -i $OUT/$name.perf.data --no-children --sort sym"
     grep '^summary ' "$OUT/$name.txt" | sed "s/^summary /summary run=$name /" >>"$OUT/summary.txt"
 }
 # get NAME KEY: one figure of a run.

@@ -44,8 +44,15 @@ use crate::store::Store;
 /// Linux reports process CPU time in clock ticks of this many per second (USER_HZ, 100 on every
 /// mainstream architecture); reading sysconf would need `libc`.
 const CLOCK_TICKS_PER_SECOND: u64 = 100;
-/// Persons whose records are read once before measuring, to learn document numbers for searches and writes.
-const DISCOVERY_PERSONS: u32 = 64;
+/// Persons whose records are read once before measuring, to learn document numbers to search for.
+const SEARCH_PERSONS: u32 = 64;
+/// Persons, spread over the rest of the register, read once to learn document numbers to write crossings with.
+///
+/// Writes and searches go to different persons, and writes are spread thin,
+/// so a search answers the same records in the first run and the last: a
+/// workload that piled crossings onto the searched persons would make every
+/// run heavier than the one before and skew side-by-side ratios.
+const WRITE_PERSONS: u32 = 1024;
 /// Handshakes in flight at once while idle connections are being opened.
 const IDLE_OPENING_AT_ONCE: usize = 128;
 
@@ -294,7 +301,8 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let mut workload = Workload {
         prefix: opts.target.prefix().to_owned(),
         persons: opts.persons.max(1),
-        documents: Vec::new(),
+        search_documents: Vec::new(),
+        write_documents: Vec::new(),
         mix: opts.mix,
         tokens,
     };
@@ -303,9 +311,13 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     }
     let mut setup_ok = 0;
     if opts.mix.search + opts.mix.write > 0 {
-        let (documents, ok) = discover(&endpoint, &workload).await?;
-        workload.documents = documents;
-        setup_ok = ok;
+        let (search, write) = discovery_persons(workload.persons);
+        let (documents, ok) = discover(&endpoint, &workload, search).await?;
+        workload.search_documents = documents;
+        setup_ok += ok;
+        let (documents, ok) = discover(&endpoint, &workload, write).await?;
+        workload.write_documents = documents;
+        setup_ok += ok;
     }
     let mut report = load(opts, &endpoint, Arc::new(workload)).await?;
     report.setup_ok += setup_ok;
@@ -367,8 +379,10 @@ impl Rng {
 struct Workload {
     prefix: String,
     persons: u32,
-    /// (person id, document number) pairs learned before the run.
-    documents: Vec<(String, String)>,
+    /// (person id, document number) pairs learned before the run, to search for.
+    search_documents: Vec<(String, String)>,
+    /// (person id, document number) pairs learned before the run, to write crossings with.
+    write_documents: Vec<(String, String)>,
     mix: Mix,
     tokens: Vec<String>,
 }
@@ -402,13 +416,19 @@ impl Workload {
     fn call(&self, rng: &mut Rng) -> Call {
         let total = u64::from(self.mix.read + self.mix.search + self.mix.write);
         let pick = rng.below(total);
-        let docs = self.documents.len() as u64;
+        let searching = pick < u64::from(self.mix.read + self.mix.search);
+        let documents = if searching {
+            &self.search_documents
+        } else {
+            &self.write_documents
+        };
+        let docs = documents.len() as u64;
         if pick < u64::from(self.mix.read) || docs == 0 {
             let n = rng.below(u64::from(self.persons)) as u32 + 1;
             return self.read(n);
         }
-        let (person, document) = &self.documents[rng.below(docs) as usize];
-        if pick < u64::from(self.mix.read + self.mix.search) {
+        let (person, document) = &documents[rng.below(docs) as usize];
+        if searching {
             return Call {
                 method: http::Method::GET,
                 path: format!(
@@ -444,10 +464,26 @@ impl Workload {
     }
 }
 
-/// Reads the first persons' records once to learn document numbers; returns them and the 2xx count.
+/// The persons whose documents searches use, and those whose documents writes use (disjoint
+/// when the register is large enough).
+fn discovery_persons(persons: u32) -> (Vec<u32>, Vec<u32>) {
+    let search: Vec<u32> = (1..=SEARCH_PERSONS.min(persons)).collect();
+    let rest = persons.saturating_sub(SEARCH_PERSONS);
+    if rest < SEARCH_PERSONS {
+        return (search.clone(), search);
+    }
+    let step = (rest / WRITE_PERSONS).max(1);
+    let write = (0..WRITE_PERSONS.min(rest))
+        .map(|k| SEARCH_PERSONS + 1 + k * step)
+        .collect();
+    (search, write)
+}
+
+/// Reads these persons' records once to learn document numbers valid today; returns them and the 2xx count.
 async fn discover(
     endpoint: &Endpoint,
     workload: &Workload,
+    persons: Vec<u32>,
 ) -> Result<(Vec<(String, String)>, u64), BenchError> {
     let mut conn = endpoint
         .connect()
@@ -456,7 +492,7 @@ async fn discover(
     let mut documents = Vec::new();
     let mut ok = 0;
     let mut rng = Rng(1);
-    for n in 1..=DISCOVERY_PERSONS.min(workload.persons) {
+    for n in persons {
         let (status, body) = conn
             .send(&workload.read(n), workload.token(&mut rng))
             .await
@@ -493,7 +529,7 @@ async fn discover(
     }
     if documents.is_empty() {
         return Err(BenchError::Discovery(
-            "no document numbers in the first records: searches and writes need some (use --mix read=100)"
+            "no document numbers in the records read before the run: searches and writes need some (use --mix read=100)"
                 .to_owned(),
         ));
     }
@@ -815,7 +851,8 @@ mod tests {
         let w = Workload {
             prefix: "/v1/registry".into(),
             persons: 10,
-            documents: vec![("RF-0000001".into(), "AB 12/3".into())],
+            search_documents: vec![("RF-0000001".into(), "AB 12/3".into())],
+            write_documents: vec![("RF-0000002".into(), "CD 45/6".into())],
             mix: Mix::default(),
             tokens: vec!["t".into()],
         };
@@ -827,7 +864,8 @@ mod tests {
                 assert_eq!(c.path, "/v1/registry/crossings");
                 let v: serde_json::Value =
                     serde_json::from_slice(c.body.as_ref().unwrap()).unwrap();
-                assert_eq!(v["document_number"], "AB 12/3");
+                assert_eq!(v["document_number"], "CD 45/6");
+                assert_eq!(v["person_id"], "RF-0000002");
                 writes += 1;
             } else if c.path.contains('?') {
                 assert_eq!(c.path, "/v1/registry/persons?document=AB%2012%2F3");
@@ -841,5 +879,18 @@ mod tests {
         assert!((1500..2500).contains(&searches), "{searches}");
         assert!((600..1400).contains(&writes), "{writes}");
         assert_eq!(Target::Direct.prefix(), "");
+    }
+
+    #[test]
+    fn writes_and_searches_use_different_persons_spread_over_the_register() {
+        let (search, write) = discovery_persons(10_000);
+        assert_eq!(search, (1..=64).collect::<Vec<_>>());
+        assert_eq!(write.len(), 1024);
+        assert_eq!(write[0], 65);
+        assert!(*write.last().unwrap() <= 10_000);
+        assert!(write.iter().all(|n| !search.contains(n)));
+        let (search, write) = discovery_persons(10);
+        assert_eq!(search, write);
+        assert_eq!(search.len(), 10);
     }
 }
