@@ -167,6 +167,37 @@ fn over_capacity(detail: &'static str) -> Response<Body> {
     resp
 }
 
+/// An HTTP version a TLS connection agreed on.
+#[derive(Debug, Clone, Copy)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// A connection builder for one HTTP version, with the listener's bounds.
+///
+/// ALPN has chosen the version by the time hyper gets the connection (HTTP/2
+/// over TLS requires it; no ALPN means HTTP/1.1), so hyper does not sniff the
+/// first bytes: sniffing hands them back as a prefix, which doubles HTTP/1.1's
+/// read buffer to 16 KiB for the connection's life.
+fn protocol_builder(limits: &ListenLimits, protocol: Protocol) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024);
+    match protocol {
+        Protocol::Http1 => builder.http1_only(),
+        Protocol::Http2 => builder.http2_only(),
+    }
+}
+
 /// Serves HTTP/1.1 and HTTP/2 over TLS on `listener` until `shutdown` turns true.
 ///
 /// Every bound counts in `/metrics` when it acts: the total and per-agency
@@ -189,18 +220,10 @@ pub async fn serve_tls<H, F>(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
     let mut conns = tokio::task::JoinSet::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(64 * 1024);
-    let builder = Arc::new(builder);
+    let builders = Arc::new([
+        protocol_builder(&limits, Protocol::Http1),
+        protocol_builder(&limits, Protocol::Http2),
+    ]);
     let mut stop = shutdown.clone();
     loop {
         let (stream, peer) = tokio::select! {
@@ -242,7 +265,7 @@ pub async fn serve_tls<H, F>(
         let mut replaced = tls.replaced();
         let handler = handler.clone();
         let metrics = metrics.clone();
-        let builder = builder.clone();
+        let builders = builders.clone();
         let limits = limits.clone();
         let mut shutdown = shutdown.clone();
         conns.spawn(async move {
@@ -292,12 +315,18 @@ pub async fn serve_tls<H, F>(
                     async move {
                         let resp = match refused {
                             Some(detail) => over_capacity(detail),
-                            None => handler(info, req).await,
+                            // Boxed: hyper keeps a slot the size of this future for the
+                            // connection's whole life, and the pipeline's is kilobytes.
+                            None => Box::pin(handler(info, req)).await,
                         };
                         drop(in_flight);
                         Ok::<_, Infallible>(resp)
                     }
                 })
+            };
+            let builder = match tls_stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => &builders[1],
+                _ => &builders[0],
             };
             let conn = builder
                 .serve_connection(TokioIo::new(tls_stream), svc)
