@@ -8,12 +8,16 @@
 //! The provider is passed explicitly everywhere instead of relying on a
 //! process-wide default, so a second crypto stack can never be picked up.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 
 /// Errors building a TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -74,9 +78,7 @@ pub struct ClientVerification {
 }
 
 /// The client-certificate verifier for a [`ClientVerification`].
-pub fn client_verifier(
-    v: &ClientVerification,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+pub fn client_verifier(v: &ClientVerification) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let mut b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&v.cas)?), provider());
     if !v.crls.is_empty() {
         b = b.with_crls(v.crls.iter().cloned());
@@ -87,7 +89,118 @@ pub fn client_verifier(
             b = b.enforce_revocation_expiration();
         }
     }
-    Ok(b.build()?)
+    Ok(Arc::new(CachingClientVerifier::new(b.build()?)))
+}
+
+/// How long an accepted client certificate chain is taken on trust again.
+const ACCEPTED_CHAIN_TTL: Duration = Duration::from_secs(60);
+/// At most this many accepted chains are remembered (the cache empties when full).
+const ACCEPTED_CHAINS_MAX: usize = 10_000;
+
+/// Remembers the client certificate chains the inner verifier accepted, so an
+/// agency reconnecting with the same certificate skips the chain check (the
+/// CA's ECDSA signature, a quarter of a full handshake's CPU) for a minute.
+///
+/// Only the chain check is cached: the client's proof that it holds the key
+/// (the handshake signature) is verified on every handshake. A cached chain is
+/// never used past its certificate's `notAfter`, and each CRL or CA reload
+/// builds a new verifier with an empty cache, so a revocation is not delayed.
+#[derive(Debug)]
+struct CachingClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    /// Chain digest → until when its acceptance holds (UNIX seconds).
+    accepted: Mutex<HashMap<[u8; 32], u64>>,
+}
+
+impl CachingClientVerifier {
+    fn new(inner: Arc<dyn ClientCertVerifier>) -> CachingClientVerifier {
+        CachingClientVerifier {
+            inner,
+            accepted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// SHA-256 over the chain, each certificate prefixed by its length.
+    fn digest(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for cert in std::iter::once(end_entity).chain(intermediates) {
+            ctx.update(&(cert.len() as u64).to_be_bytes());
+            ctx.update(cert);
+        }
+        let mut out = [0; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
+    fn accepted(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], u64>> {
+        // The map holds no invariant a panicking holder could break.
+        self.accepted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ClientCertVerifier for CachingClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let key = Self::digest(end_entity, intermediates);
+        let t = now.as_secs();
+        if self.accepted().get(&key).is_some_and(|until| t < *until) {
+            return Ok(ClientCertVerified::assertion());
+        }
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let not_after = x509_parser::parse_x509_certificate(end_entity)
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .ok()
+            .and_then(|t| u64::try_from(t).ok());
+        if let Some(not_after) = not_after {
+            let until = not_after.min(t.saturating_add(ACCEPTED_CHAIN_TTL.as_secs()));
+            let mut accepted = self.accepted();
+            if accepted.len() >= ACCEPTED_CHAINS_MAX {
+                accepted.clear();
+            }
+            accepted.insert(key, until);
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// A server configuration that requires a client certificate passing `client`.
@@ -182,6 +295,48 @@ mod tests {
         assert!(s.ticketer.enabled(), "resumption by tickets is on");
         assert!(s.session_storage.can_cache());
         client_config(roots(&ca).unwrap(), chain, key).unwrap();
+    }
+
+    #[test]
+    fn accepted_chains_are_cached_until_ttl_or_not_after_and_others_still_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::pki::ensure_dev_pki(dir.path(), &["psda"]).unwrap();
+        let ca = crate::pki::load_certs(&dir.path().join("ca.pem")).unwrap();
+        let agency = crate::pki::load_certs(&dir.path().join("agencies/psda.pem")).unwrap();
+        let v = ClientVerification {
+            cas: ca.clone(),
+            ..ClientVerification::default()
+        };
+        let verifier = CachingClientVerifier::new(
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&ca).unwrap()), provider())
+                .build()
+                .unwrap(),
+        );
+        let now = UnixTime::now();
+        verifier.verify_client_cert(&agency[0], &[], now).unwrap();
+        assert_eq!(verifier.accepted().len(), 1);
+        let until = *verifier.accepted().values().next().unwrap();
+        assert!(until <= now.as_secs() + ACCEPTED_CHAIN_TTL.as_secs());
+        // A hit answers from the cache; past the TTL the chain is checked again (and still passes).
+        verifier.verify_client_cert(&agency[0], &[], now).unwrap();
+        let later = UnixTime::since_unix_epoch(Duration::from_secs(until + 1));
+        verifier.verify_client_cert(&agency[0], &[], later).unwrap();
+        assert!(*verifier.accepted().values().next().unwrap() > until);
+        // Far past notAfter the cached entry is not used: the inner verifier refuses the expired certificate.
+        let expired =
+            UnixTime::since_unix_epoch(Duration::from_secs(now.as_secs() + 100 * 365 * 86_400));
+        assert!(verifier
+            .verify_client_cert(&agency[0], &[], expired)
+            .is_err());
+        // A certificate from another CA is refused, and not remembered.
+        let other = tempfile::tempdir().unwrap();
+        crate::pki::ensure_dev_pki(other.path(), &["psda"]).unwrap();
+        let stranger = crate::pki::load_certs(&other.path().join("agencies/psda.pem")).unwrap();
+        let before = verifier.accepted().len();
+        assert!(verifier.verify_client_cert(&stranger[0], &[], now).is_err());
+        assert_eq!(verifier.accepted().len(), before);
+        // client_verifier wraps webpki in the cache.
+        client_verifier(&v).unwrap();
     }
 
     #[test]
