@@ -575,7 +575,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Registry(RegistryCommand::Seed { persons, seed }) => {
-            let store = crate::store::Store::connect(&config.database_url()).await?;
+            let store = crate::store::Store::connect(&config.registry_database_url()).await?;
             let n = crate::registry::seed(&store, *persons, *seed).await?;
             let total = crate::registry::count_persons(&store).await?;
             println!("seeded {n} persons; the register holds {total}");
@@ -586,7 +586,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             lookups,
             concurrency,
         }) => {
-            let store = crate::store::Store::connect(&config.database_url()).await?;
+            let store = crate::store::Store::connect(&config.registry_database_url()).await?;
             let opts = crate::registry::BenchOptions {
                 lookups: *lookups,
                 concurrency: *concurrency,

@@ -103,6 +103,10 @@ pub struct RegistryConfig {
     pub seed_persons: usize,
     /// Seed of the synthetic data generator. Default 2013 (the programme's start).
     pub seed: u64,
+    /// The register's own database. Default: `registry.db` under `data_dir` when the
+    /// gateway's database is SQLite (so its writes never wait on the audit log's
+    /// write lock, and the other way round), else the gateway's database.
+    pub database_url: Option<String>,
 }
 
 /// Health and metrics listener (plain HTTP; keep it on a private interface).
@@ -269,6 +273,7 @@ impl Default for RegistryConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8444)),
             seed_persons: 10_000,
             seed: 2013,
+            database_url: None,
         }
     }
 }
@@ -465,6 +470,17 @@ impl Config {
         }
     }
 
+    /// The built-in register's database URL in force (see [`RegistryConfig::database_url`]).
+    pub fn registry_database_url(&self) -> String {
+        match &self.registry.database_url {
+            Some(url) => url.clone(),
+            None if self.database_url().starts_with("sqlite:") => {
+                format!("sqlite://{}", self.data_dir.join("registry.db").display())
+            }
+            None => self.database_url(),
+        }
+    }
+
     /// A path from the configuration, resolved under `data_dir` when relative.
     pub fn data_path(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
@@ -546,6 +562,17 @@ mod tests {
         assert_eq!(c.gateway.listen.port(), 8443);
         assert_eq!(c.admin.listen.port(), 9090);
         assert!(c.database_url().starts_with("sqlite://var/"));
+    }
+
+    #[test]
+    fn the_register_gets_its_own_sqlite_file_but_shares_postgres() {
+        let mut c = Config::default();
+        assert!(c.registry_database_url().ends_with("registry.db"));
+        assert_ne!(c.registry_database_url(), c.database_url());
+        c.database_url = Some("postgres://db/karibche".to_owned());
+        assert_eq!(c.registry_database_url(), "postgres://db/karibche");
+        c.registry.database_url = Some("postgres://db/register".to_owned());
+        assert_eq!(c.registry_database_url(), "postgres://db/register");
     }
 
     #[test]

@@ -551,8 +551,10 @@ pub struct Running {
     pub started: Started,
     /// The gateway's shared state (tests read the policy and audit log through it).
     pub gateway: Arc<Gateway>,
-    /// The database.
+    /// The database (audit log, consents, policy history).
     pub store: Store,
+    /// The built-in register's database, when the register runs here.
+    pub registry_store: Option<Store>,
     /// The gateway's TLS configuration in force; reloads swap it.
     pub gateway_tls: Arc<crate::tls::ReloadableTls>,
     stop_gateway: watch::Sender<bool>,
@@ -592,6 +594,9 @@ impl Running {
         drop(self.gateway);
         self.audit_writer.finish().await;
         self.store.close().await;
+        if let Some(store) = self.registry_store {
+            store.close().await;
+        }
     }
 }
 
@@ -621,11 +626,15 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     };
 
     let store = Store::connect(&config.database_url()).await?;
-    let persons = match &listeners.registry {
-        Some(_) => {
-            crate::registry::seed(&store, config.registry.seed_persons, config.registry.seed)
-                .await?;
-            crate::registry::count_persons(&store).await?
+    let registry_store = match &listeners.registry {
+        Some(_) if config.registry_database_url() == config.database_url() => Some(store.clone()),
+        Some(_) => Some(Store::connect(&config.registry_database_url()).await?),
+        None => None,
+    };
+    let persons = match &registry_store {
+        Some(reg) => {
+            crate::registry::seed(reg, config.registry.seed_persons, config.registry.seed).await?;
+            crate::registry::count_persons(reg).await?
         }
         None => 0,
     };
@@ -731,7 +740,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
                 source,
             })?;
             builtin.push(("registry".to_owned(), format!("https://{addr}")));
-            let registry = Arc::new(crate::registry::Registry::new(store.clone()));
+            let registry_db = registry_store.clone().unwrap_or_else(|| store.clone());
+            let registry = Arc::new(crate::registry::Registry::new(registry_db));
             let max_body = config.gateway.max_body_bytes;
             let handler = move |info: Arc<ConnInfo>, req: Request<Incoming>| {
                 let registry = registry.clone();
@@ -863,6 +873,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         started,
         gateway,
         store,
+        registry_store,
         gateway_tls,
         stop_gateway,
         stop_rest,

@@ -263,7 +263,7 @@ async fn person_with_visas(gw: &TestGateway) -> (String, i64) {
     let row = sqlx::query(
         "SELECT person_id, COUNT(*) AS n FROM reg_visas GROUP BY person_id ORDER BY n DESC, person_id LIMIT 1",
     )
-    .fetch_one(gw.running.store.pool())
+    .fetch_one(gw.registry_store().pool())
     .await
     .unwrap();
     (row.get::<String, _>(0), row.get::<i64, _>(1))
@@ -352,7 +352,7 @@ async fn visas_numbered(gw: &TestGateway, number: &str) -> i64 {
     use sqlx::Row;
     sqlx::query("SELECT COUNT(*) FROM reg_visas WHERE number = $1")
         .bind(number)
-        .fetch_one(gw.running.store.pool())
+        .fetch_one(gw.registry_store().pool())
         .await
         .unwrap()
         .get::<i64, _>(0)

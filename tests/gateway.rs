@@ -270,7 +270,7 @@ async fn border_police_records_a_crossing_through_the_gateway() {
     let gw = TestGateway::start().await;
     let token = gw.token("mia-border", "border-control", None);
     // The register checks that the document shown is the person's and valid that day.
-    let document = karibche::registry::example_document(&gw.running.store)
+    let document = karibche::registry::example_document(gw.registry_store())
         .await
         .unwrap()
         .unwrap();

@@ -37,6 +37,14 @@ fn repo_policies() -> PathBuf {
 }
 
 impl TestGateway {
+    /// The built-in register's database (its own SQLite file unless on PostgreSQL).
+    pub fn registry_store(&self) -> &karibche::store::Store {
+        self.running
+            .registry_store
+            .as_ref()
+            .expect("the built-in register runs in this test gateway")
+    }
+
     /// Starts gateway, register and admin on 127.0.0.1:0 with SQLite.
     pub async fn start() -> TestGateway {
         Self::start_with(Db::Sqlite)
