@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use common::{Client, Db, Reply, TestGateway};
+use common::{admin_get, Client, Db, Reply, TestGateway};
 use http::StatusCode;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use karibche::audit::{self, Filter};
@@ -507,20 +507,7 @@ async fn rotated_agency_keys_take_effect_without_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_report_days_left_per_certificate() {
     let gw = TestGateway::start().await;
-    let admin = gw.running.started.admin;
-    let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get("/metrics")
-        .header("host", "localhost")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let resp = s.send_request(req).await.unwrap();
-    use http_body_util::BodyExt;
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8(body.to_vec()).unwrap();
+    let (_, text) = admin_get(gw.running.started.admin, "/metrics").await;
     let days = |label: &str| -> f64 {
         let prefix = format!("karibche_certificate_expiry_days{{cert=\"{label}\"}} ");
         text.lines()

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{leaf_paths, Client, Db, TestGateway};
+use common::{admin_get, leaf_paths, Client, Db, TestGateway};
 use http::{Method, StatusCode};
 use karibche::audit::{self, Filter};
 
@@ -548,22 +548,4 @@ async fn a_decision_on_an_asylum_case_is_logged_against_the_person() {
         .unwrap();
     assert_eq!(again.status, StatusCode::CONFLICT);
     gw.shutdown().await;
-}
-
-/// GET on the plain-HTTP admin listener.
-async fn admin_get(admin: std::net::SocketAddr, path: &str) -> (StatusCode, String) {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header("host", "localhost")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let resp = s.send_request(req).await.unwrap();
-    let status = resp.status();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Client, Db, TestGateway};
+use common::{admin_get, Client, Db, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter};
 use karibche::config::Config;
@@ -68,29 +68,6 @@ fn header<'a>(r: &'a common::Reply, name: &str) -> &'a str {
         .get(name)
         .map(|v| v.to_str().unwrap())
         .unwrap_or("")
-}
-
-/// GET on the plain-HTTP admin endpoint.
-async fn admin_get(gw: &TestGateway, path: &str) -> (StatusCode, String) {
-    let tcp = tokio::net::TcpStream::connect(gw.running.started.admin)
-        .await
-        .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header("host", "localhost")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status();
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Polls `check` until it holds or `within` passes.
@@ -196,7 +173,7 @@ async fn an_agency_over_its_quota_gets_429_while_another_is_served() {
         3 + 1 + 1,
         "three answers, one refusal, one summary"
     );
-    let (_, metrics) = admin_get(&gw, "/metrics").await;
+    let (_, metrics) = admin_get(gw.running.started.admin, "/metrics").await;
     assert!(
         metrics.contains("karibche_rate_limit_unrecorded_total 8"),
         "{metrics}"
@@ -292,32 +269,20 @@ async fn a_slowloris_client_is_cut_off_while_others_are_served() {
 async fn a_huge_body_is_refused_before_it_is_read() {
     let gw = start("", |_, _| {}).await;
     let token = gw.token("mia-border", "border-control", None);
-    let mut tls = gw.client("mia-border").tls().await;
     let head = format!(
         "POST /v1/registry/crossings HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
     );
-    tls.write_all(head.as_bytes()).await.unwrap();
-    tls.write_all(&[b' '; 16 * 1024]).await.unwrap();
     // 16 KiB of 100 MB sent: the answer must come without the rest.
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = tls.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed without an answer");
-            answer.extend_from_slice(&buf[..n]);
-        }
-    })
+    let (status, id) = raw_exchange(
+        &gw,
+        "mia-border",
+        &head,
+        &[b' '; 16 * 1024],
+        Duration::from_secs(5),
+    )
     .await;
-    assert!(read.is_ok(), "no answer while the body is unsent");
-    let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
-    let id = text
-        .lines()
-        .find_map(|l| l.strip_prefix("x-request-id: "))
-        .unwrap()
-        .trim()
-        .to_owned();
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    assert!(!id.is_empty(), "no x-request-id");
     let rec = records(&gw)
         .await
         .into_iter()
@@ -386,7 +351,7 @@ async fn a_hanging_provider_gets_504s_then_its_breaker_opens() {
         StatusCode::OK
     );
 
-    let (status, body) = admin_get(&gw, "/readyz").await;
+    let (status, body) = admin_get(gw.running.started.admin, "/readyz").await;
     assert_eq!(
         status,
         StatusCode::OK,
@@ -396,7 +361,7 @@ async fn a_hanging_provider_gets_504s_then_its_breaker_opens() {
     assert_eq!(ready["open_breakers"], serde_json::json!(["slow"]));
     assert_eq!(ready["providers"]["slow"]["breaker"], "open");
     assert_eq!(ready["providers"]["registry"]["breaker"], "closed");
-    let (_, metrics) = admin_get(&gw, "/metrics").await;
+    let (_, metrics) = admin_get(gw.running.started.admin, "/metrics").await;
     assert!(metrics.contains("karibche_provider_breaker_open{provider=\"slow\"} 1"));
     assert!(
         metrics.contains("karibche_overload_total{listener=\"gateway\",kind=\"breaker_open\"} 1")
@@ -428,7 +393,7 @@ async fn connections_are_capped_per_agency_with_a_clear_answer() {
     let _a = client.tls().await;
     let _b = client.tls().await;
     let held = eventually(Duration::from_secs(3), async || {
-        let (_, m) = admin_get(&gw, "/metrics").await;
+        let (_, m) = admin_get(gw.running.started.admin, "/metrics").await;
         m.contains("karibche_open_connections{listener=\"gateway\"} 2")
     })
     .await;
@@ -680,14 +645,21 @@ async fn sigterm_under_load_loses_no_acknowledged_request() {
     store.close().await;
 }
 
-/// Sends `head` and `body` over raw TLS and returns the status line and the x-request-id.
-async fn raw_exchange(gw: &TestGateway, agency: &str, head: &str, body: &[u8]) -> (String, String) {
+/// Sends `head` and `body` over raw TLS and returns the status line and the x-request-id,
+/// which must arrive `within` the given time (whether or not the server read the body).
+async fn raw_exchange(
+    gw: &TestGateway,
+    agency: &str,
+    head: &str,
+    body: &[u8],
+    within: Duration,
+) -> (String, String) {
     let mut tls = gw.client(agency).tls().await;
     tls.write_all(head.as_bytes()).await.unwrap();
     tls.write_all(body).await.unwrap();
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
-    tokio::time::timeout(Duration::from_secs(10), async {
+    tokio::time::timeout(within, async {
         while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
             let n = tls.read(&mut buf).await.unwrap();
             assert!(n > 0, "closed without an answer");
@@ -730,7 +702,14 @@ async fn a_grant_can_set_a_smaller_body_limit_and_slow_bodies_time_out() {
         "POST /v1/registry/visas HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         big.len()
     );
-    let (status, id) = raw_exchange(&gw, "mfa-consular", &head, big.as_bytes()).await;
+    let (status, id) = raw_exchange(
+        &gw,
+        "mfa-consular",
+        &head,
+        big.as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(status.starts_with("HTTP/1.1 413"), "{status}");
     let rec = records(&gw)
         .await
@@ -744,7 +723,14 @@ async fn a_grant_can_set_a_smaller_body_limit_and_slow_bodies_time_out() {
         "POST /v1/registry/visas HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     );
     let started = std::time::Instant::now();
-    let (status, id) = raw_exchange(&gw, "mfa-consular", &head, b"{\"person_i").await;
+    let (status, id) = raw_exchange(
+        &gw,
+        "mfa-consular",
+        &head,
+        b"{\"person_i",
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(status.starts_with("HTTP/1.1 408"), "{status}");
     assert!(started.elapsed() < Duration::from_secs(5));
     let rec = records(&gw)

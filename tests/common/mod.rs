@@ -309,3 +309,20 @@ pub fn leaf_paths(v: &serde_json::Value) -> std::collections::BTreeSet<String> {
     walk(v, "", &mut out);
     out
 }
+
+/// GET on the plain-HTTP admin listener at `admin`: the status and the body.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
+    let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
