@@ -39,6 +39,7 @@ use tokio::time::Instant;
 pub use client::{Call, Conn, Endpoint};
 pub use report::Report;
 
+use crate::registry::synth::Rng;
 use crate::store::Store;
 
 /// Linux reports process CPU time in clock ticks of this many per second (USER_HZ, 100 on every
@@ -354,27 +355,6 @@ fn mint_tokens(opts: &BenchOptions) -> Result<Vec<String>, BenchError> {
         .collect()
 }
 
-/// A small deterministic generator (SplitMix64), so every run sends the same sequence for a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-}
-
 /// What requests to send, and with which tokens.
 struct Workload {
     prefix: String,
@@ -491,7 +471,7 @@ async fn discover(
         .map_err(|e| BenchError::Discovery(format!("{} failed", e.kind())))?;
     let mut documents = Vec::new();
     let mut ok = 0;
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     for n in persons {
         let (status, body) = conn
             .send(&workload.read(n), workload.token(&mut rng))
@@ -619,7 +599,7 @@ async fn load(
             conn,
             per_request: opts.mode == Mode::Handshakes,
             handshake_only: opts.mode == Mode::Handshakes && opts.handshake_only,
-            rng: Rng(opts.seed ^ (w as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            rng: Rng::new(opts.seed ^ (w as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
         };
         tasks.spawn(worker.run());
     }
@@ -856,7 +836,7 @@ mod tests {
             mix: Mix::default(),
             tokens: vec!["t".into()],
         };
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         let (mut reads, mut searches, mut writes) = (0, 0, 0);
         for _ in 0..10_000 {
             let c = w.call(&mut rng);

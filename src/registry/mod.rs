@@ -19,7 +19,7 @@ mod db;
 mod http;
 pub mod model;
 mod statistics;
-mod synth;
+pub(crate) mod synth;
 mod update;
 mod write;
 

@@ -23,11 +23,16 @@ use super::model::{
     Visa, WorkPermit,
 };
 
-/// splitmix64: tiny, fast, and good enough for test data (not for secrets).
+/// splitmix64: tiny, fast, and good enough for test data and load generation (not for secrets).
 #[derive(Debug, Clone)]
 pub(crate) struct Rng(u64);
 
 impl Rng {
+    /// A generator whose sequence depends only on `seed`.
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
     /// A generator for person `index` under `seed`; streams of different persons do not overlap in practice.
     pub(crate) fn for_person(seed: u64, index: u64) -> Rng {
         let mut r = Rng(seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
@@ -44,7 +49,7 @@ impl Rng {
     }
 
     /// Uniform in `0..n` (0 when `n` is 0).
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
     }
 
