@@ -5,6 +5,8 @@
 //! same statements run on SQLite and PostgreSQL. Flags are stored as INTEGER
 //! 0/1 on both, because `Any` cannot decode a SQLite integer as a bool.
 
+use std::sync::LazyLock;
+
 use sqlx::{AnyConnection, AssertSqlSafe};
 
 use super::model::{
@@ -493,6 +495,24 @@ const RECORD_SELECTS: [&str; 7] = [
 ];
 
 /// Which record kinds a read wants.
+/// The statement of every read, built once: one per record kind (in the
+/// order of [`RECORD_SELECTS`]), then all kinds, then the person alone.
+static FETCH_SQL: LazyLock<Vec<String>> = LazyLock::new(|| {
+    let one_kind = RECORD_SELECTS.iter().map(std::slice::from_ref);
+    one_kind
+        .chain([&RECORD_SELECTS[..], &[][..]])
+        .map(|branches| {
+            let mut sql = String::from(PERSON_SELECT);
+            for branch in branches {
+                sql.push_str(" UNION ALL ");
+                sql.push_str(branch);
+            }
+            sql.push_str(" ORDER BY k, s, c0");
+            sql
+        })
+        .collect()
+});
+
 #[derive(Debug, Clone, Copy)]
 enum Kinds<'a> {
     All,
@@ -512,19 +532,15 @@ async fn fetch(
 ) -> Result<Option<Person>, sqlx::Error> {
     use sqlx::Row;
 
-    let mut sql = String::from(PERSON_SELECT);
-    let branches = match kinds {
-        Kinds::All => &RECORD_SELECTS[..],
-        Kinds::One(kind) => match RECORD_KINDS.iter().position(|k| *k == kind) {
-            Some(i) => &RECORD_SELECTS[i..=i],
-            None => &[][..],
-        },
+    let n = RECORD_SELECTS.len();
+    let which = match kinds {
+        Kinds::One(kind) => RECORD_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(n + 1),
+        Kinds::All => n,
     };
-    for branch in branches {
-        sql.push_str(" UNION ALL ");
-        sql.push_str(branch);
-    }
-    sql.push_str(" ORDER BY k, s, c0");
+    let sql = FETCH_SQL.get(which).map_or(PERSON_SELECT, String::as_str);
     let rows = sqlx::query(AssertSqlSafe(sql))
         .bind(id.to_owned())
         .fetch_all(conn)
