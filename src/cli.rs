@@ -656,6 +656,8 @@ async fn consent_command(config: &Config, cmd: &ConsentCommand) -> anyhow::Resul
     }
     let policy = server::load_policy(&config.policies_dir)?;
     let node = format!("{}-cli", config.node);
+    // Like a gateway node, this chain is written by one process at a time.
+    let node_lock = store.lock_node(&node).await?;
     let mut audit_config = crate::audit::AuditConfig::new(node);
     let key_path = config.audit_key_path();
     if key_path.exists() {
@@ -665,7 +667,8 @@ async fn consent_command(config: &Config, cmd: &ConsentCommand) -> anyhow::Resul
             interval: Duration::from_secs(60),
         });
     }
-    let (audit, writer) = crate::audit::AuditLog::start(store.clone(), audit_config).await?;
+    let (audit, writer) =
+        crate::audit::AuditLog::start(store.guarded_by(&node_lock), audit_config).await?;
     let consents = Consents::new(store.clone(), audit.clone());
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
@@ -728,6 +731,7 @@ async fn consent_command(config: &Config, cmd: &ConsentCommand) -> anyhow::Resul
     drop(consents);
     drop(audit);
     writer.finish().await;
+    node_lock.release().await;
     store.close().await;
     outcome?;
     Ok(ExitCode::SUCCESS)

@@ -52,6 +52,9 @@ pub enum RegistryError {
     /// The synthetic data generator stopped unexpectedly.
     #[error("the synthetic data generator failed")]
     Generator,
+    /// The setup lock shared with other replicas could not be taken.
+    #[error(transparent)]
+    Lock(#[from] crate::store::StoreError),
 }
 
 /// The register's request handler; cheap to clone.
@@ -83,7 +86,23 @@ impl Registry {
 /// batch, one bulk statement per table and batch; the secondary indexes are dropped for the load
 /// and rebuilt at the end (sorting once beats millions of random B-tree inserts).
 pub async fn seed(store: &Store, persons: usize, seed: u64) -> Result<usize, RegistryError> {
-    if persons == 0 || count_persons(store).await? > 0 {
+    if persons == 0 {
+        return Ok(0);
+    }
+    // Replicas started together would otherwise all see an empty register and
+    // drop and rebuild the same indexes at once: one seeds, the others then find it full.
+    let lock = store.setup_lock().await?;
+    let result = seed_unless_full(store, persons, seed).await;
+    lock.release().await;
+    result
+}
+
+async fn seed_unless_full(
+    store: &Store,
+    persons: usize,
+    seed: u64,
+) -> Result<usize, RegistryError> {
+    if count_persons(store).await? > 0 {
         return Ok(0);
     }
     let anchor = time::OffsetDateTime::now_utc().date();
