@@ -638,6 +638,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     };
     let persons = match &registry_store {
         Some(reg) => {
+            crate::registry::refresh_search_keys(reg).await?;
             crate::registry::seed(reg, config.registry.seed_persons, config.registry.seed).await?;
             crate::registry::count_persons(reg).await?
         }
