@@ -43,6 +43,10 @@ use super::StoreError;
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait for the lock session to answer before it is taken for dead.
 const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+/// Longest a new lock session may take to connect and take the name before the watchdog tries again.
+const TAKE_WITHIN: Duration = Duration::from_secs(10);
+/// Longest [`NodeLock::release`] waits for the watchdog to unlock; then its connection is dropped.
+const RELEASE_WITHIN: Duration = Duration::from_secs(5);
 /// PostgreSQL keeps this many bytes of `application_name`.
 const APPLICATION_NAME_BYTES: usize = 63;
 
@@ -326,9 +330,15 @@ impl NodeLock {
     /// Gives the name up (after the last record of this process is written).
     pub async fn release(mut self) {
         self.fence.released.store(true, Ordering::Release);
-        if let Some((stop, task)) = self.watchdog.take() {
+        if let Some((stop, mut task)) = self.watchdog.take() {
             let _ = stop.send(());
-            let _ = task.await;
+            // A hung connection must not hold up shutdown: dropping it ends the session too.
+            if tokio::time::timeout(RELEASE_WITHIN, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
         }
         if let FenceKind::File { file, .. } = &self.fence.kind {
             let _ = file.unlock();
@@ -450,7 +460,15 @@ async fn watch(
                 "the session holding this node's name is gone; audit writes are refused until the name is held again"
             );
         }
-        match take_pg(&pool, &node, key).await {
+        let taken = tokio::time::timeout(TAKE_WITHIN, take_pg(&pool, &node, key))
+            .await
+            .unwrap_or_else(|_| {
+                Err(PgTake::Db(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer from the database",
+                ))))
+            });
+        match taken {
             Ok((c, new_pid)) => {
                 pid.store(new_pid, Ordering::Release);
                 conn = Some(c);
