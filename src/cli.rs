@@ -562,7 +562,9 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
                 backdate: Duration::ZERO,
             };
             // A token the gateway would refuse is refused here, with every reason at once.
-            let policy = server::load_policy(&config.policies_dir)?;
+            let policy = server::load_policy(&config.policies_dir).context(
+                "token issue checks the token against the policy in force (--policies DIR)",
+            )?;
             if let Err(problems) =
                 crate::token::check_issue(&request, &policy, config.tokens.max_lifetime)
             {

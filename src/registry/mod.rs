@@ -273,7 +273,8 @@ async fn refresh_unless_current(store: &Store) -> Result<usize, RegistryError> {
         tx.commit().await?;
     }
     sqlx::query(
-        "INSERT INTO karibche_meta (key, value) VALUES ($1, $2)          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        "INSERT INTO karibche_meta (key, value) VALUES ($1, $2) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     )
     .bind(SEARCH_KEY_META)
     .bind(SEARCH_KEY_VERSION)
