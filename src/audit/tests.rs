@@ -60,6 +60,9 @@ fn entry(n: usize) -> Entry {
             .then(|| crate::audit_api::digest(n.to_string().as_bytes())),
         // Every fifth request was under a restricted grant.
         restricted: n.is_multiple_of(5),
+        // Every seventh provider answered with an error; every eighth read was pseudonymised.
+        upstream_status: n.is_multiple_of(7).then_some(500),
+        pseudonymised: n.is_multiple_of(8),
     }
 }
 
@@ -941,7 +944,7 @@ async fn restricted_accesses_wait_in_the_report(store: Store) {
     // After the delay the access appears.
     let options = report::ReportOptions {
         restricted_delay: std::time::Duration::ZERO,
-        agency: None,
+        ..Default::default()
     };
     let r = report::subject_report_with(&store, "RF-1", &options, &names)
         .await
@@ -951,6 +954,7 @@ async fn restricted_accesses_wait_in_the_report(store: Store) {
     let options = report::ReportOptions {
         restricted_delay: std::time::Duration::ZERO,
         agency: Some("ssg".into()),
+        ..Default::default()
     };
     let r = report::subject_report_with(&store, "RF-1", &options, &names)
         .await
