@@ -342,6 +342,9 @@ fn describe(out: &mut String, policy: &Policy, agency: &str, decision: &Decision
             if a.restricted {
                 limits.push("restricted records handling".to_owned());
             }
+            if a.transforms.pseudonymises() {
+                limits.push("pseudonymised: only searches by the parameters providers.toml lists (pseudonymous_query), no lookup by id, document or name".to_owned());
+            }
             if limits.is_empty() {
                 limits.push("none beyond the agency's rate limits".to_owned());
             }

@@ -357,6 +357,8 @@ pub async fn geostat_persons(gw: &TestGateway, nationality: &str) -> Vec<serde_j
 
 /// Starts the real binary on ephemeral ports (under `umask` when given, through
 /// `sh -c 'umask …; exec karibche …'`); returns it and the gateway address once ready.
+/// The caller owns the child: it kills and waits for it.
+#[allow(clippy::zombie_processes)]
 pub fn spawn_gateway(data: &Path, umask: Option<&str>) -> (std::process::Child, SocketAddr) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
