@@ -69,8 +69,8 @@ pub fn check_lookup(service: &Service, rest: &str, query: Option<&str>) -> Resul
         let raw = pair.split_once('=').map_or(pair, |(k, _)| k);
         // Providers decode names before matching them, so the check does too.
         let name = decode(raw).ok_or_else(|| Identifying::Parameter(shown(raw)))?;
-        let allowed = GATEWAY_PARAMS.contains(&name.as_str())
-            || service.pseudonymous_query.contains(&name);
+        let allowed =
+            GATEWAY_PARAMS.contains(&name.as_str()) || service.pseudonymous_query.contains(&name);
         if !allowed {
             return Err(Identifying::Parameter(shown(&name)));
         }
