@@ -71,6 +71,14 @@ pub struct Entry {
     /// data subject's report until `audit.restricted_report_delay` has passed).
     #[serde(default)]
     pub restricted: bool,
+    /// The provider's own HTTP status when it answered with an error; the
+    /// caller got the gateway's problem (`status`) instead of its body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
+    /// Whether the deciding grant releases the data subject only as a
+    /// pseudonym: the agency's own audit views withhold `subjects`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pseudonymised: bool,
 }
 
 /// A committed record: the entry plus its place in the node's hash chain.
@@ -150,6 +158,11 @@ struct Canonical<'a> {
     response_digest: Option<&'a str>,
     #[serde(skip_serializing_if = "is_false")]
     restricted: bool,
+    // Likewise for records written before issue 14.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_status: Option<u16>,
+    #[serde(skip_serializing_if = "is_false")]
+    pseudonymised: bool,
     prev_hash: &'a str,
 }
 
@@ -192,6 +205,8 @@ pub fn canonical_json(
         shadow_decision: e.shadow_decision.as_deref(),
         response_digest: e.response_digest.as_deref(),
         restricted: e.restricted,
+        upstream_status: e.upstream_status,
+        pseudonymised: e.pseudonymised,
         prev_hash,
     };
     serde_json::to_string(&canonical).map_err(AuditError::Json)
@@ -321,6 +336,8 @@ pub(crate) struct Row {
     shadow_decision: Option<String>,
     response_digest: Option<String>,
     restricted: i64,
+    upstream_status: Option<i64>,
+    pseudonymised: i64,
     prev_hash: String,
     hash: String,
 }
@@ -371,6 +388,17 @@ impl Row {
                     1 => true,
                     n => return Err(format!("restricted {n} is neither 0 nor 1")),
                 },
+                upstream_status: self
+                    .upstream_status
+                    .map(|s| {
+                        u16::try_from(s).map_err(|_| format!("upstream_status {s} is out of range"))
+                    })
+                    .transpose()?,
+                pseudonymised: match self.pseudonymised {
+                    0 => false,
+                    1 => true,
+                    n => return Err(format!("pseudonymised {n} is neither 0 nor 1")),
+                },
             },
             prev_hash: self.prev_hash,
             hash: self.hash,
@@ -378,16 +406,16 @@ impl Row {
     }
 }
 
-/// The columns of `audit_log` in insert order (28 of them).
+/// The columns of `audit_log` in insert order (30 of them).
 macro_rules! audit_columns {
     () => {
         "node, seq, id, ts, agency, certificate, officer, purpose, legal_basis, case_ref, \
          consent_ref, token_id, provider, service, operation, method, path, subjects, fields, \
          decision, reason, status, policy_version, prev_hash, hash, shadow_decision, \
-         response_digest, restricted"
+         response_digest, restricted, upstream_status, pseudonymised"
     };
 }
 pub(crate) use audit_columns;
 
 /// How many columns [`audit_columns!`] lists.
-pub(crate) const AUDIT_COLUMN_COUNT: usize = 28;
+pub(crate) const AUDIT_COLUMN_COUNT: usize = 30;

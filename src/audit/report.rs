@@ -5,17 +5,33 @@
 //! The report is built from the subject index, never by scanning the log.
 //! Names of agencies and purposes come from the policy in force (a closure,
 //! so this module stays independent of the policy model).
+//!
+//! A request to the audit log that names the person (an auditor's query) is
+//! not a read of the person's record: it is reported as a look-up of the log
+//! (`"what": "access-log"`), in words that say so.
 
 use serde::Serialize;
 
 use super::{query, AuditError, Filter, Record};
 use crate::store::Store;
 
+/// What an access reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reached {
+    /// The person's record at a provider (read, or written to).
+    Record,
+    /// The gateway's access log, asked about the person (an auditor's query): no data of the record.
+    AccessLog,
+}
+
 /// One access as the data subject sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Access {
     /// When (UTC).
     pub at: String,
+    /// Whether the person's record was asked for, or the access log about it.
+    pub what: Reached,
     /// Agency id.
     pub agency: Option<String>,
     /// Agency name, where the policy knows it.
@@ -57,6 +73,11 @@ pub struct ReportOptions {
     pub restricted_delay: std::time::Duration,
     /// Only this agency's accesses (an agency's own internal audit).
     pub agency: Option<String>,
+    /// Leave out accesses under pseudonymising grants: an agency's own view
+    /// must not tell it which of its pseudonymised reads named the person.
+    pub hide_pseudonymised: bool,
+    /// Providers that are the audit log itself (`builtin:audit`); requests to them are look-ups of the log.
+    pub log_providers: Vec<String>,
 }
 
 impl Default for ReportOptions {
@@ -64,6 +85,8 @@ impl Default for ReportOptions {
         ReportOptions {
             restricted_delay: super::DEFAULT_RESTRICTED_REPORT_DELAY,
             agency: None,
+            hide_pseudonymised: false,
+            log_providers: vec![crate::audit_api::BUILTIN.to_owned()],
         }
     }
 }
@@ -101,7 +124,11 @@ pub async fn subject_report_with(
     let days = options.restricted_delay.as_secs() / 86_400;
     Ok(SubjectReport {
         subject: subject.to_owned(),
-        accesses: records.iter().map(|r| access(r, name_of)).collect(),
+        accesses: records
+            .iter()
+            .filter(|r| !(options.hide_pseudonymised && r.entry.pseudonymised))
+            .map(|r| access(r, &options.log_providers, name_of))
+            .collect(),
         notice: format!(
             "Accesses under restricted grants (such as national security investigations) may exist; \
              they are shown here only {days} day(s) after they happened. The supervisory authority \
@@ -119,11 +146,24 @@ pub enum NameKind {
     Purpose,
 }
 
-fn access(r: &Record, name_of: &(dyn Fn(NameKind, &str) -> Option<String> + Sync)) -> Access {
+fn access(
+    r: &Record,
+    log_providers: &[String],
+    name_of: &(dyn Fn(NameKind, &str) -> Option<String> + Sync),
+) -> Access {
     let e = &r.entry;
     let released = e.decision == "allow" && (200..300).contains(&e.status);
+    let log = e
+        .provider
+        .as_deref()
+        .is_some_and(|p| log_providers.iter().any(|l| l == p));
     Access {
         at: e.ts.clone(),
+        what: if log {
+            Reached::AccessLog
+        } else {
+            Reached::Record
+        },
         agency_name: e
             .agency
             .as_deref()
@@ -162,13 +202,25 @@ impl std::fmt::Display for SubjectReport {
             writeln!(f, "No agency has asked for this record.")?;
             return writeln!(f, "\n{}", self.notice);
         }
-        let released = self.accesses.iter().filter(|a| a.released).count();
+        let (records, logs): (Vec<&Access>, Vec<&Access>) = self
+            .accesses
+            .iter()
+            .partition(|a| a.what == Reached::Record);
+        let released = records.iter().filter(|a| a.released).count();
         writeln!(
             f,
-            "{} request(s) named this record; {released} received data, {} were refused or failed.\n",
-            self.accesses.len(),
-            self.accesses.len() - released
+            "{} request(s) asked for this record; {released} received data, {} were refused or failed.",
+            records.len(),
+            records.len() - released
         )?;
+        if !logs.is_empty() {
+            writeln!(
+                f,
+                "{} look-up(s) of the access log named this record; they show who asked for it, not what it holds.",
+                logs.len()
+            )?;
+        }
+        writeln!(f)?;
         for a in &self.accesses {
             let who = match (&a.agency_name, &a.agency) {
                 (Some(name), Some(id)) => format!("{name} ({id})"),
@@ -185,7 +237,21 @@ impl std::fmt::Display for SubjectReport {
                 _ => "read",
             };
             let date = a.at.get(..16).unwrap_or(&a.at).replace('T', " ");
-            if a.released {
+            if a.what == Reached::AccessLog {
+                let outcome = if a.released {
+                    "it saw which accesses to your record are logged; none of your record's data"
+                        .to_owned()
+                } else {
+                    format!(
+                        "nothing was released ({})",
+                        a.refused_because.as_deref().unwrap_or("refused")
+                    )
+                };
+                writeln!(
+                    f,
+                    "- {date} UTC: {who} looked up the access log about your record for: {why}; {outcome}."
+                )?;
+            } else if a.released {
                 writeln!(f, "- {date} UTC: {who} {verb} your record for: {why}.")?;
                 if let Some(basis) = &a.legal_basis {
                     writeln!(f, "    Legal basis: {basis}")?;

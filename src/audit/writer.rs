@@ -489,7 +489,9 @@ async fn write_batch(
                 .bind(r.hash.as_str())
                 .bind(e.shadow_decision.as_deref())
                 .bind(e.response_digest.as_deref())
-                .bind(i32::from(e.restricted));
+                .bind(i32::from(e.restricted))
+                .bind(e.upstream_status.map(i32::from))
+                .bind(i32::from(e.pseudonymised));
         }
         q.execute(&mut *tx).await?;
     }
