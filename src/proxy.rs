@@ -543,7 +543,15 @@ impl Gateway {
                     "the request path cannot be forwarded",
                 )
             })?;
-        let mut up = Request::builder().method(parts.method.clone()).uri(uri);
+        // A HEAD is asked of the provider as the GET it stands for: the pipeline decides,
+        // minimises and records that GET's answer, and the listener sends its headers
+        // without the body (src/server.rs). Providers need not implement HEAD.
+        let method = if parts.method == http::Method::HEAD {
+            http::Method::GET
+        } else {
+            parts.method.clone()
+        };
+        let mut up = Request::builder().method(method).uri(uri);
         for name in [header::CONTENT_TYPE, header::ACCEPT_LANGUAGE] {
             if let Some(v) = parts.headers.get(&name) {
                 up = up.header(name, v.clone());
@@ -569,13 +577,21 @@ impl Gateway {
         })?;
         let permit = self
             .providers
-            .admit(route.provider)
+            .admit(route.provider, caller.agency)
+            .await
             .map_err(|r| self.provider_refused(route.provider, r))?;
         let max = self.limits.max_response_bytes;
+        // Each failure says whether it is the provider's own (`true`): only those count toward
+        // its breaker. A request hyper refuses to send, or an answer too large for the
+        // gateway's limit, is about this request: one caller must not open the breaker for all.
         let call = async {
             let resp = self.upstream.request(up).await.map_err(|e| {
-                tracing::warn!(provider = route.provider, err = %e, "provider call failed");
-                upstream_unavailable()
+                let ours = !e.is_connect()
+                    && std::error::Error::source(&e)
+                        .and_then(|s| s.downcast_ref::<hyper::Error>())
+                        .is_some_and(hyper::Error::is_user);
+                tracing::warn!(provider = route.provider, err = %e, ours, "provider call failed");
+                (upstream_unavailable(), !ours)
             })?;
             let status = resp.status();
             let content_type = resp
@@ -587,19 +603,39 @@ impl Gateway {
                 .collect()
                 .await
                 .map_err(|e| {
-                    tracing::warn!(provider = route.provider, err = %e, "provider response unreadable or too large");
-                    upstream_unavailable()
+                    if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                        tracing::warn!(provider = route.provider, max, "provider answer over the gateway's limit");
+                        let refusal = Refusal::error(
+                            StatusCode::BAD_GATEWAY,
+                            "provider-error",
+                            "Bad gateway",
+                            "upstream_too_large",
+                            "the provider's answer exceeds the gateway's limit",
+                        );
+                        (refusal, false)
+                    } else {
+                        tracing::warn!(provider = route.provider, err = %e, "provider answer unreadable");
+                        (upstream_unavailable(), true)
+                    }
                 })?
                 .to_bytes();
             Ok((status, body, content_type))
         };
         match tokio::time::timeout(self.limits.upstream_timeout, call).await {
             Ok(Ok(x)) => {
-                permit.done(!x.0.is_server_error());
+                // 501: the provider does not implement what this request asks, which is not a failure.
+                let failed = x.0.is_server_error() && x.0 != StatusCode::NOT_IMPLEMENTED;
+                permit.done(!failed);
                 Ok(x)
             }
-            Ok(Err(refusal)) => {
-                permit.done(false);
+            Ok(Err((refusal, provider_failed))) => {
+                if provider_failed {
+                    permit.done(false);
+                } else {
+                    // Neither a failure nor a success of the provider: left unreported
+                    // (an unreported probe lets the next request probe instead).
+                    drop(permit);
+                }
                 self.metrics.upstream_error();
                 Err(refusal)
             }
@@ -627,7 +663,7 @@ impl Gateway {
                 "provider_busy",
                 "upstream_busy",
                 Duration::from_secs(1),
-                "the provider has too many requests in flight; retry shortly",
+                "the provider is busy with other requests of your agency or others; retry shortly",
             ),
             Refused::Open { retry_after } => (
                 "breaker_open",

@@ -167,6 +167,19 @@ fn over_capacity(detail: &'static str) -> Response<Body> {
     resp
 }
 
+/// The answer to a `HEAD`: the headers the `GET`'s answer has, its length included, and
+/// no body. HTTP/1.1 drops the body of a `HEAD` answer by itself; HTTP/2 does not.
+fn without_body(resp: Response<Body>) -> Response<Body> {
+    use hyper::body::Body as _;
+    let (mut parts, body) = resp.into_parts();
+    if let Some(n) = body.size_hint().exact() {
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
+    }
+    Response::from_parts(parts, Body::default())
+}
+
 /// An HTTP version a TLS connection agreed on.
 #[derive(Debug, Clone, Copy)]
 enum Protocol {
@@ -308,10 +321,11 @@ pub async fn serve_tls<H, F>(
             let activity = Activity::new();
             let svc = {
                 let activity = activity.clone();
-                service_fn(move |req| {
+                service_fn(move |req: Request<Incoming>| {
                     let handler = handler.clone();
                     let info = info.clone();
                     let in_flight = activity.begin();
+                    let head = req.method() == http::Method::HEAD;
                     async move {
                         let resp = match refused {
                             Some(detail) => over_capacity(detail),
@@ -320,7 +334,7 @@ pub async fn serve_tls<H, F>(
                             None => Box::pin(handler(info, req)).await,
                         };
                         drop(in_flight);
-                        Ok::<_, Infallible>(resp)
+                        Ok::<_, Infallible>(if head { without_body(resp) } else { resp })
                     }
                 })
             };
@@ -707,6 +721,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     let rate = Arc::new(Limits::new(&quotas, config.limits.replicas));
     let providers = Arc::new(Providers::new(BreakerSettings {
         concurrency: config.limits.provider_concurrency,
+        agency_share: config.limits.provider_agency_share,
+        wait: config.limits.provider_wait,
         failures: config.limits.breaker_failures,
         open_for: config.limits.breaker_open,
         max_open_for: config.limits.breaker_max_open,

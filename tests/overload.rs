@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{admin_get, Client, Db, TestGateway};
+use common::{admin_get, raw_exchange, Client, Db, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter};
 use karibche::config::Config;
@@ -643,39 +643,6 @@ async fn sigterm_under_load_loses_no_acknowledged_request() {
         );
     }
     store.close().await;
-}
-
-/// Sends `head` and `body` over raw TLS and returns the status line and the x-request-id,
-/// which must arrive `within` the given time (whether or not the server read the body).
-async fn raw_exchange(
-    gw: &TestGateway,
-    agency: &str,
-    head: &str,
-    body: &[u8],
-    within: Duration,
-) -> (String, String) {
-    let mut tls = gw.client(agency).tls().await;
-    tls.write_all(head.as_bytes()).await.unwrap();
-    tls.write_all(body).await.unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(within, async {
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = tls.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed without an answer");
-            answer.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("an answer");
-    let text = String::from_utf8_lossy(&answer).to_string();
-    let id = text
-        .lines()
-        .find_map(|l| l.strip_prefix("x-request-id: "))
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    (text.lines().next().unwrap_or_default().to_owned(), id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
