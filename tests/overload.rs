@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{admin_get, raw_exchange, Client, Db, TestGateway};
+use common::{admin_get, eventually, raw_exchange, Client, Db, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter};
 use karibche::config::Config;
@@ -68,18 +68,6 @@ fn header<'a>(r: &'a common::Reply, name: &str) -> &'a str {
         .get(name)
         .map(|v| v.to_str().unwrap())
         .unwrap_or("")
-}
-
-/// Polls `check` until it holds or `within` passes.
-async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    false
 }
 
 async fn records(gw: &TestGateway) -> Vec<audit::Record> {

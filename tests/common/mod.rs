@@ -327,6 +327,18 @@ impl Client {
     }
 }
 
+/// Polls `check` until it holds or `within` passes.
+pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
 /// Every leaf path in a JSON value (`visas.number`, …), arrays flattened.
 pub fn leaf_paths(v: &serde_json::Value) -> std::collections::BTreeSet<String> {
     fn walk(v: &serde_json::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
@@ -486,7 +498,8 @@ pub struct TestProvider {
 pub struct ProviderDouble {
     seen: std::sync::Mutex<Seen>,
     changed: tokio::sync::Notify,
-    release: tokio::sync::Semaphore,
+    /// Per agency: permits that let its held requests go.
+    release: std::sync::Mutex<std::collections::BTreeMap<String, Arc<tokio::sync::Semaphore>>>,
     /// The status every answer carries (200 unless set).
     pub status: std::sync::atomic::AtomicU16,
     /// Hold requests until released.
@@ -522,7 +535,7 @@ impl TestProvider {
             state: Arc::new(ProviderDouble {
                 seen: Default::default(),
                 changed: tokio::sync::Notify::new(),
-                release: tokio::sync::Semaphore::new(0),
+                release: Default::default(),
                 status: std::sync::atomic::AtomicU16::new(200),
                 hold: Default::default(),
                 mark: Default::default(),
@@ -572,9 +585,9 @@ impl TestProvider {
         format!("https://{}", self.addr)
     }
 
-    /// Lets `n` held requests go.
-    pub fn release(&self, n: usize) {
-        self.state.release.add_permits(n);
+    /// Lets `n` held requests of `agency` go (those held now or later).
+    pub fn release(&self, agency: &str, n: usize) {
+        self.state.gate(agency).add_permits(n);
     }
 
     /// Every request seen so far, in order of arrival.
@@ -587,16 +600,19 @@ impl TestProvider {
         self.state.seen.lock().unwrap().in_flight.clone()
     }
 
-    /// Waits (up to 10 s) until `check` holds for the requests held per agency.
+    /// Waits (up to 10 s) until `check` holds for the requests held now per agency and every
+    /// arrival so far.
     pub async fn until(
         &self,
         what: &str,
-        check: impl Fn(&std::collections::BTreeMap<String, usize>) -> bool,
+        check: impl Fn(&std::collections::BTreeMap<String, usize>, &[Arrival]) -> bool,
     ) {
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 let changed = self.state.changed.notified();
-                if check(&self.in_flight()) {
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if check(&self.in_flight(), &self.arrivals()) {
                     return;
                 }
                 changed.await;
@@ -608,6 +624,15 @@ impl TestProvider {
 }
 
 impl ProviderDouble {
+    fn gate(&self, agency: &str) -> Arc<tokio::sync::Semaphore> {
+        self.release
+            .lock()
+            .unwrap()
+            .entry(agency.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(0)))
+            .clone()
+    }
+
     async fn answer(&self, req: Request<hyper::body::Incoming>) -> http::Response<Full<Bytes>> {
         use std::sync::atomic::Ordering;
         let agency = req
@@ -629,7 +654,7 @@ impl ProviderDouble {
         }
         self.changed.notify_waiters();
         if self.hold.load(Ordering::SeqCst) {
-            if let Ok(p) = self.release.acquire().await {
+            if let Ok(p) = self.gate(&agency).acquire_owned().await {
                 p.forget();
             }
         }
