@@ -425,18 +425,40 @@ impl Gateway {
         Ok(released)
     }
 
-    /// Reads a write's body: at most the grant's limit (capped by the gateway's), within the body timeout.
+    /// Reads a write's body: at most the grant's limit (capped by the gateway's), within the
+    /// body timeout. A body refused as too large is first read on and dropped, within a bound,
+    /// so that the refusal reaches a client still sending it ([`drain`]).
     async fn read_body(
         &self,
-        body: Incoming,
+        mut body: Incoming,
         headers: &HeaderMap,
         grant_max: Option<usize>,
     ) -> Result<Bytes, Refusal> {
         let max = grant_max.map_or(self.limits.max_body_bytes, |g| {
             g.min(self.limits.max_body_bytes)
         });
-        match tokio::time::timeout(self.limits.body_timeout, read_body(body, headers, max)).await {
-            Ok(read) => read,
+        let read =
+            tokio::time::timeout(self.limits.body_timeout, read_body(&mut body, headers, max))
+                .await;
+        match read {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(BodyError::TooLarge)) => {
+                drain(&mut body, headers).await;
+                Err(Refusal::deny(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body-too-large",
+                    "Payload too large",
+                    "body_too_large",
+                    "the request body exceeds the gateway's limit",
+                ))
+            }
+            Ok(Err(BodyError::Malformed)) => Err(Refusal::deny(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "Bad request",
+                "body_malformed",
+                "the request body could not be read: its framing is malformed or it ended early",
+            )),
             Err(_) => {
                 // A slow upload holds a connection; it gets the header timeout's treatment.
                 self.metrics.overload("gateway", "body_timeout");
@@ -1239,29 +1261,73 @@ fn upstream_unavailable() -> Refusal {
     )
 }
 
-/// Reads a request body up to `max` bytes; larger ones are refused before they are read.
-async fn read_body(body: Incoming, headers: &HeaderMap, max: usize) -> Result<Bytes, Refusal> {
-    let too_large = || {
-        Refusal::deny(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
-            "Payload too large",
-            "body_too_large",
-            "the request body exceeds the gateway's limit",
-        )
-    };
-    let declared = headers
+/// Why a request body was not read.
+#[derive(Debug, PartialEq, Eq)]
+enum BodyError {
+    /// Over the limit, declared or found on reading.
+    TooLarge,
+    /// Bad chunked framing, a length the data does not match, or a body cut short.
+    Malformed,
+}
+
+/// Reads a request body up to `max` bytes; one declared larger is refused before it is read.
+async fn read_body<B>(body: &mut B, headers: &HeaderMap, max: usize) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    if declared_length(headers).is_some_and(|n| n > max as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Malformed)?.into_data() else {
+            continue; // trailers
+        };
+        if read.len() + data.len() > max {
+            return Err(BodyError::TooLarge);
+        }
+        read.extend_from_slice(&data);
+    }
+    Ok(read.freeze())
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// The most of a refused body still read and dropped, and for how long.
+const DRAIN_BYTES: u64 = 4 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// Reads the rest of a refused body and drops it, up to [`DRAIN_BYTES`] within [`DRAIN_TIME`].
+///
+/// A client that sends its whole body before it reads the answer would otherwise meet a
+/// reset stream (HTTP/2) or a reset connection (HTTP/1.1) instead of the 413. A body
+/// declared larger than the bound, or sent only after `Expect: 100-continue`, is not read.
+async fn drain<B>(body: &mut B, headers: &HeaderMap)
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let expects = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects || declared_length(headers).is_some_and(|n| n > DRAIN_BYTES) {
+        return;
     }
-    Limited::new(body, max)
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|_| too_large())
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut left = DRAIN_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+            match left.checked_sub(n) {
+                Some(l) => left = l,
+                None => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// The bearer token in `Authorization`, if any.

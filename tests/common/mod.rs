@@ -710,3 +710,55 @@ pub fn policies_with_provider(
     }
     to
 }
+
+/// A raw HTTP/2 connection (the `h2` crate) as `agency`, for frames hyper's client would not send.
+pub async fn h2_connection(gw: &TestGateway, agency: &str) -> h2::client::SendRequest<Bytes> {
+    let client = gw.client(agency).http2();
+    let tls = client.tls().await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await.unwrap()
+}
+
+/// Sends `head` on `conn` and then `body` in pieces, each only once the peer gives flow-control
+/// capacity (as a simple client would: all of the body first, then the answer). The answer's
+/// status, headers and body, or what went wrong.
+pub async fn h2_exchange(
+    conn: &mut h2::client::SendRequest<Bytes>,
+    head: Request<()>,
+    body: &[u8],
+    end: bool,
+) -> Result<Reply, String> {
+    let (response, mut stream) = conn
+        .send_request(head, body.is_empty() && end)
+        .map_err(|e| format!("send headers: {e}"))?;
+    let mut rest = body;
+    while !rest.is_empty() {
+        stream.reserve_capacity(rest.len().min(64 * 1024));
+        let n = std::future::poll_fn(|cx| stream.poll_capacity(cx))
+            .await
+            .ok_or("stream closed while sending")?
+            .map_err(|e| format!("capacity: {e}"))?;
+        let (piece, after) = rest.split_at(n.min(rest.len()));
+        rest = after;
+        stream
+            .send_data(Bytes::copy_from_slice(piece), rest.is_empty() && end)
+            .map_err(|e| format!("send data: {e}"))?;
+    }
+    let resp = response.await.map_err(|e| format!("response: {e}"))?;
+    let (parts, mut recv) = resp.into_parts();
+    let mut out = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(|e| format!("response body: {e}"))?;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: Bytes::from(out),
+    })
+}

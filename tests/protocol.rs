@@ -1,0 +1,218 @@
+//! The HTTP edges, attacked from outside over real mutual TLS, HTTP/1.1 and
+//! HTTP/2 (hyper's client with ALPN `h2`, the `h2` crate or raw bytes for
+//! what a well-behaved client would never send): header size and count,
+//! `Host` and `:authority`, malformed and oversized bodies, and handshakes
+//! that try to flood the log. Every refusal that reaches the gateway's
+//! handler is answered with problem+json and recorded in the audit log.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{raw_answer, Db, Reply, TestGateway};
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use karibche::audit::{self, Filter, Record};
+
+const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
+
+fn person() -> String {
+    format!("/v1/registry/persons/{PERSON}")
+}
+
+async fn record(gw: &TestGateway, id: &str) -> Record {
+    audit::query(&gw.running.store, &Filter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.entry.id == id)
+        .unwrap_or_else(|| panic!("no audit record for request {id}"))
+}
+
+async fn record_of(gw: &TestGateway, reply: &Reply) -> Record {
+    record(gw, &reply.request_id()).await
+}
+
+/// A body sent in 16 KiB pieces with no declared length (HTTP/1.1: chunked; HTTP/2: DATA frames).
+struct Pieces {
+    left: usize,
+}
+
+impl hyper::body::Body for Pieces {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(16 * 1024);
+        self.left -= n;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(vec![
+            b' ';
+            n
+        ])))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_upload_gets_its_413_over_both_protocols() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("mia-border", "border-control", None);
+    let h1 = gw.client("mia-border");
+    for client in [h1.http2(), h1] {
+        for size in [1024 * 1024 + 1, 1024 * 1024 + 64 * 1024, 3 * 1024 * 1024] {
+            let req = client
+                .builder(Method::POST, "/v1/registry/crossings")
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(vec![b' '; size])))
+                .unwrap();
+            let r = client
+                .request(req)
+                .await
+                .unwrap_or_else(|e| panic!("{size}: {e}"));
+            assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{size}");
+            assert_eq!(r.content_type(), "application/problem+json");
+            let rec = record_of(&gw, &r).await;
+            assert_eq!(rec.entry.reason.as_deref(), Some("body_too_large"));
+            // The same without a declared length: refused once the limit is passed.
+            let req = client
+                .builder(Method::POST, "/v1/registry/crossings")
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(Pieces { left: size })
+                .unwrap();
+            let r = client
+                .request(req)
+                .await
+                .unwrap_or_else(|e| panic!("{size} unannounced: {e}"));
+            assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{size}");
+            let rec = record_of(&gw, &r).await;
+            assert_eq!(rec.entry.reason.as_deref(), Some("body_too_large"));
+        }
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_its_whole_body_first_still_gets_the_413() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("mia-border", "border-control", None);
+    // Up to 4 MiB, a refused body is read to its end before the answer; beyond, a client
+    // must read while it sends (the first test).
+    for (declared, size) in [
+        (true, 1024 * 1024 + 1),
+        (true, 4 * 1024 * 1024),
+        (false, 1024 * 1024 + 300 * 1024),
+    ] {
+        let mut conn = common::h2_connection(&gw, "mia-border").await;
+        let mut head = http::Request::post("https://localhost/v1/registry/crossings")
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json");
+        if declared {
+            head = head.header("content-length", size.to_string());
+        }
+        let r = common::h2_exchange(&mut conn, head.body(()).unwrap(), &vec![b' '; size], true)
+            .await
+            .unwrap_or_else(|e| panic!("{size} (declared: {declared}): {e}"));
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(r.content_type(), "application/problem+json");
+        assert_eq!(
+            record_of(&gw, &r).await.entry.reason.as_deref(),
+            Some("body_too_large")
+        );
+    }
+    // HTTP/1.1, the whole body written before the answer is read, declared and chunked.
+    let size = 1024 * 1024 + 1;
+    let declared = format!(
+        "POST /v1/registry/crossings HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+    );
+    let mut chunked = format!(
+        "POST /v1/registry/crossings HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..(size / 65536 + 1) {
+        chunked.extend_from_slice(b"10000\r\n");
+        chunked.extend_from_slice(&[b' '; 65536]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let mut declared = declared.into_bytes();
+    declared.extend_from_slice(&vec![b' '; size]);
+    for bytes in [declared, chunked] {
+        let a = raw_answer(&gw, "mia-border", &bytes, Duration::from_secs(10)).await;
+        assert_eq!(a.status(), 413, "{}", a.head);
+        assert_eq!(a.header("content-type"), Some("application/problem+json"));
+        let rec = record(&gw, a.header("x-request-id").unwrap()).await;
+        assert_eq!(rec.entry.reason.as_deref(), Some("body_too_large"));
+    }
+    gw.shutdown().await;
+}
+
+async fn records_with_reason(gw: &TestGateway, reason: &str) -> Vec<Record> {
+    audit::query(&gw.running.store, &Filter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entry.reason.as_deref() == Some(reason))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_body_is_a_400_not_a_413() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("mia-border", "border-control", None);
+    let head = format!(
+        "POST /v1/registry/crossings HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    for body in [
+        &b"zz\r\n{}\r\n0\r\n\r\n"[..],            // not a chunk size
+        b"5\r\n{}\r\n\r\n0\r\n\r\n",              // a chunk shorter than it says
+        b"2\r\n{}XX0\r\n\r\n",                    // no CRLF after the chunk
+        b"ffffffffffffffffff\r\n{}\r\n0\r\n\r\n", // a size that overflows
+    ] {
+        let mut bytes = head.clone().into_bytes();
+        bytes.extend_from_slice(body);
+        let a = raw_answer(&gw, "mia-border", &bytes, Duration::from_secs(5)).await;
+        assert_eq!(
+            a.status(),
+            400,
+            "{:?}: {}",
+            String::from_utf8_lossy(body),
+            a.head
+        );
+        assert_eq!(a.header("content-type"), Some("application/problem+json"));
+        let rec = record(&gw, a.header("x-request-id").unwrap()).await;
+        assert_eq!(rec.entry.reason.as_deref(), Some("body_malformed"));
+        assert_eq!(rec.entry.status, 400);
+    }
+
+    // HTTP/2: DATA that does not match the declared length is a stream error (RFC 9113
+    // §8.1.1), so the client sees a reset; the gateway still records the refusal.
+    for (declared, sent) in [(100usize, 10usize), (5, 10)] {
+        let mut conn = common::h2_connection(&gw, "mia-border").await;
+        let head = http::Request::post("https://localhost/v1/registry/crossings")
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .header("content-length", declared.to_string())
+            .body(())
+            .unwrap();
+        if let Ok(r) = common::h2_exchange(&mut conn, head, &vec![b' '; sent], true).await {
+            assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        }
+    }
+    let recorded = common::eventually(Duration::from_secs(5), async || {
+        records_with_reason(&gw, "body_malformed").await.len() == 6
+    })
+    .await;
+    assert!(recorded, "every malformed body has its record");
+    assert!(records_with_reason(&gw, "body_too_large").await.is_empty());
+    gw.shutdown().await;
+}
