@@ -288,6 +288,7 @@ impl Gateway {
         let holder = agency(policy, conn.client.as_ref())?;
         let (agency, bound_required) = (holder.id.as_str(), holder.require_bound_tokens);
         entry.agency = Some(agency.to_owned());
+        request_head(&parts)?;
         let officer = self.token(&parts.headers, agency, bound_required, conn)?;
         entry.officer = Some(officer.id.clone());
         entry.purpose = Some(officer.purpose.clone());
@@ -1259,6 +1260,88 @@ fn upstream_unavailable() -> Refusal {
         "upstream_unavailable",
         "the provider could not be reached",
     )
+}
+
+/// The documented bound on a request's head, in octets, as [`head_size`] counts it.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Header fields per request (hyper's own bound over HTTP/1.1, held to over HTTP/2 alike).
+pub const MAX_HEADER_FIELDS: usize = 100;
+
+/// A request's head as [`MAX_HEAD_BYTES`] counts it, the same over HTTP/1.1 and HTTP/2: the
+/// request target (path and query), and each header field's name and value plus 32 octets
+/// (HTTP/2's measure of a header list, RFC 9113 §6.5.2). An authority given as `:authority`
+/// rather than `Host` counts as the `Host` field it stands for.
+pub fn head_size(parts: &http::request::Parts) -> usize {
+    let target = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let fields: usize = parts
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 32)
+        .sum();
+    let authority = match parts.uri.authority() {
+        Some(a) if !parts.headers.contains_key(header::HOST) => {
+            "host".len() + a.as_str().len() + 32
+        }
+        _ => 0,
+    };
+    target + fields + authority
+}
+
+/// A request's head must be within the documented bounds and name one authority: exactly
+/// one valid `Host` over HTTP/1.1, and where both `Host` and the request target (or HTTP/2's
+/// `:authority`) name one, the same. Checked in the handler, so the refusal is
+/// problem+json and recorded; hyper only enforces a bound twice as large (src/server.rs).
+fn request_head(parts: &http::request::Parts) -> Result<(), Refusal> {
+    let too_large = |detail: &'static str| {
+        Refusal::deny(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+            "Request header fields too large",
+            "headers_too_large",
+            detail,
+        )
+    };
+    if parts.headers.len() > MAX_HEADER_FIELDS {
+        return Err(too_large("the request has more than 100 header fields"));
+    }
+    if head_size(parts) > MAX_HEAD_BYTES {
+        return Err(too_large(
+            "the request's head exceeds 64 KiB (65,536 octets: the target, and each header field's name and value plus 32)",
+        ));
+    }
+    let bad_host = |detail: &'static str| {
+        Refusal::deny(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Bad request",
+            "bad_host",
+            detail,
+        )
+    };
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad_host("the request carries more than one Host header"));
+    }
+    let Some(host) = host else {
+        return match parts.version {
+            http::Version::HTTP_11 => Err(bad_host("an HTTP/1.1 request must carry a Host header")),
+            _ => Ok(()),
+        };
+    };
+    let host = host
+        .to_str()
+        .ok()
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .filter(|a| !a.as_str().contains('@'))
+        .ok_or_else(|| bad_host("the Host header is not a valid host name"))?;
+    match parts.uri.authority() {
+        Some(a) if !a.as_str().eq_ignore_ascii_case(host.as_str()) => Err(bad_host(
+            "the Host header and the request's authority name different hosts",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Why a request body was not read.

@@ -216,3 +216,252 @@ async fn a_malformed_body_is_a_400_not_a_413() {
     assert!(records_with_reason(&gw, "body_too_large").await.is_empty());
     gw.shutdown().await;
 }
+
+const LIMIT: usize = karibche::proxy::MAX_HEAD_BYTES;
+
+/// The padding that makes a request with these fields (and the Host/`:authority` `localhost`)
+/// measure exactly `size`, as the gateway counts: target + Σ(name + value + 32).
+fn padding_for(size: usize, target: &str, token: &str) -> String {
+    let fixed = target.len()
+        + ("host".len() + "localhost".len() + 32)
+        + ("authorization".len() + "Bearer ".len() + token.len() + 32)
+        + ("x-pad".len() + 32);
+    "a".repeat(size - fixed)
+}
+
+fn h1_get(target: &str, token: &str, pad: &str) -> Vec<u8> {
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nX-Pad: {pad}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn h2_get(target: &str, token: &str, pad: &str) -> http::Request<()> {
+    http::Request::get(format!("https://localhost{target}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-pad", pad)
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_header_limit_holds_exactly_over_both_protocols() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("mia-border", "border-control", None);
+    let target = person();
+    let at = padding_for(LIMIT, &target, &token);
+    let over = padding_for(LIMIT + 1, &target, &token);
+
+    let a = raw_answer(
+        &gw,
+        "mia-border",
+        &h1_get(&target, &token, &at),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(a.status(), 200, "exactly 64 KiB is allowed: {}", a.head);
+    let a = raw_answer(
+        &gw,
+        "mia-border",
+        &h1_get(&target, &token, &over),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(a.status(), 431, "{}", a.head);
+    assert_eq!(a.header("content-type"), Some("application/problem+json"));
+    assert_eq!(a.json()["type"], "urn:karibche:problem:headers-too-large");
+    let rec = record(&gw, a.header("x-request-id").unwrap()).await;
+    assert_eq!(rec.entry.reason.as_deref(), Some("headers_too_large"));
+    assert_eq!(rec.entry.agency.as_deref(), Some("mia-border"));
+
+    // HTTP/2 counts the same request the same way; the connection lives on after a 431.
+    let mut conn = common::h2_connection(&gw, "mia-border").await;
+    let r = common::h2_exchange(&mut conn, h2_get(&target, &token, &at), b"", true)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "exactly 64 KiB is allowed over HTTP/2"
+    );
+    for pad in [over.clone(), "b".repeat(70_000), "c".repeat(100_000)] {
+        let r = common::h2_exchange(&mut conn, h2_get(&target, &token, &pad), b"", true)
+            .await
+            .unwrap_or_else(|e| panic!("{} octets: {e}", pad.len()));
+        assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        assert_eq!(r.content_type(), "application/problem+json");
+        let rec = record_of(&gw, &r).await;
+        assert_eq!(rec.entry.reason.as_deref(), Some("headers_too_large"));
+    }
+    let r = common::h2_exchange(&mut conn, h2_get(&target, &token, "x"), b"", true)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "the same connection still serves");
+
+    // hyper's client over HTTP/2 and HTTP/1.1: a 70 KB header is a 431 problem, not a dead connection.
+    let h1 = gw.client("mia-border");
+    let big = "d".repeat(70_000);
+    for client in [h1.http2(), h1] {
+        let r = client
+            .send_with(Method::GET, &target, Some(&token), None, &[("x-big", &big)])
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        assert_eq!(r.content_type(), "application/problem+json");
+        assert_eq!(
+            record_of(&gw, &r).await.entry.reason.as_deref(),
+            Some("headers_too_large")
+        );
+    }
+
+    // Far beyond the limit, hyper refuses by itself (no handler, no record): never a 200.
+    let huge = "e".repeat(3 * LIMIT);
+    let a = raw_answer(
+        &gw,
+        "mia-border",
+        &h1_get(&target, &token, &huge),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(a.status(), 431, "{}", a.head);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_a_hundred_header_fields_are_refused_over_both_protocols() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("mia-border", "border-control", None);
+    let target = person();
+    // Host and Authorization, plus n more.
+    let h1 = |n: usize| {
+        let mut s = format!(
+            "GET {target} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+        );
+        for i in 0..n {
+            s.push_str(&format!("X-F{i}: v\r\n"));
+        }
+        s.push_str("\r\n");
+        s.into_bytes()
+    };
+    let a = raw_answer(&gw, "mia-border", &h1(98), Duration::from_secs(5)).await;
+    assert_eq!(a.status(), 200, "{}", a.head);
+    let a = raw_answer(&gw, "mia-border", &h1(99), Duration::from_secs(5)).await;
+    assert_eq!(
+        a.status(),
+        431,
+        "hyper's own bound over HTTP/1.1: {}",
+        a.head
+    );
+
+    let mut conn = common::h2_connection(&gw, "mia-border").await;
+    for (n, status) in [
+        (99, StatusCode::OK),
+        (100, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+    ] {
+        // :authority counts as the Host field it stands for, so n + 1 fields are in the map.
+        let mut req = http::Request::get(format!("https://localhost{target}"))
+            .header("authorization", format!("Bearer {token}"));
+        for i in 0..n {
+            req = req.header(format!("x-f{i}"), "v");
+        }
+        let r = common::h2_exchange(&mut conn, req.body(()).unwrap(), b"", true)
+            .await
+            .unwrap();
+        assert_eq!(r.status, status, "{n} extra fields");
+        if status != StatusCode::OK {
+            assert_eq!(r.content_type(), "application/problem+json");
+            assert_eq!(
+                record_of(&gw, &r).await.entry.reason.as_deref(),
+                Some("headers_too_large")
+            );
+        }
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_must_name_exactly_one_authority() {
+    let gw = TestGateway::start().await;
+    let token = gw.token("mia-border", "border-control", None);
+    let target = person();
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    for (case, request) in [
+        (
+            "two Host headers",
+            format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n{auth}\r\n"),
+        ),
+        (
+            "two equal Host headers",
+            format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nHost: localhost\r\n{auth}\r\n"),
+        ),
+        ("no Host", format!("GET {target} HTTP/1.1\r\n{auth}\r\n")),
+        (
+            "an invalid Host",
+            format!("GET {target} HTTP/1.1\r\nHost: local host\r\n{auth}\r\n"),
+        ),
+        (
+            "userinfo in Host",
+            format!("GET {target} HTTP/1.1\r\nHost: user@localhost\r\n{auth}\r\n"),
+        ),
+        (
+            "an absolute target naming another host",
+            format!("GET https://evil.example{target} HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n"),
+        ),
+    ] {
+        let a = raw_answer(
+            &gw,
+            "mia-border",
+            request.as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(a.status(), 400, "{case}: {}", a.head);
+        assert_eq!(
+            a.header("content-type"),
+            Some("application/problem+json"),
+            "{case}"
+        );
+        let rec = record(&gw, a.header("x-request-id").unwrap()).await;
+        assert_eq!(rec.entry.reason.as_deref(), Some("bad_host"), "{case}");
+    }
+    // HTTP/1.0 needs no Host; an absolute target agreeing with Host is fine.
+    for request in [
+        format!("GET {target} HTTP/1.0\r\n{auth}\r\n"),
+        format!("GET https://localhost{target} HTTP/1.1\r\nHost: LOCALHOST\r\n{auth}\r\n"),
+    ] {
+        let a = raw_answer(
+            &gw,
+            "mia-border",
+            request.as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(a.status(), 200, "{request}: {}", a.head);
+    }
+
+    // HTTP/2: Host beside :authority must agree, and appear once.
+    let mut conn = common::h2_connection(&gw, "mia-border").await;
+    for (hosts, status) in [
+        (&["evil.example"][..], StatusCode::BAD_REQUEST),
+        (&["localhost", "localhost"][..], StatusCode::BAD_REQUEST),
+        (&["localhost"][..], StatusCode::OK),
+        (&[][..], StatusCode::OK),
+    ] {
+        let mut req = http::Request::get(format!("https://localhost{target}"))
+            .header("authorization", format!("Bearer {token}"));
+        for h in hosts {
+            req = req.header("host", *h);
+        }
+        let r = common::h2_exchange(&mut conn, req.body(()).unwrap(), b"", true)
+            .await
+            .unwrap();
+        assert_eq!(r.status, status, "Host {hosts:?}");
+        if status == StatusCode::BAD_REQUEST {
+            assert_eq!(
+                record_of(&gw, &r).await.entry.reason.as_deref(),
+                Some("bad_host")
+            );
+        }
+    }
+    gw.shutdown().await;
+}
