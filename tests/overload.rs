@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{admin_get, eventually, raw_exchange, Client, Db, TestGateway};
+use common::{admin_get, eventually, gateway_from_banner, raw_exchange, Client, Db, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter};
 use karibche::config::Config;
@@ -493,13 +493,6 @@ async fn connections_over_the_total_cap_are_refused_clearly() {
     .await;
     assert!(served);
     gw.shutdown().await;
-}
-
-/// Where `karibche serve` says the gateway listens, from its banner.
-fn gateway_from_banner(line: &str) -> Option<std::net::SocketAddr> {
-    let rest = line.trim().strip_prefix("gateway")?.trim();
-    let addr = rest.strip_prefix("https://")?.split('/').next()?;
-    addr.parse().ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

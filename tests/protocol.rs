@@ -465,3 +465,86 @@ async fn a_request_must_name_exactly_one_authority() {
     }
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_naming_an_ip_address_cannot_flood_the_log() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+    // The real binary with its real logging (default level, stderr), as an operator runs it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_karibche"))
+        .args(["serve", "--seed-persons", "20"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--registry-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("var"))
+        .arg("--policies")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"))
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let logged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = logged.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            log.lock().unwrap().push(line);
+        }
+    });
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let gateway = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            if let Some(addr) = common::gateway_from_banner(&line) {
+                return addr;
+            }
+        }
+        panic!("serve exited before it was ready")
+    })
+    .await
+    .expect("serve did not become ready");
+    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    let before = logged.lock().unwrap().len();
+
+    // Anyone who can reach the port, before any authentication.
+    let burst = 200;
+    for i in 0..burst {
+        let name = match i % 3 {
+            0 => "127.0.0.1".to_owned(),
+            1 => format!("10.0.{}.{}", i / 256, i % 256),
+            _ => "::1".to_owned(),
+        };
+        let mut tcp = tokio::net::TcpStream::connect(gateway).await.unwrap();
+        tcp.write_all(&common::client_hello([3, 3], &name))
+            .await
+            .unwrap();
+        // Any answer (a ServerHello or an alert) means the hello was read; then hang up.
+        let mut answer = [0u8; 1];
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut answer)).await;
+    }
+    let pid = child.id().unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    let lines = logged.lock().unwrap().clone();
+    let during: Vec<&String> = lines[before..]
+        .iter()
+        .filter(|l| !l.contains("shutting down") && !l.contains("stopped"))
+        .collect();
+    assert!(
+        !lines.iter().any(|l| l.contains("SNI")),
+        "a handshake's server name reached the log: {during:#?}"
+    );
+    assert!(
+        during.len() <= 3,
+        "{burst} hostile handshakes wrote {} lines: {during:#?}",
+        during.len()
+    );
+}
