@@ -12,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{raw_answer, Db, Reply, TestGateway};
+use common::{raw_answer, Reply, TestGateway};
 use http::{Method, StatusCode};
 use http_body_util::Full;
 use karibche::audit::{self, Filter, Record};

@@ -46,9 +46,19 @@ fn breaker(gw: &TestGateway, provider: &str) -> (&'static str, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_is_served_as_get_without_a_body_and_never_opens_the_breaker() {
-    let gw = TestGateway::start_configured(Db::Sqlite, |c, _| c.limits.breaker_failures = 2)
-        .await
-        .unwrap();
+    head_as_get(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_is_served_as_get_on_postgres_too() {
+    head_as_get(Db::Postgres).await;
+}
+
+async fn head_as_get(db: Db) {
+    let Some(gw) = TestGateway::start_configured(db, |c, _| c.limits.breaker_failures = 2).await
+    else {
+        return;
+    };
     let token = gw.token("mia-border", "border-control", None);
     let h1 = gw.client("mia-border");
     let h2 = h1.http2();
