@@ -5,9 +5,18 @@
 //! backends. Write SQL with `$1, $2, …` placeholders (both backends accept
 //! them) and stick to the types `Any` maps: integers, floats, text, blobs,
 //! bools. Timestamps are stored as RFC 3339 text in UTC.
+//!
+//! Several replicas may share one PostgreSQL database: [`Store::setup_lock`]
+//! serialises their one-time setup, and [`Store::lock_node`] makes each node
+//! name (one audit chain) belong to one live process (see `locks`).
 
-use std::path::Path;
+mod locks;
+
+pub use locks::{lock_key, NodeLock, NodeLockLost, SetupLock};
+
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -49,6 +58,22 @@ pub enum StoreError {
     /// A migration failed.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Another live process holds this node name.
+    #[error("node name {node:?} is already held by {holder}: every replica needs its own node name (--node, KARIBCHE_NODE); stop the other process or choose another name")]
+    NodeTaken {
+        /// The node name.
+        node: String,
+        /// Who holds it, as far as can be told.
+        holder: String,
+    },
+    /// A lock file beside the SQLite database could not be opened or locked.
+    #[error("lock file {path}: {source}")]
+    LockFile {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// A handle to the database; cheap to clone.
@@ -56,6 +81,10 @@ pub enum StoreError {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// The SQLite file (`None` for PostgreSQL and in-memory SQLite): its lock files go beside it.
+    file: Option<Arc<PathBuf>>,
+    /// Set by [`Store::guarded_by`]: audit batches commit only while this node lock is held.
+    fence: Option<Arc<locks::Fence>>,
 }
 
 impl Store {
@@ -64,9 +93,10 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = backend_of(url)?;
-        if backend == Backend::Sqlite {
-            create_sqlite_dir(url)?;
-        }
+        let file = match backend {
+            Backend::Sqlite => create_sqlite_dir(url)?.map(Arc::new),
+            Backend::Postgres => None,
+        };
         let url = match backend {
             // `mode=rwc` lets SQLite create the file on first start.
             Backend::Sqlite if !url.contains("mode=") => {
@@ -106,8 +136,52 @@ impl Store {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
+        // sqlx's migrator holds a PostgreSQL advisory lock while it runs, so
+        // replicas starting together migrate one after the other.
         migrator.run(&pool).await?;
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            file,
+            fence: None,
+        })
+    }
+
+    /// Waits until no other process is in its one-time setup on this database, and holds it off until released.
+    pub async fn setup_lock(&self) -> Result<SetupLock, StoreError> {
+        SetupLock::acquire(
+            &self.pool,
+            self.file.as_deref().map(PathBuf::as_path),
+            self.backend == Backend::Postgres,
+        )
+        .await
+    }
+
+    /// Takes node name `node` for this process, or fails with [`StoreError::NodeTaken`] naming its holder.
+    pub async fn lock_node(&self, node: &str) -> Result<NodeLock, StoreError> {
+        NodeLock::acquire(
+            &self.pool,
+            self.file.as_deref().map(PathBuf::as_path),
+            self.backend == Backend::Postgres,
+            node,
+        )
+        .await
+    }
+
+    /// This store, for the audit writer of `lock`'s node: its batches commit only while `lock` holds.
+    pub fn guarded_by(&self, lock: &NodeLock) -> Store {
+        Store {
+            fence: Some(lock.fence()),
+            ..self.clone()
+        }
+    }
+
+    /// Inside an audit batch's transaction: `Ok` unless this store is guarded by a node lock that is no longer held.
+    pub async fn check_node_lock(&self, conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+        match &self.fence {
+            Some(fence) => fence.check(conn).await,
+            None => Ok(()),
+        }
     }
 
     /// The connection pool.
@@ -145,13 +219,14 @@ pub fn backend_of(url: &str) -> Result<Backend, StoreError> {
     }
 }
 
-fn create_sqlite_dir(url: &str) -> Result<(), StoreError> {
+/// Creates the SQLite file's directory; returns the file's path (`None` in memory).
+fn create_sqlite_dir(url: &str) -> Result<Option<PathBuf>, StoreError> {
     let path = url
         .trim_start_matches("sqlite://")
         .trim_start_matches("sqlite:");
     let path = path.split('?').next().unwrap_or_default();
-    if path.is_empty() || path == ":memory:" {
-        return Ok(());
+    if path.is_empty() || path == ":memory:" || url.contains("mode=memory") {
+        return Ok(None);
     }
     if let Some(dir) = Path::new(path)
         .parent()
@@ -162,7 +237,7 @@ fn create_sqlite_dir(url: &str) -> Result<(), StoreError> {
             source,
         })?;
     }
-    Ok(())
+    Ok(Some(PathBuf::from(path)))
 }
 
 #[cfg(test)]

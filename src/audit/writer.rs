@@ -518,6 +518,8 @@ async fn write_batch(
     if let Some(cp) = checkpoint {
         checkpoint::insert(&mut tx, cp).await?;
     }
+    // Last, so the node lock is checked as close to the commit as it can be (crate::store::locks).
+    store.check_node_lock(&mut tx).await?;
     tx.commit().await
 }
 
