@@ -166,11 +166,10 @@ impl Providers {
     /// Leave for `agency` to call `provider`: at once, after waiting for a fair slot, or why not.
     pub async fn admit(&self, provider: &str, agency: &str) -> Result<Permit, Refused> {
         let guard = self.guard(provider);
-        let probe = breaker_admits(&guard)?;
-        let slot = if probe {
+        let (probe, slot) = if breaker_admits(&guard)? {
             // A probe does not queue: the breaker stays half-open only as long as it runs.
             match guard.slots.try_acquire(agency) {
-                Some(slot) => slot,
+                Some(slot) => (true, slot),
                 None => {
                     reopen_now(&guard);
                     return Err(Refused::Busy);
@@ -182,13 +181,8 @@ impl Providers {
                 .acquire(agency, self.settings.wait)
                 .await
                 .ok_or(Refused::Busy)?;
-            // The breaker may have opened while this request waited.
-            if !matches!(*lock(&guard.state), State::Closed { .. }) {
-                return Err(breaker_admits(&guard).err().unwrap_or(Refused::Open {
-                    retry_after: Duration::from_secs(1),
-                }));
-            }
-            slot
+            // The breaker may have opened (or come due for its probe) while this request waited.
+            (breaker_admits(&guard)?, slot)
         };
         Ok(Permit {
             guard,
@@ -669,6 +663,53 @@ mod tests {
             admit(&p, "x").await.is_ok(),
             "the next request probes again"
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_that_waited_while_the_breaker_opened_is_refused_or_probes() {
+        let p = Arc::new(Providers::new(BreakerSettings {
+            concurrency: 1,
+            agency_share: 1,
+            wait: Duration::from_secs(5),
+            failures: 1,
+            ..settings()
+        }));
+        let first = admit(&p, "x").await.unwrap();
+        let q = p.clone();
+        let waiting = tokio::spawn(async move { q.admit("x", "b").await.map(|_| ()) });
+        while p.states()[0].1.agencies.iter().all(|a| a.waiting == 0) {
+            tokio::task::yield_now().await;
+        }
+        first.done(false);
+        assert!(matches!(waiting.await.unwrap(), Err(Refused::Open { .. })));
+
+        // A request that waited until the open period passed becomes the probe (never a
+        // half-open breaker with no probe running).
+        let p = Arc::new(Providers::new(BreakerSettings {
+            concurrency: 2,
+            agency_share: 1,
+            wait: Duration::from_secs(5),
+            failures: 1,
+            ..settings()
+        }));
+        let a = p.admit("x", "a").await.unwrap();
+        let b = p.admit("x", "b").await.unwrap();
+        let q = p.clone();
+        let waiting = tokio::spawn(async move {
+            let permit = q.admit("x", "a").await?;
+            let state = breaker(&q);
+            permit.done(true);
+            Ok::<_, Refused>(state)
+        });
+        while p.states()[0].1.agencies.iter().all(|u| u.waiting == 0) {
+            tokio::task::yield_now().await;
+        }
+        b.done(false);
+        assert_eq!(breaker(&p), "open");
+        tokio::time::sleep(Duration::from_millis(45)).await;
+        drop(a);
+        assert_eq!(waiting.await.unwrap(), Ok("half-open"));
+        assert_eq!(breaker(&p), "closed", "the probe's success closed it");
     }
 
     fn uses(shares: &Shares) -> BTreeMap<String, (usize, usize)> {
