@@ -429,6 +429,57 @@ impl AdminState {
                 s.in_flight
             );
         }
+        // Fair shares (src/breaker.rs): agency labels come from the policy, so they stay few.
+        for (name, help, kind) in [
+            (
+                "karibche_provider_agency_in_flight",
+                "Requests in flight to a provider per agency.",
+                "gauge",
+            ),
+            (
+                "karibche_provider_agency_waiting",
+                "Requests waiting for a provider slot per agency.",
+                "gauge",
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (p, s) in &states {
+                for a in &s.agencies {
+                    let n = if name.ends_with("waiting") {
+                        a.waiting
+                    } else {
+                        a.in_flight
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{name}{{provider=\"{p}\",agency=\"{}\"}} {n}",
+                        a.agency
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP karibche_provider_waited_total Requests that waited for a provider slot.\n# TYPE karibche_provider_waited_total counter"
+        );
+        for (p, s) in &states {
+            let _ = writeln!(
+                out,
+                "karibche_provider_waited_total{{provider=\"{p}\"}} {}",
+                s.waited
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP karibche_provider_wait_timeouts_total Requests refused because no provider slot came free in time.\n# TYPE karibche_provider_wait_timeouts_total counter"
+        );
+        for (p, s) in &states {
+            let _ = writeln!(
+                out,
+                "karibche_provider_wait_timeouts_total{{provider=\"{p}\"}} {}",
+                s.wait_timeouts
+            );
+        }
         let mut resp = Response::new(Full::new(Bytes::from(out)));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

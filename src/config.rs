@@ -205,8 +205,14 @@ pub struct LimitsConfig {
     pub idle_timeout: Duration,
     /// Connections one agency may hold open at once. Default 512.
     pub max_connections_per_agency: usize,
-    /// Requests in flight to one provider at once; more get 503. Default 256.
+    /// Requests in flight to one provider at once, all agencies together; more wait. Default 256.
     pub provider_concurrency: usize,
+    /// Requests in flight to one provider per agency while other agencies use it too (an
+    /// agency alone may use more, short of one share); more wait. Default 16.
+    pub provider_agency_share: usize,
+    /// The longest a request waits for a provider slot; then 503 with `Retry-After`. Default 2 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub provider_wait: Duration,
     /// Consecutive provider failures (errors, timeouts, 5xx) that open its circuit breaker. Default 5.
     pub breaker_failures: u32,
     /// How long an opened breaker refuses before a probe; doubled after each failed probe. Default 5 s.
@@ -224,6 +230,8 @@ impl Default for LimitsConfig {
             idle_timeout: Duration::from_secs(30),
             max_connections_per_agency: 512,
             provider_concurrency: 256,
+            provider_agency_share: 16,
+            provider_wait: Duration::from_secs(2),
             breaker_failures: 5,
             breaker_open: Duration::from_secs(5),
             breaker_max_open: Duration::from_secs(60),
@@ -399,6 +407,7 @@ impl Config {
             ("tls.reload_interval", self.tls.reload_interval),
             ("limits.idle_timeout", self.limits.idle_timeout),
             ("limits.breaker_open", self.limits.breaker_open),
+            ("limits.provider_wait", self.limits.provider_wait),
         ] {
             if d.is_zero() {
                 problems.push(format!("{name} must be longer than zero"));
@@ -421,6 +430,7 @@ impl Config {
                 l.max_connections_per_agency,
             ),
             ("limits.provider_concurrency", l.provider_concurrency),
+            ("limits.provider_agency_share", l.provider_agency_share),
             ("limits.breaker_failures", l.breaker_failures as usize),
         ] {
             if n == 0 {

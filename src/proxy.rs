@@ -288,6 +288,7 @@ impl Gateway {
         let holder = agency(policy, conn.client.as_ref())?;
         let (agency, bound_required) = (holder.id.as_str(), holder.require_bound_tokens);
         entry.agency = Some(agency.to_owned());
+        request_head(&parts)?;
         let officer = self.token(&parts.headers, agency, bound_required, conn)?;
         entry.officer = Some(officer.id.clone());
         entry.purpose = Some(officer.purpose.clone());
@@ -433,18 +434,40 @@ impl Gateway {
         Ok(released)
     }
 
-    /// Reads a write's body: at most the grant's limit (capped by the gateway's), within the body timeout.
+    /// Reads a write's body: at most the grant's limit (capped by the gateway's), within the
+    /// body timeout. A body refused as too large is first read on and dropped, within a bound,
+    /// so that the refusal reaches a client still sending it ([`drain`]).
     async fn read_body(
         &self,
-        body: Incoming,
+        mut body: Incoming,
         headers: &HeaderMap,
         grant_max: Option<usize>,
     ) -> Result<Bytes, Refusal> {
         let max = grant_max.map_or(self.limits.max_body_bytes, |g| {
             g.min(self.limits.max_body_bytes)
         });
-        match tokio::time::timeout(self.limits.body_timeout, read_body(body, headers, max)).await {
-            Ok(read) => read,
+        let read =
+            tokio::time::timeout(self.limits.body_timeout, read_body(&mut body, headers, max))
+                .await;
+        match read {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(BodyError::TooLarge)) => {
+                drain(&mut body, headers).await;
+                Err(Refusal::deny(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body-too-large",
+                    "Payload too large",
+                    "body_too_large",
+                    "the request body exceeds the gateway's limit",
+                ))
+            }
+            Ok(Err(BodyError::Malformed)) => Err(Refusal::deny(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "Bad request",
+                "body_malformed",
+                "the request body could not be read: its framing is malformed or it ended early",
+            )),
             Err(_) => {
                 // A slow upload holds a connection; it gets the header timeout's treatment.
                 self.metrics.overload("gateway", "body_timeout");
@@ -551,7 +574,15 @@ impl Gateway {
                     "the request path cannot be forwarded",
                 )
             })?;
-        let mut up = Request::builder().method(parts.method.clone()).uri(uri);
+        // A HEAD is asked of the provider as the GET it stands for: the pipeline decides,
+        // minimises and records that GET's answer, and the listener sends its headers
+        // without the body (src/server.rs). Providers need not implement HEAD.
+        let method = if parts.method == http::Method::HEAD {
+            http::Method::GET
+        } else {
+            parts.method.clone()
+        };
+        let mut up = Request::builder().method(method).uri(uri);
         for name in [header::CONTENT_TYPE, header::ACCEPT_LANGUAGE] {
             if let Some(v) = parts.headers.get(&name) {
                 up = up.header(name, v.clone());
@@ -577,13 +608,21 @@ impl Gateway {
         })?;
         let permit = self
             .providers
-            .admit(route.provider)
+            .admit(route.provider, caller.agency)
+            .await
             .map_err(|r| self.provider_refused(route.provider, r))?;
         let max = self.limits.max_response_bytes;
+        // Each failure says whether it is the provider's own (`true`): only those count toward
+        // its breaker. A request hyper refuses to send, or an answer too large for the
+        // gateway's limit, is about this request: one caller must not open the breaker for all.
         let call = async {
             let resp = self.upstream.request(up).await.map_err(|e| {
-                tracing::warn!(provider = route.provider, err = %e, "provider call failed");
-                upstream_unavailable()
+                let ours = !e.is_connect()
+                    && std::error::Error::source(&e)
+                        .and_then(|s| s.downcast_ref::<hyper::Error>())
+                        .is_some_and(hyper::Error::is_user);
+                tracing::warn!(provider = route.provider, err = %e, ours, "provider call failed");
+                (upstream_unavailable(), !ours)
             })?;
             let status = resp.status();
             let content_type = resp
@@ -595,19 +634,39 @@ impl Gateway {
                 .collect()
                 .await
                 .map_err(|e| {
-                    tracing::warn!(provider = route.provider, err = %e, "provider response unreadable or too large");
-                    upstream_unavailable()
+                    if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                        tracing::warn!(provider = route.provider, max, "provider answer over the gateway's limit");
+                        let refusal = Refusal::error(
+                            StatusCode::BAD_GATEWAY,
+                            "provider-error",
+                            "Bad gateway",
+                            "upstream_too_large",
+                            "the provider's answer exceeds the gateway's limit",
+                        );
+                        (refusal, false)
+                    } else {
+                        tracing::warn!(provider = route.provider, err = %e, "provider answer unreadable");
+                        (upstream_unavailable(), true)
+                    }
                 })?
                 .to_bytes();
             Ok((status, body, content_type))
         };
         match tokio::time::timeout(self.limits.upstream_timeout, call).await {
             Ok(Ok(x)) => {
-                permit.done(!x.0.is_server_error());
+                // 501: the provider does not implement what this request asks, which is not a failure.
+                let failed = x.0.is_server_error() && x.0 != StatusCode::NOT_IMPLEMENTED;
+                permit.done(!failed);
                 Ok(x)
             }
-            Ok(Err(refusal)) => {
-                permit.done(false);
+            Ok(Err((refusal, provider_failed))) => {
+                if provider_failed {
+                    permit.done(false);
+                } else {
+                    // Neither a failure nor a success of the provider: left unreported
+                    // (an unreported probe lets the next request probe instead).
+                    drop(permit);
+                }
                 self.metrics.upstream_error();
                 Err(refusal)
             }
@@ -665,7 +724,7 @@ impl Gateway {
                 "provider_busy",
                 "upstream_busy",
                 Duration::from_secs(1),
-                "the provider has too many requests in flight; retry shortly",
+                "the provider is busy with other requests of your agency or others; retry shortly",
             ),
             Refused::Open { retry_after } => (
                 "breaker_open",
@@ -1397,29 +1456,155 @@ fn upstream_unavailable() -> Refusal {
     )
 }
 
-/// Reads a request body up to `max` bytes; larger ones are refused before they are read.
-async fn read_body(body: Incoming, headers: &HeaderMap, max: usize) -> Result<Bytes, Refusal> {
-    let too_large = || {
+/// The documented bound on a request's head, in octets, as [`head_size`] counts it.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Header fields per request (hyper's own bound over HTTP/1.1, held to over HTTP/2 alike).
+pub const MAX_HEADER_FIELDS: usize = 100;
+
+/// A request's head as [`MAX_HEAD_BYTES`] counts it, the same over HTTP/1.1 and HTTP/2: the
+/// request target (path and query), and each header field's name and value plus 32 octets
+/// (HTTP/2's measure of a header list, RFC 9113 §6.5.2). An authority given as `:authority`
+/// rather than `Host` counts as the `Host` field it stands for.
+pub fn head_size(parts: &http::request::Parts) -> usize {
+    let target = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let fields: usize = parts
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 32)
+        .sum();
+    let authority = match parts.uri.authority() {
+        Some(a) if !parts.headers.contains_key(header::HOST) => {
+            "host".len() + a.as_str().len() + 32
+        }
+        _ => 0,
+    };
+    target + fields + authority
+}
+
+/// A request's head must be within the documented bounds and name one authority: exactly
+/// one valid `Host` over HTTP/1.1, and where both `Host` and the request target (or HTTP/2's
+/// `:authority`) name one, the same. Checked in the handler, so the refusal is
+/// problem+json and recorded; hyper only enforces a bound twice as large (src/server.rs).
+fn request_head(parts: &http::request::Parts) -> Result<(), Refusal> {
+    let too_large = |detail: &'static str| {
         Refusal::deny(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
-            "Payload too large",
-            "body_too_large",
-            "the request body exceeds the gateway's limit",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+            "Request header fields too large",
+            "headers_too_large",
+            detail,
         )
     };
-    let declared = headers
+    if parts.headers.len() > MAX_HEADER_FIELDS {
+        return Err(too_large("the request has more than 100 header fields"));
+    }
+    if head_size(parts) > MAX_HEAD_BYTES {
+        return Err(too_large(
+            "the request's head exceeds 64 KiB (65,536 octets: the target, and each header field's name and value plus 32)",
+        ));
+    }
+    let bad_host = |detail: &'static str| {
+        Refusal::deny(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Bad request",
+            "bad_host",
+            detail,
+        )
+    };
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad_host("the request carries more than one Host header"));
+    }
+    let Some(host) = host else {
+        return match parts.version {
+            http::Version::HTTP_11 => Err(bad_host("an HTTP/1.1 request must carry a Host header")),
+            _ => Ok(()),
+        };
+    };
+    let host = host
+        .to_str()
+        .ok()
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .filter(|a| !a.as_str().contains('@'))
+        .ok_or_else(|| bad_host("the Host header is not a valid host name"))?;
+    match parts.uri.authority() {
+        Some(a) if !a.as_str().eq_ignore_ascii_case(host.as_str()) => Err(bad_host(
+            "the Host header and the request's authority name different hosts",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Why a request body was not read.
+#[derive(Debug, PartialEq, Eq)]
+enum BodyError {
+    /// Over the limit, declared or found on reading.
+    TooLarge,
+    /// Bad chunked framing, a length the data does not match, or a body cut short.
+    Malformed,
+}
+
+/// Reads a request body up to `max` bytes; one declared larger is refused before it is read.
+async fn read_body<B>(body: &mut B, headers: &HeaderMap, max: usize) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    if declared_length(headers).is_some_and(|n| n > max as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Malformed)?.into_data() else {
+            continue; // trailers
+        };
+        if read.len() + data.len() > max {
+            return Err(BodyError::TooLarge);
+        }
+        read.extend_from_slice(&data);
+    }
+    Ok(read.freeze())
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// The most of a refused body still read and dropped, and for how long.
+const DRAIN_BYTES: u64 = 4 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// Reads the rest of a refused body and drops it, up to [`DRAIN_BYTES`] within [`DRAIN_TIME`].
+///
+/// A client that sends its whole body before it reads the answer would otherwise meet a
+/// reset stream (HTTP/2) or a reset connection (HTTP/1.1) instead of the 413. A body
+/// declared larger than the bound, or sent only after `Expect: 100-continue`, is not read.
+async fn drain<B>(body: &mut B, headers: &HeaderMap)
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let expects = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects || declared_length(headers).is_some_and(|n| n > DRAIN_BYTES) {
+        return;
     }
-    Limited::new(body, max)
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|_| too_large())
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut left = DRAIN_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+            match left.checked_sub(n) {
+                Some(l) => left = l,
+                None => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// The bearer token in `Authorization`, if any.

@@ -404,45 +404,6 @@ async fn expired_and_foreign_certificates_fail_the_handshake() {
     gw.shutdown().await;
 }
 
-/// A TLS ClientHello offering only `version` (0x0301 = TLS 1.0, 0x0302 = TLS 1.1) and CBC-era suites.
-fn legacy_client_hello(version: [u8; 2]) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend(version);
-    body.extend([7u8; 32]);
-    body.push(0);
-    // Including a suite the gateway does speak (ECDHE-RSA-AES128-GCM), so only the version is wrong.
-    let suites: [u16; 6] = [0xc02b, 0xc013, 0xc014, 0x002f, 0x0035, 0x000a];
-    body.extend(((suites.len() * 2) as u16).to_be_bytes());
-    for s in suites {
-        body.extend(s.to_be_bytes());
-    }
-    body.extend([1, 0]);
-    let mut ext = Vec::new();
-    let name = b"localhost";
-    let mut sni = Vec::new();
-    sni.extend(((name.len() + 3) as u16).to_be_bytes());
-    sni.push(0);
-    sni.extend((name.len() as u16).to_be_bytes());
-    sni.extend(name);
-    ext.extend(0u16.to_be_bytes());
-    ext.extend((sni.len() as u16).to_be_bytes());
-    ext.extend(sni);
-    ext.extend([0x00, 0x0a, 0x00, 0x04, 0x00, 0x02, 0x00, 0x17]); // supported_groups: secp256r1
-    ext.extend([0x00, 0x0b, 0x00, 0x02, 0x01, 0x00]); // ec_point_formats: uncompressed
-                                                      // signature_algorithms (ecdsa_secp256r1_sha256, rsa_pkcs1_sha256): without it rustls stops
-                                                      // earlier with handshake_failure; with it, the version alone decides.
-    ext.extend([0x00, 0x0d, 0x00, 0x06, 0x00, 0x04, 0x04, 0x03, 0x04, 0x01]);
-    body.extend((ext.len() as u16).to_be_bytes());
-    body.extend(ext);
-    let mut hs = vec![1u8];
-    hs.extend(&(body.len() as u32).to_be_bytes()[1..]);
-    hs.extend(body);
-    let mut record = vec![0x16, 0x03, 0x01];
-    record.extend((hs.len() as u16).to_be_bytes());
-    record.extend(hs);
-    record
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_offering_only_tls_1_0_or_1_1_get_an_alert() {
     let gw = TestGateway::start().await;
@@ -450,7 +411,9 @@ async fn clients_offering_only_tls_1_0_or_1_1_get_an_alert() {
         let mut tcp = tokio::net::TcpStream::connect(gw.gateway_addr())
             .await
             .unwrap();
-        tcp.write_all(&legacy_client_hello(version)).await.unwrap();
+        tcp.write_all(&common::client_hello(version, "localhost"))
+            .await
+            .unwrap();
         let mut answer = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
             .await

@@ -204,18 +204,12 @@ async fn a_hostile_providers_words_never_reach_the_agency() {
             "upstream_error",
             Some(302),
         ),
-        (
-            "huge",
-            502,
-            "provider-unavailable",
-            "upstream_unavailable",
-            None,
-        ),
+        ("huge", 502, "provider-error", "upstream_too_large", None),
         (
             "huge-error",
             502,
-            "provider-unavailable",
-            "upstream_unavailable",
+            "provider-error",
+            "upstream_too_large",
             None,
         ),
     ];

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{admin_get, Client, Db, TestGateway};
+use common::{admin_get, eventually, gateway_from_banner, raw_exchange, Client, Db, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter};
 use karibche::config::Config;
@@ -71,18 +71,6 @@ fn header<'a>(r: &'a common::Reply, name: &str) -> &'a str {
         .get(name)
         .map(|v| v.to_str().unwrap())
         .unwrap_or("")
-}
-
-/// Polls `check` until it holds or `within` passes.
-async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    false
 }
 
 async fn records(gw: &TestGateway) -> Vec<audit::Record> {
@@ -510,13 +498,6 @@ async fn connections_over_the_total_cap_are_refused_clearly() {
     gw.shutdown().await;
 }
 
-/// Where `karibche serve` says the gateway listens, from its banner.
-fn gateway_from_banner(line: &str) -> Option<std::net::SocketAddr> {
-    let rest = line.trim().strip_prefix("gateway")?.trim();
-    let addr = rest.strip_prefix("https://")?.split('/').next()?;
-    addr.parse().ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_no_acknowledged_request() {
     use tokio::io::AsyncBufReadExt;
@@ -646,39 +627,6 @@ async fn sigterm_under_load_loses_no_acknowledged_request() {
         );
     }
     store.close().await;
-}
-
-/// Sends `head` and `body` over raw TLS and returns the status line and the x-request-id,
-/// which must arrive `within` the given time (whether or not the server read the body).
-async fn raw_exchange(
-    gw: &TestGateway,
-    agency: &str,
-    head: &str,
-    body: &[u8],
-    within: Duration,
-) -> (String, String) {
-    let mut tls = gw.client(agency).tls().await;
-    tls.write_all(head.as_bytes()).await.unwrap();
-    tls.write_all(body).await.unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(within, async {
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = tls.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed without an answer");
-            answer.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("an answer");
-    let text = String::from_utf8_lossy(&answer).to_string();
-    let id = text
-        .lines()
-        .find_map(|l| l.strip_prefix("x-request-id: "))
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    (text.lines().next().unwrap_or_default().to_owned(), id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
