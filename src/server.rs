@@ -315,9 +315,9 @@ pub async fn serve_tls<H, F>(
                     async move {
                         let resp = match refused {
                             Some(detail) => over_capacity(detail),
-                            // Boxed: hyper keeps a slot the size of this future for the
-                            // connection's whole life, and the pipeline's is kilobytes.
-                            None => Box::pin(handler(info, req)).await,
+                            // Unboxed: handlers hand out small futures (the gateway's
+                            // awaits a task; the register boxes its own).
+                            None => handler(info, req).await,
                         };
                         drop(in_flight);
                         Ok::<_, Infallible>(resp)
@@ -563,6 +563,8 @@ pub struct Running {
     rest_tasks: Vec<tokio::task::JoinHandle<()>>,
     audit_writer: AuditWriter,
     reloader: Arc<crate::reload::Reloader>,
+    /// How long pipelines get at shutdown to finish.
+    shutdown_grace: Duration,
 }
 
 impl Running {
@@ -577,6 +579,13 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.stop_gateway.send(true);
         let _ = self.gateway_task.await;
+        // Pipelines whose connections were cut after the grace period still end with their records.
+        if !self.gateway.drain(self.shutdown_grace).await {
+            tracing::warn!(
+                running = self.gateway.pipelines_in_flight(),
+                "request pipelines still running after the grace period"
+            );
+        }
         // Providers stop only after the gateway has drained, so requests in flight can finish.
         let _ = self.stop_rest.send(true);
         for t in self.rest_tasks {
@@ -745,7 +754,9 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             let max_body = config.gateway.max_body_bytes;
             let handler = move |info: Arc<ConnInfo>, req: Request<Incoming>| {
                 let registry = registry.clone();
-                async move { provider_request(&registry, &info, req, max_body).await }
+                // Boxed: hyper keeps a slot the size of this future for the
+                // connection's whole life, and the register's is kilobytes.
+                Box::pin(async move { provider_request(&registry, &info, req, max_body).await })
             };
             rest_tasks.push(tokio::spawn(serve_tls(
                 "registry",
@@ -779,6 +790,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         rate: rate.clone(),
         providers: providers.clone(),
         consents: crate::consent::Consents::new(store.clone(), audit.clone()),
+        pipelines: tokio_util::task::TaskTracker::new(),
     });
     rest_tasks.push(tokio::spawn(housekeeping(
         rate.clone(),
@@ -805,10 +817,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             ..limits
         },
         metrics.clone(),
-        move |info: Arc<ConnInfo>, req: Request<Incoming>| {
-            let gw = gw.clone();
-            async move { gw.handle(info, req).await }
-        },
+        // Each request's pipeline is a task of its own: a client going away cannot cancel it.
+        move |info: Arc<ConnInfo>, req: Request<Incoming>| gw.handle_detached(info, req),
         gateway_rx,
     ));
 
@@ -881,6 +891,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         rest_tasks,
         audit_writer,
         reloader,
+        shutdown_grace: config.gateway.shutdown_grace,
     })
 }
 

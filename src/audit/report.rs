@@ -36,6 +36,10 @@ pub struct Access {
     pub refused_because: Option<String>,
     /// The audit record's id, to quote in a complaint.
     pub record_id: String,
+    /// A change was attempted but its outcome is not in the log: the gateway
+    /// stopped before recording it, so whether the record was changed is unknown.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub outcome_unknown: bool,
 }
 
 /// Everything the log holds about accesses to one data subject.
@@ -101,7 +105,12 @@ pub async fn subject_report_with(
     let days = options.restricted_delay.as_secs() / 86_400;
     Ok(SubjectReport {
         subject: subject.to_owned(),
-        accesses: records.iter().map(|r| access(r, name_of)).collect(),
+        // A change shows once: as its outcome, or as an attempt whose outcome is unknown.
+        accesses: records
+            .iter()
+            .filter(|r| r.entry.phase.as_deref() != Some(super::PHASE_ATTEMPT) || r.outcome_unknown)
+            .map(|r| access(r, name_of))
+            .collect(),
         notice: format!(
             "Accesses under restricted grants (such as national security investigations) may exist; \
              they are shown here only {days} day(s) after they happened. The supervisory authority \
@@ -142,7 +151,7 @@ fn access(r: &Record, name_of: &(dyn Fn(NameKind, &str) -> Option<String> + Sync
         } else {
             Vec::new()
         },
-        refused_because: if released {
+        refused_because: if released || r.outcome_unknown {
             None
         } else {
             Some(
@@ -152,6 +161,7 @@ fn access(r: &Record, name_of: &(dyn Fn(NameKind, &str) -> Option<String> + Sync
             )
         },
         record_id: e.id.clone(),
+        outcome_unknown: r.outcome_unknown,
     }
 }
 
@@ -163,12 +173,20 @@ impl std::fmt::Display for SubjectReport {
             return writeln!(f, "\n{}", self.notice);
         }
         let released = self.accesses.iter().filter(|a| a.released).count();
+        let unknown = self.accesses.iter().filter(|a| a.outcome_unknown).count();
         writeln!(
             f,
-            "{} request(s) named this record; {released} received data, {} were refused or failed.\n",
+            "{} request(s) named this record; {released} received data, {} were refused or failed.",
             self.accesses.len(),
-            self.accesses.len() - released
+            self.accesses.len() - released - unknown
         )?;
+        if unknown > 0 {
+            writeln!(
+                f,
+                "{unknown} change(s) were attempted whose outcome the log does not hold."
+            )?;
+        }
+        writeln!(f)?;
         for a in &self.accesses {
             let who = match (&a.agency_name, &a.agency) {
                 (Some(name), Some(id)) => format!("{name} ({id})"),
@@ -185,7 +203,13 @@ impl std::fmt::Display for SubjectReport {
                 _ => "read",
             };
             let date = a.at.get(..16).unwrap_or(&a.at).replace('T', " ");
-            if a.released {
+            if a.outcome_unknown {
+                writeln!(
+                    f,
+                    "- {date} UTC: {who} tried to change your record ({why}); the gateway stopped \
+                     before recording whether the change was made (outcome unknown)."
+                )?;
+            } else if a.released {
                 writeln!(f, "- {date} UTC: {who} {verb} your record for: {why}.")?;
                 if let Some(basis) = &a.legal_basis {
                     writeln!(f, "    Legal basis: {basis}")?;

@@ -60,6 +60,7 @@ fn entry(n: usize) -> Entry {
             .then(|| crate::audit_api::digest(n.to_string().as_bytes())),
         // Every fifth request was under a restricted grant.
         restricted: n.is_multiple_of(5),
+        ..Entry::default()
     }
 }
 
@@ -196,7 +197,8 @@ async fn failed_commit_fails_closed_and_recovers(store: Store) {
     let err = log.append(entry(3)).await.unwrap_err();
     assert!(matches!(err, AuditError::CommitFailed), "{err:?}");
     assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(log.stats().failed_batches, 1);
+    assert!(log.stats().failing);
+    assert!(log.stats().failed_batches >= 1);
 
     match store.backend() {
         crate::store::Backend::Sqlite => exec(&store, "DROP TRIGGER audit_block").await,
@@ -204,19 +206,39 @@ async fn failed_commit_fails_closed_and_recovers(store: Store) {
             exec(&store, "DROP TRIGGER audit_block ON audit_log").await
         }
     }
+    // Nobody sends anything: the writer finds out by itself that it can write again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while log.stats().failing {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer did not recover by itself"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // seq 4 is the event that records the outage.
     let next = log.append(entry(4)).await.unwrap();
-    assert_eq!(next.seq, 4);
+    assert_eq!(next.seq, 5);
 
-    // A request id used twice fails its batch; the chain carries on without a gap.
+    // A request id used twice: only the repeat is refused (an event says so),
+    // the node stays ready and the chain carries on without a gap.
     let mut again = entry(5);
     log.append(again.clone()).await.unwrap();
     again.case_ref = None;
-    assert!(log.append(again).await.is_err());
-    assert_eq!(log.append(entry(6)).await.unwrap().seq, 6);
+    assert!(matches!(
+        log.append(again).await,
+        Err(AuditError::InvalidEntry(_))
+    ));
+    assert!(!log.stats().failing);
+    assert_eq!(log.append(entry(6)).await.unwrap().seq, 8);
     drop(log);
     writer.finish().await;
     let report = verify(&store, None).await.unwrap();
-    assert_eq!(report.to_string(), "node n1: 6 records, chain intact\n");
+    assert_eq!(report.to_string(), "node n1: 8 records, chain intact\n");
+    let mut records = query(&store, &Filter::default()).await.unwrap();
+    records.sort_by_key(|r| r.seq);
+    let paths: Vec<String> = records.into_iter().map(|r| r.entry.path).collect();
+    assert_eq!(paths[3], super::event::AUDIT_RECOVERED);
+    assert!(paths[6] == super::event::ENTRY_REFUSED, "{paths:?}");
 }
 both!(
     failed_commit_sqlite,

@@ -326,3 +326,17 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8(body.to_vec()).unwrap())
 }
+
+/// The records of one request, oldest first: its one record, or a change's
+/// attempt (which carries the request id) and its outcome.
+pub async fn request_records(
+    store: &karibche::store::Store,
+    request_id: &str,
+) -> Vec<karibche::audit::Record> {
+    karibche::audit::query(store, &karibche::audit::Filter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entry.id == request_id || r.entry.attempt_id.as_deref() == Some(request_id))
+        .collect()
+}
