@@ -441,6 +441,10 @@ impl Gateway {
             // Logged ahead: nothing reaches the provider before its attempt is committed.
             entry.request_digest = Some(crate::audit_api::digest(&body));
             entry.written = written.as_ref().map(written_paths).unwrap_or_default();
+            // The person the body names, so their report shows the attempt even without an outcome.
+            if let Some(s) = subject.as_ref().filter(|s| !entry.subjects.contains(s)) {
+                entry.subjects.push(s.clone());
+            }
             self.log_ahead(entry, ahead).await?;
         }
         let (status, body, content_type) = self

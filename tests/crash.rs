@@ -1,6 +1,7 @@
 //! Crash safety of the audit log: a gateway killed with SIGKILL under load
 //! restarts with an intact chain, and every response a client received has
-//! its committed record.
+//! its committed record; a gateway killed while a provider holds a write
+//! leaves that write's attempt record, shown as "outcome unknown".
 
 #![allow(clippy::unwrap_used, clippy::zombie_processes)]
 
@@ -15,11 +16,20 @@ use std::time::{Duration, Instant};
 
 use common::Client;
 use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
+
+fn repo_policies() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
 
 /// Starts the real binary on ephemeral ports; returns it and the gateway address once ready.
 fn spawn_gateway(data: &Path) -> (Child, SocketAddr) {
-    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    spawn_gateway_with(data, &repo_policies())
+}
+
+/// [`spawn_gateway`] with another policy directory.
+fn spawn_gateway_with(data: &Path, policies: &Path) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_karibche"))
         .args(["--data-dir", data.to_str().unwrap()])
         .args(["--policies", policies.to_str().unwrap()])
@@ -141,4 +151,199 @@ async fn sigkill_under_load_loses_no_acknowledged_record() {
         "acknowledged without a record: {missing:?}"
     );
     store.close().await;
+}
+
+/// Runs the real binary's command line on the data directory; returns stdout and the exit code.
+fn karibche(data: &Path, policies: &Path, args: &[&str]) -> (String, i32) {
+    let out = Command::new(env!("CARGO_BIN_EXE_karibche"))
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["--policies", policies.to_str().unwrap()])
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// Copies the policies and adds a provider at `url` on which the Border
+/// Police may write notes about a person.
+fn policies_with_provider(dir: &Path, url: &str) -> std::path::PathBuf {
+    let out = dir.join("policies");
+    let mut stack = vec![(repo_policies(), out.clone())];
+    while let Some((from, to)) = stack.pop() {
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(&from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push((e.path(), to.join(e.file_name())));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+    let append = |file: &str, text: String| {
+        let path = out.join(file);
+        let mut s = std::fs::read_to_string(&path).unwrap();
+        s.push_str(&text);
+        std::fs::write(path, s).unwrap();
+    };
+    append(
+        "providers.toml",
+        format!(
+            "\n[[providers]]\nid = \"ministry\"\ntitle = \"Another ministry's service\"\nupstream = \"{url}\"\n\n\
+             [[providers.services]]\nid = \"notes\"\ntitle = \"Notes about a person\"\noperations = [\"write\"]\n\
+             subject_field = \"person_id\"\nfields = [\"id\", \"person_id\", \"note\"]\n"
+        ),
+    );
+    append(
+        "agencies/mia-border.toml",
+        "\n[[grants]]\nprovider = \"ministry\"\nservice = \"notes\"\noperations = [\"write\"]\n\
+         purposes = [\"border-control\"]\nfields = [\"id\", \"person_id\", \"note\"]\n"
+            .to_owned(),
+    );
+    out
+}
+
+/// A provider that takes a request and never answers, and says when it holds one.
+///
+/// A test double at a boundary karibche does not own: another ministry's
+/// service, slow at the worst moment. It speaks real TLS with the register's
+/// development certificate (which the gateway trusts for providers).
+async fn holding_provider(pki: &Path) -> (SocketAddr, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    let config = karibche::tls::server_config(
+        karibche::pki::load_certs(&pki.join("registry.pem")).unwrap(),
+        karibche::pki::load_key(&pki.join("registry.key")).unwrap(),
+        &karibche::tls::ClientVerification {
+            cas: karibche::pki::load_certs(&pki.join("ca.pem")).unwrap(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (held, holding) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, held) = (acceptor.clone(), held.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Read until the request (HTTP/1.1 or HTTP/2 frames) has arrived, then hold it.
+                while let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(200), tls.read(&mut buf)).await
+                {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                let _ = held.send(seen).await;
+                // Hold the connection without answering until the gateway is gone.
+                let _ = tls.read(&mut buf).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (addr, holding)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_forward_and_outcome_leaves_an_attempt_with_outcome_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("var");
+    let pki = data.join("pki");
+    // The development PKI first, so the provider can serve with it before the gateway starts.
+    let policy = karibche::policy::Policy::load(&repo_policies()).unwrap();
+    let names: Vec<&str> = policy.agencies().map(|a| a.id.as_str()).collect();
+    karibche::pki::ensure_dev_pki(&pki, &names).unwrap();
+    karibche::pki::ensure_signing_keys(&data.join("keys"), &names).unwrap();
+    let (provider, mut holding) = holding_provider(&pki).await;
+    let policies = policies_with_provider(dir.path(), &format!("https://{provider}"));
+    let (mut child, addr) = spawn_gateway_with(&data, &policies);
+
+    let (cert, key) = karibche::pki::agency_files(&pki, "mia-border");
+    let client = Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr);
+    let token = karibche::token::issue(
+        &data.join("keys"),
+        &karibche::token::IssueRequest {
+            agency: "mia-border".into(),
+            officer: "officer-7".into(),
+            purpose: "border-control".into(),
+            case_ref: None,
+            ttl: Duration::from_secs(300),
+            audience: "karibche".into(),
+            backdate: Duration::ZERO,
+        },
+    )
+    .unwrap();
+    let body = serde_json::json!({"person_id": "RF-0000001", "note": "seen at Sarpi"});
+    let digest = common::sha256_hex(&serde_json::to_vec(&body).unwrap());
+    let write = tokio::spawn(async move {
+        client
+            .send(
+                http::Method::POST,
+                "/v1/ministry/notes",
+                Some(&token),
+                Some(body),
+            )
+            .await
+    });
+    // The provider holds the write: the change may have happened, its outcome is not known yet.
+    let seen = tokio::time::timeout(Duration::from_secs(30), holding.recv())
+        .await
+        .expect("the write never reached the provider")
+        .unwrap();
+    assert!(!seen.is_empty());
+    child.kill().unwrap(); // SIGKILL between forward and outcome.
+    child.wait().unwrap();
+    assert!(
+        write.await.unwrap().is_err(),
+        "no answer can come from a killed gateway"
+    );
+
+    // The attempt is there, with the body's digest, and is shown as outcome unknown.
+    let (jsonl, code) = karibche(&data, &policies, &["audit", "query", "--format", "jsonl"]);
+    assert_eq!(code, 0);
+    let attempts: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["phase"] == "attempt")
+        .collect();
+    assert_eq!(attempts.len(), 1, "{jsonl}");
+    let attempt = &attempts[0];
+    assert_eq!(attempt["request_digest"], digest.as_str());
+    assert_eq!(attempt["outcome_unknown"], true);
+    assert_eq!(attempt["officer"], "officer-7");
+    assert_eq!(attempt["written"], serde_json::json!(["note", "person_id"]));
+    assert_eq!(attempt["subjects"], serde_json::json!(["RF-0000001"]));
+    let (table, code) = karibche(&data, &policies, &["audit", "query"]);
+    assert_eq!(code, 0);
+    assert!(table.contains("attempt, OUTCOME UNKNOWN"), "{table}");
+    // Verify reports it, and does not call it tampering (exit 0: intact).
+    let (verify, code) = karibche(&data, &policies, &["audit", "verify"]);
+    assert_eq!(code, 0, "{verify}");
+    assert!(verify.contains("chain intact"), "{verify}");
+    assert!(
+        verify.contains("1 attempt(s) with outcome unknown"),
+        "{verify}"
+    );
+    assert!(verify.contains(attempt["id"].as_str().unwrap()), "{verify}");
+    // And the person's report says a change was tried whose outcome is unknown.
+    let (report, code) = karibche(
+        &data,
+        &policies,
+        &["audit", "report", "--subject", "RF-0000001"],
+    );
+    assert_eq!(code, 0);
+    assert!(report.contains("outcome unknown"), "{report}");
 }

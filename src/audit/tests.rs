@@ -246,6 +246,56 @@ both!(
     failed_commit_fails_closed_and_recovers
 );
 
+/// An entry the database refuses (here: a request id already in the log) is
+/// refused alone: the rest of its batch commits, an event records the
+/// refusal, and the node does not turn failing.
+async fn one_bad_entry_does_not_fail_its_batch(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    let first = entry(0);
+    log.append(first.clone()).await.unwrap();
+    let mut tasks = Vec::new();
+    for n in 1..64 {
+        let log = log.clone();
+        let e = if n == 32 {
+            Entry {
+                case_ref: None,
+                ..first.clone()
+            }
+        } else {
+            entry(n)
+        };
+        tasks.push(tokio::spawn(async move { (n, log.append(e).await) }));
+    }
+    for t in tasks {
+        let (n, result) = t.await.unwrap();
+        match n {
+            32 => assert!(
+                matches!(result, Err(AuditError::InvalidEntry(_))),
+                "{result:?}"
+            ),
+            _ => assert!(result.is_ok(), "entry {n}: {result:?}"),
+        }
+    }
+    assert!(!log.stats().failing);
+    drop(log);
+    writer.finish().await;
+    let records = query(&store, &Filter::default()).await.unwrap();
+    assert_eq!(records.len(), 64, "63 entries and the refusal event");
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.entry.path == super::event::ENTRY_REFUSED)
+            .count(),
+        1
+    );
+    assert!(verify(&store, None).await.unwrap().intact());
+}
+both!(
+    one_bad_entry_sqlite,
+    one_bad_entry_pg,
+    one_bad_entry_does_not_fail_its_batch
+);
+
 async fn restart_continues_the_chain(store: Store) {
     let (log, writer) = start(&store, "n1").await;
     let first = append_n(&log, 0..3).await;

@@ -145,6 +145,110 @@ impl TestGateway {
     pub async fn shutdown(self) {
         self.running.shutdown().await;
     }
+
+    /// Stops the system and starts it again on the same files and database.
+    pub async fn restart(self) -> TestGateway {
+        let TestGateway {
+            running,
+            dir,
+            config,
+            _pg,
+        } = self;
+        running.shutdown().await;
+        let listeners = Listeners {
+            gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let running = server::start(config.clone(), listeners).await.unwrap();
+        TestGateway {
+            running,
+            dir,
+            config,
+            _pg,
+        }
+    }
+
+    /// Waits until no request pipeline runs (those whose clients went away included).
+    pub async fn wait_for_pipelines(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.running.gateway.pipelines_in_flight() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "request pipelines still running after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The database name of a PostgreSQL-backed gateway.
+    pub fn pg_name(&self) -> Option<String> {
+        self._pg
+            .as_ref()
+            .and_then(|pg| pg.url.rsplit('/').next().map(str::to_owned))
+    }
+
+    /// The bodies of `n` border crossings of the example person, one a second
+    /// back from now (so each is a distinct crossing, stored with this `at`).
+    pub async fn crossings(&self, n: usize) -> Vec<(String, Vec<u8>)> {
+        let document = karibche::registry::example_document(self.registry_store())
+            .await
+            .unwrap()
+            .unwrap();
+        let now = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap();
+        (1..=n)
+            .map(|i| {
+                let at = (now - Duration::from_secs(i as u64))
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap();
+                let body = serde_json::json!({
+                    "person_id": karibche::registry::EXAMPLE_PERSON_ID, "direction": "exit",
+                    "point": "Sarpi", "at": at, "document_number": document
+                });
+                (at, serde_json::to_vec(&body).unwrap())
+            })
+            .collect()
+    }
+
+    /// A development token for a named officer of an agency.
+    pub fn officer_token(&self, agency: &str, officer: &str, purpose: &str) -> String {
+        karibche::token::issue(
+            &self.config.data_path(&self.config.tokens.keys_dir),
+            &karibche::token::IssueRequest {
+                agency: agency.into(),
+                officer: officer.into(),
+                purpose: purpose.into(),
+                case_ref: None,
+                ttl: Duration::from_secs(300),
+                audience: "karibche".into(),
+                backdate: Duration::ZERO,
+            },
+        )
+        .unwrap()
+    }
+
+    /// `/readyz` of the running system: its status.
+    pub async fn readyz(&self) -> StatusCode {
+        admin_get(self.running.started.admin, "/readyz").await.0
+    }
+
+    /// Polls `/readyz` until it answers `want`; panics after `within`.
+    pub async fn wait_ready(&self, want: StatusCode, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let (status, body) = admin_get(self.running.started.admin, "/readyz").await;
+            if status == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/readyz is still {status} after {within:?}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// A minimal mutual-TLS HTTP/1.1 client; one connection per request keeps tests independent.
@@ -199,6 +303,27 @@ impl Client {
             config: Arc::new(config),
             addr,
         }
+    }
+
+    /// An HTTP/2 connection (ALPN `h2`): many requests as streams of one connection.
+    /// Dropping a request's response future resets its stream (`RST_STREAM`).
+    pub async fn h2(&self) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        sender
     }
 
     /// A bare TLS connection (handshake done), for tests that write raw HTTP.
@@ -339,4 +464,104 @@ pub async fn request_records(
         .into_iter()
         .filter(|r| r.entry.id == request_id || r.entry.attempt_id.as_deref() == Some(request_id))
         .collect()
+}
+
+/// A JSON POST request with a bearer token, for [`Client::h2`] and raw exchanges.
+pub fn post_request(path: &str, token: &str, body: &[u8]) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(format!("https://localhost{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .unwrap()
+}
+
+/// The bytes of an HTTP/1.1 JSON POST, as a client writes them on the wire.
+pub fn http1_post(path: &str, token: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Hex SHA-256, as the log records request and response digests.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    karibche::pki::sha256_hex(bytes)
+}
+
+/// A tiny deterministic generator (splitmix64) for random timings in tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// A small tmpfs mounted for one test (unmounted when dropped, also on panic).
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts `size` (e.g. `"4m"`) at a fresh directory; `None` (with a note)
+    /// where mounting is not permitted and `CI` is unset.
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let dir =
+            std::env::temp_dir().join(format!("karibche-tmpfs-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::fs::remove_dir(&dir);
+            if std::env::var_os("CI").is_some() {
+                panic!("cannot mount a tmpfs in CI (the storage fault tests need root)");
+            }
+            eprintln!("note: cannot mount a tmpfs (not root?); skipping the full-disk test");
+            return None;
+        }
+        Some(Tmpfs { dir })
+    }
+
+    /// Fills the filesystem up with a file `name`; returns its path.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.dir.join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let small = [0u8; 512];
+        while f.write_all(&small).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a file still open somewhere must not keep the mount (and the test) alive.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
