@@ -3,6 +3,26 @@
 //! This is the binary's edge, the one module that reports errors with
 //! `anyhow`: every command prints a clear message and exits non-zero on
 //! failure. Everything it calls is a library function the tests use too.
+//!
+//! Output goes through `out!`/`outln!`, never `print!` (which panics on a
+//! closed pipe): a reader that stops early (`karibche audit report | head -1`)
+//! ends the command quietly with exit 0, as it does for any Unix filter.
+
+#![deny(clippy::print_stdout)]
+
+/// `print!` that hands a failed write back to the caller (`?`) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write!(std::io::stdout().lock(), $($arg)*)?
+    };
+}
+
+/// `println!` that hands a failed write back to the caller (`?`) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    };
+}
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -484,8 +504,29 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
     };
 }
 
-/// Runs the command.
+/// Runs the command; a closed standard output (the reader went away) is a normal end.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match run_command(cli).await {
+        Err(err) if is_broken_pipe(&err) => Ok(ExitCode::SUCCESS),
+        other => other,
+    }
+}
+
+/// Whether `err` comes from writing to a pipe whose reader has gone.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        let kind = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => Some(io.kind()),
+            // serde_json keeps the io::Error to itself; it tells only its kind.
+            None => e
+                .downcast_ref::<serde_json::Error>()
+                .and_then(serde_json::Error::io_error_kind),
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
     let quiet = !matches!(cli.command, Command::Serve(_));
     init_logging(cli.common.log_format, if quiet { "warn" } else { "info" });
     let config = cli.config()?;
@@ -493,7 +534,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(_) => {
             let listeners = Listeners::bind(&config).await?;
             let data_dir = config.data_dir.clone();
-            server::serve(config, listeners, |s| print_banner(s, &data_dir)).await?;
+            server::serve(config, listeners, |s| {
+                // A server whose standard output is gone keeps serving; its logs go to standard error.
+                if let Err(err) = print_banner(s, &data_dir) {
+                    tracing::debug!(%err, "banner not printed");
+                }
+            })
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(TokenCommand::Issue {
@@ -514,6 +561,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 audience: config.tokens.audience.clone(),
                 backdate: Duration::ZERO,
             };
+            // A token the gateway would refuse is refused here, with every reason at once.
+            let policy = server::load_policy(&config.policies_dir).context(
+                "token issue checks the token against the policy in force (--policies DIR)",
+            )?;
+            if let Err(problems) =
+                crate::token::check_issue(&request, &policy, config.tokens.max_lifetime)
+            {
+                let mut text = String::from("the gateway would refuse this token:");
+                for p in &problems.0 {
+                    text.push_str("\n  - ");
+                    text.push_str(p);
+                }
+                bail!(text);
+            }
             let token = match bind_cert {
                 Some(cert) => {
                     let der = crate::pki::load_certs(cert)?;
@@ -525,7 +586,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .with_context(|| {
                 format!("no development key for agency {agency:?}; run `karibche certs init` (or `serve`) first")
             })?;
-            println!("{token}");
+            outln!("{token}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(cmd) => policy_command(&config, cmd),
@@ -537,23 +598,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     format!("cannot revoke the development certificate of {agency:?}")
                 })?;
             if r.newly_revoked {
-                println!(
+                outln!(
                     "revoked {} (serial {}); {} updated",
                     r.certificate.display(),
                     r.serial,
                     r.crl.display()
                 );
             } else {
-                println!(
+                outln!(
                     "{} was already revoked; {} re-signed",
                     r.certificate.display(),
                     r.crl.display()
                 );
             }
-            println!("a running gateway refuses it from its next CRL reload (tls.reload_interval, default 1s)");
+            outln!("a running gateway refuses it from its next CRL reload (tls.reload_interval, default 1s)");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Certs(CertsCommand::Status { warn_days }) => Ok(certs_status(&config, *warn_days)),
+        Command::Certs(CertsCommand::Status { warn_days }) => certs_status(&config, *warn_days),
         Command::Certs(CertsCommand::Init) => {
             let policy = server::load_policy(&config.policies_dir)?;
             let names: Vec<String> = policy.agencies().map(|a| a.id.clone()).collect();
@@ -564,10 +625,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &names,
             )?;
             for f in a.created.iter().chain(&b.created) {
-                println!("created {}", f.display());
+                outln!("created {}", f.display());
             }
             if a.created.is_empty() && b.created.is_empty() {
-                println!(
+                outln!(
                     "all development certificates and keys exist under {}",
                     config.data_dir.display()
                 );
@@ -578,7 +639,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = crate::store::Store::connect(&config.registry_database_url()).await?;
             let n = crate::registry::seed(&store, *persons, *seed).await?;
             let total = crate::registry::count_persons(&store).await?;
-            println!("seeded {n} persons; the register holds {total}");
+            outln!("seeded {n} persons; the register holds {total}");
             store.close().await;
             Ok(ExitCode::SUCCESS)
         }
@@ -594,9 +655,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let report = crate::registry::bench(&store, &opts).await?;
             store.close().await;
-            println!("register: {} persons", report.persons);
+            outln!("register: {} persons", report.persons);
             for r in &report.results {
-                println!(
+                outln!(
                     "{:<34} {:>9.0} lookups/s  ({} lookups, {} found, {:.2?})",
                     r.name,
                     r.per_second(),
@@ -607,9 +668,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             for p in &report.plans {
                 let verdict = if p.uses_index { "index" } else { "NO INDEX" };
-                println!("plan [{verdict}] {}: {}", p.name, p.sql);
+                outln!("plan [{verdict}] {}: {}", p.name, p.sql);
                 for line in &p.lines {
-                    println!("    {line}");
+                    outln!("    {line}");
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -635,7 +696,7 @@ async fn consent_command(config: &Config, cmd: &ConsentCommand) -> anyhow::Resul
                     None => "valid until revoked".to_owned(),
                 },
             };
-            println!(
+            outln!(
                 "{} subject={} agency={} purpose={} scope={} given={} evidence={} {state}",
                 c.id,
                 c.subject,
@@ -650,12 +711,14 @@ async fn consent_command(config: &Config, cmd: &ConsentCommand) -> anyhow::Resul
                 c.evidence_ref.as_deref().unwrap_or("-"),
             );
         }
-        println!("{} consent(s)", consents.len());
+        outln!("{} consent(s)", consents.len());
         store.close().await;
         return Ok(ExitCode::SUCCESS);
     }
     let policy = server::load_policy(&config.policies_dir)?;
     let node = format!("{}-cli", config.node);
+    // Like a gateway node, this chain is written by one process at a time.
+    let node_lock = store.lock_node(&node).await?;
     let mut audit_config = crate::audit::AuditConfig::new(node);
     let key_path = config.audit_key_path();
     if key_path.exists() {
@@ -665,7 +728,8 @@ async fn consent_command(config: &Config, cmd: &ConsentCommand) -> anyhow::Resul
             interval: Duration::from_secs(60),
         });
     }
-    let (audit, writer) = crate::audit::AuditLog::start(store.clone(), audit_config).await?;
+    let (audit, writer) =
+        crate::audit::AuditLog::start(store.guarded_by(&node_lock), audit_config).await?;
     let consents = Consents::new(store.clone(), audit.clone());
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
@@ -711,25 +775,26 @@ async fn consent_command(config: &Config, cmd: &ConsentCommand) -> anyhow::Resul
                 valid_until,
                 evidence_ref: evidence.clone(),
             };
-            consents
-                .grant(new, &actor)
-                .await
-                .map(|c| println!("{}", c.id))
+            consents.grant(new, &actor).await.map(|c| c.id)
         }
         ConsentCommand::Revoke { id } => consents.revoke(id, None, &actor).await.map(|c| {
-            println!(
+            format!(
                 "revoked {} (subject {}, agency {}, purpose {})",
                 c.id, c.subject, c.agency, c.purpose
             )
         }),
-        ConsentCommand::List { .. } => Ok(()),
+        ConsentCommand::List { .. } => Ok(String::new()),
     };
     audit.close();
     drop(consents);
     drop(audit);
     writer.finish().await;
+    node_lock.release().await;
     store.close().await;
-    outcome?;
+    let said = outcome?;
+    if !said.is_empty() {
+        outln!("{said}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -738,7 +803,7 @@ fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCo
     let dir_or_default = |d: &Option<PathBuf>| d.clone().unwrap_or(config.policies_dir.clone());
     match cmd {
         PolicyCommand::Schema => {
-            print!("{}", crate::policy::schema());
+            out!("{}", crate::policy::schema());
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Check { dir } => {
@@ -752,7 +817,7 @@ fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCo
                     let (key_errors, key_warnings) = check_token_keys(config, &p);
                     warnings.extend(key_warnings);
                     for w in &warnings {
-                        println!("warning: {w}");
+                        outln!("warning: {w}");
                     }
                     if !key_errors.is_empty() {
                         for e in &key_errors {
@@ -774,7 +839,7 @@ fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCo
                         );
                         return Ok(ExitCode::FAILURE);
                     }
-                    println!(
+                    outln!(
                         "{}: {} agencies, {} providers, policy version {}, {} warning(s)",
                         dir.display(),
                         p.agencies().count(),
@@ -804,9 +869,9 @@ fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCo
             match crate::policy::run_cases(&policy, &dir, today) {
                 Ok(report) => {
                     for f in &report.failures {
-                        println!("{f}");
+                        outln!("{f}");
                     }
-                    println!("{} passed, {} failed", report.passed, report.failures.len());
+                    outln!("{} passed, {} failed", report.passed, report.failures.len());
                     if report.passed == 0 && report.failures.is_empty() {
                         eprintln!(
                             "no test cases under {}",
@@ -830,14 +895,14 @@ fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCo
             let new = server::load_policy(new_dir)?;
             let text = crate::policy::diff(&old, &new);
             if text.is_empty() {
-                println!(
+                outln!(
                     "no change in access (policy {} -> {})",
                     old.version(),
                     new.version()
                 );
             } else {
-                println!("policy {} -> {}", old.version(), new.version());
-                print!("{text}");
+                outln!("policy {} -> {}", old.version(), new.version());
+                out!("{text}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -880,7 +945,7 @@ fn policy_command(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCo
                 purpose,
                 case_ref: case_ref.as_deref(),
             };
-            print!("{}", policy.explain(&req, today));
+            out!("{}", policy.explain(&req, today));
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -927,9 +992,9 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}/bench.db", dir.path().display()));
         let store = crate::store::Store::connect(&url).await?;
-        println!("audit writer benchmark on {url}");
+        outln!("audit writer benchmark on {url}");
         let report = crate::audit::bench::bench(&store, *records, *concurrency).await?;
-        print!("{report}");
+        out!("{report}");
         store.close().await;
         return Ok(ExitCode::SUCCESS);
     }
@@ -949,6 +1014,7 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
         return Ok(match outcome {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
+            Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("karibche: could not verify the audit log: {err:#}");
                 ExitCode::from(2)
@@ -967,9 +1033,9 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
             };
             let signer = key.as_ref().map(|k| (config.node.as_str(), k));
             let report = crate::audit::archive::archive(&store, before, out, signer).await?;
-            print!("{report}");
+            out!("{report}");
             if report.archived.is_empty() {
-                println!("nothing archived");
+                outln!("nothing archived");
             }
             ExitCode::SUCCESS
         }
@@ -993,8 +1059,8 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
                 crate::audit::report::subject_report_with(&store, subject, &options, &name_of)
                     .await?;
             match format {
-                ReportFormat::Text => print!("{report}"),
-                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                ReportFormat::Text => out!("{report}"),
+                ReportFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
             }
             ExitCode::SUCCESS
         }
@@ -1007,7 +1073,7 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
                 );
             }
             let key = crate::audit::AuditKey::load_or_create(&path)?;
-            println!("{}", key.public_hex());
+            outln!("{}", key.public_hex());
             ExitCode::SUCCESS
         }
         AuditCommand::Query { filter, format } => {
@@ -1081,7 +1147,7 @@ fn verify_file(
     };
     let cps = checkpoints.map(|p| open(p)).transpose()?;
     let report = crate::audit::offline::verify_export(open(file)?, cps, pubkey)?;
-    print!("{report}");
+    out!("{report}");
     Ok(report.intact())
 }
 
@@ -1096,20 +1162,22 @@ async fn verify_database(
     let report = crate::audit::verify_from(&store, node, pubkey, from).await;
     store.close().await;
     let report = report?;
-    print!("{report}");
+    out!("{report}");
     if report.nodes.is_empty() {
-        println!("no audit records");
+        outln!("no audit records");
     }
     Ok(report.intact())
 }
 
 /// Prints one line per certificate and CRL: days left, label, subject, file.
-fn certs_status(config: &Config, warn_days: i64) -> ExitCode {
+fn certs_status(config: &Config, warn_days: i64) -> anyhow::Result<ExitCode> {
     let now = time::OffsetDateTime::now_utc();
     let mut expired = false;
-    println!(
+    outln!(
         "{:>9}  {:<40}  {:<44}  file",
-        "days left", "certificate", "subject"
+        "days left",
+        "certificate",
+        "subject"
     );
     for item in crate::pki::inventory(config) {
         match item {
@@ -1123,7 +1191,7 @@ fn certs_status(config: &Config, warn_days: i64) -> ExitCode {
                 } else {
                     ""
                 };
-                println!(
+                outln!(
                     "{days:>9.1}  {:<40}  {:<44}  {}{mark}",
                     e.label,
                     e.subject,
@@ -1132,19 +1200,20 @@ fn certs_status(config: &Config, warn_days: i64) -> ExitCode {
             }
             Err(err) => {
                 expired = true;
-                println!("{:>9}  {err}", "?");
+                outln!("{:>9}  {err}", "?");
             }
         }
     }
-    if expired {
+    Ok(if expired {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    }
+    })
 }
 
 /// What `serve` prints once everything is ready.
-fn print_banner(s: &Started, data_dir: &std::path::Path) {
+fn print_banner(s: &Started, data_dir: &std::path::Path) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
     let pki = data_dir.join("pki");
     let exe = std::env::current_exe()
         .ok()
@@ -1162,34 +1231,44 @@ fn print_banner(s: &Started, data_dir: &std::path::Path) {
     } else {
         s.agencies.first().map(String::as_str).unwrap_or("AGENCY")
     };
-    println!(
+    writeln!(
+        out,
         "karibche is ready (policy {}, {} persons in the register)",
         s.policy_version, s.persons
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  gateway          https://{}/v1/{{provider}}/{{service}}/…",
         s.gateway
-    );
+    )?;
     if let Some(r) = s.registry {
-        println!("  register         https://{r} (only the gateway's certificate is accepted)");
+        writeln!(
+            out,
+            "  register         https://{r} (only the gateway's certificate is accepted)"
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "  health, metrics  http://{}/healthz  /readyz  /metrics",
         s.admin
-    );
-    println!("  CA certificate   {}", pki.join("ca.pem").display());
-    println!(
+    )?;
+    writeln!(out, "  CA certificate   {}", pki.join("ca.pem").display())?;
+    writeln!(
+        out,
         "  agency certs     {}/<agency>.pem and .key",
         pki.join("agencies").display()
-    );
-    println!("  database         {}", s.database_url);
-    println!();
-    println!("Try it (another terminal, from this directory):");
-    println!(
+    )?;
+    writeln!(out, "  database         {}", s.database_url)?;
+    writeln!(out)?;
+    writeln!(out, "Try it (another terminal, from this directory):")?;
+    writeln!(
+        out,
+
         "  curl --cacert {ca} --cert {dir}/{agency}.pem --key {dir}/{agency}.key \\\n    -H \"Authorization: Bearer $({exe} token issue --agency {agency} --officer officer-1 --purpose border-control)\" \\\n    https://{gw}/v1/registry/persons/{person}",
         ca = pki.join("ca.pem").display(),
         dir = pki.join("agencies").display(),
         gw = s.gateway,
         person = crate::registry::EXAMPLE_PERSON_ID,
-    );
+    )?;
+    out.flush()
 }

@@ -563,6 +563,8 @@ pub struct Running {
     rest_tasks: Vec<tokio::task::JoinHandle<()>>,
     audit_writer: AuditWriter,
     reloader: Arc<crate::reload::Reloader>,
+    /// This process's hold on its node name, released after the last record is written.
+    node_lock: crate::store::NodeLock,
     /// How long pipelines get at shutdown to finish.
     shutdown_grace: Duration,
 }
@@ -602,6 +604,7 @@ impl Running {
         self.gateway.audit.close();
         drop(self.gateway);
         self.audit_writer.finish().await;
+        self.node_lock.release().await;
         self.store.close().await;
         if let Some(store) = self.registry_store {
             store.close().await;
@@ -635,6 +638,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     };
 
     let store = Store::connect(&config.database_url()).await?;
+    // Before anything reads or writes this node's chain: one live process per node name.
+    let node_lock = store.lock_node(&config.node).await?;
     let registry_store = match &listeners.registry {
         Some(_) if config.registry_database_url() == config.database_url() => Some(store.clone()),
         Some(_) => Some(Store::connect(&config.registry_database_url()).await?),
@@ -642,6 +647,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     };
     let persons = match &registry_store {
         Some(reg) => {
+            crate::registry::refresh_search_keys(reg).await?;
             crate::registry::seed(reg, config.registry.seed_persons, config.registry.seed).await?;
             crate::registry::count_persons(reg).await?
         }
@@ -659,7 +665,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         interval: config.audit.checkpoint_interval,
     });
     audit_config.restricted_report_delay = config.audit.restricted_report_delay;
-    let (audit, audit_writer) = AuditLog::start(store.clone(), audit_config).await?;
+    let (audit, audit_writer) = AuditLog::start(store.guarded_by(&node_lock), audit_config).await?;
     // A node that cannot record its own start must not serve (fail closed).
     audit
         .append(crate::audit::event::event(
@@ -891,6 +897,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         rest_tasks,
         audit_writer,
         reloader,
+        node_lock,
         shutdown_grace: config.gateway.shutdown_grace,
     })
 }

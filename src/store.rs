@@ -15,9 +15,18 @@
 //! that connection becomes a `SAVEPOINT` whose "commit" is only a `RELEASE`
 //! inside a transaction that is never committed (issue 13). The pool closes
 //! any connection handed back while sqlx still counts a transaction open.
+//!
+//! Several replicas may share one PostgreSQL database: [`Store::setup_lock`]
+//! serialises their one-time setup, and [`Store::lock_node`] makes each node
+//! name (one audit chain) belong to one live process (see `locks`).
 
-use std::path::Path;
+mod locks;
+
+pub use locks::{lock_key, NodeLock, NodeLockLost, SetupLock};
+
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -60,6 +69,22 @@ pub enum StoreError {
     /// A migration failed.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Another live process holds this node name.
+    #[error("node name {node:?} is already held by {holder}: every replica needs its own node name (--node, KARIBCHE_NODE); stop the other process or choose another name")]
+    NodeTaken {
+        /// The node name.
+        node: String,
+        /// Who holds it, as far as can be told.
+        holder: String,
+    },
+    /// A lock file beside the SQLite database could not be opened or locked.
+    #[error("lock file {path}: {source}")]
+    LockFile {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// A handle to the database; cheap to clone.
@@ -67,6 +92,10 @@ pub enum StoreError {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// The SQLite file (`None` for PostgreSQL and in-memory SQLite): its lock files go beside it.
+    file: Option<Arc<PathBuf>>,
+    /// Set by [`Store::guarded_by`]: audit batches commit only while this node lock is held.
+    fence: Option<Arc<locks::Fence>>,
 }
 
 impl Store {
@@ -75,9 +104,10 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = backend_of(url)?;
-        if backend == Backend::Sqlite {
-            create_sqlite_dir(url)?;
-        }
+        let file = match backend {
+            Backend::Sqlite => create_sqlite_dir(url)?.map(Arc::new),
+            Backend::Postgres => None,
+        };
         let url = match backend {
             // `mode=rwc` lets SQLite create the file on first start.
             Backend::Sqlite if !url.contains("mode=") => {
@@ -120,8 +150,52 @@ impl Store {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
+        // sqlx's migrator holds a PostgreSQL advisory lock while it runs, so
+        // replicas starting together migrate one after the other.
         migrator.run(&pool).await?;
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            file,
+            fence: None,
+        })
+    }
+
+    /// Waits until no other process is in its one-time setup on this database, and holds it off until released.
+    pub async fn setup_lock(&self) -> Result<SetupLock, StoreError> {
+        SetupLock::acquire(
+            &self.pool,
+            self.file.as_deref().map(PathBuf::as_path),
+            self.backend == Backend::Postgres,
+        )
+        .await
+    }
+
+    /// Takes node name `node` for this process, or fails with [`StoreError::NodeTaken`] naming its holder.
+    pub async fn lock_node(&self, node: &str) -> Result<NodeLock, StoreError> {
+        NodeLock::acquire(
+            &self.pool,
+            self.file.as_deref().map(PathBuf::as_path),
+            self.backend == Backend::Postgres,
+            node,
+        )
+        .await
+    }
+
+    /// This store, for the audit writer of `lock`'s node: its batches commit only while `lock` holds.
+    pub fn guarded_by(&self, lock: &NodeLock) -> Store {
+        Store {
+            fence: Some(lock.fence()),
+            ..self.clone()
+        }
+    }
+
+    /// Inside an audit batch's transaction: `Ok` unless this store is guarded by a node lock that is no longer held.
+    pub async fn check_node_lock(&self, conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+        match &self.fence {
+            Some(fence) => fence.check(conn).await,
+            None => Ok(()),
+        }
     }
 
     /// The connection pool.
@@ -230,13 +304,14 @@ pub fn backend_of(url: &str) -> Result<Backend, StoreError> {
     }
 }
 
-fn create_sqlite_dir(url: &str) -> Result<(), StoreError> {
+/// Creates the SQLite file's directory; returns the file's path (`None` in memory).
+fn create_sqlite_dir(url: &str) -> Result<Option<PathBuf>, StoreError> {
     let path = url
         .trim_start_matches("sqlite://")
         .trim_start_matches("sqlite:");
     let path = path.split('?').next().unwrap_or_default();
-    if path.is_empty() || path == ":memory:" {
-        return Ok(());
+    if path.is_empty() || path == ":memory:" || url.contains("mode=memory") {
+        return Ok(None);
     }
     if let Some(dir) = Path::new(path)
         .parent()
@@ -247,7 +322,7 @@ fn create_sqlite_dir(url: &str) -> Result<(), StoreError> {
             source,
         })?;
     }
-    Ok(())
+    Ok(Some(PathBuf::from(path)))
 }
 
 #[cfg(test)]

@@ -584,6 +584,54 @@ pub enum IssueError {
     Sign(#[from] jsonwebtoken::errors::Error),
 }
 
+/// Everything wrong with a token request that the gateway would refuse anyway, each said once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the gateway would refuse this token: {}", .0.join("; "))]
+pub struct IssueProblems(pub Vec<String>);
+
+/// Checks a development token request against what the gateway accepts: an agency and a
+/// purpose the policy knows, an officer, and a lifetime of at most `max_lifetime`
+/// (`tokens.max_lifetime`). Reports every problem at once.
+pub fn check_issue(
+    req: &IssueRequest,
+    policy: &crate::policy::Policy,
+    max_lifetime: Duration,
+) -> Result<(), IssueProblems> {
+    let mut problems = Vec::new();
+    let known = |codes: Vec<&str>| codes.join(", ");
+    if policy.agency(&req.agency).is_none() {
+        problems.push(format!(
+            "agency {:?} is not in the policy (known: {})",
+            req.agency,
+            known(policy.agencies().map(|a| a.id.as_str()).collect())
+        ));
+    }
+    if req.officer.trim().is_empty() {
+        problems.push("the officer id is empty".to_owned());
+    }
+    if policy.purpose(&req.purpose).is_none() {
+        problems.push(format!(
+            "purpose {:?} is not in the purpose vocabulary, purposes.toml (known: {})",
+            req.purpose,
+            known(policy.purposes().map(|p| p.code.as_str()).collect())
+        ));
+    }
+    if req.ttl.is_zero() {
+        problems.push("a lifetime of zero makes the token expired at once".to_owned());
+    } else if req.ttl > max_lifetime {
+        problems.push(format!(
+            "lifetime {} is longer than the gateway accepts (tokens.max_lifetime = {})",
+            humantime::format_duration(req.ttl),
+            humantime::format_duration(max_lifetime)
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(IssueProblems(problems))
+    }
+}
+
 /// Signs a development token with `<keys_dir>/<agency>.key` (ES256).
 pub fn issue(keys_dir: &Path, req: &IssueRequest) -> Result<String, IssueError> {
     issue_claims(keys_dir, &req.agency, &dev_claims(req, None))

@@ -103,3 +103,60 @@ async fn handshakes_direct_and_idle_modes_work() {
     assert!(idle.rss_kib.is_some(), "{idle}");
     gw.shutdown().await;
 }
+
+/// Two replicas on one PostgreSQL database: `bench --check-audit` against one of them passes
+/// while the other serves other traffic, because it checks the node(s) that answered the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_audit_checks_the_nodes_the_run_talked_to() {
+    let Some(db) = karibche::testing::PgDatabase::create().await else {
+        return;
+    };
+    let replica = |node: &'static str| {
+        let url = db.url.clone();
+        common::TestGateway::start_configured(common::Db::Sqlite, move |c, _| {
+            c.database_url = Some(url);
+            c.node = node.to_owned();
+        })
+    };
+    let a = replica("bench-a").await.unwrap();
+    let b = replica("bench-b").await.unwrap();
+
+    let mut bench = tokio::process::Command::new(env!("CARGO_BIN_EXE_karibche"))
+        .args(["--data-dir", a.config.data_dir.to_str().unwrap()])
+        .args(["--database-url", &db.url])
+        .arg("bench")
+        .args(["--addr", &a.gateway_addr().to_string()])
+        .args(["--check-audit", "--rate", "40", "--duration", "1s"])
+        .args(["--warmup", "200ms", "--concurrency", "4", "--officers", "4"])
+        .args(["--persons", "200"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // For as long as the run lasts, the other replica serves other requests.
+    let client = b.client("mia-border");
+    let token = b.token("mia-border", "border-control", None);
+    let mut served = 0;
+    while bench.try_wait().unwrap().is_none() {
+        let r = client
+            .get("/v1/registry/persons/RF-0000002", Some(&token))
+            .await;
+        assert_eq!(r.status, http::StatusCode::OK);
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = bench.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(served > 0);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("audit      node bench-a: "), "{stdout}");
+    assert!(!stdout.contains("bench-b"), "{stdout}");
+    assert!(!stdout.contains("MISMATCH"), "{stdout}");
+    a.shutdown().await;
+    b.shutdown().await;
+}

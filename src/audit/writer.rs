@@ -480,6 +480,11 @@ impl Writer {
             )
             .await
             .map_err(|e| Failure::of(&e, backend))?;
+            // Last, so the node lock is checked as close to the commit as it can be (crate::store::locks).
+            self.store
+                .check_node_lock(tx.conn())
+                .await
+                .map_err(|e| Failure::of(&e, backend))?;
             tx.commit().await.map_err(|e| Failure::of(&e, backend))?;
             Ok((chained, checkpoint, Head { seq, hash: prev }))
         }

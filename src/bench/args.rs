@@ -2,11 +2,10 @@
 //!
 //! Paths default to the development files under the data directory
 //! (`var/pki/…`, `var/keys/`), addresses to the configured listeners. With
-//! `--check-audit` the command counts the 2xx audit records in the
-//! configured database before and after the run and fails unless they grew
-//! by exactly the number of 2xx answers (every 2xx backed by a committed
-//! record).
+//! `--check-audit` the command checks, node by node, that every 2xx answer
+//! has its committed 2xx record (see [`super::audit`]), and fails otherwise.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,7 +86,7 @@ pub struct BenchArgs {
     /// Idle mode: keep the connections open this long after measuring.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub hold: Duration,
-    /// Check that the 2xx audit records in the configured database grew by the 2xx answers.
+    /// Check that every 2xx answer has its 2xx audit record in the configured database, node by node.
     #[arg(long)]
     pub check_audit: bool,
 }
@@ -147,7 +146,8 @@ impl BenchArgs {
 
 /// Runs `karibche bench`: prints the report; exit 1 when `--check-audit` finds a 2xx without its record.
 pub async fn command(config: &Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let opts = args.options(config);
+    let mut opts = args.options(config);
+    opts.keep_request_ids = args.check_audit;
     let store = if args.check_audit {
         let url = config.database_url();
         Some(
@@ -159,24 +159,24 @@ pub async fn command(config: &Config, args: &BenchArgs) -> anyhow::Result<ExitCo
         None
     };
     let before = match &store {
-        Some(s) => Some(super::audit_2xx(s).await?),
+        Some(s) => Some(super::audit::counts(s).await?),
         None => None,
     };
     let report = super::run(&opts)
         .await
         .with_context(|| format!("{} against {}", opts.label(), opts.addr))?;
-    print!("{report}");
+    let mut out = std::io::stdout().lock();
+    write!(out, "{report}")?;
     let mut code = ExitCode::SUCCESS;
     if let (Some(store), Some(before)) = (&store, before) {
-        let grown = super::audit_2xx(store).await? - before;
-        let answered = (report.ok() + report.setup_ok) as i64;
-        if grown == answered {
-            println!("audit      {grown} new 2xx records = {answered} 2xx answers");
-        } else {
-            println!("audit      MISMATCH: {grown} new 2xx records, {answered} 2xx answers");
+        let answered = report.ok() + report.setup_ok;
+        let check = super::audit::check(store, &before, &report.request_ids, answered).await?;
+        write!(out, "{check}")?;
+        if !check.ok() {
             code = ExitCode::FAILURE;
         }
         store.close().await;
     }
+    out.flush()?;
     Ok(code)
 }

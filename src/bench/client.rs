@@ -178,6 +178,17 @@ pub struct Call {
     pub body: Option<Bytes>,
 }
 
+/// One answer, read whole.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its `X-Request-Id`: the gateway's audit record of the request.
+    pub request_id: Option<uuid::Uuid>,
+    /// Its body.
+    pub body: Bytes,
+}
+
 impl Conn {
     /// Another handle on the same connection (HTTP/2 only: a new stream each request).
     pub fn share(&self) -> Option<Conn> {
@@ -192,11 +203,7 @@ impl Conn {
     }
 
     /// Sends one request with `token` and reads the whole answer.
-    pub async fn send(
-        &mut self,
-        call: &Call,
-        token: &str,
-    ) -> Result<(StatusCode, Bytes), SendError> {
+    pub async fn send(&mut self, call: &Call, token: &str) -> Result<Answer, SendError> {
         // HTTP/2 carries the authority in the URI; HTTP/1.1 in the Host header.
         let uri = match &self.sender {
             Sender::H1(_) => call.path.clone(),
@@ -229,12 +236,21 @@ impl Conn {
         }
         .map_err(|_| SendError::Http)?;
         let status = resp.status();
+        let request_id = resp
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| uuid::Uuid::parse_str(v).ok());
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(|_| SendError::Http)?
             .to_bytes();
-        Ok((status, body))
+        Ok(Answer {
+            status,
+            request_id,
+            body,
+        })
     }
 }

@@ -24,6 +24,7 @@
 //! process spent during the measured window is reported too.
 
 pub mod args;
+pub mod audit;
 pub mod client;
 pub mod report;
 
@@ -36,7 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-pub use client::{Call, Conn, Endpoint};
+pub use client::{Answer, Call, Conn, Endpoint};
 pub use report::Report;
 
 use crate::registry::synth::Rng;
@@ -199,6 +200,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Idle mode: how long to keep the connections after measuring.
     pub hold: Duration,
+    /// Keep the `X-Request-Id` of every 2xx answer in [`Report::request_ids`] (for `--check-audit`).
+    pub keep_request_ids: bool,
 }
 
 impl BenchOptions {
@@ -235,6 +238,7 @@ impl BenchOptions {
             pid: None,
             seed: 2013,
             hold: Duration::ZERO,
+            keep_request_ids: false,
         }
     }
 
@@ -311,17 +315,23 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         return idle(opts, &endpoint, &workload).await;
     }
     let mut setup_ok = 0;
+    let mut setup_ids = Vec::new();
     if opts.mix.search + opts.mix.write > 0 {
         let (search, write) = discovery_persons(workload.persons);
-        let (documents, ok) = discover(&endpoint, &workload, search).await?;
-        workload.search_documents = documents;
-        setup_ok += ok;
-        let (documents, ok) = discover(&endpoint, &workload, write).await?;
-        workload.write_documents = documents;
-        setup_ok += ok;
+        let found = discover(&endpoint, &workload, search).await?;
+        workload.search_documents = found.documents;
+        setup_ok += found.ok;
+        setup_ids.extend(found.ids);
+        let found = discover(&endpoint, &workload, write).await?;
+        workload.write_documents = found.documents;
+        setup_ok += found.ok;
+        setup_ids.extend(found.ids);
     }
     let mut report = load(opts, &endpoint, Arc::new(workload)).await?;
     report.setup_ok += setup_ok;
+    if opts.keep_request_ids {
+        report.request_ids.extend(setup_ids);
+    }
     Ok(report)
 }
 
@@ -464,16 +474,21 @@ async fn discover(
     endpoint: &Endpoint,
     workload: &Workload,
     persons: Vec<u32>,
-) -> Result<(Vec<(String, String)>, u64), BenchError> {
+) -> Result<Discovered, BenchError> {
     let mut conn = endpoint
         .connect()
         .await
         .map_err(|e| BenchError::Discovery(format!("{} failed", e.kind())))?;
     let mut documents = Vec::new();
     let mut ok = 0;
+    let mut ids = Vec::new();
     let mut rng = Rng::new(1);
     for n in persons {
-        let (status, body) = conn
+        let client::Answer {
+            status,
+            request_id,
+            body,
+        } = conn
             .send(&workload.read(n), workload.token(&mut rng))
             .await
             .map_err(|e| BenchError::Discovery(format!("{} failed", e.kind())))?;
@@ -488,6 +503,7 @@ async fn discover(
             )));
         }
         ok += 1;
+        ids.extend(request_id.map(|id| id.as_u128()));
         let record: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| BenchError::Discovery(format!("not JSON: {e}")))?;
         // The register accepts a crossing only with a document valid that day.
@@ -513,7 +529,17 @@ async fn discover(
                 .to_owned(),
         ));
     }
-    Ok((documents, ok))
+    Ok(Discovered { documents, ok, ids })
+}
+
+/// What the reads before the run found.
+struct Discovered {
+    /// `(person id, document number)` pairs valid today.
+    documents: Vec<(String, String)>,
+    /// Reads answered 2xx.
+    ok: u64,
+    /// Their request ids.
+    ids: Vec<u128>,
 }
 
 /// When the run measures, and (open loop) the schedule.
@@ -598,6 +624,7 @@ async fn load(
             schedule: schedule.clone(),
             conn,
             per_request: opts.mode == Mode::Handshakes,
+            keep_ids: opts.keep_request_ids,
             handshake_only: opts.mode == Mode::Handshakes && opts.handshake_only,
             rng: Rng::new(opts.seed ^ (w as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
         };
@@ -635,6 +662,8 @@ struct Worker {
     per_request: bool,
     /// Only the TLS handshake: no HTTP on the connection.
     handshake_only: bool,
+    /// Keep the request ids of 2xx answers in the report.
+    keep_ids: bool,
     rng: Rng,
 }
 
@@ -662,7 +691,12 @@ impl Worker {
             }
             let result = self.send(&call, &token, &mut report).await;
             let done = Instant::now();
-            match result {
+            if let Ok((200..=299, Some(id))) = result {
+                if self.keep_ids {
+                    report.request_ids.push(id.as_u128());
+                }
+            }
+            match result.map(|(status, _)| status) {
                 Ok(status) if measured => {
                     report.answered(status, done - due);
                     report.service(done - sent);
@@ -690,7 +724,7 @@ impl Worker {
         call: &Call,
         token: &str,
         report: &mut Report,
-    ) -> Result<u16, client::SendError> {
+    ) -> Result<(u16, Option<uuid::Uuid>), client::SendError> {
         let conn = match &mut self.conn {
             Some(c) => c,
             None => {
@@ -703,7 +737,9 @@ impl Worker {
                 self.conn.insert(c)
             }
         };
-        conn.send(call, token).await.map(|(s, _)| s.as_u16())
+        conn.send(call, token)
+            .await
+            .map(|a| (a.status.as_u16(), a.request_id))
     }
 }
 
@@ -726,16 +762,23 @@ async fn idle(
             let _permit = gate.acquire_owned().await;
             let t = Instant::now();
             let mut conn = endpoint.connect().await?;
-            let (status, _) = conn.send(&call, &token).await?;
-            Ok::<_, client::SendError>((conn, status.as_u16(), t.elapsed()))
+            let answer = conn.send(&call, &token).await?;
+            Ok::<_, client::SendError>((conn, answer, t.elapsed()))
         });
     }
     let mut report = Report::new(opts.label());
     let mut held = Vec::with_capacity(opts.connections);
     while let Some(r) = tasks.join_next().await {
         match r {
-            Ok(Ok((conn, status, latency))) => {
-                report.answered(status, latency);
+            Ok(Ok((conn, answer, latency))) => {
+                report.answered(answer.status.as_u16(), latency);
+                if let (true, true, Some(id)) = (
+                    opts.keep_request_ids,
+                    answer.status.is_success(),
+                    answer.request_id,
+                ) {
+                    report.request_ids.push(id.as_u128());
+                }
                 if conn.resumed {
                     report.resumed_handshakes += 1;
                 } else {

@@ -47,6 +47,8 @@ pub struct Report {
     pub rss_kib: Option<(u64, u64)>,
     /// Connections held open (idle mode).
     pub held_connections: u64,
+    /// Request ids (`X-Request-Id`, the audit record's id) of the 2xx answers, when kept.
+    pub request_ids: Vec<u128>,
 }
 
 impl Report {
@@ -67,6 +69,7 @@ impl Report {
             cpu: None,
             rss_kib: None,
             held_connections: 0,
+            request_ids: Vec::new(),
         }
     }
 
@@ -119,6 +122,7 @@ impl Report {
         self.full_handshakes += other.full_handshakes;
         self.resumed_handshakes += other.resumed_handshakes;
         self.held_connections += other.held_connections;
+        self.request_ids.extend_from_slice(&other.request_ids);
     }
 
     /// Requests (or bare handshakes) measured, answered or not.

@@ -52,6 +52,9 @@ pub enum RegistryError {
     /// The synthetic data generator stopped unexpectedly.
     #[error("the synthetic data generator failed")]
     Generator,
+    /// The setup lock shared with other replicas could not be taken.
+    #[error(transparent)]
+    Lock(#[from] crate::store::StoreError),
 }
 
 /// The register's request handler; cheap to clone.
@@ -83,7 +86,23 @@ impl Registry {
 /// batch, one bulk statement per table and batch; the secondary indexes are dropped for the load
 /// and rebuilt at the end (sorting once beats millions of random B-tree inserts).
 pub async fn seed(store: &Store, persons: usize, seed: u64) -> Result<usize, RegistryError> {
-    if persons == 0 || count_persons(store).await? > 0 {
+    if persons == 0 {
+        return Ok(0);
+    }
+    // Replicas started together would otherwise all see an empty register and
+    // drop and rebuild the same indexes at once: one seeds, the others then find it full.
+    let lock = store.setup_lock().await?;
+    let result = seed_unless_full(store, persons, seed).await;
+    lock.release().await;
+    result
+}
+
+async fn seed_unless_full(
+    store: &Store,
+    persons: usize,
+    seed: u64,
+) -> Result<usize, RegistryError> {
+    if count_persons(store).await? > 0 {
         return Ok(0);
     }
     let anchor = time::OffsetDateTime::now_utc().date();
@@ -196,6 +215,75 @@ async fn seed_on(
         Err(e) if db::is_unique_violation(&e) => Ok(0),
         Err(e) => Err(e.into()),
     }
+}
+
+/// What [`refresh_search_keys`] brings stored keys to; `karibche_meta` remembers it per database.
+/// 2: names in every script (letters outside the register's own tables fold by `any_ascii`).
+const SEARCH_KEY_VERSION: &str = "2";
+/// The `karibche_meta` key holding [`SEARCH_KEY_VERSION`].
+const SEARCH_KEY_META: &str = "registry.surname_key";
+/// Persons re-keyed per transaction.
+const REKEY_BATCH: i64 = 5_000;
+
+/// Recomputes the stored surname search keys once after the folding changed (recorded in
+/// `karibche_meta`); returns how many changed. Safe for replicas starting together.
+///
+/// Names the old folding dropped letters of (Vietnamese tones, say) get the key a search
+/// computes today; names it covered keep theirs.
+pub async fn refresh_search_keys(store: &Store) -> Result<usize, RegistryError> {
+    let lock = store.setup_lock().await?;
+    let result = refresh_unless_current(store).await;
+    lock.release().await;
+    result
+}
+
+async fn refresh_unless_current(store: &Store) -> Result<usize, RegistryError> {
+    let done: Option<String> = sqlx::query_scalar("SELECT value FROM karibche_meta WHERE key = $1")
+        .bind(SEARCH_KEY_META)
+        .fetch_optional(store.pool())
+        .await?;
+    if done.as_deref() == Some(SEARCH_KEY_VERSION) {
+        return Ok(0);
+    }
+    let (mut after, mut changed) = (String::new(), 0);
+    loop {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT id, surname, surname_key FROM reg_persons WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(&after)
+        .bind(REKEY_BATCH)
+        .fetch_all(store.pool())
+        .await?;
+        let Some((last, _, _)) = rows.last() else {
+            break;
+        };
+        after.clone_from(last);
+        let mut tx = store.pool().begin().await?;
+        for (id, surname, key) in rows {
+            let fresh = surname_key(&surname);
+            if fresh != key {
+                sqlx::query("UPDATE reg_persons SET surname_key = $1 WHERE id = $2")
+                    .bind(fresh)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                changed += 1;
+            }
+        }
+        tx.commit().await?;
+    }
+    sqlx::query(
+        "INSERT INTO karibche_meta (key, value) VALUES ($1, $2) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(SEARCH_KEY_META)
+    .bind(SEARCH_KEY_VERSION)
+    .execute(store.pool())
+    .await?;
+    if changed > 0 {
+        tracing::info!(changed, "register search keys brought up to date");
+    }
+    Ok(changed)
 }
 
 /// Count of persons in the register.

@@ -1212,7 +1212,8 @@ fn feminine(surname: &str) -> String {
 }
 
 /// Folds one lower-case character to plain ASCII letters (accents, Turkish dotless i, Cyrillic);
-/// Georgian letters pass through; anything else folds to nothing or to itself if ASCII.
+/// Georgian letters pass through; letters of other scripts go to [`fold_other`]; anything else
+/// (marks, punctuation, symbols) folds to nothing.
 fn fold_char(c: char, out: &mut String) {
     let s: &str = match c {
         'a'..='z' | '0'..='9' => {
@@ -1281,9 +1282,36 @@ fn fold_char(c: char, out: &mut String) {
         'ы' => "y",
         'ю' => "yu",
         'я' => "ya",
-        _ => "",
+        _ => {
+            fold_other(c, out);
+            return;
+        }
     };
     out.push_str(s);
+}
+
+/// A letter of a script the tables above do not cover (Arabic, Chinese, Greek, Armenian,
+/// Hebrew, Devanagari, …): its Latin transliteration by `any_ascii`, lower-cased, as a word of
+/// its own (so no Georgian digraph spans two source letters, and a Chinese name's syllables
+/// fold as if typed apart); a letter without one is kept as it is, so a name in any script
+/// has a search key. Not a letter (marks, symbols, emoji): nothing.
+///
+/// The tables above stay as they are: stored search keys of names they cover do not change.
+fn fold_other(c: char, out: &mut String) {
+    if !c.is_alphabetic() {
+        return;
+    }
+    let start = out.len();
+    out.extend(
+        any_ascii::any_ascii_char(c)
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|l| l.to_ascii_lowercase()),
+    );
+    if out.len() == start {
+        out.push(c);
+    }
+    out.push(' ');
 }
 
 /// Latin (lower-case ASCII) to Georgian, after the national transliteration table read backwards.

@@ -565,3 +565,96 @@ impl Drop for Tmpfs {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
+
+/// A `karibche serve` process of the real binary, killed (SIGKILL) when dropped.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    pub gateway: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl ServeProcess {
+    /// SIGKILL, then reap: no shutdown path runs.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How a spawned `serve` ended up: ready to serve, or exited before (with its standard error).
+pub enum Spawned {
+    Ready(ServeProcess),
+    Exited { code: Option<i32>, stderr: String },
+}
+
+impl Spawned {
+    /// The running process; panics (with its standard error) if it exited.
+    pub fn ready(self) -> ServeProcess {
+        match self {
+            Spawned::Ready(p) => p,
+            Spawned::Exited { code, stderr } => {
+                panic!("karibche serve exited ({code:?}) before it was ready:\n{stderr}")
+            }
+        }
+    }
+}
+
+/// Starts the real binary's `serve` on ephemeral ports, with data under `data`, the
+/// repository's policies, 100 synthetic persons and `args` (e.g. `--node`, `--database-url`);
+/// returns once it is ready (it printed its banner) or has exited.
+pub fn spawn_serve(data: &Path, args: &[&str]) -> Spawned {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_karibche"))
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["--policies", repo_policies().to_str().unwrap()])
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen"])
+        .args(["127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
+        .args(["--seed-persons", "100"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Standard error is drained on a thread so the child never blocks on a full pipe.
+    let mut stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr_after = |line: &str, label: &str| -> Option<SocketAddr> {
+        let rest = line.trim().strip_prefix(label)?.trim();
+        let rest = rest.split("://").nth(1)?;
+        rest.split('/').next()?.parse().ok()
+    };
+    let (mut gateway, mut admin) = (None, None);
+    for line in lines.by_ref() {
+        let Ok(line) = line else { break };
+        gateway = gateway.or_else(|| addr_after(&line, "gateway"));
+        admin = admin.or_else(|| addr_after(&line, "health, metrics"));
+        if let (Some(gateway), Some(admin)) = (gateway, admin) {
+            // Keep draining standard output too.
+            std::thread::spawn(move || for _ in lines {});
+            return Spawned::Ready(ServeProcess {
+                child,
+                gateway,
+                admin,
+            });
+        }
+    }
+    let status = child.wait().unwrap();
+    Spawned::Exited {
+        code: status.code(),
+        stderr: errors.join().unwrap_or_default(),
+    }
+}
