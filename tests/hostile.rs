@@ -123,7 +123,7 @@ fn hostile_requests(gw: &TestGateway, rng: &mut Rng) -> Vec<Hostile> {
 }
 
 async fn hostile_values_are_refused_recorded_and_harm_no_one(gw: TestGateway) {
-    let mut rng = Rng(0x5eed_13);
+    let mut rng = Rng(0x005e_ed13);
     let hostile = hostile_requests(&gw, &mut rng);
     // Ordinary requests of another agency, concurrently, throughout.
     let normal = {

@@ -48,7 +48,7 @@ fn load(gw: &TestGateway, stop: Arc<AtomicBool>, seen: Seen) -> Vec<tokio::task:
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let token = &tokens[n % tokens.len()];
-                let body = if writes && n % 3 == 0 {
+                let body = if writes && n.is_multiple_of(3) {
                     bodies.lock().unwrap().pop_front()
                 } else {
                     None

@@ -227,7 +227,7 @@ async fn abandoned_changes_keep_their_records(gw: TestGateway) {
             .iter()
             .find(|a| a.entry.consent_ref.as_deref() == Some(c.id.as_str()))
             .unwrap_or_else(|| panic!("consent {} exists without its audit record", c.id));
-        assert_eq!(attempt.entry.subjects, [c.subject.clone()]);
+        assert_eq!(attempt.entry.subjects, std::slice::from_ref(&c.subject));
         assert_eq!(outcomes[attempt.entry.id.as_str()].entry.status, 201);
     }
     eprintln!(
