@@ -1007,7 +1007,8 @@ impl Gateway {
             ApiRoute::Grant => {
                 let new = crate::consent::parse_grant(&body, agency, &officer.purpose)
                     .map_err(consent_failed)?;
-                entry.subjects = vec![new.subject.clone()];
+                // Recorded even if it is refused below, so kept to what a record may hold.
+                entry.subjects = vec![text::shorten(&new.subject, MAX_CLAIM_CHARS).into_owned()];
                 Change::Grant(
                     self.consents
                         .prepare_grant(new, &actor)
@@ -1153,7 +1154,8 @@ fn written_paths(body: &serde_json::Value) -> Vec<String> {
             serde_json::Value::Array(items) if items.iter().any(|x| x.is_object()) => {
                 items.iter().for_each(|x| walk(x, path, out));
             }
-            _ if !path.is_empty() => out.push(path.clone()),
+            // Below a granted path the body may name members of its own: kept short and escaped.
+            _ if !path.is_empty() => out.push(text::shorten(path, MAX_CLAIM_CHARS).into_owned()),
             _ => {}
         }
     }

@@ -579,10 +579,17 @@ impl Running {
 
     /// Stops accepting, lets requests in flight finish (bounded), flushes the audit log, closes the database.
     pub async fn shutdown(self) {
+        let stopping = std::time::Instant::now();
         let _ = self.stop_gateway.send(true);
         let _ = self.gateway_task.await;
-        // Pipelines whose connections were cut after the grace period still end with their records.
-        if !self.gateway.drain(self.shutdown_grace).await {
+        // Pipelines run on after their connections closed: they get what is left of
+        // the grace period (at least a second) to end with their records. One still
+        // running then leaves, at worst, an attempt whose outcome is unknown.
+        let left = self
+            .shutdown_grace
+            .saturating_sub(stopping.elapsed())
+            .max(Duration::from_secs(1));
+        if !self.gateway.drain(left).await {
             tracing::warn!(
                 running = self.gateway.pipelines_in_flight(),
                 "request pipelines still running after the grace period"
