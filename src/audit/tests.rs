@@ -623,6 +623,39 @@ async fn throughput_sqlite() {
 }
 
 #[test]
+fn write_ahead_members_are_hashed_only_when_set() {
+    let mut e = Entry {
+        id: "01900000-0000-7000-8000-000000000000".into(),
+        ts: "2026-11-03T09:00:00.000000Z".into(),
+        method: "POST".into(),
+        path: "/v1/x".into(),
+        decision: "allow".into(),
+        status: 201,
+        policy_version: "v1".into(),
+        ..Entry::default()
+    };
+    let without = chain_hash(1, "n1", &e, GENESIS_HASH).unwrap();
+    let plain = canonical_json(1, "n1", &e, GENESIS_HASH).unwrap();
+    for member in ["phase", "attempt_id", "request_digest", "written"] {
+        assert!(!plain.contains(member), "{plain}");
+    }
+    e.phase = Some("outcome".into());
+    e.attempt_id = Some("a-1".into());
+    e.request_digest = Some("cd".repeat(32));
+    e.written = vec!["person_id".into()];
+    let json = canonical_json(1, "n1", &e, GENESIS_HASH).unwrap();
+    assert!(
+        json.ends_with(&format!(
+            "\"policy_version\":\"v1\",\"phase\":\"outcome\",\"attempt_id\":\"a-1\",\
+             \"request_digest\":\"{}\",\"written\":[\"person_id\"],\"prev_hash\":\"{GENESIS_HASH}\"}}",
+            "cd".repeat(32)
+        )),
+        "{json}"
+    );
+    assert_ne!(chain_hash(1, "n1", &e, GENESIS_HASH).unwrap(), without);
+}
+
+#[test]
 fn digest_and_restricted_are_hashed_only_when_set() {
     let mut e = Entry {
         id: "01900000-0000-7000-8000-000000000000".into(),
