@@ -107,6 +107,47 @@ pub struct Gateway {
     pub pipelines: tokio_util::task::TaskTracker,
 }
 
+/// Pipelines one connection may have running at once (HTTP/2's stream limit):
+/// a stream the client resets keeps its pipeline, and its place, until it ends.
+pub const PIPELINES_PER_CONNECTION: usize = 256;
+
+/// A place among a connection's running pipelines, given back when dropped.
+struct PipelineSlot {
+    running: Arc<std::sync::atomic::AtomicUsize>,
+    admitted: bool,
+}
+
+impl PipelineSlot {
+    fn take(running: &Arc<std::sync::atomic::AtomicUsize>) -> PipelineSlot {
+        let before = running.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        PipelineSlot {
+            running: running.clone(),
+            admitted: before < PIPELINES_PER_CONNECTION,
+        }
+    }
+}
+
+impl Drop for PipelineSlot {
+    fn drop(&mut self) {
+        self.running
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The answer to a request over [`PIPELINES_PER_CONNECTION`]: nothing of it ran.
+fn over_pipelines() -> Response<Body> {
+    let mut resp = Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "over-capacity",
+        "Service unavailable",
+        "this connection has too many requests running; retry shortly",
+    )
+    .to_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
 /// A refusal: what the caller sees and what the log records. Kept small
 /// (static strings) because every pipeline step returns it.
 #[derive(Debug)]
@@ -201,16 +242,30 @@ impl Gateway {
     /// Dropping the returned future (hyper does when the client resets its
     /// stream or closes the connection) only stops waiting: the pipeline
     /// still runs to its end, records included.
+    ///
+    /// A connection has at most [`PIPELINES_PER_CONNECTION`] pipelines running,
+    /// those of reset streams included, so resetting streams cannot pile up
+    /// work beyond what HTTP/2's stream limit allows; more are answered 503.
     pub fn handle_detached(
         self: &Arc<Self>,
         conn: Arc<ConnInfo>,
         req: Request<Incoming>,
     ) -> impl std::future::Future<Output = Response<Body>> + Send + 'static {
-        let gateway = self.clone();
-        let task = self
-            .pipelines
-            .spawn(async move { gateway.handle(conn, req).await });
+        let slot = PipelineSlot::take(&conn.pipelines);
+        let task = if slot.admitted {
+            let gateway = self.clone();
+            Some(self.pipelines.spawn(async move {
+                let _slot = slot;
+                gateway.handle(conn, req).await
+            }))
+        } else {
+            self.metrics.overload("gateway", "pipelines_connection");
+            None
+        };
         async move {
+            let Some(task) = task else {
+                return over_pipelines();
+            };
             task.await.unwrap_or_else(|err| {
                 tracing::error!(%err, "request pipeline ended abnormally");
                 Refusal::internal().problem().to_response()

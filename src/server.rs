@@ -53,6 +53,9 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The verified client certificate's identity facts.
     pub client: Option<PeerCert>,
+    /// Request pipelines of this connection still running, those whose
+    /// stream the client reset included (bounded by the gateway).
+    pub pipelines: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Bounds applied to every connection of one listener.
@@ -303,7 +306,11 @@ pub async fn serve_tls<H, F>(
                 },
                 _ => None,
             };
-            let info = Arc::new(ConnInfo { peer, client });
+            let info = Arc::new(ConnInfo {
+                peer,
+                client,
+                pipelines: Arc::default(),
+            });
             metrics.connection_opened(name);
             let activity = Activity::new();
             let svc = {

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::Client;
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 
 fn repo_policies() -> std::path::PathBuf {
@@ -168,107 +167,20 @@ fn karibche(data: &Path, policies: &Path, args: &[&str]) -> (String, i32) {
     )
 }
 
-/// Copies the policies and adds a provider at `url` on which the Border
-/// Police may write notes about a person.
-fn policies_with_provider(dir: &Path, url: &str) -> std::path::PathBuf {
-    let out = dir.join("policies");
-    let mut stack = vec![(repo_policies(), out.clone())];
-    while let Some((from, to)) = stack.pop() {
-        std::fs::create_dir_all(&to).unwrap();
-        for e in std::fs::read_dir(&from).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_dir() {
-                stack.push((e.path(), to.join(e.file_name())));
-            } else {
-                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-            }
-        }
-    }
-    let append = |file: &str, text: String| {
-        let path = out.join(file);
-        let mut s = std::fs::read_to_string(&path).unwrap();
-        s.push_str(&text);
-        std::fs::write(path, s).unwrap();
-    };
-    append(
-        "providers.toml",
-        format!(
-            "\n[[providers]]\nid = \"ministry\"\ntitle = \"Another ministry's service\"\nupstream = \"{url}\"\n\n\
-             [[providers.services]]\nid = \"notes\"\ntitle = \"Notes about a person\"\noperations = [\"write\"]\n\
-             subject_field = \"person_id\"\nfields = [\"id\", \"person_id\", \"note\"]\n"
-        ),
-    );
-    append(
-        "agencies/mia-border.toml",
-        "\n[[grants]]\nprovider = \"ministry\"\nservice = \"notes\"\noperations = [\"write\"]\n\
-         purposes = [\"border-control\"]\nfields = [\"id\", \"person_id\", \"note\"]\n"
-            .to_owned(),
-    );
-    out
-}
-
-/// A provider that takes a request and never answers, and says when it holds one.
-///
-/// A test double at a boundary karibche does not own: another ministry's
-/// service, slow at the worst moment. It speaks real TLS with the register's
-/// development certificate (which the gateway trusts for providers).
-async fn holding_provider(pki: &Path) -> (SocketAddr, tokio::sync::mpsc::Receiver<Vec<u8>>) {
-    let config = karibche::tls::server_config(
-        karibche::pki::load_certs(&pki.join("registry.pem")).unwrap(),
-        karibche::pki::load_key(&pki.join("registry.key")).unwrap(),
-        &karibche::tls::ClientVerification {
-            cas: karibche::pki::load_certs(&pki.join("ca.pem")).unwrap(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (held, holding) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let (acceptor, held) = (acceptor.clone(), held.clone());
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                // Read until the request (HTTP/1.1 or HTTP/2 frames) has arrived, then hold it.
-                while let Ok(Ok(n)) =
-                    tokio::time::timeout(Duration::from_millis(200), tls.read(&mut buf)).await
-                {
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                }
-                let _ = held.send(seen).await;
-                // Hold the connection without answering until the gateway is gone.
-                let _ = tls.read(&mut buf).await;
-                let _ = tls.shutdown().await;
-            });
-        }
-    });
-    (addr, holding)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_between_forward_and_outcome_leaves_an_attempt_with_outcome_unknown() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("var");
     let pki = data.join("pki");
     // The development PKI first, so the provider can serve with it before the gateway starts.
-    let policy = karibche::policy::Policy::load(&repo_policies()).unwrap();
-    let names: Vec<&str> = policy.agencies().map(|a| a.id.as_str()).collect();
-    karibche::pki::ensure_dev_pki(&pki, &names).unwrap();
-    karibche::pki::ensure_signing_keys(&data.join("keys"), &names).unwrap();
-    let (provider, mut holding) = holding_provider(&pki).await;
-    let policies = policies_with_provider(dir.path(), &format!("https://{provider}"));
+    common::dev_pki_ahead(&karibche::config::Config {
+        data_dir: data.clone(),
+        ..Default::default()
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let provider = listener.local_addr().unwrap();
+    let mut holding = common::holding_provider(listener, &pki);
+    let policies = common::policies_with_provider(dir.path(), &format!("https://{provider}"));
     let (mut child, addr) = spawn_gateway_with(&data, &policies);
 
     let (cert, key) = karibche::pki::agency_files(&pki, "mia-border");

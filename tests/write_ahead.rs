@@ -257,3 +257,82 @@ async fn abandoned_writes_and_consents_keep_their_records_on_postgres() {
     };
     abandoned_changes_keep_their_records(gw).await;
 }
+
+/// Streams reset while their pipelines run keep their places: one HTTP/2
+/// connection cannot pile up more running pipelines than its stream limit
+/// (HTTP/2 "rapid reset"), and the connection's further requests are
+/// refused at once while other connections are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_streams_cannot_pile_up_pipelines() {
+    let mut provider = None;
+    let gw = TestGateway::start_configured(Db::Sqlite, |config, dir| {
+        common::dev_pki_ahead(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        config.policies_dir = common::policies_with_provider(dir, &url);
+        config.gateway.upstream_timeout = Duration::from_secs(3);
+        provider = Some(listener);
+    })
+    .await
+    .unwrap();
+    let _holding = common::holding_provider(provider.take().unwrap(), &gw.pki());
+    let tokens: Vec<String> = (0..10)
+        .map(|i| gw.officer_token("mia-border", &format!("officer-{i}"), "border-control"))
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({"person_id": PERSON, "note": "n"})).unwrap();
+    let client = gw.client("mia-border");
+    let mut h2 = client.h2().await;
+    let limit = karibche::proxy::PIPELINES_PER_CONNECTION;
+    let mut resets = JoinSet::new();
+    for i in 0..limit + 20 {
+        h2.ready().await.unwrap();
+        let answer = h2.send_request(post_request(
+            "/v1/ministry/notes",
+            &tokens[i % tokens.len()],
+            &body,
+        ));
+        resets.spawn(async move {
+            // Reset once the gateway took the stream on; the provider holds every one of them.
+            let _ = tokio::time::timeout(Duration::from_millis(50), answer).await;
+        });
+        // Paced, so each stream is accepted before its reset (resets of streams not yet
+        // accepted are h2's own "rapid reset" guard: past 20 it closes the connection).
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    while resets.join_next().await.is_some() {}
+    // All of this connection's places are taken by held pipelines: one more is refused at once.
+    h2.ready().await.unwrap();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(2),
+        h2.send_request(post_request("/v1/ministry/notes", &tokens[0], &body)),
+    )
+    .await
+    .expect("the request over the limit waited instead of being refused")
+    .unwrap();
+    assert_eq!(refused.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        gw.running
+            .gateway
+            .metrics
+            .overloads("gateway", "pipelines_connection")
+            > 0
+    );
+    assert!(gw.running.gateway.pipelines_in_flight() <= limit);
+    // Another connection is served meanwhile.
+    let r = gw
+        .client("mia-border")
+        .get(&format!("/v1/registry/persons/{PERSON}"), Some(&tokens[1]))
+        .await;
+    assert_eq!(r.status, http::StatusCode::OK);
+    // The held writes end at the provider's timeout, each attempt with its outcome.
+    gw.wait_for_pipelines().await;
+    let records = audit::query(&gw.running.store, &Filter::default())
+        .await
+        .unwrap();
+    let (attempts, outcomes) = changes(&records);
+    assert!(attempts.len() >= limit - 60, "{} attempts", attempts.len());
+    for a in &attempts {
+        assert_eq!(outcomes[a.entry.id.as_str()].entry.status, 504);
+    }
+    gw.shutdown().await;
+}

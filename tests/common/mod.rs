@@ -658,3 +658,108 @@ pub fn spawn_serve(data: &Path, args: &[&str]) -> Spawned {
         stderr: errors.join().unwrap_or_default(),
     }
 }
+
+/// Copies the repository's policies under `dir` and adds a provider
+/// `ministry` at `url` on whose service `notes` the Border Police may write
+/// (`{"person_id": …, "note": …}`); returns the copy's directory.
+pub fn policies_with_provider(dir: &Path, url: &str) -> PathBuf {
+    let out = dir.join("policies");
+    let mut stack = vec![(repo_policies(), out.clone())];
+    while let Some((from, to)) = stack.pop() {
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(&from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push((e.path(), to.join(e.file_name())));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+    let append = |file: &str, text: String| {
+        let path = out.join(file);
+        let mut s = std::fs::read_to_string(&path).unwrap();
+        s.push_str(&text);
+        std::fs::write(path, s).unwrap();
+    };
+    append(
+        "providers.toml",
+        format!(
+            "\n[[providers]]\nid = \"ministry\"\ntitle = \"Another ministry's service\"\nupstream = \"{url}\"\n\n\
+             [[providers.services]]\nid = \"notes\"\ntitle = \"Notes about a person\"\noperations = [\"write\"]\n\
+             subject_field = \"person_id\"\nfields = [\"id\", \"person_id\", \"note\"]\n"
+        ),
+    );
+    append(
+        "agencies/mia-border.toml",
+        "\n[[grants]]\nprovider = \"ministry\"\nservice = \"notes\"\noperations = [\"write\"]\n\
+         purposes = [\"border-control\"]\nfields = [\"id\", \"person_id\", \"note\"]\n"
+            .to_owned(),
+    );
+    out
+}
+
+/// Serves, on `listener`, a provider that takes requests and never answers;
+/// each connection's first bytes are sent on the returned channel once they
+/// stopped coming (the provider holds the request).
+///
+/// A test double at a boundary karibche does not own: another ministry's
+/// service, slow at the worst moment. It speaks real TLS with the register's
+/// development certificate under `pki` (which the gateway trusts for providers).
+pub fn holding_provider(
+    listener: std::net::TcpListener,
+    pki: &Path,
+) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = karibche::tls::server_config(
+        karibche::pki::load_certs(&pki.join("registry.pem")).unwrap(),
+        karibche::pki::load_key(&pki.join("registry.key")).unwrap(),
+        &karibche::tls::ClientVerification {
+            cas: karibche::pki::load_certs(&pki.join("ca.pem")).unwrap(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    listener.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(listener).unwrap();
+    let (held, holding) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, held) = (acceptor.clone(), held.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Read until the request (HTTP/1.1 or HTTP/2 frames) has arrived, then hold it.
+                while let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(200), tls.read(&mut buf)).await
+                {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                let _ = held.try_send(seen);
+                // Hold the connection without answering until the gateway is gone.
+                while tls.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    holding
+}
+
+/// Generates the development PKI and agency keys under `config`'s data
+/// directory ahead of the start (as `serve` would), for test doubles that need them first.
+pub fn dev_pki_ahead(config: &Config) {
+    let policy = karibche::policy::Policy::load(&repo_policies()).unwrap();
+    let names: Vec<&str> = policy.agencies().map(|a| a.id.as_str()).collect();
+    karibche::pki::ensure_dev_pki(&config.pki_dir(), &names).unwrap();
+    karibche::pki::ensure_signing_keys(&config.data_path(&config.tokens.keys_dir), &names).unwrap();
+}
