@@ -15,7 +15,8 @@
 //! 5. checks the data subject's **consent** where a grant needs it ([`consent`]);
 //! 6. forwards to the **provider** and releases only the granted fields, some
 //!    only pseudonymised or coarsened ([`proxy`], [`minimise`], [`transform`]);
-//! 7. commits a tamper-evident **audit record** before any data leaves ([`audit`]);
+//! 7. commits a tamper-evident **audit record** before any data leaves, and
+//!    for a change the record of its attempt before it is made ([`audit`]);
 //!    auditors read the log over the gateway itself ([`audit_api`]).
 //!
 //! The built-in register of foreigners ([`registry`]) is a provider like any

@@ -113,7 +113,7 @@ struct Counters {
     batches: AtomicU64,
     failed_batches: AtomicU64,
     failed_records: AtomicU64,
-    /// Set by a failed transaction, cleared by the next one that commits.
+    /// Set while the store cannot commit (an outage), cleared once a transaction commits again.
     failing: std::sync::atomic::AtomicBool,
 }
 
