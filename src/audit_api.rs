@@ -18,6 +18,21 @@
 //! Protection Service, `pdps`) sees every agency's records; under any other
 //! purpose (each agency's `internal-audit`) the caller sees its own agency's
 //! records only — insider misuse is found there first.
+//!
+//! What an agency's own view must not give back:
+//!
+//! - **What its grant hid.** The record of a read under a pseudonymising
+//!   grant names the real subjects, because the data subject's report and the
+//!   supervisory authority need them. The agency's own view of such a record
+//!   withholds `subjects` (and says so in `withheld`), and a `subject=` filter
+//!   does not match it, so its auditors cannot link the pseudonyms their
+//!   agency received to register ids. The supervisory authority sees them: it
+//!   receives no register data to link them with, and answers the subjects'
+//!   complaints.
+//! - **A restricted interest.** A query naming a data subject, from an agency
+//!   that holds restricted grants (the State Security Service), tells as much
+//!   about the agency's interest in the person as its reads do; its record is
+//!   restricted like them, and kept out of the subject's report for as long.
 
 use bytes::Bytes;
 use http::{header, HeaderMap, StatusCode};
@@ -189,6 +204,9 @@ pub async fn serve(
     };
     let subject = get("subject");
     entry.subjects.extend(subject.iter().cloned());
+    if subject.is_some() && holds_restricted_grants(policy, asker.agency) {
+        entry.restricted = true;
+    }
     match ask.service {
         "records" => {
             allow_only(
@@ -228,14 +246,22 @@ pub async fn serve(
                 limit: Some(limit),
                 ..Filter::default()
             };
+            let by_subject = filter.subject.is_some();
             let records = crate::audit::query(audit.store(), &filter).await?;
             let mut released = Vec::new();
             let mut body = Vec::new();
             let mut values = Vec::with_capacity(records.len());
             for record in &records {
+                let hides = own_only && record.entry.pseudonymised;
+                if hides && by_subject {
+                    continue;
+                }
                 let mut value = serde_json::to_value(record).map_err(AuditError::Json)?;
                 let r = crate::minimise::apply(&mut value, fields, None, "subjects");
                 released.extend(r.fields);
+                if hides {
+                    withhold_subjects(&mut value);
+                }
                 values.push(value);
             }
             // Line and paragraph separators escaped: a value never splits a line.
@@ -265,6 +291,8 @@ pub async fn serve(
                 subject.ok_or_else(|| ApiError::BadRequest("subject is required".into()))?;
             let options = ReportOptions {
                 restricted_delay: audit.restricted_report_delay(),
+                hide_pseudonymised: own_only,
+                log_providers: log_providers(policy),
                 agency,
             };
             let name_of = |kind: NameKind, id: &str| match kind {
@@ -281,6 +309,31 @@ pub async fn serve(
             })
         }
         _ => Err(ApiError::NotFound),
+    }
+}
+
+/// Whether the agency holds any grant marked `restricted`: its interest in a person is itself restricted.
+pub fn holds_restricted_grants(policy: &Policy, agency: &str) -> bool {
+    policy
+        .agency(agency)
+        .is_some_and(|a| a.grants.iter().any(|g| g.restricted))
+}
+
+/// The providers that are the audit log itself: reads of them are reads of the log, not of a record.
+pub fn log_providers(policy: &Policy) -> Vec<String> {
+    policy
+        .providers()
+        .filter(|p| is_builtin(policy, &p.id))
+        .map(|p| p.id.clone())
+        .collect()
+}
+
+/// Removes `subjects` from a record as released, naming what was withheld.
+fn withhold_subjects(value: &mut serde_json::Value) {
+    if let Some(map) = value.as_object_mut() {
+        if map.remove("subjects").is_some() {
+            map.insert("withheld".to_owned(), serde_json::json!(["subjects"]));
+        }
     }
 }
 

@@ -1051,10 +1051,13 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
                     }
                 }
             };
-            let options = crate::audit::report::ReportOptions {
+            let mut options = crate::audit::report::ReportOptions {
                 restricted_delay: config.audit.restricted_report_delay,
-                agency: None,
+                ..Default::default()
             };
+            if let Some(p) = &policy {
+                options.log_providers = crate::audit_api::log_providers(p);
+            }
             let report =
                 crate::audit::report::subject_report_with(&store, subject, &options, &name_of)
                     .await?;
@@ -1099,7 +1102,7 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
             checkpoints,
         } => {
             if let Some(path) = checkpoints {
-                let file = std::fs::File::create(path)
+                let file = crate::files::create_private(path)
                     .with_context(|| format!("cannot create {}", path.display()))?;
                 let mut w = std::io::BufWriter::new(file);
                 let n = crate::audit::offline::export_checkpoints(
@@ -1112,7 +1115,7 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
             }
             let n = match output {
                 Some(path) => {
-                    let file = std::fs::File::create(path)
+                    let file = crate::files::create_private(path)
                         .with_context(|| format!("cannot create {}", path.display()))?;
                     let mut w = std::io::BufWriter::new(file);
                     let n = crate::audit::export(&store, &filter.to_filter(), &mut w).await?;

@@ -14,7 +14,9 @@
 //!    ([`limits`], [`breaker`]);
 //! 5. checks the data subject's **consent** where a grant needs it ([`consent`]);
 //! 6. forwards to the **provider** and releases only the granted fields, some
-//!    only pseudonymised or coarsened ([`proxy`], [`minimise`], [`transform`]);
+//!    only pseudonymised or coarsened ([`proxy`], [`minimise`], [`transform`]),
+//!    with cursors sealed ([`cursor`]) and no lookup that would link a
+//!    pseudonym to a person ([`pseudonymity`]);
 //! 7. commits a tamper-evident **audit record** before any data leaves, and
 //!    for a change the record of its attempt before it is made ([`audit`]);
 //!    auditors read the log over the gateway itself ([`audit_api`]).
@@ -39,6 +41,8 @@ pub mod config;
 pub mod consent;
 pub mod credentials;
 pub mod crl;
+pub mod cursor;
+pub mod files;
 pub mod identity;
 pub mod keys;
 pub mod limits;
@@ -47,6 +51,7 @@ pub mod pki;
 pub mod policy;
 pub mod problem;
 pub mod proxy;
+pub mod pseudonymity;
 pub mod registry;
 pub mod reload;
 pub mod server;

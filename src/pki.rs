@@ -10,7 +10,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -270,7 +269,7 @@ pub fn agency_files(pki_dir: &Path, agency: &str) -> (PathBuf, PathBuf) {
 /// Creates the development CA, gateway, register and agency certificates that are missing.
 pub fn ensure_dev_pki(pki_dir: &Path, agencies: &[&str]) -> Result<PkiReport, PkiError> {
     let mut report = PkiReport::default();
-    fs::create_dir_all(pki_dir.join("agencies")).map_err(io_err(pki_dir))?;
+    crate::files::create_private_dir(&pki_dir.join("agencies")).map_err(io_err(pki_dir))?;
     let (ca_pem, ca_key) = (pki_dir.join("ca.pem"), pki_dir.join("ca.key"));
     let ca = if ca_pem.exists() && ca_key.exists() {
         DevCa::load(&ca_pem, &ca_key, DEV_CA_NAME)?
@@ -457,7 +456,7 @@ pub fn signing_key_files(keys_dir: &Path, agency: &str) -> (PathBuf, PathBuf) {
 /// Creates the development token signing keys (ES256) of agencies that have none.
 pub fn ensure_signing_keys(keys_dir: &Path, agencies: &[&str]) -> Result<PkiReport, PkiError> {
     let mut report = PkiReport::default();
-    fs::create_dir_all(keys_dir).map_err(io_err(keys_dir))?;
+    crate::files::create_private_dir(keys_dir).map_err(io_err(keys_dir))?;
     for agency in agencies {
         let (private, public) = signing_key_files(keys_dir, agency);
         if private.exists() && public.exists() {
@@ -489,17 +488,10 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
 
 /// Writes `contents` to `path` with `mode`, through a synced temporary file and a
 /// rename (creating the directory), so a crash never leaves half a key or secret.
+/// The file gets exactly `mode` whatever the umask, its directory `0700` if created.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
-    }
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
+    let mut f = crate::files::create_with_mode(&tmp, mode)?;
     f.write_all(contents)?;
     f.sync_all()?;
     fs::rename(&tmp, path)

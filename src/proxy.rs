@@ -439,6 +439,12 @@ impl Gateway {
         let allow = decide(policy, agency, &route, operation, &officer)?;
         entry.legal_basis = Some(allow.legal_basis.to_string());
         entry.restricted |= allow.restricted;
+        // A grant that pseudonymises serves no lookup naming a person (src/pseudonymity.rs).
+        entry.pseudonymised = allow.transforms.pseudonymises();
+        if entry.pseudonymised {
+            crate::pseudonymity::check_lookup(service, route.rest, parts.uri.query())
+                .map_err(|i| identifying_lookup(&i, route.provider, service))?;
+        }
         // limit: the officer's, the grant's and the agency's quota (src/limits.rs).
         self.rate
             .check(agency, &officer.id, route.provider, route.service)
@@ -492,6 +498,8 @@ impl Gateway {
                 content_type: served.content_type,
             });
         }
+        let query = narrow_fields(parts.uri.query(), &allow.fields)?;
+        let query = self.open_cursor(query, agency, &route)?;
         if operation == Operation::Write {
             // Logged ahead: nothing reaches the provider before its attempt is committed.
             entry.request_digest = Some(crate::audit_api::digest(&body));
@@ -507,7 +515,7 @@ impl Gateway {
                 &base,
                 &route,
                 &parts,
-                narrow_fields(parts.uri.query(), &allow.fields)?.as_deref(),
+                query.as_deref(),
                 body,
                 &Caller {
                     agency,
@@ -743,6 +751,36 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// Opens the `cursor` of a forwarded query: only a cursor the gateway sealed
+    /// for this agency and service reaches the provider (src/cursor.rs).
+    fn open_cursor(
+        &self,
+        query: Option<String>,
+        agency: &str,
+        route: &Route<'_>,
+    ) -> Result<Option<String>, Refusal> {
+        let scope = crate::cursor::Scope {
+            agency,
+            provider: route.provider,
+            service: route.service,
+        };
+        self.pseudonymiser
+            .cursors()
+            .open_query(query, scope, crate::cursor::now_secs())
+            .map_err(|e| Refusal {
+                detail: Cow::Owned(format!(
+                    "{e}: pass back the `next` of your agency's last page unchanged, or start the search again without a cursor"
+                )),
+                ..Refusal::deny(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-cursor",
+                    "Bad request",
+                    "cursor_invalid",
+                    "",
+                )
+            })
+    }
+
     /// A provider call not made: too many in flight, or its circuit breaker is open.
     fn provider_refused(&self, provider: &str, refused: Refused) -> Refusal {
         let (kind, reason, retry_after, detail) = match refused {
@@ -887,6 +925,19 @@ fn decide(
     };
     match policy.decide(&req, OffsetDateTime::now_utc().date()) {
         Decision::Allow(allow) => Ok(allow),
+        Decision::Deny(DenyReason::CaseInvalid) => {
+            let format = policy
+                .agency(agency)
+                .map(|a| a.case_format.describe())
+                .unwrap_or_default();
+            Err(Refusal {
+                detail: Cow::Owned(format!(
+                    "{} Expected: {format}.",
+                    DenyReason::CaseInvalid.detail()
+                )),
+                ..denied(DenyReason::CaseInvalid)
+            })
+        }
         Decision::Deny(reason) => Err(denied(reason)),
     }
 }
@@ -1374,7 +1425,8 @@ fn minimise(
     entry: &mut Entry,
 ) -> Result<Released, Refusal> {
     if !status.is_success() {
-        return Err(provider_problem(status, &body));
+        entry.upstream_status = Some(status.as_u16());
+        return Err(provider_problem(status, &body, service));
     }
     // Only JSON can be minimised; anything else is withheld rather than passed on whole.
     let json = content_type.is_some_and(|ct| {
@@ -1414,6 +1466,28 @@ fn minimise(
         transforms,
         transform,
     );
+    // The provider's cursor is its position (a register id); only a sealed one leaves (src/cursor.rs).
+    if let (Some(agency), Some(provider)) = (entry.agency.as_deref(), entry.provider.as_deref()) {
+        let scope = crate::cursor::Scope {
+            agency,
+            provider,
+            service: &service.id,
+        };
+        transform
+            .pseudonymiser
+            .cursors()
+            .seal_next(&mut value, scope, crate::cursor::now_secs())
+            .map_err(|e| {
+                tracing::warn!(service = %service.id, err = %e, "provider cursor not sealed; answer withheld");
+                Refusal::error(
+                    StatusCode::BAD_GATEWAY,
+                    "provider-error",
+                    "Bad gateway",
+                    "upstream_bad_response",
+                    "the provider's answer could not be processed",
+                )
+            })?;
+    }
     let body = serde_json::to_vec(&value).map_err(|_| Refusal::internal())?;
     entry.response_digest = Some(crate::audit_api::digest(&body));
     Ok(Released {
@@ -1423,34 +1497,154 @@ fn minimise(
     })
 }
 
-/// A provider's error, re-issued as our own problem with only the standard members.
-fn provider_problem(status: StatusCode, body: &[u8]) -> Refusal {
+/// A provider's error, re-issued as one of the gateway's own problems.
+///
+/// Nothing of the provider's text is passed on: its title and detail may hold
+/// anything (SQL, stack traces, host names). Only the register's documented
+/// problem types keep their meaning, and of those only the name of the field
+/// at fault: `not-found` (404), `invalid-field` (422) and `conflict` (409).
+/// A provider's 401 is the gateway's credentials failing, never the agency's
+/// token, so it is a 502 (with no `WWW-Authenticate`). The provider's status
+/// is kept in the audit record (`upstream_status`).
+fn provider_problem(status: StatusCode, body: &[u8], service: &Service) -> Refusal {
     #[derive(serde::Deserialize)]
     struct Upstream {
-        title: Option<String>,
+        #[serde(rename = "type")]
+        kind: Option<String>,
         detail: Option<String>,
     }
     let parsed: Option<Upstream> = serde_json::from_slice(body).ok();
-    let status = if status.is_client_error() {
-        status
-    } else {
-        StatusCode::BAD_GATEWAY
+    let kind = parsed
+        .as_ref()
+        .and_then(|p| p.kind.as_deref())
+        .and_then(|k| k.strip_prefix("urn:karibche:problem:"));
+    // The register's details name the field first: "{field}: {why}".
+    let field = parsed
+        .as_ref()
+        .and_then(|p| p.detail.as_deref())
+        .and_then(|d| d.split_once(':'))
+        .map(|(f, _)| f.trim())
+        .filter(|f| known_field(f, service));
+    let owned = |status, slug, title, reason, detail: String| Refusal {
+        detail: Cow::Owned(detail),
+        ..Refusal::error(status, slug, title, reason, "")
     };
-    let mut refusal = Refusal::error(
-        status,
-        "provider-error",
-        "Bad gateway",
-        "upstream_status",
-        "the provider failed to answer the request",
-    );
-    if let Some(p) = parsed.filter(|_| status.is_client_error()) {
-        refusal.title = Cow::Owned(
-            p.title
-                .unwrap_or_else(|| "Provider refused the request".to_owned()),
-        );
-        refusal.detail = Cow::Owned(p.detail.unwrap_or_default());
+    match status.as_u16() {
+        404 => Refusal::error(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            "upstream_not_found",
+            "the provider has no such record",
+        ),
+        422 => match (kind, field) {
+            (Some("invalid-field"), Some(f)) => owned(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-field",
+                "Invalid field",
+                "upstream_invalid_field",
+                format!("the provider refused the value of {f}; see the service's documentation for its form; nothing was written"),
+            ),
+            _ => Refusal::error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-field",
+                "Invalid field",
+                "upstream_invalid_field",
+                "the provider refused a value of the request; nothing was written",
+            ),
+        },
+        409 => match (kind, field) {
+            (Some("conflict"), Some(f)) => owned(
+                StatusCode::CONFLICT,
+                "conflict",
+                "Conflict",
+                "upstream_conflict",
+                format!("the provider already holds a conflicting record ({f}); nothing was written"),
+            ),
+            _ => Refusal::error(
+                StatusCode::CONFLICT,
+                "conflict",
+                "Conflict",
+                "upstream_conflict",
+                "the request conflicts with a record the provider holds; nothing was written",
+            ),
+        },
+        400 => Refusal::error(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Bad request",
+            "upstream_bad_request",
+            "the provider refused the request as malformed; check its parameters against the service's documentation",
+        ),
+        401 => {
+            tracing::error!(service = %service.id, "provider refused the gateway's credentials (401)");
+            Refusal::error(
+                StatusCode::BAD_GATEWAY,
+                "provider-error",
+                "Bad gateway",
+                "upstream_unauthorized",
+                "the provider refused the gateway's own credentials; your token was accepted",
+            )
+        }
+        403 => Refusal::error(
+            StatusCode::FORBIDDEN,
+            "provider-denied",
+            "Forbidden",
+            "upstream_forbidden",
+            "the provider refused this request; the gateway's policy allowed it",
+        ),
+        429 => Refusal {
+            headers: vec![(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+            ..Refusal::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "provider-unavailable",
+                "Service unavailable",
+                "upstream_busy",
+                "the provider is busy; retry shortly",
+            )
+        },
+        _ => {
+            tracing::warn!(service = %service.id, status = status.as_u16(), "provider answered with an error");
+            Refusal::error(
+                StatusCode::BAD_GATEWAY,
+                "provider-error",
+                "Bad gateway",
+                "upstream_error",
+                "the provider failed to answer the request",
+            )
+        }
     }
-    refusal
+}
+
+/// Whether a provider's problem names a field the caller may be told about:
+/// a field of the service's records (when declared) or the idempotency key.
+fn known_field(name: &str, service: &Service) -> bool {
+    let plain = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    plain
+        && (name.eq_ignore_ascii_case("idempotency-key")
+            || service.fields.as_ref().is_none_or(|f| f.overlaps(name)))
+}
+
+/// A lookup a pseudonymising grant does not serve: refused, and recorded, before the provider is asked.
+fn identifying_lookup(
+    lookup: &crate::pseudonymity::Identifying,
+    provider: &str,
+    service: &Service,
+) -> Refusal {
+    Refusal {
+        detail: Cow::Owned(lookup.detail(provider, service)),
+        ..Refusal::deny(
+            StatusCode::FORBIDDEN,
+            "identifying-lookup",
+            "Forbidden",
+            "identifying_lookup",
+            "",
+        )
+    }
 }
 
 fn upstream_unavailable() -> Refusal {
@@ -1629,13 +1823,56 @@ mod tests {
     }
 
     #[test]
-    fn provider_errors_keep_only_safe_members() {
-        let body = br#"{"type":"x","title":"Unprocessable","detail":"person_id: unknown","status":422,"trace":"secret"}"#;
-        let r = provider_problem(StatusCode::UNPROCESSABLE_ENTITY, body);
-        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(r.detail, "person_id: unknown");
-        let r = provider_problem(StatusCode::INTERNAL_SERVER_ERROR, b"stack trace");
-        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
-        assert!(!r.detail.contains("stack"));
+    fn provider_errors_become_the_gateways_own_problems() {
+        let service = Service {
+            id: "visas".into(),
+            title: "Visas".into(),
+            operations: vec![Operation::Write],
+            subject_field: "person_id".into(),
+            collection: None,
+            fields: Some(crate::minimise::FieldSet::from_paths(&[
+                "person_id",
+                "number",
+            ])),
+            pseudonymous_query: Vec::new(),
+        };
+        let p = |status: u16, body: &str| {
+            let r = provider_problem(
+                StatusCode::from_u16(status).unwrap(),
+                body.as_bytes(),
+                &service,
+            );
+            (r.status.as_u16(), r.slug, r.reason, r.detail.into_owned())
+        };
+        let invalid = r#"{"type":"urn:karibche:problem:invalid-field","title":"Invalid field","detail":"person_id: no such person, see SELECT * FROM reg_persons","status":422}"#;
+        let (status, slug, _, detail) = p(422, invalid);
+        assert_eq!((status, slug), (422, "invalid-field"));
+        assert!(
+            detail.contains("person_id") && !detail.contains("SELECT"),
+            "{detail}"
+        );
+        // A field the service does not have is not repeated.
+        let odd = r#"{"type":"urn:karibche:problem:invalid-field","detail":"Jane Doe: x"}"#;
+        assert!(!p(422, odd).3.contains("Jane"));
+        let conflict = r#"{"type":"urn:karibche:problem:conflict","detail":"number: a record with this number is already registered"}"#;
+        assert_eq!(p(409, conflict).0, 409);
+        assert!(p(409, conflict).3.contains("(number)"));
+        let sql = r#"{"title":"SQL error on db01","detail":"syntax error at SELECT * FROM persons WHERE"}"#;
+        let (status, _, reason, detail) = p(400, sql);
+        assert_eq!((status, reason), (400, "upstream_bad_request"));
+        assert!(!detail.contains("SQL") && !detail.contains("db01"));
+        assert_eq!(
+            p(401, "").0,
+            502,
+            "the gateway's credentials, not the agency's token"
+        );
+        assert_eq!(p(403, "").1, "provider-denied");
+        assert_eq!(p(404, "<html>").0, 404);
+        assert_eq!(p(429, "").0, 503);
+        let (status, _, _, detail) = p(500, "panicked at src/db.rs:12 password=hunter2");
+        assert_eq!(status, 502);
+        assert!(!detail.contains("hunter2"));
+        assert_eq!(p(302, "").0, 502);
+        assert_eq!(p(418, "").0, 502);
     }
 }

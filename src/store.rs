@@ -55,10 +55,10 @@ pub enum StoreError {
     /// The URL names no backend karibche supports.
     #[error("unsupported database URL (expected sqlite:… or postgres://…): {0}")]
     UnsupportedUrl(String),
-    /// The directory for the SQLite file could not be created.
-    #[error("cannot create the database directory {path}: {source}")]
+    /// The SQLite file or its directory could not be created (or made private).
+    #[error("cannot create {path} privately: {source}")]
     CreateDir {
-        /// The directory.
+        /// The file or directory.
         path: String,
         /// The cause.
         source: std::io::Error,
@@ -105,7 +105,7 @@ impl Store {
         sqlx::any::install_default_drivers();
         let backend = backend_of(url)?;
         let file = match backend {
-            Backend::Sqlite => create_sqlite_dir(url)?.map(Arc::new),
+            Backend::Sqlite => create_sqlite_file(url)?.map(Arc::new),
             Backend::Postgres => None,
         };
         let url = match backend {
@@ -304,8 +304,11 @@ pub fn backend_of(url: &str) -> Result<Backend, StoreError> {
     }
 }
 
-/// Creates the SQLite file's directory; returns the file's path (`None` in memory).
-fn create_sqlite_dir(url: &str) -> Result<Option<PathBuf>, StoreError> {
+/// Creates the SQLite file private (`0600`, its directory `0700`) before
+/// SQLite opens it: SQLite gives `-wal` and `-shm` the database file's mode,
+/// so they are private too. Files left readable by an older version are tightened.
+/// Returns the file's path (`None` in memory).
+fn create_sqlite_file(url: &str) -> Result<Option<PathBuf>, StoreError> {
     let path = url
         .trim_start_matches("sqlite://")
         .trim_start_matches("sqlite:");
@@ -313,16 +316,23 @@ fn create_sqlite_dir(url: &str) -> Result<Option<PathBuf>, StoreError> {
     if path.is_empty() || path == ":memory:" || url.contains("mode=memory") {
         return Ok(None);
     }
-    if let Some(dir) = Path::new(path)
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
+    let file = PathBuf::from(path);
+    let path = Path::new(path);
+    let failed = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| StoreError::CreateDir { path, source }
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::files::create_private_dir(dir).map_err(failed(dir))?;
     }
-    Ok(Some(PathBuf::from(path)))
+    if crate::files::ensure_private_file(path).map_err(failed(path))? {
+        tracing::warn!(path = %path.display(), "database file was readable by others; made private (0600)");
+    }
+    for suffix in ["-wal", "-shm"] {
+        let side = Path::new(&format!("{}{suffix}", path.display())).to_path_buf();
+        crate::files::tighten(&side).map_err(failed(&side))?;
+    }
+    Ok(Some(file))
 }
 
 #[cfg(test)]
@@ -343,5 +353,13 @@ mod tests {
         let store = Store::connect(&url).await.unwrap();
         store.ping().await.unwrap();
         assert!(dir.path().join("sub/k.db").exists());
+        use std::os::unix::fs::PermissionsExt;
+        for (file, mode) in [("sub", 0o700), ("sub/k.db", 0o600), ("sub/k.db-wal", 0o600)] {
+            let m = std::fs::metadata(dir.path().join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(m & 0o777, mode, "{file}");
+        }
     }
 }

@@ -72,16 +72,25 @@ impl Transforms {
         self.0.is_empty()
     }
 
+    /// Whether any field is released only as a pseudonym: such a grant must not
+    /// serve lookups that name a person (src/pseudonymity.rs).
+    pub fn pseudonymises(&self) -> bool {
+        self.0.iter().any(|(_, t)| *t == Transform::Pseudonymise)
+    }
+
     /// The (dotted path, transform) pairs.
     pub fn pairs(&self) -> impl Iterator<Item = (String, Transform)> + '_ {
         self.0.iter().map(|(p, t)| (p.join("."), *t))
     }
 }
 
-/// The gateway's pseudonymisation key for the current period.
+/// The gateway's pseudonymisation key for the current period, and the
+/// cursor key derived from the same secret (src/cursor.rs): both keep what an
+/// agency receives from being linked back to a register id.
 pub struct Pseudonymiser {
     key: hmac::Key,
     period: String,
+    cursors: crate::cursor::CursorKey,
 }
 
 impl std::fmt::Debug for Pseudonymiser {
@@ -103,6 +112,7 @@ impl Pseudonymiser {
         Pseudonymiser {
             key: hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()),
             period: period.to_owned(),
+            cursors: crate::cursor::CursorKey::derive(secret),
         }
     }
 
@@ -121,6 +131,11 @@ impl Pseudonymiser {
             Err(e) => return Err(e),
         };
         Ok(Pseudonymiser::new(&secret, period))
+    }
+
+    /// The key that seals pagination cursors.
+    pub fn cursors(&self) -> &crate::cursor::CursorKey {
+        &self.cursors
     }
 
     /// The period label.

@@ -287,44 +287,64 @@ async fn expired_or_misdirected_consent_does_not_help() {
     gw.shutdown().await;
 }
 
-/// The person with the most visas in the seeded register.
-async fn person_with_visas(gw: &TestGateway) -> (String, i64) {
+/// The person with the most visas in the seeded register, and one of their nationalities.
+async fn person_with_visas(gw: &TestGateway) -> (String, i64, String) {
     use sqlx::Row;
     let row = sqlx::query(
-        "SELECT person_id, COUNT(*) AS n FROM reg_visas GROUP BY person_id ORDER BY n DESC, person_id LIMIT 1",
+        "SELECT v.person_id, COUNT(DISTINCT v.id) AS visas, MIN(c.code) FROM reg_visas v \
+         JOIN reg_person_nationalities c ON c.person_id = v.person_id \
+         GROUP BY v.person_id ORDER BY visas DESC, v.person_id LIMIT 1",
     )
     .fetch_one(gw.registry_store().pool())
     .await
     .unwrap();
-    (row.get::<String, _>(0), row.get::<i64, _>(1))
+    (
+        row.get::<String, _>(0),
+        row.get::<i64, _>(1),
+        row.get::<String, _>(2),
+    )
+}
+
+/// How many visas the persons of a nationality hold, from the register itself.
+async fn visas_of_nationality(gw: &TestGateway, code: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM reg_visas v JOIN reg_person_nationalities n ON n.person_id = v.person_id WHERE n.code = $1",
+    )
+    .bind(code)
+    .fetch_one(gw.registry_store().pool())
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nested_arrays_keep_every_element_with_only_the_granted_fields() {
     let gw = TestGateway::start().await;
-    let (person, visas) = person_with_visas(&gw).await;
+    let (person, visas, nationality) = person_with_visas(&gw).await;
     assert!(visas >= 2, "the seeded register has a person with visas");
-    // The statistics office may see each visa's category, nothing else of it.
-    let token = gw.token("geostat", "official-statistics", None);
-    let r = gw
-        .client("geostat")
-        .get(&person_path(&person), Some(&token))
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
-    let body = r.json();
-    let released = body["visas"].as_array().unwrap();
-    assert_eq!(released.len() as i64, visas, "all visas, none dropped");
-    for v in released {
-        let keys: BTreeSet<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, BTreeSet::from(["category"]), "{v}");
+    // The statistics office may see each visa's category, nothing else of it,
+    // and reads persons only by attribute (pseudonymised).
+    let persons = common::geostat_persons(&gw, &nationality).await;
+    let mut released = 0;
+    for p in &persons {
+        for v in p["visas"].as_array().unwrap() {
+            let keys: BTreeSet<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+            assert_eq!(keys, BTreeSet::from(["category"]), "{v}");
+            released += 1;
+        }
     }
+    assert_eq!(
+        released,
+        visas_of_nationality(&gw, &nationality).await,
+        "all visas, none dropped"
+    );
     // A field list is narrowed to the grant; one naming no granted field is refused.
-    let path = format!("{}?fields=visas,documents", person_path(&person));
-    let r = gw.client("geostat").get(&path, Some(&token)).await;
+    let token = gw.token("mfa-consular", "visa-decision", None);
+    let path = format!("{}?fields=visas,crossings", person_path(&person));
+    let r = gw.client("mfa-consular").get(&path, Some(&token)).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(r.json().get("documents").is_none());
-    let path = format!("{}?fields=documents", person_path(&person));
-    let r = gw.client("geostat").get(&path, Some(&token)).await;
+    assert!(r.json().get("crossings").is_none());
+    let path = format!("{}?fields=crossings", person_path(&person));
+    let r = gw.client("mfa-consular").get(&path, Some(&token)).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert!(problem_type(&r).ends_with("field-not-allowed"));
     // The Border Police see each visa whole.
@@ -339,28 +359,39 @@ async fn nested_arrays_keep_every_element_with_only_the_granted_fields() {
     gw.shutdown().await;
 }
 
-async fn pseudonym(gw: &TestGateway, id: &str) -> String {
-    let token = gw.token("geostat", "official-statistics", None);
-    let r = gw
-        .client("geostat")
-        .get(&person_path(id), Some(&token))
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
-    r.json()["id"].as_str().unwrap().to_owned()
+/// The statistics office's pseudonyms of everyone of a nationality, sorted.
+async fn pseudonyms(gw: &TestGateway, nationality: &str) -> Vec<String> {
+    let mut out: Vec<String> = common::geostat_persons(gw, nationality)
+        .await
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    out.sort();
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pseudonyms_are_stable_per_key_and_differ_across_keys() {
-    // Each system generates its own pseudonymisation key in its data directory.
+    // Each system generates its own pseudonymisation key in its data directory;
+    // both seed the same synthetic register.
     let a = TestGateway::start().await;
     let b = TestGateway::start().await;
-    let first = pseudonym(&a, PERSON).await;
-    assert!(first.starts_with("ps-") && !first.contains(PERSON));
-    assert_eq!(pseudonym(&a, PERSON).await, first, "same person, same key");
-    let (other, _) = person_with_visas(&a).await;
-    assert_ne!(other, PERSON);
-    assert_ne!(pseudonym(&a, &other).await, first, "another person");
-    assert_ne!(pseudonym(&b, PERSON).await, first, "another key");
+    let (_, _, nationality) = person_with_visas(&a).await;
+    let first = pseudonyms(&a, &nationality).await;
+    assert!(first.len() >= 2, "{first:?}");
+    assert!(first
+        .iter()
+        .all(|p| p.starts_with("ps-") && !p.contains("RF-")));
+    let distinct: BTreeSet<&String> = first.iter().collect();
+    assert_eq!(distinct.len(), first.len(), "one pseudonym per person");
+    assert_eq!(
+        pseudonyms(&a, &nationality).await,
+        first,
+        "same persons, same key"
+    );
+    let other = pseudonyms(&b, &nationality).await;
+    assert_eq!(other.len(), first.len());
+    assert!(other.iter().all(|p| !first.contains(p)), "another key");
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,53 +17,8 @@ use common::Client;
 use http::StatusCode;
 use tokio::sync::Mutex;
 
-fn repo_policies() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
-}
-
-/// Starts the real binary on ephemeral ports; returns it and the gateway address once ready.
-fn spawn_gateway(data: &Path) -> (Child, SocketAddr) {
-    spawn_gateway_with(data, &repo_policies())
-}
-
-/// [`spawn_gateway`] with another policy directory.
-fn spawn_gateway_with(data: &Path, policies: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_karibche"))
-        .args(["--data-dir", data.to_str().unwrap()])
-        .args(["--policies", policies.to_str().unwrap()])
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--registry-listen", "127.0.0.1:0", "--seed-persons", "100"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(Instant::now() < deadline, "gateway did not become ready");
-        let line = lines.next().expect("gateway exited before ready").unwrap();
-        if let Some(rest) = line.trim().strip_prefix("gateway") {
-            let addr = rest
-                .trim()
-                .trim_start_matches("https://")
-                .split('/')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-            // Keep draining stdout so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return (child, addr);
-        }
-    }
+fn spawn_gateway(data: &Path) -> (common::KillOnDrop, SocketAddr) {
+    common::spawn_gateway(data, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +135,7 @@ async fn sigkill_between_forward_and_outcome_leaves_an_attempt_with_outcome_unkn
     let provider = listener.local_addr().unwrap();
     let mut holding = common::holding_provider(listener, &pki);
     let policies = common::policies_with_provider(dir.path(), &format!("https://{provider}"));
-    let (mut child, addr) = spawn_gateway_with(&data, &policies);
+    let (mut child, addr) = common::spawn_gateway_with(&data, None, &policies);
 
     let (cert, key) = karibche::pki::agency_files(&pki, "mia-border");
     let client = Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr);

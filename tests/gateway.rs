@@ -80,35 +80,47 @@ async fn allowed_read_returns_only_granted_fields_and_is_audited() {
 async fn statistics_office_sees_no_identity() {
     let gw = TestGateway::start().await;
     let token = gw.token("geostat", "official-statistics", None);
+    let nationality: String =
+        sqlx::query_scalar("SELECT MIN(code) FROM reg_person_nationalities WHERE person_id = $1")
+            .bind(PERSON)
+            .fetch_one(gw.registry_store().pool())
+            .await
+            .unwrap();
+    let persons = common::geostat_persons(&gw, &nationality).await;
+    assert!(!persons.is_empty());
+    for body in &persons {
+        for p in &leaf_paths(body) {
+            assert!(
+                !p.starts_with("names") && !p.contains("number"),
+                "geostat must not see {p}"
+            );
+        }
+        // The id only as a pseudonym; the birth date only as a year.
+        let pseudonym = body["id"].as_str().unwrap();
+        assert!(pseudonym.starts_with("ps-") && !pseudonym.contains("RF-"));
+        assert_eq!(body["birth_date"].as_str().unwrap().len(), 4);
+    }
+    // Stable across requests.
+    let again = common::geostat_persons(&gw, &nationality).await;
+    assert_eq!(again[0]["id"], persons[0]["id"]);
+    // Naming a person would link the pseudonym to them: refused, and recorded.
     let reply = gw
         .client("geostat")
         .get(&person_path(PERSON), Some(&token))
         .await;
-    assert_eq!(reply.status, StatusCode::OK);
-    let body = reply.json();
-    let paths = leaf_paths(&body);
-    for p in &paths {
-        assert!(
-            !p.starts_with("names") && !p.contains("number"),
-            "geostat must not see {p}"
-        );
-    }
-    // The id only as a pseudonym, stable across requests; the birth date only as a year.
-    let pseudonym = body["id"].as_str().unwrap().to_owned();
-    assert!(pseudonym.starts_with("ps-") && !pseudonym.contains(PERSON));
-    assert_eq!(body["birth_date"].as_str().unwrap().len(), 4);
-    let again = gw
-        .client("geostat")
-        .get(&person_path(PERSON), Some(&token))
-        .await;
-    assert_eq!(again.json()["id"], pseudonym.as_str());
-    // The audit record still names the real subject.
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        reply.json()["type"],
+        "urn:karibche:problem:identifying-lookup"
+    );
     let e = records_for(&gw, &reply.request_id())
         .await
         .pop()
         .unwrap()
         .entry;
+    assert_eq!(e.reason.as_deref(), Some("identifying_lookup"));
     assert_eq!(e.subjects, vec![PERSON.to_owned()]);
+    assert!(e.pseudonymised);
     gw.shutdown().await;
 }
 

@@ -22,6 +22,9 @@ fn person() -> String {
     format!("/v1/registry/persons/{PERSON}")
 }
 
+/// What the statistics office asks for: counts, never a person.
+const STATISTICS: &str = "/v1/registry/statistics?dataset=persons&by=nationality";
+
 /// Copies the repository's policies to `dir/policies`, with `limits` as the quota file.
 fn copy_policies(dir: &Path, limits: &str) -> PathBuf {
     let to = dir.join("policies");
@@ -111,7 +114,7 @@ async fn an_agency_over_its_quota_gets_429_while_another_is_served() {
     let normal = async {
         let mut out = Vec::new();
         for _ in 0..8 {
-            out.push(stats.get(&person(), Some(&stats_token)).await.status);
+            out.push(stats.get(STATISTICS, Some(&stats_token)).await.status);
         }
         out
     };
@@ -406,7 +409,7 @@ async fn connections_are_capped_per_agency_with_a_clear_answer() {
     let other = gw.token("geostat", "official-statistics", None);
     assert_eq!(
         gw.client("geostat")
-            .get(&person(), Some(&other))
+            .get(STATISTICS, Some(&other))
             .await
             .status,
         StatusCode::OK
@@ -500,7 +503,7 @@ async fn connections_over_the_total_cap_are_refused_clearly() {
     );
     drop(_held);
     let served = eventually(Duration::from_secs(3), async || {
-        client.get(&person(), Some(&token)).await.status == StatusCode::OK
+        client.get(STATISTICS, Some(&token)).await.status == StatusCode::OK
     })
     .await;
     assert!(served);

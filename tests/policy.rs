@@ -254,7 +254,7 @@ async fn a_broken_edit_is_refused_and_the_old_policy_keeps_working() {
         "{text}"
     );
     assert!(
-        text.contains("agencies/ssg.toml:14:13: unknown purpose \"national-security\""),
+        text.contains("agencies/ssg.toml:19:13: unknown purpose \"national-security\""),
         "{text}"
     );
     assert_eq!(gw.running.gateway.policy.load().version(), before);

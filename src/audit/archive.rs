@@ -273,12 +273,8 @@ async fn write_files(
     out: &Path,
     cps_path: &Path,
 ) -> Result<String, AuditError> {
-    let create = |p: &Path| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(p)
-    };
+    // Archives hold personal data: private, whatever the umask.
+    let create = |p: &Path| crate::files::create_new_private(p);
     let mut records = std::io::BufWriter::new(create(out)?);
     let mut cps = std::io::BufWriter::new(create(cps_path)?);
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);

@@ -72,6 +72,14 @@ pub struct Entry {
     /// data subject's report until `audit.restricted_report_delay` has passed).
     #[serde(default)]
     pub restricted: bool,
+    /// The provider's own HTTP status when it answered with an error; the
+    /// caller got the gateway's problem (`status`) instead of its body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
+    /// Whether the deciding grant releases the data subject only as a
+    /// pseudonym: the agency's own audit views withhold `subjects`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pseudonymised: bool,
     /// `"attempt"` or `"outcome"` for a change logged ahead (a write, a consent,
     /// an administrative change); `None` for a request or event with one record.
     #[serde(default)]
@@ -175,6 +183,11 @@ struct Canonical<'a> {
     response_digest: Option<&'a str>,
     #[serde(skip_serializing_if = "is_false")]
     restricted: bool,
+    // Likewise for records written before issue 14.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_status: Option<u16>,
+    #[serde(skip_serializing_if = "is_false")]
+    pseudonymised: bool,
     // Likewise for records written before changes were logged ahead (issue 13).
     #[serde(skip_serializing_if = "Option::is_none")]
     phase: Option<&'a str>,
@@ -226,6 +239,8 @@ pub fn canonical_json(
         shadow_decision: e.shadow_decision.as_deref(),
         response_digest: e.response_digest.as_deref(),
         restricted: e.restricted,
+        upstream_status: e.upstream_status,
+        pseudonymised: e.pseudonymised,
         phase: e.phase.as_deref(),
         attempt_id: e.attempt_id.as_deref(),
         request_digest: e.request_digest.as_deref(),
@@ -376,6 +391,8 @@ pub(crate) struct Row {
     shadow_decision: Option<String>,
     response_digest: Option<String>,
     restricted: i64,
+    upstream_status: Option<i64>,
+    pseudonymised: i64,
     prev_hash: String,
     hash: String,
     phase: Option<String>,
@@ -440,6 +457,17 @@ impl Row {
                     1 => true,
                     n => return Err(format!("restricted {n} is neither 0 nor 1")),
                 },
+                upstream_status: self
+                    .upstream_status
+                    .map(|s| {
+                        u16::try_from(s).map_err(|_| format!("upstream_status {s} is out of range"))
+                    })
+                    .transpose()?,
+                pseudonymised: match self.pseudonymised {
+                    0 => false,
+                    1 => true,
+                    n => return Err(format!("pseudonymised {n} is neither 0 nor 1")),
+                },
                 phase: self.phase,
                 attempt_id: self.attempt_id,
                 request_digest: self.request_digest,
@@ -452,16 +480,17 @@ impl Row {
     }
 }
 
-/// The columns of `audit_log` in insert order (32 of them).
+/// The columns of `audit_log` in insert order (34 of them).
 macro_rules! audit_columns {
     () => {
         "node, seq, id, ts, agency, certificate, officer, purpose, legal_basis, case_ref, \
          consent_ref, token_id, provider, service, operation, method, path, subjects, fields, \
          decision, reason, status, policy_version, prev_hash, hash, shadow_decision, \
-         response_digest, restricted, phase, attempt_id, request_digest, written"
+         response_digest, restricted, upstream_status, pseudonymised, phase, attempt_id, \
+         request_digest, written"
     };
 }
 pub(crate) use audit_columns;
 
 /// How many columns [`audit_columns!`] lists.
-pub(crate) const AUDIT_COLUMN_COUNT: usize = 32;
+pub(crate) const AUDIT_COLUMN_COUNT: usize = 34;

@@ -5,17 +5,33 @@
 //! The report is built from the subject index, never by scanning the log.
 //! Names of agencies and purposes come from the policy in force (a closure,
 //! so this module stays independent of the policy model).
+//!
+//! A request to the audit log that names the person (an auditor's query) is
+//! not a read of the person's record: it is reported as a look-up of the log
+//! (`"what": "access-log"`), in words that say so.
 
 use serde::Serialize;
 
 use super::{query, AuditError, Filter, Record};
 use crate::store::Store;
 
+/// What an access reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reached {
+    /// The person's record at a provider (read, or written to).
+    Record,
+    /// The gateway's access log, asked about the person (an auditor's query): no data of the record.
+    AccessLog,
+}
+
 /// One access as the data subject sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Access {
     /// When (UTC).
     pub at: String,
+    /// Whether the person's record was asked for, or the access log about it.
+    pub what: Reached,
     /// Agency id.
     pub agency: Option<String>,
     /// Agency name, where the policy knows it.
@@ -61,6 +77,11 @@ pub struct ReportOptions {
     pub restricted_delay: std::time::Duration,
     /// Only this agency's accesses (an agency's own internal audit).
     pub agency: Option<String>,
+    /// Leave out accesses under pseudonymising grants: an agency's own view
+    /// must not tell it which of its pseudonymised reads named the person.
+    pub hide_pseudonymised: bool,
+    /// Providers that are the audit log itself (`builtin:audit`); requests to them are look-ups of the log.
+    pub log_providers: Vec<String>,
 }
 
 impl Default for ReportOptions {
@@ -68,6 +89,8 @@ impl Default for ReportOptions {
         ReportOptions {
             restricted_delay: super::DEFAULT_RESTRICTED_REPORT_DELAY,
             agency: None,
+            hide_pseudonymised: false,
+            log_providers: vec![crate::audit_api::BUILTIN.to_owned()],
         }
     }
 }
@@ -108,8 +131,9 @@ pub async fn subject_report_with(
         // A change shows once: as its outcome, or as an attempt whose outcome is unknown.
         accesses: records
             .iter()
+            .filter(|r| !(options.hide_pseudonymised && r.entry.pseudonymised))
             .filter(|r| r.entry.phase.as_deref() != Some(super::PHASE_ATTEMPT) || r.outcome_unknown)
-            .map(|r| access(r, name_of))
+            .map(|r| access(r, &options.log_providers, name_of))
             .collect(),
         notice: format!(
             "Accesses under restricted grants (such as national security investigations) may exist; \
@@ -128,11 +152,24 @@ pub enum NameKind {
     Purpose,
 }
 
-fn access(r: &Record, name_of: &(dyn Fn(NameKind, &str) -> Option<String> + Sync)) -> Access {
+fn access(
+    r: &Record,
+    log_providers: &[String],
+    name_of: &(dyn Fn(NameKind, &str) -> Option<String> + Sync),
+) -> Access {
     let e = &r.entry;
     let released = e.decision == "allow" && (200..300).contains(&e.status);
+    let log = e
+        .provider
+        .as_deref()
+        .is_some_and(|p| log_providers.iter().any(|l| l == p));
     Access {
         at: e.ts.clone(),
+        what: if log {
+            Reached::AccessLog
+        } else {
+            Reached::Record
+        },
         agency_name: e
             .agency
             .as_deref()
@@ -172,18 +209,29 @@ impl std::fmt::Display for SubjectReport {
             writeln!(f, "No agency has asked for this record.")?;
             return writeln!(f, "\n{}", self.notice);
         }
-        let released = self.accesses.iter().filter(|a| a.released).count();
-        let unknown = self.accesses.iter().filter(|a| a.outcome_unknown).count();
+        let (records, logs): (Vec<&Access>, Vec<&Access>) = self
+            .accesses
+            .iter()
+            .partition(|a| a.what == Reached::Record);
+        let released = records.iter().filter(|a| a.released).count();
+        let unknown = records.iter().filter(|a| a.outcome_unknown).count();
         writeln!(
             f,
-            "{} request(s) named this record; {released} received data, {} were refused or failed.",
-            self.accesses.len(),
-            self.accesses.len() - released - unknown
+            "{} request(s) asked for this record; {released} received data, {} were refused or failed.",
+            records.len(),
+            records.len() - released - unknown
         )?;
         if unknown > 0 {
             writeln!(
                 f,
                 "{unknown} change(s) were attempted whose outcome the log does not hold."
+            )?;
+        }
+        if !logs.is_empty() {
+            writeln!(
+                f,
+                "{} look-up(s) of the access log named this record; they show who asked for it, not what it holds.",
+                logs.len()
             )?;
         }
         writeln!(f)?;
@@ -208,6 +256,20 @@ impl std::fmt::Display for SubjectReport {
                     f,
                     "- {date} UTC: {who} tried to change your record ({why}); the gateway stopped \
                      before recording whether the change was made (outcome unknown)."
+                )?;
+            } else if a.what == Reached::AccessLog {
+                let outcome = if a.released {
+                    "it saw which accesses to your record are logged; none of your record's data"
+                        .to_owned()
+                } else {
+                    format!(
+                        "nothing was released ({})",
+                        a.refused_because.as_deref().unwrap_or("refused")
+                    )
+                };
+                writeln!(
+                    f,
+                    "- {date} UTC: {who} looked up the access log about your record for: {why}; {outcome}."
                 )?;
             } else if a.released {
                 writeln!(f, "- {date} UTC: {who} {verb} your record for: {why}.")?;

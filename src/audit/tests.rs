@@ -60,6 +60,9 @@ fn entry(n: usize) -> Entry {
             .then(|| crate::audit_api::digest(n.to_string().as_bytes())),
         // Every fifth request was under a restricted grant.
         restricted: n.is_multiple_of(5),
+        // Every seventh provider answered with an error; every eighth read was pseudonymised.
+        upstream_status: n.is_multiple_of(7).then_some(500),
+        pseudonymised: n.is_multiple_of(8),
         ..Entry::default()
     }
 }
@@ -1046,7 +1049,7 @@ async fn restricted_accesses_wait_in_the_report(store: Store) {
     // After the delay the access appears.
     let options = report::ReportOptions {
         restricted_delay: std::time::Duration::ZERO,
-        agency: None,
+        ..Default::default()
     };
     let r = report::subject_report_with(&store, "RF-1", &options, &names)
         .await
@@ -1056,6 +1059,7 @@ async fn restricted_accesses_wait_in_the_report(store: Store) {
     let options = report::ReportOptions {
         restricted_delay: std::time::Duration::ZERO,
         agency: Some("ssg".into()),
+        ..Default::default()
     };
     let r = report::subject_report_with(&store, "RF-1", &options, &names)
         .await
@@ -1078,3 +1082,46 @@ both!(
     restricted_report_pg,
     restricted_accesses_wait_in_the_report
 );
+
+#[test]
+fn upstream_status_and_pseudonymised_are_hashed_only_when_set() {
+    let mut e = Entry {
+        id: "01900000-0000-7000-8000-000000000000".into(),
+        ts: "2026-11-03T09:00:00.000000Z".into(),
+        method: "GET".into(),
+        path: "/v1/x".into(),
+        decision: "allow".into(),
+        status: 502,
+        policy_version: "v1".into(),
+        ..Entry::default()
+    };
+    let plain = canonical_json(1, "n1", &e, GENESIS_HASH).unwrap();
+    assert!(!plain.contains("upstream_status") && !plain.contains("pseudonymised"));
+    let without = chain_hash(1, "n1", &e, GENESIS_HASH).unwrap();
+    e.upstream_status = Some(500);
+    e.pseudonymised = true;
+    let json = canonical_json(1, "n1", &e, GENESIS_HASH).unwrap();
+    assert!(
+        json.contains("\"policy_version\":\"v1\",\"upstream_status\":500,\"pseudonymised\":true,\"prev_hash\""),
+        "{json}"
+    );
+    assert_ne!(chain_hash(1, "n1", &e, GENESIS_HASH).unwrap(), without);
+    // Serialised (export, auditors' API) only when set, and read back either way.
+    let record = Record::chain(1, "n1", e, GENESIS_HASH).unwrap();
+    let line = serde_json::to_string(&record).unwrap();
+    let back: Record = serde_json::from_str(&line).unwrap();
+    assert_eq!(back.expected_hash().unwrap(), record.hash);
+    let old = Record::chain(
+        1,
+        "n1",
+        Entry {
+            upstream_status: None,
+            pseudonymised: false,
+            ..record.entry.clone()
+        },
+        GENESIS_HASH,
+    )
+    .unwrap();
+    let line = serde_json::to_string(&old).unwrap();
+    assert!(!line.contains("upstream_status") && !line.contains("pseudonymised"));
+}

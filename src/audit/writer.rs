@@ -710,6 +710,8 @@ async fn write_rows(
                 .bind(e.shadow_decision.as_deref())
                 .bind(e.response_digest.as_deref())
                 .bind(i32::from(e.restricted))
+                .bind(e.upstream_status.map(i32::from))
+                .bind(i32::from(e.pseudonymised))
                 .bind(e.phase.as_deref())
                 .bind(e.attempt_id.as_deref())
                 .bind(e.request_digest.as_deref())

@@ -235,6 +235,16 @@ fn run_one(policy: &Policy, case: &RawCase, today: Date) -> Result<(), String> {
         case_ref: case.case.as_deref(),
     };
     let decision = policy.decide(&req, date);
+    if let Some(refused) = identifying_lookup(policy, &decision, &case.path, provider, service) {
+        // The gateway refuses it after the policy allowed it (src/pseudonymity.rs).
+        return match (case.expect, case.reason.as_deref()) {
+            (Expect::Deny, None | Some(IDENTIFYING)) => Ok(()),
+            _ => Err(format!(
+                "expected {}, got deny ({IDENTIFYING}): {refused}",
+                case.expect
+            )),
+        };
+    }
     check_decision(&decision, case)?;
     if let Some(expected) = case.shadow {
         let shadow = policy
@@ -249,6 +259,35 @@ fn run_one(policy: &Policy, case: &RawCase, today: Date) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The reason the gateway records for a lookup a pseudonymising grant does not serve.
+const IDENTIFYING: &str = "identifying_lookup";
+
+/// Why the gateway refuses a request the policy allowed under a pseudonymising grant, if it does.
+fn identifying_lookup(
+    policy: &Policy,
+    decision: &Decision,
+    path: &str,
+    provider: &str,
+    service: &str,
+) -> Option<String> {
+    let Decision::Allow(allow) = decision else {
+        return None;
+    };
+    if !allow.transforms.pseudonymises() {
+        return None;
+    }
+    let svc = policy.service(provider, service)?;
+    let (path, query) = path
+        .split_once('?')
+        .map_or((path, None), |(p, q)| (p, Some(q)));
+    let rest = path
+        .strip_prefix(&format!("/v1/{provider}/{service}"))
+        .unwrap_or_default();
+    crate::pseudonymity::check_lookup(svc, rest, query)
+        .err()
+        .map(|i| i.detail(provider, svc))
 }
 
 fn outcome(d: &Decision) -> Expect {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use time::Date;
 
+use super::case_ref::CaseFormat;
 use super::model::{Grant, GrantPurpose, Operation, Policy};
 use crate::minimise::FieldSet;
 
@@ -84,6 +85,8 @@ pub enum DenyReason {
     UnknownPurpose,
     /// The matching grant needs a case reference and the token carries none.
     CaseRequired,
+    /// The matching grant needs a case reference and the token's does not match the agency's case-number format.
+    CaseInvalid,
     /// The matching grant is not in force today (not yet started, or expired).
     GrantNotValidToday,
     /// The agency has no grant for the service at all.
@@ -100,6 +103,7 @@ impl DenyReason {
             DenyReason::PurposeNotAllowed => "purpose_not_allowed",
             DenyReason::UnknownPurpose => "unknown_purpose",
             DenyReason::CaseRequired => "case_required",
+            DenyReason::CaseInvalid => "case_ref_invalid",
             DenyReason::GrantNotValidToday => "grant_not_valid_today",
             DenyReason::NoGrant => "no_grant",
         }
@@ -120,6 +124,9 @@ impl DenyReason {
             }
             DenyReason::UnknownPurpose => "The stated purpose is not a recognised purpose code.",
             DenyReason::CaseRequired => "This access requires a case reference in the token.",
+            DenyReason::CaseInvalid => {
+                "This access requires a case reference, and the token's does not match your agency's case-number format."
+            }
             DenyReason::GrantNotValidToday => {
                 "Your agency's permission for this access is not in force today."
             }
@@ -141,7 +148,7 @@ impl DenyReason {
             DenyReason::OperationNotAllowed => 1,
             DenyReason::PurposeNotAllowed => 2,
             DenyReason::GrantNotValidToday => 3,
-            DenyReason::CaseRequired => 4,
+            DenyReason::CaseRequired | DenyReason::CaseInvalid => 4,
             _ => 0,
         }
     }
@@ -149,10 +156,12 @@ impl DenyReason {
 
 /// Checks one grant of the right service against the request, in the order
 /// operation, purpose, validity, case: each later check is more specific.
+/// A case reference must have the form of the agency's case numbers.
 fn evaluate<'g>(
     grant: &'g Grant,
     req: &DecisionRequest<'_>,
     today: Date,
+    cases: &CaseFormat,
 ) -> Result<&'g GrantPurpose, DenyReason> {
     if !grant.operations.contains(&req.operation) {
         return Err(DenyReason::OperationNotAllowed);
@@ -163,8 +172,13 @@ fn evaluate<'g>(
     if !grant.valid_on(today) {
         return Err(DenyReason::GrantNotValidToday);
     }
-    if grant.case_required && req.case_ref.is_none_or(|c| c.trim().is_empty()) {
-        return Err(DenyReason::CaseRequired);
+    if grant.case_required {
+        match req.case_ref {
+            None => return Err(DenyReason::CaseRequired),
+            Some(c) if c.trim().is_empty() => return Err(DenyReason::CaseRequired),
+            Some(c) if !cases.accepts(c) => return Err(DenyReason::CaseInvalid),
+            Some(_) => {}
+        }
     }
     Ok(purpose)
 }
@@ -225,7 +239,7 @@ fn decide_among(
     };
     let mut best = DenyReason::NoGrant;
     for grant in grants.iter().filter_map(|&i| agency.grants.get(i)) {
-        match evaluate(grant, req, today) {
+        match evaluate(grant, req, today, &agency.case_format) {
             Ok(purpose) => {
                 return Decision::Allow(Allow {
                     grant: Arc::clone(&grant.id),
@@ -286,7 +300,7 @@ pub(crate) fn explain(policy: &Policy, req: &DecisionRequest<'_>, today: Date) -
                 }
             }
             for grant in &agency.grants {
-                explain_grant(&mut out, grant, req, today);
+                explain_grant(&mut out, grant, req, today, &agency.case_format);
             }
         }
     }
@@ -328,6 +342,9 @@ fn describe(out: &mut String, policy: &Policy, agency: &str, decision: &Decision
             if a.restricted {
                 limits.push("restricted records handling".to_owned());
             }
+            if a.transforms.pseudonymises() {
+                limits.push("pseudonymised: only searches by the parameters providers.toml lists (pseudonymous_query), no lookup by id, document or name".to_owned());
+            }
             if limits.is_empty() {
                 limits.push("none beyond the agency's rate limits".to_owned());
             }
@@ -339,7 +356,13 @@ fn describe(out: &mut String, policy: &Policy, agency: &str, decision: &Decision
     }
 }
 
-fn explain_grant(out: &mut String, grant: &Grant, req: &DecisionRequest<'_>, today: Date) {
+fn explain_grant(
+    out: &mut String,
+    grant: &Grant,
+    req: &DecisionRequest<'_>,
+    today: Date,
+    cases: &CaseFormat,
+) {
     let ops: Vec<&str> = grant.operations.iter().map(Operation::as_str).collect();
     let purposes: Vec<&str> = grant.purposes.iter().map(|p| &*p.code).collect();
     let _ = write!(
@@ -356,7 +379,7 @@ fn explain_grant(out: &mut String, grant: &Grant, req: &DecisionRequest<'_>, tod
     let verdict = if grant.provider != req.provider || grant.service != req.service {
         "other service".to_owned()
     } else {
-        match evaluate(grant, req, today) {
+        match evaluate(grant, req, today, cases) {
             Ok(_) => "MATCHES".to_owned(),
             Err(DenyReason::OperationNotAllowed) => format!("does not allow {}", req.operation),
             Err(DenyReason::PurposeNotAllowed) => {
@@ -370,6 +393,10 @@ fn explain_grant(out: &mut String, grant: &Grant, req: &DecisionRequest<'_>, tod
             Err(DenyReason::CaseRequired) => {
                 "needs a case reference, the request has none".to_owned()
             }
+            Err(DenyReason::CaseInvalid) => format!(
+                "needs a case reference of the agency's format ({}), the request's is not one",
+                cases.describe()
+            ),
             Err(other) => other.code().to_owned(),
         }
     };

@@ -18,8 +18,8 @@ use time::Date;
 use toml::Spanned;
 
 use super::model::{
-    Agency, CertificateMatcher, Grant, GrantLocation, GrantPurpose, Operation, Policy, Provider,
-    Purpose, Service, ServiceGrants, Upstream,
+    Acknowledgement, Agency, CertificateMatcher, Check, Grant, GrantLocation, GrantPurpose,
+    Operation, Policy, Provider, Purpose, Service, ServiceGrants, Upstream,
 };
 use crate::minimise::FieldSet;
 
@@ -123,6 +123,8 @@ struct RawService {
     subject_field: Spanned<String>,
     collection: Option<Spanned<String>>,
     fields: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pseudonymous_query: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +135,9 @@ struct AgencyFile {
     certificate: Spanned<RawCertificate>,
     #[serde(default)]
     require_bound_tokens: bool,
+    /// The form of the agency's case references: a regular expression matched
+    /// against the whole reference (default: [`super::case_ref::CaseFormat::Default`]).
+    case_format: Option<Spanned<String>>,
     /// The whole file is a proposal: every grant in it is a shadow grant
     /// (decided and recorded as `shadow_decision`, never enforced).
     #[serde(default)]
@@ -173,6 +178,18 @@ struct RawGrant {
     /// Field path → transform applied to the released value.
     #[serde(default)]
     transforms: std::collections::BTreeMap<String, Spanned<crate::transform::Transform>>,
+    /// `policy check` warnings reviewed and accepted for this grant.
+    #[serde(default)]
+    acknowledge: Vec<Spanned<RawAcknowledgement>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcknowledgement {
+    check: Spanned<super::model::Check>,
+    #[serde(default)]
+    fields: Vec<Spanned<String>>,
+    because: Spanned<String>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -596,6 +613,24 @@ fn validate_providers(
                 }
                 FieldSet::from_paths(&paths)
             });
+            let mut pseudonymous_query: Vec<String> = Vec::new();
+            for q in &s.pseudonymous_query {
+                let name = q.get_ref();
+                let plain = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if !plain {
+                    r.at(
+                        q.span(),
+                        format!("pseudonymous_query {name:?} must be a plain parameter name (letters, digits, _ and -)"),
+                    );
+                } else if pseudonymous_query.contains(name) {
+                    r.at(q.span(), format!("duplicate pseudonymous_query {name:?}"));
+                } else {
+                    pseudonymous_query.push(name.clone());
+                }
+            }
             services.push(Service {
                 id: sid,
                 title: s.title.into_inner(),
@@ -603,6 +638,7 @@ fn validate_providers(
                 subject_field: s.subject_field.into_inner(),
                 collection: s.collection.map(Spanned::into_inner),
                 fields,
+                pseudonymous_query,
             });
         }
         if out.contains_key(&id) {
@@ -824,11 +860,22 @@ fn validate_agency(
     check_overlaps(&mut r, &grants, &purpose_spans, false);
     check_overlaps(&mut r, &grants, &purpose_spans, true);
 
+    let case_format = match &file.case_format {
+        None => super::case_ref::CaseFormat::Default,
+        Some(pattern) => {
+            super::case_ref::CaseFormat::pattern(pattern.get_ref()).unwrap_or_else(|e| {
+                r.at(pattern.span(), e);
+                super::case_ref::CaseFormat::Default
+            })
+        }
+    };
+
     Agency {
         id,
         name: file.name.into_inner(),
         certificate,
         require_bound_tokens: file.require_bound_tokens,
+        case_format,
         file: src.shown.clone(),
         grants,
     }
@@ -1066,6 +1113,63 @@ fn validate_grant(
         },
     };
 
+    let mut acknowledged: Vec<Acknowledgement> = Vec::new();
+    for a in &g.acknowledge {
+        let (line, _) = line_column(r.text, a.span().start);
+        let a = a.get_ref();
+        let check = *a.check.get_ref();
+        if a.because.get_ref().trim().chars().count() < 20 {
+            r.at(
+                a.because.span(),
+                "because must say why the finding is acceptable (at least 20 characters): it is what a reviewer reads",
+            );
+        }
+        let mut fields = Vec::new();
+        for f in &a.fields {
+            let path = f.get_ref();
+            if !is_field_path(path) || !released.overlaps(path) {
+                r.at(
+                    f.span(),
+                    format!("acknowledged field {path:?} is not released by this grant"),
+                );
+            } else {
+                fields.push(path.clone());
+            }
+        }
+        let needs_fields = matches!(check, Check::ConsentBypass | Check::CaseBypass);
+        if needs_fields && a.fields.is_empty() {
+            r.at(
+                a.check.span(),
+                format!(
+                    "an acknowledgement of {} names the fields it accepts",
+                    check.as_str()
+                ),
+            );
+        }
+        if !needs_fields && !a.fields.is_empty() {
+            r.at(
+                a.check.span(),
+                format!(
+                    "an acknowledgement of {} concerns the whole grant and names no fields",
+                    check.as_str()
+                ),
+            );
+        }
+        if acknowledged.iter().any(|x| x.check == check) {
+            r.at(
+                a.check.span(),
+                format!("{} is acknowledged twice for this grant", check.as_str()),
+            );
+            continue;
+        }
+        acknowledged.push(Acknowledgement {
+            check,
+            fields,
+            because: a.because.get_ref().trim().to_owned(),
+            line,
+        });
+    }
+
     Grant {
         id: Arc::from(format!("{agency}#{index}")),
         provider: provider_id.clone(),
@@ -1082,6 +1186,7 @@ fn validate_grant(
         transforms: Arc::new(crate::transform::Transforms::new(transforms)),
         max_body_bytes,
         location,
+        acknowledged,
     }
 }
 

@@ -11,6 +11,7 @@
 //! unless a grant says so. [`Policy::decide`] runs per request and only looks
 //! up what loading precomputed.
 
+mod case_ref;
 mod cases;
 mod check;
 mod decide;
@@ -21,6 +22,7 @@ mod schema;
 
 use std::path::Path;
 
+pub use case_ref::{CaseFormat, MAX_CASE_REF};
 pub use cases::{run_cases, CaseFailure, CaseReport, CASES_DIR};
 pub use check::{warnings, Warning};
 pub use decide::{Allow, Decision, DecisionRequest, DenyReason};
@@ -28,8 +30,8 @@ pub use diff::diff;
 pub(crate) use load::line_column;
 pub use load::{PolicyError, PolicyErrors, AGENCIES_DIR, PROVIDERS_FILE, PURPOSES_FILE};
 pub use model::{
-    Agency, CertificateMatcher, Grant, GrantLocation, GrantPurpose, Operation, Policy, Provider,
-    Purpose, Service, Upstream,
+    Acknowledgement, Agency, CertificateMatcher, Check, Grant, GrantLocation, GrantPurpose,
+    Operation, Policy, Provider, Purpose, Service, Upstream,
 };
 pub use schema::schema;
 

@@ -161,6 +161,8 @@ pub struct Agency {
     pub certificate: CertificateMatcher,
     /// Whether officers' tokens must be bound to the client certificate (`cnf.x5t#S256`); default false.
     pub require_bound_tokens: bool,
+    /// The form the agency's case references take (`case_format`); checked where a grant needs a case.
+    pub case_format: super::case_ref::CaseFormat,
     /// The policy file the agency was read from.
     pub file: PathBuf,
     /// The grants, in file order; a grant's index is its position here.
@@ -213,6 +215,46 @@ pub struct Grant {
     pub max_body_bytes: Option<usize>,
     /// Where the grant is written: its policy file and the 1-based line of its `[[grants]]` header.
     pub location: GrantLocation,
+    /// Warnings of `policy check` reviewed and accepted for this grant, each with its reason.
+    pub acknowledged: Vec<Acknowledgement>,
+}
+
+/// A `policy check` warning an administrator reviewed and accepted for one grant
+/// (`[[grants.acknowledge]]`): it silences that warning for exactly the fields
+/// it lists, so a field added later warns again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acknowledgement {
+    /// Which warning.
+    pub check: Check,
+    /// The fields it covers (dotted paths; empty for checks about the whole grant).
+    pub fields: Vec<String>,
+    /// Why the finding is acceptable: read by whoever reviews the policy.
+    pub because: String,
+    /// 1-based line of the acknowledgement, for warnings about it.
+    pub line: usize,
+}
+
+/// The `policy check` warnings a grant can acknowledge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Check {
+    /// The grant releases, without consent, fields another grant of the agency protects with consent.
+    ConsentBypass,
+    /// The grant releases, without a case reference, fields another grant of the agency releases only within a case.
+    CaseBypass,
+    /// A consent grant on a service that also answers searches (consent serves one person at a time).
+    ConsentSearch,
+}
+
+impl Check {
+    /// The name used in policy files.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Check::ConsentBypass => "consent-bypass",
+            Check::CaseBypass => "case-bypass",
+            Check::ConsentSearch => "consent-search",
+        }
+    }
 }
 
 /// Where a grant is written, for `policy explain` and warnings.
@@ -296,6 +338,9 @@ pub struct Service {
     pub collection: Option<String>,
     /// The record's known field paths, if declared; grants are checked against them.
     pub fields: Option<FieldSet>,
+    /// Query parameters that select only by attributes a pseudonymising grant
+    /// releases; under such a grant every other parameter is refused (src/pseudonymity.rs).
+    pub pseudonymous_query: Vec<String>,
 }
 
 /// A purpose from the vocabulary.

@@ -67,7 +67,19 @@ fn document() -> Value {
             "shadow": {"type": "boolean", "default": false, "description": "A proposed grant: decided and recorded in the audit log as shadow_decision, never enforced. The shadow grants of a service stand in for all its enforced grants."},
             "restricted": {"type": "boolean", "default": false, "description": "Stricter handling of restricted records."},
             "max_body_bytes": {"type": "integer", "minimum": 1, "description": "Largest request body (bytes) a write under this grant may send; the gateway's own limit (gateway.max_body_bytes) caps it."},
-            "transforms": {"type": "object", "additionalProperties": {"enum": ["pseudonymise", "year_only", "age_band"]}, "description": "Field path (one the grant releases) -> transform of the released value: pseudonymise (keyed hash, stable per agency within a key period), year_only (dates to their year), age_band (birth date to an age band)."}
+            "transforms": {"type": "object", "additionalProperties": {"enum": ["pseudonymise", "year_only", "age_band"]}, "description": "Field path (one the grant releases) -> transform of the released value: pseudonymise (keyed hash, stable per agency within a key period; such a grant serves no lookup by id, document or name), year_only (dates to their year), age_band (birth date to an age band)."},
+            "acknowledge": {"type": "array", "items": {"$ref": "#/$defs/acknowledgement"}, "description": "policy check warnings reviewed and accepted for this grant, each with its reason."}
+        }
+    });
+    let acknowledgement = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["check", "because"],
+        "description": "A reviewed policy check warning. It silences the warning for exactly the fields it lists; a field added later warns again, and an acknowledgement that matches nothing is itself a warning.",
+        "properties": {
+            "check": {"enum": ["consent-bypass", "case-bypass", "consent-search"], "description": "consent-bypass / case-bypass: this grant releases, without consent / a case reference, fields another grant of the agency protects with one. consent-search: a consent grant on a service that also answers searches."},
+            "fields": {"type": "array", "uniqueItems": true, "items": {"$ref": "#/$defs/field_path"}, "description": "With consent-bypass and case-bypass: the fields accepted."},
+            "because": {"type": "string", "minLength": 20, "description": "Why the finding is acceptable, for whoever reviews the policy."}
         }
     });
     let providers_file = json!({
@@ -93,7 +105,8 @@ fn document() -> Value {
                             "operations": {"$ref": "#/$defs/operations"},
                             "subject_field": {"type": "string", "pattern": "^[a-z0-9_]+$", "description": "The field of each record that holds the data subject's id."},
                             "collection": {"type": "string", "pattern": "^[a-z0-9_]+$", "description": "The key of the record list in search answers."},
-                            "fields": {"type": "array", "uniqueItems": true, "items": {"$ref": "#/$defs/field_path"}, "description": "The record's known field paths; grants are checked against them."}
+                            "fields": {"type": "array", "uniqueItems": true, "items": {"$ref": "#/$defs/field_path"}, "description": "The record's known field paths; grants are checked against them."},
+                            "pseudonymous_query": {"type": "array", "uniqueItems": true, "items": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}, "description": "Query parameters that select only by attributes a pseudonymising grant releases. Under a grant with a pseudonymise transform the gateway serves only the collection path with these parameters (and its own cursor and fields); lookups by id, document or name are refused."}
                         }
                     }}
                 }
@@ -156,6 +169,7 @@ fn document() -> Value {
         "id": {"$ref": "#/$defs/kebab", "description": "The agency id; equal to the file name without .toml."},
         "name": {"type": "string", "minLength": 1, "description": "The agency's full name."},
         "require_bound_tokens": {"type": "boolean", "default": false, "description": "Officers' tokens must be bound to the client certificate (cnf.x5t#S256)."},
+        "case_format": {"type": "string", "minLength": 1, "description": "The form of the agency's case references: a regular expression (Rust regex syntax) the whole reference must match where a grant has case_required. Default: 3 to 64 letters, digits and - / . _, starting with a letter or digit and holding a digit."},
         "shadow": {"type": "boolean", "default": false, "description": "The whole file is a proposal: every grant in it is a shadow grant, decided and recorded as shadow_decision, never enforced (the agency's requests are refused meanwhile)."},
         "certificate": {"$ref": "#/$defs/certificate"},
         "grants": {"type": "array", "items": {"$ref": "#/$defs/grant"}}
@@ -168,6 +182,7 @@ fn document() -> Value {
         "operations": operations,
         "certificate": certificate,
         "grant": grant,
+        "acknowledgement": acknowledgement,
         "providers_file": providers_file,
         "purposes_file": purposes_file,
         "cases_file": cases_file

@@ -168,6 +168,22 @@ fn ssg_needs_a_case() {
         p.decide(&r, TODAY).deny_reason(),
         Some(DenyReason::CaseRequired)
     );
+    // Placeholders and strangers to the agency's case-number format are not cases.
+    for placeholder in [
+        "-",
+        "null",
+        "\u{200B}",
+        "\0",
+        "SSG-2026-0042\u{200B}",
+        "2026-42",
+    ] {
+        r.case_ref = Some(placeholder);
+        assert_eq!(
+            p.decide(&r, TODAY).deny_reason(),
+            Some(DenyReason::CaseInvalid),
+            "{placeholder:?}"
+        );
+    }
     r.case_ref = Some("SSG-2026-0042");
     let a = allow(p.decide(&r, TODAY));
     assert_eq!(&*a.grant, "ssg#0");
@@ -220,15 +236,10 @@ fn molhsa_sees_only_what_the_brief_lists() {
     ));
     assert_eq!(
         a.fields.paths(),
-        [
-            "birth_date",
-            "names",
-            "nationalities",
-            "residence_permits.type",
-            "residence_permits.valid_until",
-            "work_permits"
-        ]
+        ["birth_date", "names", "nationalities", "work_permits"]
     );
+    // The residence status is read only with the person's consent, under social assistance.
+    assert!(!a.fields.overlaps("residence_permits"));
 }
 
 #[test]
@@ -884,7 +895,8 @@ fn policy_tests_fail_when_a_change_breaks_an_expected_decision() {
     let p = Policy::load(dir.path()).unwrap();
     let report = run_cases(&p, dir.path(), TODAY).unwrap();
     let failures: Vec<String> = report.failures.iter().map(ToString::to_string).collect();
-    assert_eq!(failures.len(), 2, "{failures:#?}");
+    // Without case_required, the two placeholder cases fail as well.
+    assert_eq!(failures.len(), 4, "{failures:#?}");
     assert!(failures[0].contains("access.toml:") && failures[0].contains("FAIL Labour ministry reviews a work permit: fields differ: released but not expected [documents]"), "{failures:#?}");
     assert!(
         failures[1].contains("denials.toml:")

@@ -404,6 +404,18 @@ fn bulk_sql(backend: Backend, table: &Table) -> String {
         // jsonb: parsed once into a binary form, so `->>` indexes each row instead of re-reading its text.
         Backend::Postgres => "jsonb_array_elements($1::jsonb) AS e",
     };
+    let (mut cols, mut values) = (cols, values);
+    if KEYED_TABLES.contains(&table.name) {
+        // Each record's secret statistics key, drawn by the database (src/registry/statistics.rs).
+        cols.push("ckey");
+        values.push(
+            match backend {
+                Backend::Sqlite => "random() & 4294967295",
+                Backend::Postgres => "floor(random() * 4294967296)::bigint",
+            }
+            .to_owned(),
+        );
+    }
     format!(
         "INSERT INTO {} ({}) SELECT {} FROM {source}",
         table.name,
@@ -411,6 +423,17 @@ fn bulk_sql(backend: Backend, table: &Table) -> String {
         values.join(", ")
     )
 }
+
+/// The tables whose records carry a statistics record key (`ckey`): those the statistics count.
+const KEYED_TABLES: [&str; 7] = [
+    "reg_persons",
+    "reg_visas",
+    "reg_residence_permits",
+    "reg_work_permits",
+    "reg_crossings",
+    "reg_asylum_cases",
+    "reg_entry_bans",
+];
 
 /// Inserts `rows` into `table` in one statement.
 pub(crate) async fn insert(

@@ -2,11 +2,33 @@
 //! by a few attributes (nationality, year, type…), never a person.
 //!
 //! `GET /statistics?dataset=residence_permits&by=nationality,year[&from=2020&until=2025][&nationality=TR]`
-//! answers `{"rows": [{"nationality": "TR", "year": 2024, "count": 812}, …]}`.
-//! Cells counting fewer than [`MIN_CELL`] records are left out, so a rare
-//! combination (one Nigerian asylum seeker refused in 2023) cannot single
-//! anyone out. A dual national is counted once under each nationality; a
-//! stateless person under `"nationality": null`.
+//! answers `{"rows": [{"nationality": "TR", "year": 2024, "count": 810}, …]}`.
+//! A dual national is counted once under each nationality; a stateless person
+//! under `"nationality": null`.
+//!
+//! **Disclosure control: cell-key random rounding.** Leaving out small cells
+//! is not enough: a suppressed cell is a coarse cell minus its finer ones, and
+//! four such cells were recovered exactly that way. So every count is
+//! published rounded to a multiple of [`ROUNDING_BASE`] (random rounding, as
+//! Statistics Canada and Stats NZ publish census tables), and the rounding is
+//! driven by a cell key (the method of the ABS TableBuilder and of Eurostat's
+//! census tables): each record has a secret, permanent random key (`ckey`,
+//! 32 bits); a cell's key is the sum of its records' keys mod 2³²; a count
+//! `n = 5q + r` is published as `5q + 5` when the cell key, as a fraction of
+//! 2³², is below `r/5`, else as `5q`. Then:
+//!
+//! - every published count is a multiple of 5, so any sum or difference of
+//!   published counts is one too, and never equals a count of 1 to 4;
+//! - the rounding is unbiased (expected value = true count) and consistent:
+//!   the same records give the same cell key, so the same cell asked again,
+//!   or through another query, gets the same answer, and averaging gains nothing;
+//! - cells of fewer than [`MIN_CELL`] records are still left out.
+//!
+//! What it does not do: a published count differs from the true one by up to
+//! 4, and a total from the sum of its parts by up to 4 per part; many
+//! overlapping tables combined (by linear programming) narrow a suppressed
+//! cell's range, though not to its value by differencing. The keys must stay
+//! secret: they are stored only in the register's database.
 
 use http::StatusCode;
 use serde_json::{json, Map, Value};
@@ -17,8 +39,26 @@ use super::model;
 use super::Registry;
 use crate::problem::{json_response, Body, Problem};
 
-/// Smallest count shown; smaller cells are suppressed.
+/// Smallest true count shown; smaller cells are suppressed.
 pub const MIN_CELL: i64 = 5;
+/// Every published count is a multiple of this.
+pub const ROUNDING_BASE: i64 = 5;
+/// Record keys are uniform below this (2³²); a cell key is a sum of them modulo it.
+pub const KEY_SPACE: i64 = 1 << 32;
+
+/// The count published for a cell of `count` records whose keys sum to `key_sum`:
+/// `None` when suppressed, else the count randomly rounded to [`ROUNDING_BASE`] by the cell key.
+pub fn publish(count: i64, key_sum: i64) -> Option<i64> {
+    if count < MIN_CELL {
+        return None;
+    }
+    let cell_key = key_sum.rem_euclid(KEY_SPACE);
+    let (q, r) = (count - count % ROUNDING_BASE, count % ROUNDING_BASE);
+    // Up with probability r / base: cell_key / 2³² < r / base, in integers.
+    let up =
+        i128::from(cell_key) * i128::from(ROUNDING_BASE) < i128::from(r) * i128::from(KEY_SPACE);
+    Some(if up { q + ROUNDING_BASE } else { q })
+}
 
 /// One dataset: the table, its date column, and the dimensions it can be grouped by.
 struct Dataset {
@@ -169,7 +209,10 @@ pub(crate) async fn answer(reg: &Registry, p: &Params) -> Result<http::Response<
     for (i, e) in exprs.iter().enumerate() {
         sql.push_str(&format!("{e} AS d{i}, "));
     }
-    sql.push_str(&format!("COUNT(*) AS n FROM {} r", ds.table));
+    sql.push_str(&format!(
+        "COUNT(*) AS n, CAST(SUM(r.ckey) AS BIGINT) AS k FROM {} r",
+        ds.table
+    ));
     if uses_nationality {
         sql.push_str(&format!(
             " LEFT JOIN reg_person_nationalities n ON n.person_id = r.{}",
@@ -206,9 +249,10 @@ pub(crate) async fn answer(reg: &Registry, p: &Params) -> Result<http::Response<
     let mut out = Vec::new();
     for row in rows {
         let count: i64 = row.try_get(exprs.len()).map_err(internal)?;
-        if count < MIN_CELL {
+        let key_sum: Option<i64> = row.try_get(exprs.len() + 1).map_err(internal)?;
+        let Some(count) = publish(count, key_sum.unwrap_or(0)) else {
             continue;
-        }
+        };
         let mut cell = Map::new();
         for (i, b) in by.iter().enumerate() {
             let v: String = row.try_get(i).map_err(internal)?;
@@ -230,4 +274,39 @@ pub(crate) async fn answer(reg: &Registry, p: &Params) -> Result<http::Response<
         StatusCode::OK,
         &json!({ "rows": out }),
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_counts_are_multiples_of_the_base_and_small_cells_vanish() {
+        for n in 0..MIN_CELL {
+            assert_eq!(publish(n, 12345), None);
+        }
+        for n in MIN_CELL..200 {
+            for key in [0, 1, KEY_SPACE / 3, KEY_SPACE - 1, -7, 3 * KEY_SPACE + 5] {
+                let p = publish(n, key).unwrap();
+                assert_eq!(p % ROUNDING_BASE, 0, "{n} -> {p}");
+                assert!((p - n).abs() < ROUNDING_BASE, "{n} -> {p}");
+                assert!(p >= MIN_CELL);
+            }
+        }
+        // Exact multiples are published as they are, whatever the key.
+        assert_eq!(publish(35, KEY_SPACE - 1), Some(35));
+    }
+
+    #[test]
+    fn rounding_is_unbiased_over_cell_keys() {
+        // Cell keys spread evenly over the key space: the mean published count is the true one.
+        let steps = 10_000_i64;
+        for n in [6_i64, 7, 8, 9, 13] {
+            let total: i64 = (0..steps)
+                .map(|i| publish(n, i * (KEY_SPACE / steps)).unwrap())
+                .sum();
+            let mean = total as f64 / steps as f64;
+            assert!((mean - n as f64).abs() < 0.01, "{n}: mean {mean}");
+        }
+    }
 }

@@ -520,17 +520,24 @@ fn file_safe(node: &str) -> String {
     }
 }
 
+/// Opens (creating it private, `0600`, like every file beside the database) a lock file.
 fn open_lock_file(path: &Path) -> Result<File, StoreError> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|source| StoreError::LockFile {
-            path: path.display().to_string(),
-            source,
-        })
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = || {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(crate::files::PRIVATE_FILE)
+            .open(path)?;
+        crate::files::tighten(path)?;
+        Ok(file)
+    };
+    open().map_err(|source| StoreError::LockFile {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Takes the exclusive lock on the node's file and writes who holds it; or says who does.

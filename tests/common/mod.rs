@@ -663,19 +663,7 @@ pub fn spawn_serve(data: &Path, args: &[&str]) -> Spawned {
 /// `ministry` at `url` on whose service `notes` the Border Police may write
 /// (`{"person_id": …, "note": …}`); returns the copy's directory.
 pub fn policies_with_provider(dir: &Path, url: &str) -> PathBuf {
-    let out = dir.join("policies");
-    let mut stack = vec![(repo_policies(), out.clone())];
-    while let Some((from, to)) = stack.pop() {
-        std::fs::create_dir_all(&to).unwrap();
-        for e in std::fs::read_dir(&from).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_dir() {
-                stack.push((e.path(), to.join(e.file_name())));
-            } else {
-                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-            }
-        }
-    }
+    let out = copy_policies(dir);
     let append = |file: &str, text: String| {
         let path = out.join(file);
         let mut s = std::fs::read_to_string(&path).unwrap();
@@ -762,4 +750,157 @@ pub fn dev_pki_ahead(config: &Config) {
     let names: Vec<&str> = policy.agencies().map(|a| a.id.as_str()).collect();
     karibche::pki::ensure_dev_pki(&config.pki_dir(), &names).unwrap();
     karibche::pki::ensure_signing_keys(&config.data_path(&config.tokens.keys_dir), &names).unwrap();
+}
+
+/// Every person of a nationality as the statistics office receives them
+/// (pseudonymised), following the sealed cursors page by page.
+pub async fn geostat_persons(gw: &TestGateway, nationality: &str) -> Vec<serde_json::Value> {
+    let token = gw.token("geostat", "official-statistics", None);
+    let client = gw.client("geostat");
+    let mut path = format!("/v1/registry/persons?nationality={nationality}&limit=50");
+    let mut out = Vec::new();
+    for _ in 0..100 {
+        let r = client.get(&path, Some(&token)).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let page = r.json();
+        out.extend(page["results"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => {
+                path =
+                    format!("/v1/registry/persons?nationality={nationality}&limit=50&cursor={next}")
+            }
+            None => return out,
+        }
+    }
+    panic!("pagination does not end")
+}
+
+/// Starts the real binary on ephemeral ports (under `umask` when given, through
+/// `sh -c 'umask …; exec karibche …'`); returns it and the gateway address once ready.
+/// The child is killed and reaped when the guard drops, so a failing test never
+/// leaves a gateway behind holding the test harness's output pipe.
+pub fn spawn_gateway(data: &Path, umask: Option<&str>) -> (KillOnDrop, SocketAddr) {
+    spawn_gateway_with(data, umask, &repo_policies())
+}
+
+/// [`spawn_gateway`] with the policies in `policies`.
+pub fn spawn_gateway_with(
+    data: &Path,
+    umask: Option<&str>,
+    policies: &Path,
+) -> (KillOnDrop, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_karibche");
+    let args: Vec<String> = [
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--policies",
+        policies.to_str().unwrap(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--registry-listen",
+        "127.0.0.1:0",
+        "--seed-persons",
+        "100",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let mut command = match umask {
+        Some(mask) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("umask {mask}; exec \"$0\" \"$@\""))
+                .arg(bin)
+                .args(&args);
+            c
+        }
+        None => {
+            let mut c = Command::new(bin);
+            c.args(&args);
+            c
+        }
+    };
+    let mut child = KillOnDrop(
+        command
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway did not become ready"
+        );
+        let line = lines.next().expect("gateway exited before ready").unwrap();
+        if let Some(rest) = line.trim().strip_prefix("gateway") {
+            let addr = rest
+                .trim()
+                .trim_start_matches("https://")
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return (child, addr);
+        }
+    }
+}
+
+/// A copy of the repository's policy directory under `dir`, to edit in a test.
+pub fn copy_policies(dir: &Path) -> PathBuf {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let to = dir.join("policies");
+    copy(&repo_policies(), &to);
+    to
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, even on panic.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
