@@ -109,7 +109,8 @@ impl Metrics {
 
     /// Counts a connection or request cut off or refused by an overload bound
     /// (`handshake_timeout`, `header_timeout`, `header_too_large`, `idle_timeout`,
-    /// `connections_total`, `connections_agency`, `provider_busy`, `breaker_open`).
+    /// `connections_total`, `connections_agency`, `provider_busy`, `breaker_open`,
+    /// `pipelines_connection`).
     pub fn overload(&self, listener: &'static str, kind: &'static str) {
         if let Ok(mut m) = self.overload.lock() {
             *m.entry((listener, kind)).or_default() += 1;

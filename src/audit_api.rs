@@ -264,13 +264,13 @@ pub async fn serve(
                 }
                 values.push(value);
             }
+            // Line and paragraph separators escaped: a value never splits a line.
             if jsonl {
                 for v in &values {
-                    serde_json::to_writer(&mut body, v).map_err(AuditError::Json)?;
-                    body.push(b'\n');
+                    crate::audit::query::write_json_line(&mut body, v)?;
                 }
             } else {
-                serde_json::to_writer(&mut body, &values).map_err(AuditError::Json)?;
+                crate::audit::query::write_json(&mut body, &values)?;
             }
             released.sort_unstable();
             released.dedup();
@@ -354,12 +354,26 @@ fn accepts_jsonl(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.contains("application/jsonl") || v.contains("application/x-ndjson"))
 }
 
-/// Splits a query string into decoded pairs; a repeated or undecodable parameter is refused.
+/// Splits a query string into decoded pairs; a repeated or undecodable
+/// parameter is refused, and so is a value over
+/// [`MAX_QUERY_VALUE_CHARS`](crate::audit::text::MAX_QUERY_VALUE_CHARS)
+/// characters or holding control characters (it would reach the request's
+/// own record, as a subject or in the path).
 fn parse_query(query: &str) -> Result<Vec<(String, String)>, ApiError> {
+    use crate::audit::text;
     let mut out: Vec<(String, String)> = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let (k, v) = (decode(k)?, decode(v)?);
+        let shown = text::shorten(&k, 32);
+        if let Err(unfit) = text::check(&k, 32) {
+            return Err(ApiError::BadRequest(format!("parameter {shown:?} {unfit}")));
+        }
+        if let Err(unfit) = text::check(&v, text::MAX_QUERY_VALUE_CHARS) {
+            return Err(ApiError::BadRequest(format!(
+                "the value of parameter {shown:?} {unfit}"
+            )));
+        }
         if out.iter().any(|(seen, _)| *seen == k) {
             return Err(ApiError::BadRequest(format!("parameter {k:?} given twice")));
         }

@@ -1089,8 +1089,7 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
                 }
                 QueryFormat::Jsonl => {
                     for r in &records {
-                        serde_json::to_writer(&mut out, r)?;
-                        writeln!(out)?;
+                        crate::audit::query::write_json_line(&mut out, r)?;
                     }
                 }
             }

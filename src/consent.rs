@@ -4,11 +4,15 @@
 //!
 //! Records live beside the audit log in the same database (table `consents`,
 //! migration 0007, SQLite and PostgreSQL through one code path). [`Consents`]
-//! is the only way to change them, and every change is an audit event
-//! (method `EVENT`, path `consent-grant` / `consent-revoke`, `consent_ref` the
-//! consent's id, `subjects` the person): a change whose event cannot be
-//! committed is undone and reported as an error, so no consent exists that
-//! the log does not know of. The check ([`Consents::valid`]) reads the
+//! is the only way to change them, and every change is logged ahead
+//! (`crate::audit::ahead`): its attempt record — naming the consent's id, the
+//! person and what is written — is committed before the row is written, and
+//! the writing methods take the committed [`Attempt`] as proof; its outcome
+//! follows. Through the gateway the request's own records are the attempt and
+//! the outcome; at the command line they are events (method `EVENT`, path
+//! `consent-grant` / `consent-revoke`). So no consent exists that the log
+//! does not know of, and a crash in between leaves an attempt whose outcome
+//! is unknown. The check ([`Consents::valid`]) reads the
 //! database on every request and caches nothing, so a revocation holds from
 //! the next request on, on every replica.
 //!
@@ -23,7 +27,7 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{Date, OffsetDateTime};
 
-use crate::audit::{AuditError, AuditLog, Entry};
+use crate::audit::{Attempt, AuditError, AuditLog, Entry};
 use crate::store::Store;
 
 /// The provider id under which policy grants authorise recording consents.
@@ -190,9 +194,13 @@ pub enum ConsentError {
     /// The database failed.
     #[error("consent store: {0}")]
     Database(#[from] sqlx::Error),
-    /// The audit event could not be committed; the change was undone.
+    /// The attempt record could not be committed; nothing was changed.
     #[error("audit log: {0}")]
     Audit(#[from] AuditError),
+    /// The change was made, but its outcome record could not be committed (the
+    /// attempt stays in the log with an unknown outcome).
+    #[error("consent changed, outcome not recorded: {0}")]
+    OutcomeNotRecorded(AuditError),
 }
 
 impl ConsentError {
@@ -203,7 +211,9 @@ impl ConsentError {
             ConsentError::Invalid { .. } => S::UNPROCESSABLE_ENTITY,
             ConsentError::NotFound => S::NOT_FOUND,
             ConsentError::AlreadyRevoked => S::CONFLICT,
-            ConsentError::Database(_) | ConsentError::Audit(_) => S::SERVICE_UNAVAILABLE,
+            ConsentError::Database(_)
+            | ConsentError::Audit(_)
+            | ConsentError::OutcomeNotRecorded(_) => S::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -214,7 +224,7 @@ impl ConsentError {
             ConsentError::NotFound => "consent-not-found",
             ConsentError::AlreadyRevoked => "consent-revoked",
             ConsentError::Database(_) => "consent-store-unavailable",
-            ConsentError::Audit(_) => "audit-unavailable",
+            ConsentError::Audit(_) | ConsentError::OutcomeNotRecorded(_) => "audit-unavailable",
         }
     }
 
@@ -225,7 +235,7 @@ impl ConsentError {
             ConsentError::NotFound => "consent_not_found",
             ConsentError::AlreadyRevoked => "consent_already_revoked",
             ConsentError::Database(_) => "consent_store_unavailable",
-            ConsentError::Audit(_) => "audit_unavailable",
+            ConsentError::Audit(_) | ConsentError::OutcomeNotRecorded(_) => "audit_unavailable",
         }
     }
 
@@ -235,6 +245,9 @@ impl ConsentError {
             ConsentError::Database(_) => "consent records cannot be read or written now".into(),
             ConsentError::Audit(_) => {
                 "the access log cannot be written; the consent was not changed".into()
+            }
+            ConsentError::OutcomeNotRecorded(_) => {
+                "the consent was changed, but the access log cannot record the outcome".into()
             }
             other => other.to_string(),
         }
@@ -330,8 +343,10 @@ impl ConsentStore {
         ConsentStore { store }
     }
 
+    /// Writes a new consent, durably or not at all (`crate::store::WriteTx`).
     async fn insert(&self, c: &Consent) -> Result<(), sqlx::Error> {
         let scope = (!c.scope.is_empty()).then(|| c.scope.join(" "));
+        let mut tx = self.store.begin_write().await?;
         sqlx::query(
             "INSERT INTO consents (id, subject, agency, purpose, scope, given_at, valid_until, \
              evidence_ref, recorded_at, recorded_by, revoked_at) \
@@ -347,9 +362,9 @@ impl ConsentStore {
         .bind(c.evidence_ref.as_deref())
         .bind(&c.recorded_at)
         .bind(&c.recorded_by)
-        .execute(self.store.pool())
-        .await
-        .map(drop)
+        .execute(tx.conn())
+        .await?;
+        tx.commit().await
     }
 
     /// The consent with this id.
@@ -414,32 +429,15 @@ impl ConsentStore {
 
     /// Sets `revoked_at` if not yet set; false when it was already revoked or does not exist.
     async fn set_revoked(&self, id: &str, at: &str) -> Result<bool, sqlx::Error> {
+        let mut tx = self.store.begin_write().await?;
         let done =
             sqlx::query("UPDATE consents SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
                 .bind(id)
                 .bind(at)
-                .execute(self.store.pool())
+                .execute(tx.conn())
                 .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
-    }
-
-    /// Undoes [`Self::set_revoked`] when its audit event failed.
-    async fn unset_revoked(&self, id: &str, at: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE consents SET revoked_at = NULL WHERE id = $1 AND revoked_at = $2")
-            .bind(id)
-            .bind(at)
-            .execute(self.store.pool())
-            .await
-            .map(drop)
-    }
-
-    /// Undoes [`Self::insert`] when its audit event failed.
-    async fn delete(&self, id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM consents WHERE id = $1")
-            .bind(id)
-            .execute(self.store.pool())
-            .await
-            .map(drop)
     }
 }
 
@@ -466,11 +464,11 @@ impl Consents {
         &self.store
     }
 
-    /// Validates and records a consent, then commits its audit event; returns it with its id.
-    pub async fn grant(&self, new: NewConsent, by: &Actor) -> Result<Consent, ConsentError> {
+    /// Validates a consent to record and gives it its id and times; nothing is written yet.
+    pub fn prepare_grant(&self, new: NewConsent, by: &Actor) -> Result<Consent, ConsentError> {
         let now = OffsetDateTime::now_utc();
         new.validate(now)?;
-        let consent = Consent {
+        Ok(Consent {
             id: uuid::Uuid::now_v7().to_string(),
             subject: new.subject,
             agency: new.agency,
@@ -485,8 +483,49 @@ impl Consents {
                 None => by.officer.clone(),
             },
             revoked_at: None,
-        };
-        self.store.insert(&consent).await?;
+        })
+    }
+
+    /// Writes a prepared consent; `_attempt` is the committed attempt record of this change.
+    pub async fn record(&self, consent: &Consent, _attempt: &Attempt) -> Result<(), ConsentError> {
+        self.store.insert(consent).await?;
+        tracing::info!(consent = %consent.id, agency = %consent.agency, purpose = %consent.purpose, "consent granted");
+        Ok(())
+    }
+
+    /// The consent to revoke: it exists, was recorded for `agency` (if given) and is not revoked yet.
+    pub async fn revocable(&self, id: &str, agency: Option<&str>) -> Result<Consent, ConsentError> {
+        let consent = self
+            .store
+            .get(id)
+            .await?
+            .filter(|c| agency.is_none_or(|a| a == c.agency))
+            .ok_or(ConsentError::NotFound)?;
+        if consent.revoked_at.is_some() {
+            return Err(ConsentError::AlreadyRevoked);
+        }
+        Ok(consent)
+    }
+
+    /// Revokes a consent found by [`Consents::revocable`]; `_attempt` is the
+    /// committed attempt record of this change. Returns it as revoked.
+    pub async fn revoke_now(
+        &self,
+        mut consent: Consent,
+        _attempt: &Attempt,
+    ) -> Result<Consent, ConsentError> {
+        let at = crate::audit::now_ts();
+        if !self.store.set_revoked(&consent.id, &at).await? {
+            return Err(ConsentError::AlreadyRevoked);
+        }
+        consent.revoked_at = Some(at);
+        tracing::info!(consent = %consent.id, "consent revoked");
+        Ok(consent)
+    }
+
+    /// Records a consent with its attempt and outcome as events (the command line's way).
+    pub async fn grant(&self, new: NewConsent, by: &Actor) -> Result<Consent, ConsentError> {
+        let consent = self.prepare_grant(new, by)?;
         let reason = format!(
             "consent {} granted: subject {}, agency {}, purpose {}, scope {}, given {}, valid until {}, evidence {}",
             consent.id,
@@ -498,56 +537,57 @@ impl Consents {
             consent.valid_until.as_deref().unwrap_or("revoked"),
             consent.evidence_ref.as_deref().unwrap_or("-"),
         );
-        if let Err(err) = self
-            .audit
-            .append(event(by, "consent-grant", &consent, reason))
-            .await
-        {
-            tracing::error!(consent = %consent.id, %err, "consent event not committed; undoing the grant");
-            if let Err(undo) = self.store.delete(&consent.id).await {
-                tracing::error!(consent = %consent.id, err = %undo, "could not undo an unaudited consent grant");
-            }
-            return Err(err.into());
-        }
-        tracing::info!(consent = %consent.id, agency = %consent.agency, purpose = %consent.purpose, "consent granted");
-        Ok(consent)
+        let entry = event(by, "consent-grant", &consent, reason);
+        let attempt = self.audit.attempt(entry.clone()).await?;
+        let done = self.record(&consent, &attempt).await;
+        self.outcome(attempt, entry, &done, http::StatusCode::CREATED)
+            .await?;
+        done.map(|()| consent)
     }
 
-    /// Revokes a consent (only one recorded for `agency`, if given), then commits its audit event.
+    /// Revokes a consent (only one recorded for `agency`, if given) with its attempt and outcome as events.
     pub async fn revoke(
         &self,
         id: &str,
         agency: Option<&str>,
         by: &Actor,
     ) -> Result<Consent, ConsentError> {
-        let mut consent = self
-            .store
-            .get(id)
-            .await?
-            .filter(|c| agency.is_none_or(|a| a == c.agency))
-            .ok_or(ConsentError::NotFound)?;
-        let at = crate::audit::now_ts();
-        if !self.store.set_revoked(id, &at).await? {
-            return Err(ConsentError::AlreadyRevoked);
-        }
-        consent.revoked_at = Some(at.clone());
+        let consent = self.revocable(id, agency).await?;
         let reason = format!(
             "consent {} revoked: subject {}, agency {}, purpose {}",
             consent.id, consent.subject, consent.agency, consent.purpose
         );
-        if let Err(err) = self
-            .audit
-            .append(event(by, "consent-revoke", &consent, reason))
-            .await
-        {
-            tracing::error!(consent = %consent.id, %err, "consent event not committed; undoing the revocation");
-            if let Err(undo) = self.store.unset_revoked(id, &at).await {
-                tracing::error!(consent = %consent.id, err = %undo, "could not undo an unaudited revocation");
+        let mut entry = event(by, "consent-revoke", &consent, reason);
+        entry.written = vec!["revoked_at".to_owned()];
+        let attempt = self.audit.attempt(entry.clone()).await?;
+        let done = self.revoke_now(consent, &attempt).await;
+        self.outcome(attempt, entry, &done, http::StatusCode::OK)
+            .await?;
+        done
+    }
+
+    /// Commits the outcome event of a command-line change.
+    async fn outcome<T>(
+        &self,
+        attempt: Attempt,
+        mut entry: Entry,
+        done: &Result<T, ConsentError>,
+        ok: http::StatusCode,
+    ) -> Result<(), ConsentError> {
+        match done {
+            Ok(_) => entry.status = ok.as_u16(),
+            Err(err) => {
+                entry.status = err.status().as_u16();
+                entry.reason = Some(format!("{}: {err}", err.reason()));
             }
-            return Err(err.into());
         }
-        tracing::info!(consent = %consent.id, "consent revoked");
-        Ok(consent)
+        if let Err(err) = attempt.outcome(entry).await {
+            tracing::error!(%err, "consent change made, its outcome not recorded");
+            if done.is_ok() {
+                return Err(ConsentError::OutcomeNotRecorded(err));
+            }
+        }
+        Ok(())
     }
 
     /// The id of a consent holding now for subject × agency × purpose on `provider/service`; reads the database every time.
@@ -577,12 +617,26 @@ fn scope_text(scope: &[String]) -> String {
     }
 }
 
-/// The audit event of one change.
+/// The attempt event of one command-line change (its outcome is the same with a status).
 fn event(by: &Actor, action: &str, c: &Consent, reason: String) -> Entry {
     let reason = match &by.request_id {
         Some(r) => format!("{reason}; request {r}"),
         None => reason,
     };
+    let written = [
+        "subject",
+        "agency",
+        "purpose",
+        "given_at",
+        "recorded_at",
+        "recorded_by",
+    ]
+    .into_iter()
+    .chain((!c.scope.is_empty()).then_some("scope"))
+    .chain(c.valid_until.is_some().then_some("valid_until"))
+    .chain(c.evidence_ref.is_some().then_some("evidence_ref"))
+    .map(str::to_owned)
+    .collect();
     Entry {
         id: uuid::Uuid::now_v7().to_string(),
         ts: crate::audit::now_ts(),
@@ -602,6 +656,10 @@ fn event(by: &Actor, action: &str, c: &Consent, reason: String) -> Entry {
         reason: Some(reason),
         status: 0,
         policy_version: by.policy_version.clone(),
+        request_digest: serde_json::to_vec(c)
+            .ok()
+            .map(|json| crate::pki::sha256_hex(&json)),
+        written,
         ..Entry::default()
     }
 }
@@ -860,25 +918,32 @@ mod tests {
         assert_eq!(p1.len(), 1);
         assert!(p1[0].revoked_at.is_some());
 
-        // Every change is an audit event naming the consent and the person.
+        // Every change is logged ahead: an attempt event, then its outcome, both
+        // naming the consent and the person.
         let events: Vec<Entry> = crate::audit::query(&store, &Filter::default())
             .await
             .unwrap()
             .into_iter()
             .map(|r| r.entry)
             .collect();
-        let paths: Vec<&str> = events.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            [
-                "consent-grant",
-                "consent-grant",
-                "consent-grant",
-                "consent-revoke"
-            ]
-        );
-        let revoke = &events[3];
+        let steps: Vec<(&str, &str)> = events
+            .iter()
+            .map(|e| (e.path.as_str(), e.phase.as_deref().unwrap_or("-")))
+            .collect();
+        let grant = [("consent-grant", "attempt"), ("consent-grant", "outcome")];
+        let revoke = [("consent-revoke", "attempt"), ("consent-revoke", "outcome")];
+        assert_eq!(steps, [grant, grant, grant, revoke].concat());
+        for pair in events.chunks(2) {
+            assert_eq!(pair[1].attempt_id.as_deref(), Some(pair[0].id.as_str()));
+            assert_eq!(pair[0].consent_ref, pair[1].consent_ref);
+            assert_eq!(pair[0].status, 0, "an attempt has no outcome yet");
+        }
+        assert_eq!(events[1].status, 201);
+        assert!(events[0].written.contains(&"evidence_ref".to_owned()));
+        assert!(events[0].request_digest.is_some());
+        let revoke = &events[7];
         assert_eq!(revoke.method, "EVENT");
+        assert_eq!(revoke.status, 200);
         assert_eq!(revoke.consent_ref.as_deref(), Some(granted.id.as_str()));
         assert_eq!(revoke.subjects, ["P-1"]);
         assert_eq!(revoke.agency.as_deref(), Some("molhsa"));
@@ -903,7 +968,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_change_the_log_cannot_record_is_undone() {
+    async fn a_change_the_log_cannot_record_ahead_is_not_made() {
         let (store, _dir) = sqlite_store().await;
         let (c, writer) = consents(&store).await;
         let kept = c.grant(new("P-1"), &actor()).await.unwrap();
@@ -918,10 +983,10 @@ mod tests {
             Err(ConsentError::Audit(_))
         ));
         let all = c.store().list(None).await.unwrap();
-        assert_eq!(all.len(), 1, "the unaudited grant is gone");
+        assert_eq!(all.len(), 1, "the unaudited grant was never written");
         assert_eq!(
             all[0].revoked_at, None,
-            "the unaudited revocation is undone"
+            "the unaudited revocation was never made"
         );
     }
 

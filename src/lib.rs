@@ -17,7 +17,8 @@
 //!    only pseudonymised or coarsened ([`proxy`], [`minimise`], [`transform`]),
 //!    with cursors sealed ([`cursor`]) and no lookup that would link a
 //!    pseudonym to a person ([`pseudonymity`]);
-//! 7. commits a tamper-evident **audit record** before any data leaves ([`audit`]);
+//! 7. commits a tamper-evident **audit record** before any data leaves, and
+//!    for a change the record of its attempt before it is made ([`audit`]);
 //!    auditors read the log over the gateway itself ([`audit_api`]).
 //!
 //! The built-in register of foreigners ([`registry`]) is a provider like any

@@ -5,9 +5,14 @@
 //! agency → token → route → decide → limit → consent → forward → minimise → audit → respond
 //! ```
 //!
-//! Whatever happens, [`Gateway::handle`] ends by committing one audit record
-//! for the request, and only a committed record lets a response leave: if
-//! the log cannot be written the caller gets 503 and no data.
+//! Whatever happens, [`Gateway::handle`] ends by committing the request's
+//! audit record, and only a committed record lets a response leave: if the
+//! log cannot be written the caller gets 503 and no data. A change (a write
+//! to a provider, a consent) is logged ahead: its attempt record is committed
+//! before it is forwarded or made, and `handle` ends with its outcome record
+//! (`crate::audit::ahead`). [`Gateway::handle_detached`] runs each request as
+//! a task of its own, so a client that resets its stream or closes its
+//! connection cannot cut a pipeline short between a change and its record.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -24,7 +29,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use time::OffsetDateTime;
 
 use crate::admin::Metrics;
-use crate::audit::{AuditLog, Entry};
+use crate::audit::text::{
+    self, MAX_CLAIM_CHARS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_PURPOSE_CHARS,
+};
+use crate::audit::{Attempt, AuditLog, Entry};
 use crate::breaker::{Providers, Refused};
 use crate::identity::PeerCert;
 use crate::limits::{Exceeded, Limits, Sample, RATE_LIMITED};
@@ -95,6 +103,49 @@ pub struct Gateway {
     pub providers: Arc<Providers>,
     /// Consent records: checked for `consent = "required"` grants, recorded through `/v1/consents`.
     pub consents: crate::consent::Consents,
+    /// The requests' pipelines, each a task of its own; shutdown waits for them.
+    pub pipelines: tokio_util::task::TaskTracker,
+}
+
+/// Pipelines one connection may have running at once (HTTP/2's stream limit):
+/// a stream the client resets keeps its pipeline, and its place, until it ends.
+pub const PIPELINES_PER_CONNECTION: usize = 256;
+
+/// A place among a connection's running pipelines, given back when dropped.
+struct PipelineSlot {
+    running: Arc<std::sync::atomic::AtomicUsize>,
+    admitted: bool,
+}
+
+impl PipelineSlot {
+    fn take(running: &Arc<std::sync::atomic::AtomicUsize>) -> PipelineSlot {
+        let before = running.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        PipelineSlot {
+            running: running.clone(),
+            admitted: before < PIPELINES_PER_CONNECTION,
+        }
+    }
+}
+
+impl Drop for PipelineSlot {
+    fn drop(&mut self) {
+        self.running
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The answer to a request over [`PIPELINES_PER_CONNECTION`]: nothing of it ran.
+fn over_pipelines() -> Response<Body> {
+    let mut resp = Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "over-capacity",
+        "Service unavailable",
+        "this connection has too many requests running; retry shortly",
+    )
+    .to_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// A refusal: what the caller sees and what the log records. Kept small
@@ -186,25 +237,76 @@ struct Route<'a> {
 }
 
 impl Gateway {
+    /// Runs [`Gateway::handle`] as a task of its own and resolves to its answer.
+    ///
+    /// Dropping the returned future (hyper does when the client resets its
+    /// stream or closes the connection) only stops waiting: the pipeline
+    /// still runs to its end, records included.
+    ///
+    /// A connection has at most [`PIPELINES_PER_CONNECTION`] pipelines running,
+    /// those of reset streams included, so resetting streams cannot pile up
+    /// work beyond what HTTP/2's stream limit allows; more are answered 503.
+    pub fn handle_detached(
+        self: &Arc<Self>,
+        conn: Arc<ConnInfo>,
+        req: Request<Incoming>,
+    ) -> impl std::future::Future<Output = Response<Body>> + Send + 'static {
+        let slot = PipelineSlot::take(&conn.pipelines);
+        let task = if slot.admitted {
+            let gateway = self.clone();
+            Some(self.pipelines.spawn(async move {
+                let _slot = slot;
+                gateway.handle(conn, req).await
+            }))
+        } else {
+            self.metrics.overload("gateway", "pipelines_connection");
+            None
+        };
+        async move {
+            let Some(task) = task else {
+                return over_pipelines();
+            };
+            task.await.unwrap_or_else(|err| {
+                tracing::error!(%err, "request pipeline ended abnormally");
+                Refusal::internal().problem().to_response()
+            })
+        }
+    }
+
+    /// Request pipelines running now.
+    pub fn pipelines_in_flight(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    /// Waits up to `grace` for the pipelines running now to end (at shutdown,
+    /// after the listener stopped taking requests); `false` if some did not.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.pipelines.close();
+        tokio::time::timeout(grace, self.pipelines.wait())
+            .await
+            .is_ok()
+    }
+
     /// Runs one request through the pipeline and answers it; never panics on input.
     pub async fn handle(&self, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let policy = self.policy.load_full();
+        let path = req.uri().path_and_query().map_or("", |p| p.as_str());
         let mut entry = Entry {
             id: uuid::Uuid::now_v7().to_string(),
             ts: crate::audit::now_ts(),
-            method: req.method().as_str().to_owned(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_default(),
+            method: text::shorten(req.method().as_str(), MAX_NAME_CHARS).into_owned(),
+            path: text::shorten(path, MAX_PATH_CHARS).into_owned(),
             certificate: conn.client.as_ref().map(|c| c.sha256.clone()),
             policy_version: policy.version().to_owned(),
             decision: "deny".to_owned(),
             ..Entry::default()
         };
-        let outcome = self.pipeline(&policy, &conn, req, &mut entry).await;
+        // Set once a change's attempt is committed; its outcome is then this request's last record.
+        let mut ahead = None;
+        let outcome = self
+            .pipeline(&policy, &conn, req, &mut entry, &mut ahead)
+            .await;
         let (status, response) = match outcome {
             Ok(released) => {
                 entry.decision = "allow".to_owned();
@@ -232,9 +334,10 @@ impl Gateway {
         } else {
             Sample::Record
         };
-        let recorded = match sample {
-            Sample::Record => self.audit.append(entry).await.map(drop),
-            Sample::Summarised { summary_id } => {
+        let recorded = match (ahead, sample) {
+            (Some(attempt), _) => attempt.outcome(entry).await.map(drop),
+            (None, Sample::Record) => self.audit.append(entry).await.map(drop),
+            (None, Sample::Summarised { summary_id }) => {
                 id = summary_id;
                 Ok(())
             }
@@ -283,6 +386,7 @@ impl Gateway {
         conn: &ConnInfo,
         req: Request<Incoming>,
         entry: &mut Entry,
+        ahead: &mut Option<Attempt>,
     ) -> Result<Released, Refusal> {
         let (parts, body) = req.into_parts();
         let holder = agency(policy, conn.client.as_ref())?;
@@ -290,19 +394,28 @@ impl Gateway {
         entry.agency = Some(agency.to_owned());
         request_head(&parts)?;
         let officer = self.token(&parts.headers, agency, bound_required, conn)?;
-        entry.officer = Some(officer.id.clone());
-        entry.purpose = Some(officer.purpose.clone());
-        entry.case_ref = officer.case_ref.clone();
-        entry.token_id = officer.token_id.clone();
+        let short = |v: &str, max| text::shorten(v, max).into_owned();
+        entry.officer = Some(short(&officer.id, MAX_CLAIM_CHARS));
+        entry.purpose = Some(short(&officer.purpose, MAX_PURPOSE_CHARS));
+        entry.case_ref = officer
+            .case_ref
+            .as_deref()
+            .map(|c| short(c, MAX_CLAIM_CHARS));
+        entry.token_id = officer
+            .token_id
+            .as_deref()
+            .map(|t| short(t, MAX_CLAIM_CHARS));
+        // Bounded before anything else reads them: the record keeps them shortened.
+        bounded(&officer, &parts.uri)?;
         // The gateway's own consent API is answered here, never forwarded (src/consent.rs).
         if let Some(api) = crate::consent::api_route(parts.uri.path()) {
             return self
-                .consent_api(policy, agency, &officer, api, &parts, body, entry)
+                .consent_api(policy, agency, &officer, api, &parts, body, entry, ahead)
                 .await;
         }
         let route = route(&parts.uri)?;
-        entry.provider = Some(route.provider.to_owned());
-        entry.service = Some(route.service.to_owned());
+        entry.provider = Some(short(route.provider, MAX_NAME_CHARS));
+        entry.service = Some(short(route.service, MAX_NAME_CHARS));
         let (base, service) = self.resolve(policy, &route)?;
         // `/{service}/{id}` names a data subject only where the service's records are persons.
         let path_person = if service.subject_field == "id" {
@@ -388,6 +501,16 @@ impl Gateway {
         }
         let query = narrow_fields(parts.uri.query(), &allow.fields)?;
         let query = self.open_cursor(query, agency, &route)?;
+        if operation == Operation::Write {
+            // Logged ahead: nothing reaches the provider before its attempt is committed.
+            entry.request_digest = Some(crate::audit_api::digest(&body));
+            entry.written = written.as_ref().map(written_paths).unwrap_or_default();
+            // The person the body names, so their report shows the attempt even without an outcome.
+            if let Some(s) = subject.as_ref().filter(|s| !entry.subjects.contains(s)) {
+                entry.subjects.push(s.clone());
+            }
+            self.log_ahead(entry, ahead).await?;
+        }
         let (status, body, content_type) = self
             .forward(
                 &base,
@@ -987,6 +1110,7 @@ impl Gateway {
         parts: &http::request::Parts,
         body: Incoming,
         entry: &mut Entry,
+        ahead: &mut Option<Attempt>,
     ) -> Result<Released, Refusal> {
         use crate::consent::{ApiRoute, API_PROVIDER, API_SERVICE};
         entry.provider = Some(API_PROVIDER.to_owned());
@@ -1029,7 +1153,7 @@ impl Gateway {
         let body = self
             .read_body(body, &parts.headers, allow.max_body_bytes)
             .await?;
-        write_fields(&body, &allow.fields, &route)?;
+        let written = write_fields(&body, &allow.fields, &route)?;
         let actor = crate::consent::Actor {
             agency: Some(agency.to_owned()),
             officer: officer.id.clone(),
@@ -1039,21 +1163,55 @@ impl Gateway {
             request_id: Some(entry.id.clone()),
             policy_version: policy.version().to_owned(),
         };
-        let (status, changed) = match api {
+        // Refusals come first; then the attempt is committed, and only then the consent changed.
+        enum Change {
+            Grant(crate::consent::Consent),
+            Revoke(crate::consent::Consent),
+        }
+        let change = match api {
             ApiRoute::Grant => {
                 let new = crate::consent::parse_grant(&body, agency, &officer.purpose)
                     .map_err(consent_failed)?;
-                entry.subjects = vec![new.subject.clone()];
-                (StatusCode::CREATED, self.consents.grant(new, &actor).await)
+                // Recorded even if it is refused below, so kept to what a record may hold.
+                entry.subjects = vec![text::shorten(&new.subject, MAX_CLAIM_CHARS).into_owned()];
+                Change::Grant(
+                    self.consents
+                        .prepare_grant(new, &actor)
+                        .map_err(consent_failed)?,
+                )
             }
-            ApiRoute::Revoke(id) => (
-                StatusCode::OK,
-                self.consents.revoke(id, Some(agency), &actor).await,
+            ApiRoute::Revoke(id) => Change::Revoke(
+                self.consents
+                    .revocable(id, Some(agency))
+                    .await
+                    .map_err(consent_failed)?,
             ),
         };
-        let consent = changed.map_err(consent_failed)?;
-        entry.consent_ref = Some(consent.id.clone());
-        entry.subjects = vec![consent.subject.clone()];
+        let (Change::Grant(c) | Change::Revoke(c)) = &change;
+        entry.consent_ref = Some(c.id.clone());
+        entry.subjects = vec![c.subject.clone()];
+        entry.request_digest = Some(crate::audit_api::digest(&body));
+        entry.written = match &change {
+            Change::Grant(_) => written.as_ref().map(written_paths).unwrap_or_default(),
+            Change::Revoke(_) => vec!["revoked_at".to_owned()],
+        };
+        let attempt = self.log_ahead(entry, ahead).await?;
+        let (status, consent) = match change {
+            Change::Grant(c) => {
+                self.consents
+                    .record(&c, attempt)
+                    .await
+                    .map_err(consent_failed)?;
+                (StatusCode::CREATED, c)
+            }
+            Change::Revoke(c) => (
+                StatusCode::OK,
+                self.consents
+                    .revoke_now(c, attempt)
+                    .await
+                    .map_err(consent_failed)?,
+            ),
+        };
         let json = serde_json::to_vec(&consent).map_err(|_| Refusal::internal())?;
         let transform = crate::transform::Context {
             pseudonymiser: &self.pseudonymiser,
@@ -1069,6 +1227,108 @@ impl Gateway {
             entry,
         )
     }
+}
+
+impl Gateway {
+    /// Commits the attempt record of the change this request is about to
+    /// make (the entry as it stands, decided and not yet answered) and keeps
+    /// it in `ahead`, so the request's last record is its outcome.
+    async fn log_ahead<'a>(
+        &self,
+        entry: &Entry,
+        ahead: &'a mut Option<Attempt>,
+    ) -> Result<&'a Attempt, Refusal> {
+        let attempt = Entry {
+            decision: "allow".to_owned(),
+            status: 0,
+            reason: None,
+            ..entry.clone()
+        };
+        match self.audit.attempt(attempt).await {
+            Ok(attempt) => Ok(ahead.insert(attempt)),
+            Err(err) => {
+                tracing::error!(request_id = %entry.id, %err, "attempt record not committed; the change is not made");
+                Err(Refusal::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit-unavailable",
+                    "Service unavailable",
+                    "audit_unavailable",
+                    "the request could not be recorded, so it was not carried out",
+                ))
+            }
+        }
+    }
+}
+
+/// The token's claims and the path, held to the limits of `crate::audit::text`:
+/// a longer or control-character value is refused by name (its record keeps it shortened).
+fn bounded(officer: &Officer, uri: &Uri) -> Result<(), Refusal> {
+    let claims = [
+        ("sub", Some(officer.id.as_str()), MAX_CLAIM_CHARS),
+        ("purpose", Some(officer.purpose.as_str()), MAX_PURPOSE_CHARS),
+        ("case", officer.case_ref.as_deref(), MAX_CLAIM_CHARS),
+        ("jti", officer.token_id.as_deref(), MAX_CLAIM_CHARS),
+    ];
+    for (claim, value, max) in claims {
+        let Some(value) = value else { continue };
+        if let Err(unfit) = text::check(value, max) {
+            return Err(Refusal {
+                detail: Cow::Owned(format!("the token's {claim} claim {unfit}")),
+                challenge: true,
+                ..Refusal::deny(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid-token",
+                    "Unauthorized",
+                    match unfit {
+                        text::Unfit::TooLong { .. } => "token_claim_too_long",
+                        text::Unfit::Control => "token_claim_invalid",
+                    },
+                    "",
+                )
+            });
+        }
+    }
+    let path = uri.path_and_query().map_or("", |p| p.as_str());
+    if text::check(path, MAX_PATH_CHARS).is_err() {
+        return Err(Refusal::deny(
+            StatusCode::URI_TOO_LONG,
+            "uri-too-long",
+            "URI too long",
+            "path_too_long",
+            "the request path with its query exceeds 2048 characters",
+        ));
+    }
+    Ok(())
+}
+
+/// The field paths a write's body sets (`employer.name`, …): what its attempt record says it writes.
+fn written_paths(body: &serde_json::Value) -> Vec<String> {
+    fn walk(v: &serde_json::Value, path: &mut String, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    let len = path.len();
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(k);
+                    walk(v, path, out);
+                    path.truncate(len);
+                }
+            }
+            serde_json::Value::Array(items) if items.iter().any(|x| x.is_object()) => {
+                items.iter().for_each(|x| walk(x, path, out));
+            }
+            // Below a granted path the body may name members of its own: kept short and escaped.
+            _ if !path.is_empty() => out.push(text::shorten(path, MAX_CLAIM_CHARS).into_owned()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(body, &mut String::new(), &mut out);
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// A consent change refused or failed, as the caller's problem.

@@ -53,6 +53,9 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The verified client certificate's identity facts.
     pub client: Option<PeerCert>,
+    /// Request pipelines of this connection still running, those whose
+    /// stream the client reset included (bounded by the gateway).
+    pub pipelines: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Bounds applied to every connection of one listener.
@@ -322,7 +325,11 @@ pub async fn serve_tls<H, F>(
                 },
                 _ => None,
             };
-            let info = Arc::new(ConnInfo { peer, client });
+            let info = Arc::new(ConnInfo {
+                peer,
+                client,
+                pipelines: Arc::default(),
+            });
             metrics.connection_opened(name);
             let activity = Activity::new();
             let svc = {
@@ -335,9 +342,9 @@ pub async fn serve_tls<H, F>(
                     async move {
                         let resp = match refused {
                             Some(detail) => over_capacity(detail),
-                            // Boxed: hyper keeps a slot the size of this future for the
-                            // connection's whole life, and the pipeline's is kilobytes.
-                            None => Box::pin(handler(info, req)).await,
+                            // Unboxed: handlers hand out small futures (the gateway's
+                            // awaits a task; the register boxes its own).
+                            None => handler(info, req).await,
                         };
                         drop(in_flight);
                         Ok::<_, Infallible>(if head { without_body(resp) } else { resp })
@@ -585,6 +592,8 @@ pub struct Running {
     reloader: Arc<crate::reload::Reloader>,
     /// This process's hold on its node name, released after the last record is written.
     node_lock: crate::store::NodeLock,
+    /// How long pipelines get at shutdown to finish.
+    shutdown_grace: Duration,
 }
 
 impl Running {
@@ -597,8 +606,22 @@ impl Running {
 
     /// Stops accepting, lets requests in flight finish (bounded), flushes the audit log, closes the database.
     pub async fn shutdown(self) {
+        let stopping = std::time::Instant::now();
         let _ = self.stop_gateway.send(true);
         let _ = self.gateway_task.await;
+        // Pipelines run on after their connections closed: they get what is left of
+        // the grace period (at least a second) to end with their records. One still
+        // running then leaves, at worst, an attempt whose outcome is unknown.
+        let left = self
+            .shutdown_grace
+            .saturating_sub(stopping.elapsed())
+            .max(Duration::from_secs(1));
+        if !self.gateway.drain(left).await {
+            tracing::warn!(
+                running = self.gateway.pipelines_in_flight(),
+                "request pipelines still running after the grace period"
+            );
+        }
         // Providers stop only after the gateway has drained, so requests in flight can finish.
         let _ = self.stop_rest.send(true);
         for t in self.rest_tasks {
@@ -773,7 +796,9 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             let max_body = config.gateway.max_body_bytes;
             let handler = move |info: Arc<ConnInfo>, req: Request<Incoming>| {
                 let registry = registry.clone();
-                async move { provider_request(&registry, &info, req, max_body).await }
+                // Boxed: hyper keeps a slot the size of this future for the
+                // connection's whole life, and the register's is kilobytes.
+                Box::pin(async move { provider_request(&registry, &info, req, max_body).await })
             };
             rest_tasks.push(tokio::spawn(serve_tls(
                 "registry",
@@ -807,6 +832,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         rate: rate.clone(),
         providers: providers.clone(),
         consents: crate::consent::Consents::new(store.clone(), audit.clone()),
+        pipelines: tokio_util::task::TaskTracker::new(),
     });
     rest_tasks.push(tokio::spawn(housekeeping(
         rate.clone(),
@@ -833,10 +859,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             ..limits
         },
         metrics.clone(),
-        move |info: Arc<ConnInfo>, req: Request<Incoming>| {
-            let gw = gw.clone();
-            async move { gw.handle(info, req).await }
-        },
+        // Each request's pipeline is a task of its own: a client going away cannot cancel it.
+        move |info: Arc<ConnInfo>, req: Request<Incoming>| gw.handle_detached(info, req),
         gateway_rx,
     ));
 
@@ -910,6 +934,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         audit_writer,
         reloader,
         node_lock,
+        shutdown_grace: config.gateway.shutdown_grace,
     })
 }
 

@@ -6,6 +6,16 @@
 //! them) and stick to the types `Any` maps: integers, floats, text, blobs,
 //! bools. Timestamps are stored as RFC 3339 text in UTC.
 //!
+//! Writes that must be durable go through [`WriteTx`]: a transaction that
+//! fails anywhere — a statement, or the commit itself — is abandoned with its
+//! connection, which is closed instead of going back to the pool. A pooled
+//! connection never carries half a transaction: SQLite rolls a transaction
+//! back by itself on some errors (`SQLITE_FULL`), sqlx's own rollback then
+//! fails and leaves its nesting counter above zero, and the next `begin()` on
+//! that connection becomes a `SAVEPOINT` whose "commit" is only a `RELEASE`
+//! inside a transaction that is never committed (issue 13). The pool closes
+//! any connection handed back while sqlx still counts a transaction open.
+//!
 //! Several replicas may share one PostgreSQL database: [`Store::setup_lock`]
 //! serialises their one-time setup, and [`Store::lock_node`] makes each node
 //! name (one audit chain) belong to one live process (see `locks`).
@@ -21,7 +31,8 @@ use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
-use sqlx::AnyPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Connection};
 
 /// Migrations for SQLite, embedded at build time.
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -129,6 +140,9 @@ impl Store {
                     Ok(())
                 })
             })
+            // A connection handed back inside a transaction (dropped mid-way, or whose
+            // rollback failed) is closed, never lent out again with half a transaction.
+            .after_release(|conn, _meta| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .connect_with(options)
             .await
             .map_err(StoreError::Connect)?;
@@ -205,6 +219,77 @@ impl Store {
     /// Closes every connection, waiting for those in use.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Starts a write transaction on a connection of its own (see [`WriteTx`]).
+    ///
+    /// SQLite takes the write lock at once (`BEGIN IMMEDIATE`), so a transaction
+    /// that reads before it writes cannot fail half-way on a lock upgrade.
+    pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        if conn.is_in_transaction() {
+            // Cannot happen with the release check above; never write into someone else's transaction.
+            conn.close_on_drop();
+            drop(conn);
+            conn = self.pool.acquire().await?;
+            if conn.is_in_transaction() {
+                conn.close_on_drop();
+                return Err(sqlx::Error::Protocol(
+                    "pooled connection is inside a transaction".into(),
+                ));
+            }
+        }
+        let begin = match self.backend {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        };
+        let mut tx = WriteTx {
+            conn,
+            committed: false,
+        };
+        sqlx::raw_sql(begin).execute(&mut *tx.conn).await?;
+        Ok(tx)
+    }
+}
+
+/// A write transaction that owns its connection.
+///
+/// [`WriteTx::commit`] returns the connection to the pool only when `COMMIT`
+/// succeeded. On any other path — a failed statement (the caller's `?`), a
+/// failed commit, a dropped future — the connection is closed, which rolls
+/// back whatever the database still holds open, so the next transaction
+/// starts on a clean connection and nothing is ever answered for a commit
+/// that only happened inside an enclosing transaction.
+pub struct WriteTx {
+    conn: PoolConnection<Any>,
+    committed: bool,
+}
+
+impl std::fmt::Debug for WriteTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteTx").finish_non_exhaustive()
+    }
+}
+
+impl WriteTx {
+    /// The connection to run the transaction's statements on.
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.conn
+    }
+
+    /// Commits; on failure the connection is closed with the transaction in it.
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql("COMMIT").execute(&mut *self.conn).await?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.conn.close_on_drop();
+        }
     }
 }
 

@@ -31,15 +31,34 @@ async fn entries(gw: &TestGateway) -> Vec<Entry> {
         .collect()
 }
 
+/// The last record of a request: its one record, or for a change the outcome of its attempt.
 async fn record_of(gw: &TestGateway, reply: &Reply) -> Entry {
     let id = reply.request_id();
-    let mut found: Vec<Entry> = entries(gw)
-        .await
-        .into_iter()
-        .filter(|e| e.id == id)
+    let all = entries(gw).await;
+    let own: Vec<&Entry> = all.iter().filter(|e| e.id == id).collect();
+    assert_eq!(own.len(), 1, "one record carries the request id");
+    let outcomes: Vec<&Entry> = all
+        .iter()
+        .filter(|e| e.attempt_id.as_deref() == Some(id.as_str()))
         .collect();
-    assert_eq!(found.len(), 1, "one record per request");
-    found.pop().unwrap()
+    match own[0].phase.as_deref() {
+        Some("attempt") => {
+            assert_eq!(outcomes.len(), 1, "an attempt has exactly one outcome");
+            outcomes[0].clone()
+        }
+        _ => {
+            assert!(outcomes.is_empty());
+            own[0].clone()
+        }
+    }
+}
+
+/// The attempt record of a change (the record the request id names).
+async fn attempt_of(gw: &TestGateway, reply: &Reply) -> Entry {
+    let id = reply.request_id();
+    let e = entries(gw).await.into_iter().find(|e| e.id == id).unwrap();
+    assert_eq!(e.phase.as_deref(), Some("attempt"), "{e:?}");
+    e
 }
 
 async fn read(gw: &TestGateway, id: &str) -> Reply {
@@ -99,14 +118,14 @@ async fn consent_lifecycle(gw: TestGateway) {
         (e.provider.as_deref(), e.service.as_deref()),
         (Some("gateway"), Some("consents"))
     );
-    let event = entries(&gw)
-        .await
-        .into_iter()
-        .find(|e| e.path == "consent-grant")
-        .expect("the grant is an audit event");
-    assert_eq!(event.method, "EVENT");
-    assert_eq!(event.consent_ref.as_deref(), Some(consent_id.as_str()));
-    assert_eq!(event.agency.as_deref(), Some(AGENCY));
+    // Logged ahead: the attempt names the consent, what it writes and the body's digest.
+    let attempt = attempt_of(&gw, &r).await;
+    assert_eq!(attempt.consent_ref.as_deref(), Some(consent_id.as_str()));
+    assert_eq!(attempt.agency.as_deref(), Some(AGENCY));
+    assert_eq!(attempt.subjects, [PERSON]);
+    assert_eq!(attempt.written, ["evidence_ref", "subject", "valid_until"]);
+    assert_eq!(attempt.request_digest.as_ref().map(String::len), Some(64));
+    assert_eq!(e.status, 201);
 
     // With the consent: allowed, minimised, and the consent cited in the record.
     let r = read(&gw, PERSON).await;
@@ -152,13 +171,24 @@ async fn consent_lifecycle(gw: TestGateway) {
     assert!(problem_type(&r).ends_with("consent-required"));
     let r = post(&gw, AGENCY, PURPOSE, &revoke, json!({})).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
-    let paths: Vec<String> = entries(&gw)
+    // Two changes, each an attempt and its outcome; the refused second revocation changed nothing.
+    let changes: Vec<(String, Option<String>, u16)> = entries(&gw)
         .await
         .into_iter()
-        .filter(|e| e.method == "EVENT" && e.path.starts_with("consent-"))
-        .map(|e| e.path)
+        .filter(|e| e.service.as_deref() == Some("consents"))
+        .map(|e| (e.path, e.phase, e.status))
         .collect();
-    assert_eq!(paths, ["consent-grant", "consent-revoke"]);
+    let phase = |p: &str| Some(p.to_owned());
+    assert_eq!(
+        changes,
+        [
+            ("/v1/consents".to_owned(), phase("attempt"), 0),
+            ("/v1/consents".to_owned(), phase("outcome"), 201),
+            (revoke.clone(), phase("attempt"), 0),
+            (revoke.clone(), phase("outcome"), 200),
+            (revoke.clone(), None, 409),
+        ]
+    );
     gw.shutdown().await;
 }
 

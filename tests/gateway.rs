@@ -18,12 +18,7 @@ fn person_path(id: &str) -> String {
 }
 
 async fn records_for(gw: &TestGateway, id: &str) -> Vec<audit::Record> {
-    audit::query(&gw.running.store, &Filter::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.entry.id == id)
-        .collect()
+    common::request_records(&gw.running.store, id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +304,20 @@ async fn border_police_records_a_crossing_through_the_gateway() {
         String::from_utf8_lossy(&r.body)
     );
     assert_eq!(r.json()["person_id"], PERSON);
-    let e = records_for(&gw, &r.request_id()).await.pop().unwrap().entry;
+    // Logged ahead: the attempt (the request id) before forwarding, then its outcome.
+    let records = records_for(&gw, &r.request_id()).await;
+    assert_eq!(records.len(), 2);
+    let (attempt, e) = (&records[0].entry, &records[1].entry);
+    assert_eq!(attempt.phase.as_deref(), Some("attempt"));
+    assert_eq!(attempt.status, 0);
+    assert_eq!(
+        attempt.written,
+        ["at", "direction", "document_number", "person_id", "point"]
+    );
+    assert_eq!(attempt.request_digest, e.request_digest);
+    assert_eq!(e.phase.as_deref(), Some("outcome"));
+    assert_eq!(e.attempt_id.as_deref(), Some(attempt.id.as_str()));
+    assert_eq!(e.status, 201);
     assert_eq!(e.operation.as_deref(), Some("write"));
     assert_eq!(e.subjects, vec![PERSON.to_owned()]);
 

@@ -224,7 +224,6 @@ async fn a_case_reference_must_be_a_case_number_of_the_agency() {
         "-",
         "null",
         "\u{200B}",
-        "\0",
         "SSG-2026-17\u{200B}",
         "case 17",
         "2026-17",
@@ -246,6 +245,14 @@ async fn a_case_reference_must_be_a_case_number_of_the_agency() {
         );
         assert!(e.fields.is_empty() && e.response_digest.is_none());
     }
+    // A control character in any claim is refused with the token (issue 13), before any grant.
+    let token = gw.token("ssg", purpose, Some("\0"));
+    let r = client.get(&path, Some(&token)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        record(&gw, &r).await.reason.as_deref(),
+        Some("token_claim_invalid")
+    );
     let token = gw.token("ssg", purpose, Some("SSG-2026-17"));
     assert_eq!(client.get(&path, Some(&token)).await.status, StatusCode::OK);
     gw.shutdown().await;

@@ -9,15 +9,14 @@ mod common;
 
 use common::{Db, TestGateway};
 use http::{Method, StatusCode};
-use karibche::audit::{self, Filter};
+use karibche::audit;
 use serde_json::{json, Value};
 
+/// The request's last record: its one record, or a write's outcome.
 async fn audit_entry(gw: &TestGateway, request_id: &str) -> audit::Entry {
-    audit::query(&gw.running.store, &Filter::default())
+    common::request_records(&gw.running.store, request_id)
         .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.entry.id == request_id)
+        .pop()
         .unwrap()
         .entry
 }

@@ -130,7 +130,8 @@ pub async fn archive(
     let digest = write_files(store, &plans, out, &cps_path).await?;
     let file = out.display().to_string();
     let now = super::now_ts();
-    let mut tx = store.pool().begin().await?;
+    // On its own connection: a failure anywhere closes it with the transaction (crate::store::WriteTx).
+    let mut tx = store.begin_write().await?;
     for p in &plans {
         for sql in [
             "DELETE FROM audit_subjects WHERE node = $1 AND seq <= $2",
@@ -140,7 +141,7 @@ pub async fn archive(
             sqlx::query(sql)
                 .bind(p.node.as_str())
                 .bind(p.last_seq)
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await?;
         }
         let cp = &p.checkpoint;
@@ -159,7 +160,7 @@ pub async fn archive(
         .bind(file.as_str())
         .bind(digest.as_str())
         .bind(now.as_str())
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await?;
     }
     tx.commit().await?;

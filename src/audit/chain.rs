@@ -36,6 +36,38 @@ pub struct NodeReport {
     pub checkpoints: usize,
     /// The first sequence number verified (1 unless `--from` or archived records moved the start).
     pub first_seq: i64,
+    /// Attempts of changes (seq, id) whose outcome the chain does not hold: the
+    /// node stopped between the change and its record, so whether the change
+    /// was made is unknown. Reported, not tampering.
+    pub unknown_outcomes: Vec<(i64, String)>,
+}
+
+/// Attempts seen while reading a chain, until their outcome comes.
+#[derive(Debug, Default)]
+pub(crate) struct Outcomes {
+    pending: std::collections::HashMap<String, i64>,
+}
+
+impl Outcomes {
+    /// Notes an attempt, or the outcome that settles one.
+    pub(crate) fn see(&mut self, seq: i64, entry: &super::Entry) {
+        if entry.phase.as_deref() == Some(super::PHASE_ATTEMPT) {
+            self.pending.insert(entry.id.clone(), seq);
+        } else if let Some(attempt) = &entry.attempt_id {
+            self.pending.remove(attempt);
+        }
+    }
+
+    /// The attempts still without an outcome, oldest first.
+    pub(crate) fn unknown(self) -> Vec<(i64, String)> {
+        let mut out: Vec<(i64, String)> = self
+            .pending
+            .into_iter()
+            .map(|(id, seq)| (seq, id))
+            .collect();
+        out.sort_unstable();
+        out
+    }
 }
 
 impl VerifyReport {
@@ -65,6 +97,19 @@ impl fmt::Display for NodeReport {
                 write!(f, ", chain intact")?;
                 if self.checkpoints > 0 {
                     write!(f, ", {} signed checkpoint(s) verified", self.checkpoints)?;
+                }
+                if !self.unknown_outcomes.is_empty() {
+                    let listed: Vec<String> = self
+                        .unknown_outcomes
+                        .iter()
+                        .map(|(seq, id)| format!("seq {seq} ({id})"))
+                        .collect();
+                    write!(
+                        f,
+                        "; {} attempt(s) with outcome unknown (a change may or may not have been made): {}",
+                        self.unknown_outcomes.len(),
+                        listed.join(", ")
+                    )?;
                 }
                 Ok(())
             }
@@ -149,7 +194,9 @@ async fn verify_node(
         broken_at: Some((seq, reason)),
         checkpoints: 0,
         first_seq,
+        unknown_outcomes: Vec::new(),
     };
+    let mut outcomes = Outcomes::default();
     if let Some(cp) = &archived {
         if let Err(why) = cp.verify(trusted) {
             return Ok((
@@ -247,6 +294,7 @@ async fn verify_node(
                     expected_seq - 1,
                 ));
             }
+            outcomes.see(seq, &record.entry);
             records += 1;
             expected_seq += 1;
             prev_hash = Some(record.hash);
@@ -294,6 +342,7 @@ async fn verify_node(
             broken_at: None,
             checkpoints: 0,
             first_seq,
+            unknown_outcomes: outcomes.unknown(),
         },
         last_seq,
     ))

@@ -5,7 +5,8 @@
 //!
 //! An event is an ordinary record in the node's chain with `method = "EVENT"`,
 //! `path` naming the event (`node-start`, `node-stop`, `tls-reload`,
-//! `keys-reload`, `policy-reload`), `decision = "allow"`, `status = 0`, and
+//! `keys-reload`, `policy-reload`, `audit-recovered`, `audit-entry-refused`,
+//! and the changes logged ahead: `consent-grant`, `consent-revoke`), `decision = "allow"`, `status = 0`, and
 //! what changed in `reason`. So a court can see which CRL and which keys were
 //! in force when a request was decided.
 
@@ -25,6 +26,11 @@ pub const NODE_STOP: &str = "node-stop";
 pub const TLS_RELOAD: &str = "tls-reload";
 /// `path` of the event written when the agencies' token keys were reloaded.
 pub const KEYS_RELOAD: &str = "keys-reload";
+/// `path` of the event the writer commits when its store accepts writes again
+/// after an outage: since when, and how many records were refused.
+pub const AUDIT_RECOVERED: &str = "audit-recovered";
+/// `path` of the event written when the store refused one entry (its request was refused).
+pub const ENTRY_REFUSED: &str = "audit-entry-refused";
 
 /// The entry of an event named `name`, with `detail` in `reason`.
 pub fn event(name: &str, detail: String, policy_version: &str) -> Entry {

@@ -1,5 +1,7 @@
 //! The tamper-evident access log: every request through the gateway, allowed
-//! or denied, leaves exactly one record, committed before any response leaves.
+//! or denied, leaves a record committed before any response leaves — one for
+//! a read or a refusal, two for a change ([`ahead`]: its attempt before the
+//! change is made, its outcome after).
 //!
 //! Each gateway node extends its own hash chain ([`record`]), so replicas never
 //! contend for one chain head. One writer task per node commits queued entries
@@ -8,6 +10,7 @@
 //! what happens to the node itself; [`archive`] moves old records out while
 //! keeping the chain verifiable.
 
+pub mod ahead;
 pub mod archive;
 pub mod bench;
 pub mod chain;
@@ -17,6 +20,7 @@ pub mod offline;
 pub mod query;
 pub mod record;
 pub mod report;
+pub mod text;
 pub mod writer;
 
 #[cfg(test)]
@@ -24,10 +28,14 @@ mod tests;
 
 use http::StatusCode;
 
+pub use ahead::Attempt;
 pub use chain::{verify, verify_from, verify_with_key, NodeReport, VerifyReport};
 pub use checkpoint::{AuditKey, Checkpoint};
 pub use query::{count, count_requests, export, query, Filter};
-pub use record::{canonical_json, chain_hash, format_ts, now_ts, Entry, Record, GENESIS_HASH};
+pub use record::{
+    canonical_json, chain_hash, format_ts, now_ts, Entry, Record, GENESIS_HASH, PHASE_ATTEMPT,
+    PHASE_OUTCOME,
+};
 pub use writer::{
     AuditConfig, AuditLog, AuditStats, AuditWriter, CheckpointPolicy, Committed,
     DEFAULT_RESTRICTED_REPORT_DELAY,

@@ -62,7 +62,9 @@ fn verify_chain(
         broken_at: None,
         checkpoints: 0,
         first_seq: chain.first().map_or(1, |r| r.seq),
+        unknown_outcomes: Vec::new(),
     };
+    let mut outcomes = super::chain::Outcomes::default();
     let Some(first) = chain.first() else {
         return Ok(report);
     };
@@ -89,10 +91,12 @@ fn verify_chain(
             report.broken_at = Some((expected_seq.min(r.seq), why));
             return Ok(report);
         }
+        outcomes.see(r.seq, &r.entry);
         report.records += 1;
         expected_seq += 1;
         prev.clone_from(&r.hash);
     }
+    report.unknown_outcomes = outcomes.unknown();
     let (lo, hi) = (first.seq, expected_seq - 1);
     for cp in cps {
         if let Err(why) = cp.verify(trusted) {

@@ -69,14 +69,25 @@ macro_rules! filter_clauses {
     };
 }
 
+/// The selected columns: every stored one, and for an attempt how many outcomes name it
+/// (an index lookup, only for attempts), so that an unknown outcome shows.
+macro_rules! selected {
+    () => {
+        "SELECT l.*, CASE WHEN l.phase = 'attempt' THEN \
+         (SELECT COUNT(*) FROM audit_log o WHERE o.attempt_id = l.id) END AS outcomes"
+    };
+}
+
 /// The query without a subject filter ($1 is bound, always NULL).
 const BY_COLUMNS: &str = concat!(
-    "SELECT l.* FROM audit_log l WHERE $1 IS NULL AND",
+    selected!(),
+    " FROM audit_log l WHERE $1 IS NULL AND",
     filter_clauses!()
 );
 /// The query for one data subject, driven by the subject index.
 const BY_SUBJECT: &str = concat!(
-    "SELECT l.* FROM audit_subjects s JOIN audit_log l ON l.node = s.node AND l.seq = s.seq \
+    selected!(),
+    " FROM audit_subjects s JOIN audit_log l ON l.node = s.node AND l.seq = s.seq \
      WHERE s.subject = $1 AND",
     filter_clauses!()
 );
@@ -191,8 +202,7 @@ pub(crate) async fn export_paged<W: Write>(
         cursor = Some((last.entry.ts.clone(), last.node.clone(), last.seq));
         let full = page.len() as i64 == left.min(page_size);
         for record in &page {
-            serde_json::to_writer(&mut *out, record)?;
-            out.write_all(b"\n")?;
+            write_json_line(&mut *out, record)?;
         }
         written += page.len() as u64;
         left -= page.len() as i64;
@@ -220,7 +230,57 @@ pub async fn count_requests(store: &Store) -> Result<i64, AuditError> {
     )
 }
 
+/// Writes `value` as one line of JSON. U+2028 and U+2029, which JSON allows
+/// raw but JavaScript and many line readers take for line ends, are escaped,
+/// so a value can never split or forge a line of an export.
+pub fn write_json_line<W: Write, T: serde::Serialize + ?Sized>(
+    out: &mut W,
+    value: &T,
+) -> Result<(), AuditError> {
+    write_json(&mut *out, value)?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+/// [`write_json_line`] without the line end (a JSON document).
+pub fn write_json<W: Write, T: serde::Serialize + ?Sized>(
+    out: &mut W,
+    value: &T,
+) -> Result<(), AuditError> {
+    let mut ser = serde_json::Serializer::with_formatter(out, LineSafe);
+    value.serialize(&mut ser)?;
+    Ok(())
+}
+
+/// serde_json's compact format, with the line and paragraph separators escaped.
+struct LineSafe;
+
+impl serde_json::ser::Formatter for LineSafe {
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut rest = fragment;
+        while let Some(i) = rest.find(['\u{2028}', '\u{2029}']) {
+            writer.write_all(&rest.as_bytes()[..i])?;
+            let c = rest[i..].chars().next().unwrap_or('\u{2028}');
+            writer.write_all(if c == '\u{2028}' {
+                b"\\u2028"
+            } else {
+                b"\\u2029"
+            })?;
+            rest = &rest[i + c.len_utf8()..];
+        }
+        writer.write_all(rest.as_bytes())
+    }
+}
+
 /// Writes records as an aligned table for people: one line each, newest last.
+///
+/// Every value is escaped for the terminal (`crate::audit::text`): a claim
+/// holding a newline, a tab or an escape sequence shows as `\n`, `\t`,
+/// `\u{1b}` and can neither forge a row nor drive the terminal.
 pub fn write_table<W: Write>(records: &[Record], out: &mut W) -> std::io::Result<()> {
     const HEADER: [&str; 9] = [
         "TIME (UTC)",
@@ -241,7 +301,14 @@ pub fn write_table<W: Write>(records: &[Record], out: &mut W) -> std::io::Result
                 (Some(p), Some(s)) => format!("{} {p}/{s}", e.method),
                 _ => format!("{} {}", e.method, e.path),
             };
-            let mut outcome = format!("{} {}", e.decision, e.status);
+            let mut outcome = match (e.phase.as_deref(), &e.attempt_id) {
+                (Some(super::PHASE_ATTEMPT), _) if r.outcome_unknown => {
+                    "attempt, OUTCOME UNKNOWN".to_owned()
+                }
+                (Some(super::PHASE_ATTEMPT), _) => "attempt".to_owned(),
+                (_, Some(attempt)) => format!("{} {} for {attempt}", e.decision, e.status),
+                _ => format!("{} {}", e.decision, e.status),
+            };
             if let Some(reason) = &e.reason {
                 outcome.push_str(&format!(" ({reason})"));
             }
@@ -271,6 +338,7 @@ pub fn write_table<W: Write>(records: &[Record], out: &mut W) -> std::io::Result
                 },
                 outcome,
             ]
+            .map(|cell| super::text::escape_for_display(&cell).into_owned())
         })
         .collect();
     let mut widths = HEADER.map(|h| h.chars().count());

@@ -10,6 +10,7 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{OffsetDateTime, UtcOffset};
 
+use super::text::{STORED_INDEXED_CHARS, STORED_TEXT_CHARS};
 use super::AuditError;
 
 /// `prev_hash` of the first record of every node's chain: 64 zeros.
@@ -79,7 +80,25 @@ pub struct Entry {
     /// pseudonym: the agency's own audit views withhold `subjects`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub pseudonymised: bool,
+    /// `"attempt"` or `"outcome"` for a change logged ahead (a write, a consent,
+    /// an administrative change); `None` for a request or event with one record.
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// On an outcome: the id of its attempt (the request id the caller was given).
+    #[serde(default)]
+    pub attempt_id: Option<String>,
+    /// Hex SHA-256 of the request body exactly as received, on a change's records.
+    #[serde(default)]
+    pub request_digest: Option<String>,
+    /// The field paths a change writes (its body's members), on a change's records.
+    #[serde(default)]
+    pub written: Vec<String>,
 }
+
+/// `Entry::phase` of the record committed before a change is made.
+pub const PHASE_ATTEMPT: &str = "attempt";
+/// `Entry::phase` of the record committed once a change's outcome is known.
+pub const PHASE_OUTCOME: &str = "outcome";
 
 /// A committed record: the entry plus its place in the node's hash chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +114,11 @@ pub struct Record {
     pub prev_hash: String,
     /// `hex(SHA-256(prev_hash || "\n" || canonical_json))`.
     pub hash: String,
+    /// Read back, not stored or hashed: an attempt whose outcome the log does
+    /// not hold (yet) — the gateway stopped between making the change and
+    /// recording what came of it, so whether it happened is unknown.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub outcome_unknown: bool,
 }
 
 impl Record {
@@ -112,6 +136,7 @@ impl Record {
             entry,
             prev_hash: prev_hash.to_owned(),
             hash,
+            outcome_unknown: false,
         })
     }
 
@@ -163,6 +188,15 @@ struct Canonical<'a> {
     upstream_status: Option<u16>,
     #[serde(skip_serializing_if = "is_false")]
     pseudonymised: bool,
+    // Likewise for records written before changes were logged ahead (issue 13).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phase: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempt_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_digest: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    written: &'a [String],
     prev_hash: &'a str,
 }
 
@@ -207,6 +241,10 @@ pub fn canonical_json(
         restricted: e.restricted,
         upstream_status: e.upstream_status,
         pseudonymised: e.pseudonymised,
+        phase: e.phase.as_deref(),
+        attempt_id: e.attempt_id.as_deref(),
+        request_digest: e.request_digest.as_deref(),
+        written: &e.written,
         prev_hash,
     };
     serde_json::to_string(&canonical).map_err(AuditError::Json)
@@ -255,8 +293,11 @@ pub fn normalise_ts(s: &str) -> Option<String> {
 ///
 /// PostgreSQL text cannot hold NUL, so one NUL smuggled into a path would
 /// fail a whole batch; it is replaced (U+FFFD) instead, keeping the request
-/// logged. The timestamp is brought to the stored form so that time filters,
-/// which compare text, stay correct.
+/// logged. Every text is capped ([`super::text`]): an indexed value at
+/// [`STORED_INDEXED_CHARS`], any other at [`STORED_TEXT_CHARS`], so no value
+/// can exceed an index row. The gateway refuses over-long values long
+/// before; this holds whoever hands the entry over. The timestamp is brought
+/// to the stored form so that time filters, which compare text, stay correct.
 pub(crate) fn prepare(mut entry: Entry) -> Result<Entry, AuditError> {
     entry.ts = normalise_ts(&entry.ts)
         .ok_or_else(|| AuditError::InvalidEntry(format!("ts is not RFC 3339: {:?}", entry.ts)))?;
@@ -271,39 +312,53 @@ pub(crate) fn prepare(mut entry: Entry) -> Result<Entry, AuditError> {
         &mut e.decision,
         &mut e.policy_version,
     ] {
-        scrub(s);
+        scrub(s, STORED_TEXT_CHARS);
     }
     for s in [
         &mut e.agency,
-        &mut e.certificate,
         &mut e.officer,
         &mut e.purpose,
-        &mut e.legal_basis,
-        &mut e.case_ref,
-        &mut e.consent_ref,
-        &mut e.token_id,
         &mut e.provider,
         &mut e.service,
-        &mut e.operation,
-        &mut e.reason,
-        &mut e.shadow_decision,
-        &mut e.response_digest,
     ]
     .into_iter()
     .flatten()
     {
-        scrub(s);
+        scrub(s, STORED_INDEXED_CHARS);
+    }
+    for s in [
+        &mut e.certificate,
+        &mut e.legal_basis,
+        &mut e.case_ref,
+        &mut e.consent_ref,
+        &mut e.token_id,
+        &mut e.operation,
+        &mut e.reason,
+        &mut e.shadow_decision,
+        &mut e.response_digest,
+        &mut e.phase,
+        &mut e.attempt_id,
+        &mut e.request_digest,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        scrub(s, STORED_TEXT_CHARS);
     }
     e.subjects
         .iter_mut()
         .chain(e.fields.iter_mut())
-        .for_each(scrub);
+        .chain(e.written.iter_mut())
+        .for_each(|s| scrub(s, STORED_INDEXED_CHARS));
     Ok(entry)
 }
 
-fn scrub(s: &mut String) {
+fn scrub(s: &mut String, max: usize) {
     if s.contains('\0') {
         *s = s.replace('\0', "\u{FFFD}");
+    }
+    if let std::borrow::Cow::Owned(cut) = super::text::cut(s, max) {
+        *s = cut;
     }
 }
 
@@ -340,6 +395,13 @@ pub(crate) struct Row {
     pseudonymised: i64,
     prev_hash: String,
     hash: String,
+    phase: Option<String>,
+    attempt_id: Option<String>,
+    request_digest: Option<String>,
+    written: Option<String>,
+    /// For an attempt, how many outcomes name it; only the queries that ask for it compute it.
+    #[sqlx(default)]
+    outcomes: Option<i64>,
 }
 
 impl Row {
@@ -356,6 +418,13 @@ impl Row {
             .map_err(|e| format!("fields column is not a JSON string array: {e}"))?;
         let status = u16::try_from(self.status)
             .map_err(|_| format!("status {} is out of range", self.status))?;
+        let written: Vec<String> = match &self.written {
+            Some(w) => serde_json::from_str(w)
+                .map_err(|e| format!("written column is not a JSON string array: {e}"))?,
+            None => Vec::new(),
+        };
+        let outcome_unknown =
+            self.phase.as_deref() == Some(PHASE_ATTEMPT) && self.outcomes == Some(0);
         Ok(Record {
             seq: self.seq,
             node: self.node,
@@ -399,23 +468,29 @@ impl Row {
                     1 => true,
                     n => return Err(format!("pseudonymised {n} is neither 0 nor 1")),
                 },
+                phase: self.phase,
+                attempt_id: self.attempt_id,
+                request_digest: self.request_digest,
+                written,
             },
             prev_hash: self.prev_hash,
             hash: self.hash,
+            outcome_unknown,
         })
     }
 }
 
-/// The columns of `audit_log` in insert order (30 of them).
+/// The columns of `audit_log` in insert order (34 of them).
 macro_rules! audit_columns {
     () => {
         "node, seq, id, ts, agency, certificate, officer, purpose, legal_basis, case_ref, \
          consent_ref, token_id, provider, service, operation, method, path, subjects, fields, \
          decision, reason, status, policy_version, prev_hash, hash, shadow_decision, \
-         response_digest, restricted, upstream_status, pseudonymised"
+         response_digest, restricted, upstream_status, pseudonymised, phase, attempt_id, \
+         request_digest, written"
     };
 }
 pub(crate) use audit_columns;
 
 /// How many columns [`audit_columns!`] lists.
-pub(crate) const AUDIT_COLUMN_COUNT: usize = 30;
+pub(crate) const AUDIT_COLUMN_COUNT: usize = 34;

@@ -52,6 +52,10 @@ pub struct Access {
     pub refused_because: Option<String>,
     /// The audit record's id, to quote in a complaint.
     pub record_id: String,
+    /// A change was attempted but its outcome is not in the log: the gateway
+    /// stopped before recording it, so whether the record was changed is unknown.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub outcome_unknown: bool,
 }
 
 /// Everything the log holds about accesses to one data subject.
@@ -124,9 +128,11 @@ pub async fn subject_report_with(
     let days = options.restricted_delay.as_secs() / 86_400;
     Ok(SubjectReport {
         subject: subject.to_owned(),
+        // A change shows once: as its outcome, or as an attempt whose outcome is unknown.
         accesses: records
             .iter()
             .filter(|r| !(options.hide_pseudonymised && r.entry.pseudonymised))
+            .filter(|r| r.entry.phase.as_deref() != Some(super::PHASE_ATTEMPT) || r.outcome_unknown)
             .map(|r| access(r, &options.log_providers, name_of))
             .collect(),
         notice: format!(
@@ -182,7 +188,7 @@ fn access(
         } else {
             Vec::new()
         },
-        refused_because: if released {
+        refused_because: if released || r.outcome_unknown {
             None
         } else {
             Some(
@@ -192,6 +198,7 @@ fn access(
             )
         },
         record_id: e.id.clone(),
+        outcome_unknown: r.outcome_unknown,
     }
 }
 
@@ -207,12 +214,19 @@ impl std::fmt::Display for SubjectReport {
             .iter()
             .partition(|a| a.what == Reached::Record);
         let released = records.iter().filter(|a| a.released).count();
+        let unknown = records.iter().filter(|a| a.outcome_unknown).count();
         writeln!(
             f,
             "{} request(s) asked for this record; {released} received data, {} were refused or failed.",
             records.len(),
-            records.len() - released
+            records.len() - released - unknown
         )?;
+        if unknown > 0 {
+            writeln!(
+                f,
+                "{unknown} change(s) were attempted whose outcome the log does not hold."
+            )?;
+        }
         if !logs.is_empty() {
             writeln!(
                 f,
@@ -237,7 +251,13 @@ impl std::fmt::Display for SubjectReport {
                 _ => "read",
             };
             let date = a.at.get(..16).unwrap_or(&a.at).replace('T', " ");
-            if a.what == Reached::AccessLog {
+            if a.outcome_unknown {
+                writeln!(
+                    f,
+                    "- {date} UTC: {who} tried to change your record ({why}); the gateway stopped \
+                     before recording whether the change was made (outcome unknown)."
+                )?;
+            } else if a.what == Reached::AccessLog {
                 let outcome = if a.released {
                     "it saw which accesses to your record are logged; none of your record's data"
                         .to_owned()

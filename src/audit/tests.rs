@@ -63,6 +63,7 @@ fn entry(n: usize) -> Entry {
         // Every seventh provider answered with an error; every eighth read was pseudonymised.
         upstream_status: n.is_multiple_of(7).then_some(500),
         pseudonymised: n.is_multiple_of(8),
+        ..Entry::default()
     }
 }
 
@@ -199,7 +200,8 @@ async fn failed_commit_fails_closed_and_recovers(store: Store) {
     let err = log.append(entry(3)).await.unwrap_err();
     assert!(matches!(err, AuditError::CommitFailed), "{err:?}");
     assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(log.stats().failed_batches, 1);
+    assert!(log.stats().failing);
+    assert!(log.stats().failed_batches >= 1);
 
     match store.backend() {
         crate::store::Backend::Sqlite => exec(&store, "DROP TRIGGER audit_block").await,
@@ -207,24 +209,94 @@ async fn failed_commit_fails_closed_and_recovers(store: Store) {
             exec(&store, "DROP TRIGGER audit_block ON audit_log").await
         }
     }
+    // Nobody sends anything: the writer finds out by itself that it can write again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while log.stats().failing {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer did not recover by itself"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // seq 4 is the event that records the outage.
     let next = log.append(entry(4)).await.unwrap();
-    assert_eq!(next.seq, 4);
+    assert_eq!(next.seq, 5);
 
-    // A request id used twice fails its batch; the chain carries on without a gap.
+    // A request id used twice: only the repeat is refused (an event says so),
+    // the node stays ready and the chain carries on without a gap.
     let mut again = entry(5);
     log.append(again.clone()).await.unwrap();
     again.case_ref = None;
-    assert!(log.append(again).await.is_err());
-    assert_eq!(log.append(entry(6)).await.unwrap().seq, 6);
+    assert!(matches!(
+        log.append(again).await,
+        Err(AuditError::InvalidEntry(_))
+    ));
+    assert!(!log.stats().failing);
+    assert_eq!(log.append(entry(6)).await.unwrap().seq, 8);
     drop(log);
     writer.finish().await;
     let report = verify(&store, None).await.unwrap();
-    assert_eq!(report.to_string(), "node n1: 6 records, chain intact\n");
+    assert_eq!(report.to_string(), "node n1: 8 records, chain intact\n");
+    let mut records = query(&store, &Filter::default()).await.unwrap();
+    records.sort_by_key(|r| r.seq);
+    let paths: Vec<String> = records.into_iter().map(|r| r.entry.path).collect();
+    assert_eq!(paths[3], super::event::AUDIT_RECOVERED);
+    assert!(paths[6] == super::event::ENTRY_REFUSED, "{paths:?}");
 }
 both!(
     failed_commit_sqlite,
     failed_commit_pg,
     failed_commit_fails_closed_and_recovers
+);
+
+/// An entry the database refuses (here: a request id already in the log) is
+/// refused alone: the rest of its batch commits, an event records the
+/// refusal, and the node does not turn failing.
+async fn one_bad_entry_does_not_fail_its_batch(store: Store) {
+    let (log, writer) = start(&store, "n1").await;
+    let first = entry(0);
+    log.append(first.clone()).await.unwrap();
+    let mut tasks = Vec::new();
+    for n in 1..64 {
+        let log = log.clone();
+        let e = if n == 32 {
+            Entry {
+                case_ref: None,
+                ..first.clone()
+            }
+        } else {
+            entry(n)
+        };
+        tasks.push(tokio::spawn(async move { (n, log.append(e).await) }));
+    }
+    for t in tasks {
+        let (n, result) = t.await.unwrap();
+        match n {
+            32 => assert!(
+                matches!(result, Err(AuditError::InvalidEntry(_))),
+                "{result:?}"
+            ),
+            _ => assert!(result.is_ok(), "entry {n}: {result:?}"),
+        }
+    }
+    assert!(!log.stats().failing);
+    drop(log);
+    writer.finish().await;
+    let records = query(&store, &Filter::default()).await.unwrap();
+    assert_eq!(records.len(), 64, "63 entries and the refusal event");
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.entry.path == super::event::ENTRY_REFUSED)
+            .count(),
+        1
+    );
+    assert!(verify(&store, None).await.unwrap().intact());
+}
+both!(
+    one_bad_entry_sqlite,
+    one_bad_entry_pg,
+    one_bad_entry_does_not_fail_its_batch
 );
 
 async fn restart_continues_the_chain(store: Store) {
@@ -551,6 +623,39 @@ async fn throughput_sqlite() {
     );
     drop(log);
     writer.finish().await;
+}
+
+#[test]
+fn write_ahead_members_are_hashed_only_when_set() {
+    let mut e = Entry {
+        id: "01900000-0000-7000-8000-000000000000".into(),
+        ts: "2026-11-03T09:00:00.000000Z".into(),
+        method: "POST".into(),
+        path: "/v1/x".into(),
+        decision: "allow".into(),
+        status: 201,
+        policy_version: "v1".into(),
+        ..Entry::default()
+    };
+    let without = chain_hash(1, "n1", &e, GENESIS_HASH).unwrap();
+    let plain = canonical_json(1, "n1", &e, GENESIS_HASH).unwrap();
+    for member in ["phase", "attempt_id", "request_digest", "written"] {
+        assert!(!plain.contains(member), "{plain}");
+    }
+    e.phase = Some("outcome".into());
+    e.attempt_id = Some("a-1".into());
+    e.request_digest = Some("cd".repeat(32));
+    e.written = vec!["person_id".into()];
+    let json = canonical_json(1, "n1", &e, GENESIS_HASH).unwrap();
+    assert!(
+        json.ends_with(&format!(
+            "\"policy_version\":\"v1\",\"phase\":\"outcome\",\"attempt_id\":\"a-1\",\
+             \"request_digest\":\"{}\",\"written\":[\"person_id\"],\"prev_hash\":\"{GENESIS_HASH}\"}}",
+            "cd".repeat(32)
+        )),
+        "{json}"
+    );
+    assert_ne!(chain_hash(1, "n1", &e, GENESIS_HASH).unwrap(), without);
 }
 
 #[test]

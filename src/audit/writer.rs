@@ -3,9 +3,18 @@
 //! many requests.
 //!
 //! Callers wait on a oneshot until their batch has committed; only then may
-//! the gateway answer. A failed transaction fails every entry in it, the
-//! chain head is reloaded from the database, and later batches carry on from
-//! what was really committed, so the chain never has a gap.
+//! the gateway answer. Each transaction runs on a connection of its own
+//! ([`crate::store::WriteTx`]): one that fails is abandoned with its
+//! connection, the chain head is read back inside the next transaction, and
+//! later batches carry on from what was really committed, so the chain never
+//! has a gap and no sequence number is handed out twice.
+//!
+//! A batch the store refuses for one of its rows is committed in halves, so
+//! one entry that cannot be stored never costs the others theirs, nor the
+//! node its readiness. A batch the store cannot commit at all starts an
+//! outage: requests are refused (fail closed) and the writer tries the store
+//! again every second by itself, with an event recording the outage; the
+//! node is ready again as soon as that event commits.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -17,9 +26,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use super::checkpoint::{self, AuditKey, Checkpoint};
-use super::record::{audit_columns, prepare, Entry, Record, AUDIT_COLUMN_COUNT, GENESIS_HASH};
+use super::record::{audit_columns, prepare, Entry, AUDIT_COLUMN_COUNT, GENESIS_HASH};
 use super::AuditError;
 use crate::store::{Backend, Store};
+use sqlx::AnyConnection;
 
 /// Rows per multi-row `INSERT` into `audit_log`: 32 × 28 parameters stays far
 /// below SQLite's and PostgreSQL's parameter limits.
@@ -91,7 +101,8 @@ pub struct AuditStats {
     pub failed_records: u64,
     /// Entries queued for the writer right now.
     pub queue_depth: usize,
-    /// Whether the last transaction failed: requests are being refused (fail closed).
+    /// Whether the store cannot commit now: requests are being refused (fail
+    /// closed) until the writer's own retry succeeds.
     pub failing: bool,
 }
 
@@ -102,7 +113,7 @@ struct Counters {
     batches: AtomicU64,
     failed_batches: AtomicU64,
     failed_records: AtomicU64,
-    /// Set by a failed transaction, cleared by the next one that commits.
+    /// Set while the store cannot commit (an outage), cleared once a transaction commits again.
     failing: std::sync::atomic::AtomicBool,
 }
 
@@ -157,7 +168,10 @@ impl AuditLog {
                 "node name must be non-empty text".into(),
             ));
         }
-        let head = load_head(&store, &config.node).await?;
+        let head = {
+            let mut conn = store.pool().acquire().await?;
+            load_head(&mut conn, &config.node).await?
+        };
         tracing::info!(node = %config.node, seq = head.seq, "audit chain head loaded");
         let last_checkpoint = checkpoint::latest(&store, &config.node).await?.unwrap_or(0);
         let (tx, rx) = mpsc::channel(config.queue.max(1));
@@ -172,6 +186,7 @@ impl AuditLog {
             counters: counters.clone(),
             checkpoints: config.checkpoints,
             last_checkpoint: (last_checkpoint, Instant::now()),
+            outage: None,
         };
         let task = tokio::spawn(writer.run(rx, close.clone()));
         Ok((
@@ -242,35 +257,102 @@ impl AuditWriter {
     }
 }
 
+/// How often a failing writer tries the store again by itself: a node out of
+/// rotation gets no requests, so it must find out on its own that it can write.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// The state the writer task owns.
 struct Writer {
     store: Store,
     node: String,
     max_batch: usize,
-    /// `None` after a failure to reload it: reloaded before the next batch.
+    /// `None` after any failed transaction: re-read inside the next one, from
+    /// what the database really committed.
     head: Option<Head>,
     counters: Arc<Counters>,
     checkpoints: Option<CheckpointPolicy>,
     /// Chain position of the last checkpoint, and when it was taken.
     last_checkpoint: (i64, Instant),
+    /// Set while the store cannot commit; cleared by the event that says so.
+    outage: Option<Outage>,
+}
+
+/// A time when the store refused to commit: what the recovery event reports.
+#[derive(Debug)]
+struct Outage {
+    since: String,
+    refused: u64,
+    cause: String,
+}
+
+/// Why a transaction failed.
+enum Failure {
+    /// The store cannot commit now (full, gone, locked, read-only, …): every entry waits for it.
+    Store(String),
+    /// Something in the rows themselves (a constraint, a value the database refuses): one entry may be to blame.
+    Rows(String),
+}
+
+impl Failure {
+    fn of(err: &sqlx::Error, backend: Backend) -> Failure {
+        if row_specific(err, backend) {
+            Failure::Rows(err.to_string())
+        } else {
+            Failure::Store(err.to_string())
+        }
+    }
+}
+
+/// Whether a database error comes from what a row holds rather than from the
+/// store: SQLite's TOOBIG, CONSTRAINT, MISMATCH and RANGE; PostgreSQL's data
+/// exceptions (class 22, e.g. a NUL), integrity violations (23) and program
+/// limits (54000, e.g. an index row too large).
+fn row_specific(err: &sqlx::Error, backend: Backend) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match backend {
+                // Extended result codes; the primary code is the low byte.
+                Backend::Sqlite => code
+                    .parse::<i64>()
+                    .is_ok_and(|n| matches!(n & 0xff, 18..=20 | 25)),
+                Backend::Postgres => {
+                    code.starts_with("22") || code.starts_with("23") || code == "54000"
+                }
+            }
+        }
+        sqlx::Error::Encode(_) => true,
+        _ => false,
+    }
+}
+
+/// One entry placed in the chain for a transaction that may still fail.
+struct Chained<'a> {
+    seq: i64,
+    prev_hash: String,
+    hash: String,
+    entry: &'a Entry,
 }
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>, close: Arc<Notify>) {
         let mut jobs = Vec::with_capacity(self.max_batch);
         let mut closing = false;
+        let mut probe =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROBE_EVERY, PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let taken = if closing {
-                rx.recv_many(&mut jobs, self.max_batch).await
-            } else {
-                tokio::select! {
-                    taken = rx.recv_many(&mut jobs, self.max_batch) => taken,
-                    () = close.notified() => {
-                        // Buffered entries stay receivable; new sends fail.
-                        rx.close();
-                        closing = true;
-                        continue;
-                    }
+            let taken = tokio::select! {
+                taken = rx.recv_many(&mut jobs, self.max_batch) => taken,
+                () = close.notified(), if !closing => {
+                    // Buffered entries stay receivable; new sends fail.
+                    rx.close();
+                    closing = true;
+                    continue;
+                }
+                _ = probe.tick(), if self.outage.is_some() => {
+                    self.recover().await;
+                    continue;
                 }
             };
             if taken == 0 {
@@ -283,95 +365,226 @@ impl Writer {
     }
 
     /// Commits one batch and answers its callers.
+    ///
+    /// A batch that fails because of its rows is split in halves until the
+    /// entry that cannot be stored is alone, so the others still commit; that
+    /// entry's caller is refused and an event says so, and the node stays
+    /// ready. A batch that fails because of the store fails whole and starts
+    /// an outage, which only an event committed about it ends.
     async fn process(&mut self, jobs: Vec<Job>) {
-        let head = match self.head.clone() {
-            Some(head) => head,
-            None => match load_head(&self.store, &self.node).await {
-                Ok(head) => head,
-                Err(err) => {
-                    tracing::error!(node = %self.node, %err, "cannot load the audit chain head");
-                    self.fail(jobs);
-                    return;
-                }
-            },
-        };
-
+        if self.outage.is_some() && !self.recover().await {
+            self.fail(jobs);
+            return;
+        }
         // A repeated request id would make the whole transaction fail on the
         // unique index; refuse just the repeat instead.
         let mut seen = HashSet::with_capacity(jobs.len());
-        let mut records = Vec::with_capacity(jobs.len());
-        let mut replies = Vec::with_capacity(jobs.len());
-        let (mut seq, mut prev) = (head.seq, head.hash.clone());
+        let mut batch = Vec::with_capacity(jobs.len());
         for job in jobs {
-            if !seen.insert(job.entry.id.clone()) {
+            if seen.insert(job.entry.id.clone()) {
+                batch.push(job);
+            } else {
                 self.counters.failed_records.fetch_add(1, Ordering::Relaxed);
                 let _ = job
                     .reply
                     .send(Err(AuditError::InvalidEntry("duplicate request id".into())));
+            }
+        }
+        let mut work = std::collections::VecDeque::from([batch]);
+        while let Some(batch) = work.pop_front() {
+            if batch.is_empty() {
                 continue;
             }
-            match Record::chain(seq + 1, &self.node, job.entry, &prev) {
-                Ok(record) => {
-                    seq = record.seq;
-                    prev.clone_from(&record.hash);
-                    records.push(record);
-                    replies.push(job.reply);
+            let entries: Vec<&Entry> = batch.iter().map(|j| &j.entry).collect();
+            match self.commit(&entries).await {
+                Ok(committed) => {
+                    self.counters.failing.store(false, Ordering::Relaxed);
+                    for (job, c) in batch.into_iter().zip(committed) {
+                        // The caller may have gone away; its record stays committed.
+                        let _ = job.reply.send(Ok(c));
+                    }
                 }
-                Err(err) => {
-                    self.counters.failed_records.fetch_add(1, Ordering::Relaxed);
-                    let _ = job.reply.send(Err(err));
+                Err(Failure::Rows(why)) if batch.len() > 1 => {
+                    tracing::warn!(node = %self.node, entries = batch.len(), err = %why, "audit batch refused for its rows; committing it in halves");
+                    let mut first = batch;
+                    let second = first.split_off(first.len() / 2);
+                    work.push_front(second);
+                    work.push_front(first);
+                }
+                Err(Failure::Rows(why)) => {
+                    let Some(job) = batch.into_iter().next() else {
+                        continue;
+                    };
+                    if self.refused_entry(&job.entry, &why).await {
+                        self.counters.failed_records.fetch_add(1, Ordering::Relaxed);
+                        let _ = job.reply.send(Err(AuditError::InvalidEntry(
+                            "the log's database refused this entry".into(),
+                        )));
+                    } else {
+                        self.start_outage(why);
+                        self.fail(vec![job]);
+                        work.into_iter().for_each(|b| self.fail(b));
+                        return;
+                    }
+                }
+                Err(Failure::Store(why)) => {
+                    tracing::error!(node = %self.node, entries = batch.len(), err = %why, "audit batch failed to commit; its requests are refused");
+                    self.start_outage(why);
+                    self.fail(batch);
+                    work.into_iter().for_each(|b| self.fail(b));
+                    return;
                 }
             }
         }
-        if records.is_empty() {
-            return;
-        }
+    }
 
-        let checkpoint = self.due_checkpoint(seq, &prev);
-        match write_batch(&self.store, &records, checkpoint.as_ref()).await {
-            Ok(()) => {
+    /// Places `entries` after the chain head and commits them in one
+    /// transaction (with a checkpoint, if one is due); on success the head
+    /// moves on. After any failure the head is forgotten: the commit may have
+    /// reached the database before failing, so the next transaction reads it
+    /// back from what is really there.
+    async fn commit(&mut self, entries: &[&Entry]) -> Result<Vec<Committed>, Failure> {
+        let backend = self.store.backend();
+        let result = async {
+            let mut tx = self
+                .store
+                .begin_write()
+                .await
+                .map_err(|e| Failure::of(&e, backend))?;
+            let head = match &self.head {
+                Some(head) => head.clone(),
+                None => load_head(tx.conn(), &self.node)
+                    .await
+                    .map_err(|e| Failure::Store(e.to_string()))?,
+            };
+            let (mut seq, mut prev) = (head.seq, head.hash);
+            let mut chained = Vec::with_capacity(entries.len());
+            for entry in entries {
+                let hash = super::record::chain_hash(seq + 1, &self.node, entry, &prev)
+                    .map_err(|e| Failure::Rows(e.to_string()))?;
+                seq += 1;
+                chained.push(Chained {
+                    seq,
+                    prev_hash: std::mem::replace(&mut prev, hash.clone()),
+                    hash,
+                    entry,
+                });
+            }
+            let checkpoint = self.due_checkpoint(seq, &prev);
+            write_rows(
+                tx.conn(),
+                backend,
+                &self.node,
+                &chained,
+                checkpoint.as_ref(),
+            )
+            .await
+            .map_err(|e| Failure::of(&e, backend))?;
+            // Last, so the node lock is checked as close to the commit as it can be (crate::store::locks).
+            self.store
+                .check_node_lock(tx.conn())
+                .await
+                .map_err(|e| Failure::of(&e, backend))?;
+            tx.commit().await.map_err(|e| Failure::of(&e, backend))?;
+            Ok((chained, checkpoint, Head { seq, hash: prev }))
+        }
+        .await;
+        match result {
+            Ok((chained, checkpoint, head)) => {
                 if checkpoint.is_some() {
-                    self.last_checkpoint = (seq, Instant::now());
+                    self.last_checkpoint = (head.seq, Instant::now());
                 }
-                self.head = Some(Head { seq, hash: prev });
+                self.head = Some(head);
                 let c = &self.counters;
                 c.batches.fetch_add(1, Ordering::Relaxed);
-                c.failing.store(false, Ordering::Relaxed);
                 c.committed
-                    .fetch_add(records.len() as u64, Ordering::Relaxed);
-                for (record, reply) in records.into_iter().zip(replies) {
-                    // The caller may have gone away; its record stays committed.
-                    let _ = reply.send(Ok(Committed {
-                        seq: record.seq,
-                        hash: record.hash,
-                    }));
-                }
+                    .fetch_add(chained.len() as u64, Ordering::Relaxed);
+                Ok(chained
+                    .into_iter()
+                    .map(|r| Committed {
+                        seq: r.seq,
+                        hash: r.hash,
+                    })
+                    .collect())
             }
-            Err(err) => {
-                tracing::error!(
-                    node = %self.node,
-                    first_seq = head.seq + 1,
-                    entries = records.len(),
-                    %err,
-                    "audit batch failed to commit; its requests are refused"
-                );
+            Err(failure) => {
+                self.head = None;
                 self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
-                self.counters.failing.store(true, Ordering::Relaxed);
-                self.counters
-                    .failed_records
-                    .fetch_add(replies.len() as u64, Ordering::Relaxed);
-                for reply in replies {
-                    let _ = reply.send(Err(AuditError::CommitFailed));
-                }
-                // The commit may have reached the database before failing (or
-                // another process shares the node name): trust only the database.
-                self.head = match load_head(&self.store, &self.node).await {
-                    Ok(head) => Some(head),
-                    Err(err) => {
-                        tracing::warn!(node = %self.node, %err, "audit chain head reload failed; retrying on the next batch");
-                        None
-                    }
-                };
+                Err(failure)
+            }
+        }
+    }
+
+    /// Commits the event that an entry could not be stored; `true` if it
+    /// committed (so the store works and the entry alone is to blame).
+    async fn refused_entry(&mut self, entry: &Entry, why: &str) -> bool {
+        tracing::error!(node = %self.node, request_id = %entry.id, err = %why, "the log refused one entry; its request is refused");
+        let short = |v: &Option<String>| {
+            v.as_deref().map_or_else(
+                || "-".to_owned(),
+                |s| super::text::shorten(s, 64).into_owned(),
+            )
+        };
+        let event = super::event::event(
+            super::event::ENTRY_REFUSED,
+            format!(
+                "the record of request {} could not be stored, so the request was refused: \
+                 agency {}, officer {}, {} {}",
+                super::text::shorten(&entry.id, 64),
+                short(&entry.agency),
+                short(&entry.officer),
+                super::text::shorten(&entry.method, 16),
+                super::text::shorten(&entry.path, 256),
+            ),
+            &entry.policy_version,
+        );
+        let Ok(event) = prepare(event) else {
+            return false;
+        };
+        self.commit(&[&event]).await.is_ok()
+    }
+
+    fn start_outage(&mut self, cause: String) {
+        self.counters.failing.store(true, Ordering::Relaxed);
+        if self.outage.is_none() {
+            self.outage = Some(Outage {
+                since: super::now_ts(),
+                refused: 0,
+                cause,
+            });
+        }
+    }
+
+    /// While failing: commits the event that the log was unavailable; `true`
+    /// (and ready again) once it commits.
+    async fn recover(&mut self) -> bool {
+        let Some(outage) = &self.outage else {
+            return true;
+        };
+        let (since, refused) = (outage.since.clone(), outage.refused);
+        let event = super::event::event(
+            super::event::AUDIT_RECOVERED,
+            format!(
+                "the audit log could not be written from {} until now: {} record(s) refused, no data released for them (first error: {})",
+                since,
+                refused,
+                super::text::shorten(&outage.cause, 512),
+            ),
+            "",
+        );
+        let Ok(event) = prepare(event) else {
+            return false;
+        };
+        match self.commit(&[&event]).await {
+            Ok(_) => {
+                tracing::info!(node = %self.node, %since, refused, "audit log writable again");
+                self.outage = None;
+                self.counters.failing.store(false, Ordering::Relaxed);
+                true
+            }
+            Err(Failure::Store(why) | Failure::Rows(why)) => {
+                tracing::debug!(node = %self.node, err = %why, "audit store still failing");
+                false
             }
         }
     }
@@ -394,8 +607,9 @@ impl Writer {
         }
         let cp = policy.key.sign(&self.node, head.seq, &head.hash);
         let result = async {
-            let mut conn = self.store.pool().acquire().await?;
-            checkpoint::insert(&mut conn, &cp).await
+            let mut tx = self.store.begin_write().await?;
+            checkpoint::insert(tx.conn(), &cp).await?;
+            tx.commit().await
         }
         .await;
         match result {
@@ -407,8 +621,13 @@ impl Writer {
     }
 
     /// Answers every job with a commit failure.
-    fn fail(&self, jobs: Vec<Job>) {
-        self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+    fn fail(&mut self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        if let Some(o) = &mut self.outage {
+            o.refused += jobs.len() as u64;
+        }
         self.counters.failing.store(true, Ordering::Relaxed);
         self.counters
             .failed_records
@@ -421,18 +640,18 @@ impl Writer {
 
 /// The node's last committed record (or, when all were archived, the last
 /// archived one), or the genesis position.
-async fn load_head(store: &Store, node: &str) -> Result<Head, AuditError> {
+async fn load_head(conn: &mut AnyConnection, node: &str) -> Result<Head, AuditError> {
     let mut row: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM audit_log WHERE node = $1 ORDER BY seq DESC LIMIT 1")
             .bind(node)
-            .fetch_optional(store.pool())
+            .fetch_optional(&mut *conn)
             .await?;
     if row.is_none() {
         row = sqlx::query_as(
             "SELECT seq, hash FROM audit_archives WHERE node = $1 ORDER BY seq DESC LIMIT 1",
         )
         .bind(node)
-        .fetch_optional(store.pool())
+        .fetch_optional(&mut *conn)
         .await?;
     }
     Ok(match row {
@@ -444,25 +663,26 @@ async fn load_head(store: &Store, node: &str) -> Result<Head, AuditError> {
     })
 }
 
-/// Writes the records and their subject index rows in one transaction.
-async fn write_batch(
-    store: &Store,
-    records: &[Record],
+/// Writes the records and their subject index rows (and a checkpoint) on the transaction's connection.
+async fn write_rows(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    node: &str,
+    records: &[Chained<'_>],
     checkpoint: Option<&Checkpoint>,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = store.pool().begin().await?;
     for chunk in records.chunks(LOG_ROWS_PER_INSERT) {
         let sql = insert_sql(
-            store.backend(),
+            backend,
             concat!("INSERT INTO audit_log (", audit_columns!(), ") VALUES "),
             AUDIT_COLUMN_COUNT,
             chunk.len(),
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for r in chunk {
-            let e = &r.entry;
+            let e = r.entry;
             q = q
-                .bind(r.node.as_str())
+                .bind(node)
                 .bind(r.seq)
                 .bind(e.id.as_str())
                 .bind(e.ts.as_str())
@@ -491,38 +711,40 @@ async fn write_batch(
                 .bind(e.response_digest.as_deref())
                 .bind(i32::from(e.restricted))
                 .bind(e.upstream_status.map(i32::from))
-                .bind(i32::from(e.pseudonymised));
+                .bind(i32::from(e.pseudonymised))
+                .bind(e.phase.as_deref())
+                .bind(e.attempt_id.as_deref())
+                .bind(e.request_digest.as_deref())
+                .bind((!e.written.is_empty()).then(|| json_list(&e.written)));
         }
-        q.execute(&mut *tx).await?;
+        q.execute(&mut *conn).await?;
     }
 
-    let subjects: Vec<(&str, i64, &str)> = records
+    let subjects: Vec<(i64, &str)> = records
         .iter()
         .flat_map(|r| {
             distinct(&r.entry.subjects)
                 .into_iter()
-                .map(move |s| (r.node.as_str(), r.seq, s))
+                .map(move |s| (r.seq, s))
         })
         .collect();
     for chunk in subjects.chunks(SUBJECT_ROWS_PER_INSERT) {
         let sql = insert_sql(
-            store.backend(),
+            backend,
             "INSERT INTO audit_subjects (node, seq, subject) VALUES ",
             3,
             chunk.len(),
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (node, seq, subject) in chunk {
-            q = q.bind(*node).bind(*seq).bind(*subject);
+        for (seq, subject) in chunk {
+            q = q.bind(node).bind(*seq).bind(*subject);
         }
-        q.execute(&mut *tx).await?;
+        q.execute(&mut *conn).await?;
     }
     if let Some(cp) = checkpoint {
-        checkpoint::insert(&mut tx, cp).await?;
+        checkpoint::insert(conn, cp).await?;
     }
-    // Last, so the node lock is checked as close to the commit as it can be (crate::store::locks).
-    store.check_node_lock(&mut tx).await?;
-    tx.commit().await
+    Ok(())
 }
 
 /// The subjects of a record without repeats, sorted: the rows of its index.

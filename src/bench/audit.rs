@@ -7,7 +7,8 @@
 //! id of its audit record, which names the node that wrote it. No answer may
 //! lack its record, and on each node that answered, the 2xx records must have
 //! grown by exactly the answers it gave (more would be records of requests
-//! the run did not see answered, or other traffic on that node).
+//! the run did not see answered, or other traffic on that node). A write's
+//! id names its attempt record; its 2xx record is the outcome that names it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -72,9 +73,11 @@ pub async fn check(
     let mut found: BTreeMap<String, String> = BTreeMap::new();
     for chunk in ids.chunks(IDS_PER_QUERY) {
         let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        // A write's request id names its attempt; the 2xx is on its outcome, which names the attempt.
+        let list = placeholders.join(",");
         let sql = format!(
-            "SELECT id, node FROM audit_log WHERE status >= 200 AND status < 300 AND id IN ({})",
-            placeholders.join(",")
+            "SELECT COALESCE(attempt_id, id), node FROM audit_log \
+             WHERE status >= 200 AND status < 300 AND (id IN ({list}) OR attempt_id IN ({list}))"
         );
         let mut q = sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(sql));
         for id in chunk {

@@ -146,6 +146,110 @@ impl TestGateway {
     pub async fn shutdown(self) {
         self.running.shutdown().await;
     }
+
+    /// Stops the system and starts it again on the same files and database.
+    pub async fn restart(self) -> TestGateway {
+        let TestGateway {
+            running,
+            dir,
+            config,
+            _pg,
+        } = self;
+        running.shutdown().await;
+        let listeners = Listeners {
+            gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let running = server::start(config.clone(), listeners).await.unwrap();
+        TestGateway {
+            running,
+            dir,
+            config,
+            _pg,
+        }
+    }
+
+    /// Waits until no request pipeline runs (those whose clients went away included).
+    pub async fn wait_for_pipelines(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.running.gateway.pipelines_in_flight() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "request pipelines still running after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The database name of a PostgreSQL-backed gateway.
+    pub fn pg_name(&self) -> Option<String> {
+        self._pg
+            .as_ref()
+            .and_then(|pg| pg.url.rsplit('/').next().map(str::to_owned))
+    }
+
+    /// The bodies of `n` border crossings of the example person, one a second
+    /// back from now (so each is a distinct crossing, stored with this `at`).
+    pub async fn crossings(&self, n: usize) -> Vec<(String, Vec<u8>)> {
+        let document = karibche::registry::example_document(self.registry_store())
+            .await
+            .unwrap()
+            .unwrap();
+        let now = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap();
+        (1..=n)
+            .map(|i| {
+                let at = (now - Duration::from_secs(i as u64))
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap();
+                let body = serde_json::json!({
+                    "person_id": karibche::registry::EXAMPLE_PERSON_ID, "direction": "exit",
+                    "point": "Sarpi", "at": at, "document_number": document
+                });
+                (at, serde_json::to_vec(&body).unwrap())
+            })
+            .collect()
+    }
+
+    /// A development token for a named officer of an agency.
+    pub fn officer_token(&self, agency: &str, officer: &str, purpose: &str) -> String {
+        karibche::token::issue(
+            &self.config.data_path(&self.config.tokens.keys_dir),
+            &karibche::token::IssueRequest {
+                agency: agency.into(),
+                officer: officer.into(),
+                purpose: purpose.into(),
+                case_ref: None,
+                ttl: Duration::from_secs(300),
+                audience: "karibche".into(),
+                backdate: Duration::ZERO,
+            },
+        )
+        .unwrap()
+    }
+
+    /// `/readyz` of the running system: its status.
+    pub async fn readyz(&self) -> StatusCode {
+        admin_get(self.running.started.admin, "/readyz").await.0
+    }
+
+    /// Polls `/readyz` until it answers `want`; panics after `within`.
+    pub async fn wait_ready(&self, want: StatusCode, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let (status, body) = admin_get(self.running.started.admin, "/readyz").await;
+            if status == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/readyz is still {status} after {within:?}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// A minimal mutual-TLS client, HTTP/1.1 (or HTTP/2 after [`Client::http2`]); one
@@ -214,6 +318,27 @@ impl Client {
             addr: self.addr,
             http2: true,
         }
+    }
+
+    /// An HTTP/2 connection (ALPN `h2`): many requests as streams of one connection.
+    /// Dropping a request's response future resets its stream (`RST_STREAM`).
+    pub async fn h2(&self) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        sender
     }
 
     /// A bare TLS connection (handshake done), for tests that write raw HTTP.
@@ -810,6 +935,120 @@ pub fn client_hello(version: [u8; 2], server_name: &str) -> Vec<u8> {
     record
 }
 
+/// The records of one request, oldest first: its one record, or a change's
+/// attempt (which carries the request id) and its outcome.
+pub async fn request_records(
+    store: &karibche::store::Store,
+    request_id: &str,
+) -> Vec<karibche::audit::Record> {
+    karibche::audit::query(store, &karibche::audit::Filter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entry.id == request_id || r.entry.attempt_id.as_deref() == Some(request_id))
+        .collect()
+}
+
+/// A JSON POST request with a bearer token, for [`Client::h2`] and raw exchanges.
+pub fn post_request(path: &str, token: &str, body: &[u8]) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(format!("https://localhost{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .unwrap()
+}
+
+/// The bytes of an HTTP/1.1 JSON POST, as a client writes them on the wire.
+pub fn http1_post(path: &str, token: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Hex SHA-256, as the log records request and response digests.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    karibche::pki::sha256_hex(bytes)
+}
+
+/// A tiny deterministic generator (splitmix64) for random timings in tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// A small tmpfs mounted for one test (unmounted when dropped, also on panic).
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts `size` (e.g. `"4m"`) at a fresh directory; `None` (with a note)
+    /// where mounting is not permitted and `CI` is unset.
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let dir =
+            std::env::temp_dir().join(format!("karibche-tmpfs-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::fs::remove_dir(&dir);
+            if std::env::var_os("CI").is_some() {
+                panic!("cannot mount a tmpfs in CI (the storage fault tests need root)");
+            }
+            eprintln!("note: cannot mount a tmpfs (not root?); skipping the full-disk test");
+            return None;
+        }
+        Some(Tmpfs { dir })
+    }
+
+    /// Fills the filesystem up with a file `name`; returns its path.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.dir.join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let small = [0u8; 512];
+        while f.write_all(&small).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a file still open somewhere must not keep the mount (and the test) alive.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 /// A `karibche serve` process of the real binary, killed (SIGKILL) when dropped.
 pub struct ServeProcess {
     pub child: std::process::Child,
@@ -903,6 +1142,99 @@ pub fn spawn_serve(data: &Path, args: &[&str]) -> Spawned {
     }
 }
 
+/// Copies the repository's policies under `dir` and adds a provider
+/// `ministry` at `url` on whose service `notes` the Border Police may write
+/// (`{"person_id": …, "note": …}`); returns the copy's directory.
+pub fn policies_with_write_provider(dir: &Path, url: &str) -> PathBuf {
+    let out = copy_policies(dir);
+    let append = |file: &str, text: String| {
+        let path = out.join(file);
+        let mut s = std::fs::read_to_string(&path).unwrap();
+        s.push_str(&text);
+        std::fs::write(path, s).unwrap();
+    };
+    append(
+        "providers.toml",
+        format!(
+            "\n[[providers]]\nid = \"ministry\"\ntitle = \"Another ministry's service\"\nupstream = \"{url}\"\n\n\
+             [[providers.services]]\nid = \"notes\"\ntitle = \"Notes about a person\"\noperations = [\"write\"]\n\
+             subject_field = \"person_id\"\nfields = [\"id\", \"person_id\", \"note\"]\n"
+        ),
+    );
+    append(
+        "agencies/mia-border.toml",
+        "\n[[grants]]\nprovider = \"ministry\"\nservice = \"notes\"\noperations = [\"write\"]\n\
+         purposes = [\"border-control\"]\nfields = [\"id\", \"person_id\", \"note\"]\n"
+            .to_owned(),
+    );
+    out
+}
+
+/// Serves, on `listener`, a provider that takes requests and never answers;
+/// each connection's first bytes are sent on the returned channel once they
+/// stopped coming (the provider holds the request).
+///
+/// A test double at a boundary karibche does not own: another ministry's
+/// service, slow at the worst moment. It speaks real TLS with the register's
+/// development certificate under `pki` (which the gateway trusts for providers).
+pub fn holding_provider(
+    listener: std::net::TcpListener,
+    pki: &Path,
+) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = karibche::tls::server_config(
+        karibche::pki::load_certs(&pki.join("registry.pem")).unwrap(),
+        karibche::pki::load_key(&pki.join("registry.key")).unwrap(),
+        &karibche::tls::ClientVerification {
+            cas: karibche::pki::load_certs(&pki.join("ca.pem")).unwrap(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    listener.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(listener).unwrap();
+    let (held, holding) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, held) = (acceptor.clone(), held.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Read until the request (HTTP/1.1 or HTTP/2 frames) has arrived, then hold it.
+                while let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(200), tls.read(&mut buf)).await
+                {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                let _ = held.try_send(seen);
+                // Hold the connection without answering until the gateway is gone.
+                while tls.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    holding
+}
+
+/// Generates the development PKI and agency keys under `config`'s data
+/// directory ahead of the start (as `serve` would), for test doubles that need them first.
+pub fn dev_pki_ahead(config: &Config) {
+    let policy = karibche::policy::Policy::load(&repo_policies()).unwrap();
+    let names: Vec<&str> = policy.agencies().map(|a| a.id.as_str()).collect();
+    karibche::pki::ensure_dev_pki(&config.pki_dir(), &names).unwrap();
+    karibche::pki::ensure_signing_keys(&config.data_path(&config.tokens.keys_dir), &names).unwrap();
+}
+
 /// Every person of a nationality as the statistics office receives them
 /// (pseudonymised), following the sealed cursors page by page.
 pub async fn geostat_persons(gw: &TestGateway, nationality: &str) -> Vec<serde_json::Value> {
@@ -936,9 +1268,17 @@ pub async fn geostat_persons(gw: &TestGateway, nationality: &str) -> Vec<serde_j
 /// The child is killed and reaped when the guard drops, so a failing test never
 /// leaves a gateway behind holding the test harness's output pipe.
 pub fn spawn_gateway(data: &Path, umask: Option<&str>) -> (KillOnDrop, SocketAddr) {
+    spawn_gateway_with(data, umask, &repo_policies())
+}
+
+/// [`spawn_gateway`] with the policies in `policies`.
+pub fn spawn_gateway_with(
+    data: &Path,
+    umask: Option<&str>,
+    policies: &Path,
+) -> (KillOnDrop, SocketAddr) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
-    let policies = repo_policies();
     let bin = env!("CARGO_BIN_EXE_karibche");
     let args: Vec<String> = [
         "--data-dir",
