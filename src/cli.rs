@@ -552,7 +552,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
             bind_cert,
         }) => {
             let keys_dir = config.data_path(&config.tokens.keys_dir);
-            let request = crate::token::IssueRequest {
+            let request = crate::identity::token::IssueRequest {
                 agency: agency.clone(),
                 officer: officer.clone(),
                 purpose: purpose.clone(),
@@ -566,7 +566,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
                 "token issue checks the token against the policy in force (--policies DIR)",
             )?;
             if let Err(problems) =
-                crate::token::check_issue(&request, &policy, config.tokens.max_lifetime)
+                crate::identity::token::check_issue(&request, &policy, config.tokens.max_lifetime)
             {
                 let mut text = String::from("the gateway would refuse this token:");
                 for p in &problems.0 {
@@ -577,11 +577,11 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let token = match bind_cert {
                 Some(cert) => {
-                    let der = crate::pki::load_certs(cert)?;
-                    let sha256 = crate::pki::fingerprint(&der[0]);
-                    crate::token::issue_bound(&keys_dir, &request, &sha256)
+                    let der = crate::devpki::load_certs(cert)?;
+                    let sha256 = crate::devpki::fingerprint(&der[0]);
+                    crate::identity::token::issue_bound(&keys_dir, &request, &sha256)
                 }
-                None => crate::token::issue(&keys_dir, &request),
+                None => crate::identity::token::issue(&keys_dir, &request),
             }
             .with_context(|| {
                 format!("no development key for agency {agency:?}; run `karibche certs init` (or `serve`) first")
@@ -594,7 +594,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(cmd) => audit_command(&config, cmd).await,
         Command::Certs(CertsCommand::Revoke { agency }) => {
             let r =
-                crate::crl::revoke_dev_agency(&config.pki_dir(), agency).with_context(|| {
+                crate::identity::crl::revoke_dev_agency(&config.pki_dir(), agency).with_context(|| {
                     format!("cannot revoke the development certificate of {agency:?}")
                 })?;
             if r.newly_revoked {
@@ -619,8 +619,8 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
             let policy = server::load_policy(&config.policies_dir)?;
             let names: Vec<String> = policy.agencies().map(|a| a.id.clone()).collect();
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let a = crate::pki::ensure_dev_pki(&config.pki_dir(), &names)?;
-            let b = crate::pki::ensure_signing_keys(
+            let a = crate::devpki::ensure_dev_pki(&config.pki_dir(), &names)?;
+            let b = crate::devpki::ensure_signing_keys(
                 &config.data_path(&config.tokens.keys_dir),
                 &names,
             )?;
@@ -964,8 +964,8 @@ fn check_token_keys(config: &Config, policy: &Policy) -> (Vec<String>, Vec<Strin
         return (errors, warnings);
     }
     for agency in policy.agencies() {
-        let options = crate::token::VerifyOptions::from_config(&config.tokens);
-        match crate::token::KeyStore::load(&keys_dir, &[agency.id.as_str()], options) {
+        let options = crate::identity::token::VerifyOptions::from_config(&config.tokens);
+        match crate::identity::token::KeyStore::load(&keys_dir, &[agency.id.as_str()], options) {
             Err(e) => errors.push(format!("{e}: the token key of agency {} cannot be read", agency.id)),
             Ok(keys) if !keys.has_keys(&agency.id) => warnings.push(format!(
                 "{}: agency {} has no token verification key in {}: none of its officers can be authenticated, so none of its {} grant(s) can be used",
@@ -1182,7 +1182,7 @@ fn certs_status(config: &Config, warn_days: i64) -> anyhow::Result<ExitCode> {
         "certificate",
         "subject"
     );
-    for item in crate::pki::inventory(config) {
+    for item in crate::devpki::inventory(config) {
         match item {
             Ok(e) => {
                 let days = e.days_left(now);

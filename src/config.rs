@@ -317,8 +317,8 @@ impl Default for TokenConfig {
         TokenConfig {
             audience: "karibche".to_owned(),
             keys_dir: PathBuf::from("keys"),
-            max_token_bytes: crate::token::DEFAULT_MAX_TOKEN_BYTES,
-            cache_capacity: crate::token::DEFAULT_CACHE_CAPACITY,
+            max_token_bytes: crate::identity::token::DEFAULT_MAX_TOKEN_BYTES,
+            cache_capacity: crate::identity::token::DEFAULT_CACHE_CAPACITY,
             require_bound_tokens: false,
             leeway: Duration::from_secs(30),
             max_lifetime: Duration::from_secs(15 * 60),

@@ -39,7 +39,7 @@ use crate::limits::{Exceeded, Limits, Sample, RATE_LIMITED};
 use crate::policy::{Decision, DecisionRequest, DenyReason, Operation, Policy, Service, Upstream};
 use crate::problem::{Body, Problem};
 use crate::server::ConnInfo;
-use crate::token::{KeyStore, Officer, Presented, TokenError};
+use crate::identity::token::{KeyStore, Officer, Presented, TokenError};
 
 /// The HTTPS client towards providers; pooled, so connections are reused.
 pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;

@@ -11,7 +11,7 @@ use std::process::Command;
 use common::{Db, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter, Record};
-use karibche::pki::sha256_hex;
+use karibche::devpki::sha256_hex;
 
 const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
 
@@ -88,7 +88,7 @@ async fn a_key_reload_is_an_audit_event() {
     // Rotating psda's signing key: a new key file appears beside the old.
     let before: Vec<_> = std::fs::read_dir(&keys).unwrap().collect();
     assert!(!before.is_empty());
-    let psda_pub = karibche::keys::agency_key_files(&keys, "psda");
+    let psda_pub = karibche::identity::keys::agency_key_files(&keys, "psda");
     let target = psda_pub.first().unwrap().clone();
     let mut text = std::fs::read(&target).unwrap();
     text.extend_from_slice(b"\n");

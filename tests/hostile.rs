@@ -38,7 +38,7 @@ fn token(gw: &TestGateway, agency: &str, claims: serde_json::Value) -> String {
     for (k, v) in claims.as_object().unwrap() {
         c[k] = v.clone();
     }
-    karibche::token::issue_claims(&gw.config.data_path(&gw.config.tokens.keys_dir), agency, &c)
+    karibche::identity::token::issue_claims(&gw.config.data_path(&gw.config.tokens.keys_dir), agency, &c)
         .unwrap()
 }
 

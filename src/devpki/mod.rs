@@ -310,7 +310,7 @@ pub fn ensure_dev_pki(pki_dir: &Path, agencies: &[&str]) -> Result<PkiReport, Pk
         write_public(&pem, &cert_pem)?;
         report.created.extend([pem, key]);
     }
-    if crate::crl::ensure_dev_crl(pki_dir, &ca)? {
+    if crate::identity::crl::ensure_dev_crl(pki_dir, &ca)? {
         report.created.push(dev_crl_path(pki_dir));
     }
     Ok(report)
@@ -399,7 +399,7 @@ pub fn inventory(config: &crate::config::Config) -> Vec<Result<Expiry, PkiError>
     bundle("provider_ca", &config.data_path(&t.provider_ca), &mut out);
     for p in &t.crls {
         let p = config.data_path(p);
-        match crate::crl::summarize(&p) {
+        match crate::identity::crl::summarize(&p) {
             Ok(s) => out.push(Ok(Expiry {
                 label: format!(
                     "crl:{}",

@@ -5,7 +5,7 @@
 //! (RFC 8725):
 //!
 //! - it is at most [`VerifyOptions::max_token_bytes`] long (checked before any parsing);
-//! - its `alg` is allowed for the key that verifies it ([`crate::keys`]): `none`
+//! - its `alg` is allowed for the key that verifies it ([`crate::identity::keys`]): `none`
 //!   and HMAC are never allowed, so algorithm confusion fails before any signature check;
 //! - its `kid`, if any, names one of the connection's agency's own keys;
 //! - it is signed by a key of the agency that holds the TLS connection, and `iss` is that agency;
@@ -28,8 +28,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-pub use crate::keys::KeyLoadError;
-use crate::keys::VerifyKey;
+pub use crate::identity::keys::KeyLoadError;
+use crate::identity::keys::VerifyKey;
 
 /// The claims of a development token (what [`issue`] signs).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -273,7 +273,7 @@ impl KeyStore {
     ) -> Result<KeyStore, KeyLoadError> {
         let mut keys = HashMap::new();
         for agency in agencies {
-            let k = crate::keys::load_agency_keys(keys_dir, agency)?;
+            let k = crate::identity::keys::load_agency_keys(keys_dir, agency)?;
             if !k.is_empty() {
                 keys.insert((*agency).to_owned(), k);
             }
@@ -676,7 +676,7 @@ pub fn issue_claims(
     agency: &str,
     claims: &serde_json::Value,
 ) -> Result<String, IssueError> {
-    let (private, public) = crate::pki::signing_key_files(keys_dir, agency);
+    let (private, public) = crate::devpki::signing_key_files(keys_dir, agency);
     let pem = std::fs::read(&private).map_err(|source| IssueError::ReadKey {
         path: private.display().to_string(),
         source,
@@ -685,7 +685,7 @@ pub fn issue_claims(
     let mut header = Header::new(Algorithm::ES256);
     header.kid = std::fs::read(&public)
         .ok()
-        .and_then(|p| crate::keys::pem_kid(&p));
+        .and_then(|p| crate::identity::keys::pem_kid(&p));
     Ok(jsonwebtoken::encode(&header, claims, &key)?)
 }
 

@@ -20,7 +20,7 @@ use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use crate::pki::{DevCa, PkiError};
+use crate::devpki::{DevCa, PkiError};
 
 /// Days a development CRL is valid (its `nextUpdate`).
 pub const DEV_CRL_DAYS: i64 = 30;
@@ -128,13 +128,13 @@ fn write_dev_crl(
         key_identifier_method: KeyIdMethod::Sha256,
     };
     let crl = params.signed_by(&ca.issuer)?;
-    crate::pki::write_public(path, &crl.pem()?)
+    crate::devpki::write_public(path, &crl.pem()?)
 }
 
 /// Creates the development CRL if missing, or re-signs it when it nears its `nextUpdate`.
 /// Returns whether a new file was created.
 pub fn ensure_dev_crl(pki_dir: &Path, ca: &DevCa) -> Result<bool, PkiError> {
-    let path = crate::pki::dev_crl_path(pki_dir);
+    let path = crate::devpki::dev_crl_path(pki_dir);
     if !path.exists() {
         write_dev_crl(&path, ca, 1, &[])?;
         return Ok(true);
@@ -164,14 +164,14 @@ pub struct Revocation {
 /// Adds an agency's development certificate to the development CRL (signed by the development CA).
 /// A running gateway picks the new CRL up within its reload interval.
 pub fn revoke_dev_agency(pki_dir: &Path, agency: &str) -> Result<Revocation, PkiError> {
-    let (cert_path, _) = crate::pki::agency_files(pki_dir, agency);
-    let certs = crate::pki::load_certs(&cert_path)?;
+    let (cert_path, _) = crate::devpki::agency_files(pki_dir, agency);
+    let certs = crate::devpki::load_certs(&cert_path)?;
     let leaf = certs
         .first()
         .ok_or_else(|| pem_err(&cert_path, "no certificate"))?;
     let serial = serial_of(leaf).ok_or_else(|| pem_err(&cert_path, "unreadable certificate"))?;
     let ca = DevCa::open_dev(pki_dir)?;
-    let path = crate::pki::dev_crl_path(pki_dir);
+    let path = crate::devpki::dev_crl_path(pki_dir);
     let (number, mut revoked) = if path.exists() {
         let s = summarize(&path)?;
         (s.number + 1, s.revoked)
@@ -207,8 +207,8 @@ mod tests {
     #[test]
     fn revoking_an_agency_lists_its_serial_once_and_counts_up() {
         let dir = tempfile::tempdir().unwrap();
-        crate::pki::ensure_dev_pki(dir.path(), &["psda", "ssg"]).unwrap();
-        let path = crate::pki::dev_crl_path(dir.path());
+        crate::devpki::ensure_dev_pki(dir.path(), &["psda", "ssg"]).unwrap();
+        let path = crate::devpki::dev_crl_path(dir.path());
         let empty = summarize(&path).unwrap();
         assert!(empty.revoked.is_empty());
         assert!(empty.next_update.unwrap() > OffsetDateTime::now_utc() + Duration::days(20));
@@ -221,8 +221,8 @@ mod tests {
         let s = summarize(&path).unwrap();
         assert_eq!(s.revoked.len(), 2);
         assert_eq!(s.number, empty.number + 3);
-        let (psda, _) = crate::pki::agency_files(dir.path(), "psda");
-        let serial = serial_of(&crate::pki::load_certs(&psda).unwrap()[0]).unwrap();
+        let (psda, _) = crate::devpki::agency_files(dir.path(), "psda");
+        let serial = serial_of(&crate::devpki::load_certs(&psda).unwrap()[0]).unwrap();
         assert_eq!(s.revoked[0].serial, serial);
         assert_eq!(hex::encode(&serial), r.serial);
         assert!(revoke_dev_agency(dir.path(), "nobody").is_err());
@@ -231,11 +231,11 @@ mod tests {
     #[test]
     fn the_verifier_refuses_a_revoked_certificate() {
         let dir = tempfile::tempdir().unwrap();
-        crate::pki::ensure_dev_pki(dir.path(), &["psda", "ssg"]).unwrap();
+        crate::devpki::ensure_dev_pki(dir.path(), &["psda", "ssg"]).unwrap();
         revoke_dev_agency(dir.path(), "psda").unwrap();
-        let ca = crate::pki::load_certs(&dir.path().join("ca.pem")).unwrap();
-        let crls = load_crls(&crate::pki::dev_crl_path(dir.path())).unwrap();
-        let verifier = crate::tls::client_verifier(&crate::tls::ClientVerification {
+        let ca = crate::devpki::load_certs(&dir.path().join("ca.pem")).unwrap();
+        let crls = load_crls(&crate::devpki::dev_crl_path(dir.path())).unwrap();
+        let verifier = crate::identity::tls::client_verifier(&crate::identity::tls::ClientVerification {
             cas: ca,
             crls,
             allow_unknown_revocation: false,
@@ -244,7 +244,7 @@ mod tests {
         .unwrap();
         let now = rustls_pki_types::UnixTime::now();
         let cert = |a: &str| {
-            crate::pki::load_certs(&crate::pki::agency_files(dir.path(), a).0)
+            crate::devpki::load_certs(&crate::devpki::agency_files(dir.path(), a).0)
                 .unwrap()
                 .remove(0)
         };

@@ -1,5 +1,10 @@
 //! Who is asking: the agency from its client certificate, read once per
-//! connection; the officer from the token, verified per request ([`crate::token`]).
+//! connection; the officer from the token, verified per request ([`crate::identity::token`]).
+
+pub mod crl;
+pub mod keys;
+pub mod tls;
+pub mod token;
 
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -22,7 +27,7 @@ impl PeerCert {
     pub fn from_der(der: &[u8]) -> Option<PeerCert> {
         let (_, cert) = X509Certificate::from_der(der).ok()?;
         let mut peer = PeerCert {
-            sha256: crate::pki::fingerprint(der),
+            sha256: crate::devpki::fingerprint(der),
             subject: cert.subject().to_string(),
             ..PeerCert::default()
         };
@@ -51,8 +56,8 @@ mod tests {
     #[test]
     fn agency_certificate_names_its_agency() {
         let dir = tempfile::tempdir().unwrap();
-        crate::pki::ensure_dev_pki(dir.path(), &["psda"]).unwrap();
-        let der = crate::pki::load_certs(&dir.path().join("agencies/psda.pem")).unwrap();
+        crate::devpki::ensure_dev_pki(dir.path(), &["psda"]).unwrap();
+        let der = crate::devpki::load_certs(&dir.path().join("agencies/psda.pem")).unwrap();
         let peer = PeerCert::from_der(&der[0]).unwrap();
         assert!(peer.has_uri("urn:karibche:agency:psda"));
         assert!(peer.subject.contains("psda"));
