@@ -58,7 +58,7 @@ pub fn is_builtin(policy: &Policy, provider: &str) -> bool {
 
 /// Hex SHA-256 of a released body: the record's `response_digest`.
 pub fn digest(body: &[u8]) -> String {
-    crate::devpki::sha256_hex(body)
+    crate::files::sha256_hex(body)
 }
 
 /// Who asks, as the pipeline established it.

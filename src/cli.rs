@@ -552,7 +552,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
             bind_cert,
         }) => {
             let keys_dir = config.data_path(&config.tokens.keys_dir);
-            let request = crate::identity::token::IssueRequest {
+            let request = crate::devpki::token::IssueRequest {
                 agency: agency.clone(),
                 officer: officer.clone(),
                 purpose: purpose.clone(),
@@ -566,7 +566,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
                 "token issue checks the token against the policy in force (--policies DIR)",
             )?;
             if let Err(problems) =
-                crate::identity::token::check_issue(&request, &policy, config.tokens.max_lifetime)
+                crate::devpki::token::check_issue(&request, &policy, config.tokens.max_lifetime)
             {
                 let mut text = String::from("the gateway would refuse this token:");
                 for p in &problems.0 {
@@ -577,11 +577,11 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let token = match bind_cert {
                 Some(cert) => {
-                    let der = crate::devpki::load_certs(cert)?;
-                    let sha256 = crate::devpki::fingerprint(&der[0]);
-                    crate::identity::token::issue_bound(&keys_dir, &request, &sha256)
+                    let der = crate::files::load_certs(cert)?;
+                    let sha256 = crate::files::fingerprint(&der[0]);
+                    crate::devpki::token::issue_bound(&keys_dir, &request, &sha256)
                 }
-                None => crate::identity::token::issue(&keys_dir, &request),
+                None => crate::devpki::token::issue(&keys_dir, &request),
             }
             .with_context(|| {
                 format!("no development key for agency {agency:?}; run `karibche certs init` (or `serve`) first")
@@ -593,10 +593,9 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => crate::bench::args::command(&config, args).await,
         Command::Audit(cmd) => audit_command(&config, cmd).await,
         Command::Certs(CertsCommand::Revoke { agency }) => {
-            let r =
-                crate::identity::crl::revoke_dev_agency(&config.pki_dir(), agency).with_context(|| {
-                    format!("cannot revoke the development certificate of {agency:?}")
-                })?;
+            let r = crate::devpki::crl::revoke_dev_agency(&config.pki_dir(), agency).with_context(
+                || format!("cannot revoke the development certificate of {agency:?}"),
+            )?;
             if r.newly_revoked {
                 outln!(
                     "revoked {} (serial {}); {} updated",
@@ -1182,7 +1181,7 @@ fn certs_status(config: &Config, warn_days: i64) -> anyhow::Result<ExitCode> {
         "certificate",
         "subject"
     );
-    for item in crate::devpki::inventory(config) {
+    for item in crate::identity::inventory::inventory(config) {
         match item {
             Ok(e) => {
                 let days = e.days_left(now);

@@ -20,10 +20,10 @@ use rustls::ServerConfig;
 use crate::admin::Metrics;
 use crate::audit::event::{self, EventLog};
 use crate::config::Config;
-use crate::policy::Policy;
-use crate::server::Shutdown;
 use crate::identity::tls::{ClientVerification, TlsError};
 use crate::identity::token::{KeyStore, VerifyOptions};
+use crate::policy::Policy;
+use crate::server::Shutdown;
 
 /// The files the gateway's server TLS configuration is built from.
 #[derive(Debug, Clone)]
@@ -68,7 +68,7 @@ impl GatewayTlsFiles {
     pub fn client_verification(&self) -> Result<ClientVerification, TlsError> {
         let mut cas = Vec::new();
         for p in &self.client_cas {
-            cas.extend(crate::devpki::load_certs(p)?);
+            cas.extend(crate::files::load_certs(p)?);
         }
         let mut crls = Vec::new();
         for p in &self.crls {
@@ -84,8 +84,8 @@ impl GatewayTlsFiles {
 
     /// Builds the server configuration from the files as they are now.
     pub fn build(&self) -> Result<ServerConfig, TlsError> {
-        let chain = crate::devpki::load_certs(&self.cert)?;
-        let key = crate::devpki::load_key(&self.key)?;
+        let chain = crate::files::load_certs(&self.cert)?;
+        let key = crate::files::load_key(&self.key)?;
         crate::identity::tls::server_config(chain, key, &self.client_verification()?)
     }
 }
@@ -177,7 +177,7 @@ pub fn spawn_tls_reloader(
                     event::files_detail("gateway TLS (certificate, CAs, CRLs)", &files.watched()),
                 );
                 target.replace(new);
-                metrics.set_certificates(crate::devpki::expiry_gauges(&config));
+                metrics.set_certificates(crate::identity::inventory::expiry_gauges(&config));
                 tracing::info!("TLS configuration reloaded (certificates, CAs, CRLs)");
             }
             Err(err) => {

@@ -34,12 +34,11 @@ use crate::audit::text::{
 };
 use crate::audit::{Attempt, AuditLog, Entry};
 use crate::breaker::{Providers, Refused};
-use crate::identity::PeerCert;
+use crate::identity::token::{KeyStore, Officer, Presented, TokenError};
+use crate::identity::{ConnInfo, PeerCert};
 use crate::limits::{Exceeded, Limits, Sample, RATE_LIMITED};
 use crate::policy::{Decision, DecisionRequest, DenyReason, Operation, Policy, Service, Upstream};
 use crate::problem::{Body, Problem};
-use crate::server::ConnInfo;
-use crate::identity::token::{KeyStore, Officer, Presented, TokenError};
 
 /// The HTTPS client towards providers; pooled, so connections are reused.
 pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;

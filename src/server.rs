@@ -37,26 +37,14 @@ use crate::admin::{AdminState, Metrics};
 use crate::audit::{AuditConfig, AuditKey, AuditLog, AuditWriter, CheckpointPolicy};
 use crate::breaker::{BreakerSettings, Providers};
 use crate::config::Config;
-use crate::identity::PeerCert;
+use crate::identity::tls;
+use crate::identity::token::{KeyStore, VerifyOptions};
+use crate::identity::{ConnInfo, PeerCert};
 use crate::limits::{ConnectionCaps, LimitSet, Limits};
 use crate::policy::Policy;
 use crate::problem::{Body, Problem};
 use crate::proxy::{upstream_client, Gateway, PipelineLimits};
 use crate::store::Store;
-use crate::identity::tls;
-use crate::identity::token::{KeyStore, VerifyOptions};
-
-/// What is known about a connection before any request on it is read.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The remote address.
-    pub peer: SocketAddr,
-    /// The verified client certificate's identity facts.
-    pub client: Option<PeerCert>,
-    /// Request pipelines of this connection still running, those whose
-    /// stream the client reset included (bounded by the gateway).
-    pub pipelines: Arc<std::sync::atomic::AtomicUsize>,
-}
 
 /// Bounds applied to every connection of one listener.
 #[derive(Debug, Clone)]
@@ -509,7 +497,10 @@ pub enum StartError {
     /// The quota file (`limits.toml`) is broken; every problem is listed with file:line.
     #[error("the quotas are not valid:\n{0}")]
     Limits(#[from] crate::limits::LimitErrors),
-    /// A certificate or key could not be created or loaded.
+    /// A certificate or key file could not be read.
+    #[error(transparent)]
+    Files(#[from] crate::files::FileError),
+    /// The development certificates or keys could not be created.
     #[error(transparent)]
     Pki(#[from] crate::devpki::PkiError),
     /// A TLS configuration could not be built.
@@ -741,7 +732,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         source,
     })?;
     let metrics = Arc::new(Metrics::default());
-    metrics.set_certificates(crate::devpki::expiry_gauges(&config));
+    metrics.set_certificates(crate::identity::inventory::expiry_gauges(&config));
     let policy = Arc::new(ArcSwap::from_pointee(policy));
     let (stop_gateway, gateway_rx) = watch::channel(false);
     let (stop_rest, rest_rx) = watch::channel(false);
@@ -1024,17 +1015,17 @@ struct TlsConfigs {
 
 fn load_tls(config: &Config) -> Result<TlsConfigs, StartError> {
     let t = &config.tls;
-    let provider_ca = crate::devpki::load_certs(&config.data_path(&t.provider_ca))?;
-    let chain = crate::devpki::load_certs(&config.data_path(&t.cert))?;
-    let key = crate::devpki::load_key(&config.data_path(&t.key))?;
+    let provider_ca = crate::files::load_certs(&config.data_path(&t.provider_ca))?;
+    let chain = crate::files::load_certs(&config.data_path(&t.cert))?;
+    let key = crate::files::load_key(&config.data_path(&t.key))?;
     let gateway = crate::credentials::GatewayTlsFiles::from_config(config).build()?;
     let upstream = tls::client_config(tls::roots(&provider_ca)?, chain, key)?;
     // The register trusts the same CA for its one client, the gateway, and
     // then checks the gateway's identity on every request.
     let registry = if config.registry.enabled {
         tls::server_config(
-            crate::devpki::load_certs(&config.data_path(&t.registry_cert))?,
-            crate::devpki::load_key(&config.data_path(&t.registry_key))?,
+            crate::files::load_certs(&config.data_path(&t.registry_cert))?,
+            crate::files::load_key(&config.data_path(&t.registry_key))?,
             &tls::ClientVerification {
                 cas: provider_ca,
                 ..tls::ClientVerification::default()
@@ -1060,7 +1051,7 @@ async fn provider_request(
     if !info
         .client
         .as_ref()
-        .is_some_and(|c| c.has_uri(crate::devpki::GATEWAY_URI))
+        .is_some_and(|c| c.has_uri(crate::identity::GATEWAY_URI))
     {
         return Problem::new(
             http::StatusCode::FORBIDDEN,

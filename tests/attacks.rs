@@ -59,7 +59,7 @@ fn with(patch: serde_json::Value) -> serde_json::Value {
 
 /// Signs with the Border Police's own key (ES256, its kid).
 fn border(gw: &TestGateway, c: &serde_json::Value) -> String {
-    karibche::identity::token::issue_claims(&keys_dir(gw), "mia-border", c).unwrap()
+    karibche::devpki::token::issue_claims(&keys_dir(gw), "mia-border", c).unwrap()
 }
 
 fn private_key(gw: &TestGateway, agency: &str) -> EncodingKey {
@@ -260,7 +260,7 @@ async fn forged_and_broken_tokens_are_refused_and_logged() {
 }
 
 fn cert_sha256(cert: &Path) -> String {
-    karibche::devpki::fingerprint(&karibche::devpki::load_certs(cert).unwrap()[0])
+    karibche::files::fingerprint(&karibche::files::load_certs(cert).unwrap()[0])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,7 +338,7 @@ async fn a_revoked_certificate_is_refused_within_seconds() {
     let psda = gw.client("psda");
     let token = gw.token("psda", "identity-documentation", None);
     assert_eq!(psda.get(&path(), Some(&token)).await.status, StatusCode::OK);
-    let r = karibche::identity::crl::revoke_dev_agency(&gw.pki(), "psda").unwrap();
+    let r = karibche::devpki::crl::revoke_dev_agency(&gw.pki(), "psda").unwrap();
     assert!(r.newly_revoked);
     // The same client object: its session tickets from before must not resume past the revocation.
     let took = until_refused(&psda, &token, Duration::from_secs(10)).await;
@@ -545,7 +545,7 @@ async fn a_revocation_also_closes_connections_opened_before_it() {
     let mut buf = vec![0u8; 64 * 1024];
     let n = tls.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    karibche::identity::crl::revoke_dev_agency(&gw.pki(), "psda").unwrap();
+    karibche::devpki::crl::revoke_dev_agency(&gw.pki(), "psda").unwrap();
     // The server closes it once the new CRL is in force; the client must handshake again, and fails.
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {

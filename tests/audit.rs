@@ -11,7 +11,7 @@ use std::process::Command;
 use common::{Db, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter, Record};
-use karibche::devpki::sha256_hex;
+use karibche::files::sha256_hex;
 
 const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
 

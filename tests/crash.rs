@@ -29,9 +29,9 @@ async fn sigkill_under_load_loses_no_acknowledged_record() {
     let pki = data.join("pki");
     let (cert, key) = karibche::devpki::agency_files(&pki, "mia-border");
     let client = Arc::new(Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr));
-    let token = karibche::identity::token::issue(
+    let token = karibche::devpki::token::issue(
         &data.join("keys"),
-        &karibche::identity::token::IssueRequest {
+        &karibche::devpki::token::IssueRequest {
             agency: "mia-border".into(),
             officer: "officer-1".into(),
             purpose: "border-control".into(),
@@ -139,9 +139,9 @@ async fn sigkill_between_forward_and_outcome_leaves_an_attempt_with_outcome_unkn
 
     let (cert, key) = karibche::devpki::agency_files(&pki, "mia-border");
     let client = Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr);
-    let token = karibche::identity::token::issue(
+    let token = karibche::devpki::token::issue(
         &data.join("keys"),
-        &karibche::identity::token::IssueRequest {
+        &karibche::devpki::token::IssueRequest {
             agency: "mia-border".into(),
             officer: "officer-7".into(),
             purpose: "border-control".into(),

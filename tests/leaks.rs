@@ -80,20 +80,23 @@ fn huge_json() -> Vec<u8> {
 async fn serve_hostile(listener: tokio::net::TcpListener, pki: &Path) {
     let ca = karibche::devpki::DevCa::open_dev(pki).unwrap();
     let (cert, key) = ca
-        .issue(&karibche::devpki::Leaf::local_server("hostile", None, false))
+        .issue(&karibche::devpki::Leaf::local_server(
+            "hostile", None, false,
+        ))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("c.pem"), cert).unwrap();
     std::fs::write(dir.path().join("k.pem"), key).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(karibche::identity::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            karibche::devpki::load_certs(&dir.path().join("c.pem")).unwrap(),
-            karibche::devpki::load_key(&dir.path().join("k.pem")).unwrap(),
-        )
-        .unwrap();
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(karibche::identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                karibche::files::load_certs(&dir.path().join("c.pem")).unwrap(),
+                karibche::files::load_key(&dir.path().join("k.pem")).unwrap(),
+            )
+            .unwrap();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     tokio::spawn(async move {
@@ -285,9 +288,9 @@ async fn personal_data_and_keys_stay_private_under_a_permissive_umask() {
     let pki = data.join("pki");
     let (cert, key) = karibche::devpki::agency_files(&pki, "mia-border");
     let client = common::Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr);
-    let token = karibche::identity::token::issue(
+    let token = karibche::devpki::token::issue(
         &data.join("keys"),
-        &karibche::identity::token::IssueRequest {
+        &karibche::devpki::token::IssueRequest {
             agency: "mia-border".into(),
             officer: "officer-1".into(),
             purpose: "border-control".into(),

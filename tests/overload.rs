@@ -51,9 +51,9 @@ async fn start(limits: &str, adjust: impl FnOnce(&mut Config, &Path)) -> TestGat
 }
 
 fn token_for(gw: &TestGateway, agency: &str, officer: &str, purpose: &str) -> String {
-    karibche::identity::token::issue(
+    karibche::devpki::token::issue(
         &gw.config.data_path(&gw.config.tokens.keys_dir),
-        &karibche::identity::token::IssueRequest {
+        &karibche::devpki::token::IssueRequest {
             agency: agency.into(),
             officer: officer.into(),
             purpose: purpose.into(),
@@ -544,9 +544,9 @@ async fn sigterm_under_load_loses_no_acknowledged_request() {
         gateway,
     ));
     let token = Arc::new(
-        karibche::identity::token::issue(
+        karibche::devpki::token::issue(
             &data.join("keys"),
-            &karibche::identity::token::IssueRequest {
+            &karibche::devpki::token::IssueRequest {
                 agency: "mia-border".into(),
                 officer: "officer-1".into(),
                 purpose: "border-control".into(),

@@ -65,12 +65,15 @@ impl Endpoint {
         protocol: Protocol,
         resume: bool,
     ) -> Result<Endpoint, BenchError> {
-        let roots = crate::identity::tls::roots(&crate::devpki::load_certs(ca)?)?;
+        let roots = crate::identity::tls::roots(&crate::files::load_certs(ca)?)?;
         let mut tls = ClientConfig::builder_with_provider(crate::identity::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(crate::identity::tls::TlsError::from)?
             .with_root_certificates(roots)
-            .with_client_auth_cert(crate::devpki::load_certs(cert)?, crate::devpki::load_key(key)?)
+            .with_client_auth_cert(
+                crate::files::load_certs(cert)?,
+                crate::files::load_key(key)?,
+            )
             .map_err(crate::identity::tls::TlsError::from)?;
         tls.alpn_protocols = vec![match protocol {
             Protocol::Http1 => b"http/1.1".to_vec(),

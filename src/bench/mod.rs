@@ -269,13 +269,13 @@ impl BenchOptions {
 pub enum BenchError {
     /// A certificate or key could not be read.
     #[error(transparent)]
-    Pki(#[from] crate::devpki::PkiError),
+    File(#[from] crate::files::FileError),
     /// The TLS client configuration could not be built.
     #[error(transparent)]
     Tls(#[from] crate::identity::tls::TlsError),
     /// An officer token could not be signed.
     #[error("cannot mint officer tokens: {0}")]
-    Token(#[from] crate::identity::token::IssueError),
+    Token(#[from] crate::devpki::token::IssueError),
     /// The request mix is not `read=N,search=N,write=N`.
     #[error("invalid mix {0:?}: expected read=N,search=N,write=N with a positive sum")]
     Mix(String),
@@ -348,9 +348,9 @@ fn mint_tokens(opts: &BenchOptions) -> Result<Vec<String>, BenchError> {
         .min(Duration::from_secs(15 * 60));
     (0..opts.officers.max(1))
         .map(|i| {
-            crate::identity::token::issue(
+            crate::devpki::token::issue(
                 &opts.keys_dir,
-                &crate::identity::token::IssueRequest {
+                &crate::devpki::token::IssueRequest {
                     agency: opts.agency.clone(),
                     officer: format!("bench-officer-{i}"),
                     purpose: opts.purpose.clone(),

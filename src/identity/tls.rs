@@ -34,7 +34,7 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
     /// A certificate, key or CRL file could not be read.
     #[error(transparent)]
-    Pki(#[from] crate::devpki::PkiError),
+    File(#[from] crate::files::FileError),
 }
 
 /// The crypto provider karibche uses everywhere: aws-lc-rs, its TLS 1.2 suites cut down to
@@ -283,9 +283,9 @@ mod tests {
     fn configs_build_from_dev_pki() {
         let dir = tempfile::tempdir().unwrap();
         crate::devpki::ensure_dev_pki(dir.path(), &["psda"]).unwrap();
-        let ca = crate::devpki::load_certs(&dir.path().join("ca.pem")).unwrap();
-        let chain = crate::devpki::load_certs(&dir.path().join("gateway.pem")).unwrap();
-        let key = crate::devpki::load_key(&dir.path().join("gateway.key")).unwrap();
+        let ca = crate::files::load_certs(&dir.path().join("ca.pem")).unwrap();
+        let chain = crate::files::load_certs(&dir.path().join("gateway.pem")).unwrap();
+        let key = crate::files::load_key(&dir.path().join("gateway.key")).unwrap();
         let v = ClientVerification {
             cas: ca.clone(),
             ..ClientVerification::default()
@@ -301,8 +301,8 @@ mod tests {
     fn accepted_chains_are_cached_until_ttl_or_not_after_and_others_still_checked() {
         let dir = tempfile::tempdir().unwrap();
         crate::devpki::ensure_dev_pki(dir.path(), &["psda"]).unwrap();
-        let ca = crate::devpki::load_certs(&dir.path().join("ca.pem")).unwrap();
-        let agency = crate::devpki::load_certs(&dir.path().join("agencies/psda.pem")).unwrap();
+        let ca = crate::files::load_certs(&dir.path().join("ca.pem")).unwrap();
+        let agency = crate::files::load_certs(&dir.path().join("agencies/psda.pem")).unwrap();
         let v = ClientVerification {
             cas: ca.clone(),
             ..ClientVerification::default()
@@ -331,7 +331,7 @@ mod tests {
         // A certificate from another CA is refused, and not remembered.
         let other = tempfile::tempdir().unwrap();
         crate::devpki::ensure_dev_pki(other.path(), &["psda"]).unwrap();
-        let stranger = crate::devpki::load_certs(&other.path().join("agencies/psda.pem")).unwrap();
+        let stranger = crate::files::load_certs(&other.path().join("agencies/psda.pem")).unwrap();
         let before = verifier.accepted().len();
         assert!(verifier.verify_client_cert(&stranger[0], &[], now).is_err());
         assert_eq!(verifier.accepted().len(), before);

@@ -1,7 +1,9 @@
 //! Unit tests of token verification: every RFC 8725 rule, binding, cache, rotation.
 
 use super::*;
+use crate::devpki::token::{issue, issue_bound, issue_claims, IssueRequest};
 use base64::Engine;
+use jsonwebtoken::{EncodingKey, Header};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
