@@ -17,11 +17,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 
-use crate::admin::Metrics;
 use crate::audit::event::{self, EventLog};
 use crate::config::Config;
 use crate::identity::tls::{ClientVerification, TlsError};
 use crate::identity::token::{KeyStore, VerifyOptions};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::server::Shutdown;
 

@@ -45,6 +45,7 @@ pub mod devpki;
 pub mod files;
 pub mod identity;
 pub mod limits;
+pub mod metrics;
 pub mod minimise;
 pub mod policy;
 pub mod problem;

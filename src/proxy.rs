@@ -28,7 +28,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use time::OffsetDateTime;
 
-use crate::admin::Metrics;
 use crate::audit::text::{
     self, MAX_CLAIM_CHARS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_PURPOSE_CHARS,
 };
@@ -37,6 +36,7 @@ use crate::breaker::{Providers, Refused};
 use crate::identity::token::{KeyStore, Officer, Presented, TokenError};
 use crate::identity::{ConnInfo, PeerCert};
 use crate::limits::{Exceeded, Limits, Sample, RATE_LIMITED};
+use crate::metrics::Metrics;
 use crate::policy::{Decision, DecisionRequest, DenyReason, Operation, Policy, Service, Upstream};
 use crate::problem::{Body, Problem};
 

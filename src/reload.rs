@@ -23,8 +23,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, Mutex};
 
-use crate::admin::Metrics;
 use crate::audit::{AuditError, AuditLog, Entry};
+use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyErrors};
 use crate::server::Shutdown;
 

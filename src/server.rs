@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use http_body_util::BodyExt;
 
-use crate::admin::{AdminState, Metrics};
+use crate::admin::AdminState;
 use crate::audit::{AuditConfig, AuditKey, AuditLog, AuditWriter, CheckpointPolicy};
 use crate::breaker::{BreakerSettings, Providers};
 use crate::config::Config;
@@ -41,6 +41,7 @@ use crate::identity::tls;
 use crate::identity::token::{KeyStore, VerifyOptions};
 use crate::identity::{ConnInfo, PeerCert};
 use crate::limits::{ConnectionCaps, LimitSet, Limits};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::problem::{Body, Problem};
 use crate::proxy::{upstream_client, Gateway, PipelineLimits};
