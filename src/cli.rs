@@ -986,7 +986,7 @@ async fn audit_command(config: &Config, cmd: &AuditCommand) -> anyhow::Result<Ex
         scratch_url,
     } = cmd
     {
-        let dir = tempfile::tempdir()?;
+        let dir = crate::files::ScratchDir::new()?;
         let url = scratch_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}/bench.db", dir.path().display()));

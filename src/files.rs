@@ -213,6 +213,31 @@ pub fn write_public(path: &Path, contents: &str) -> Result<(), FileError> {
     write_file(path, contents, PUBLIC_FILE)
 }
 
+/// A private scratch directory under the system's temporary directory,
+/// removed with everything in it when dropped (`karibche audit bench`'s database).
+#[derive(Debug)]
+pub struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    /// Creates a fresh, uniquely named directory with mode `0700`.
+    pub fn new() -> io::Result<ScratchDir> {
+        let dir = std::env::temp_dir().join(format!("karibche-{}", uuid::Uuid::now_v7().simple()));
+        DirBuilder::new().mode(PRIVATE_DIR).create(&dir)?;
+        Ok(ScratchDir(dir))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +266,15 @@ mod tests {
         assert_eq!(mode(&export), 0o600, "an existing file is made private too");
         assert!(create_new_private(&export).is_err());
         assert!(!tighten(&dir.path().join("missing")).unwrap());
+    }
+
+    #[test]
+    fn a_scratch_directory_is_private_and_goes_away() {
+        let scratch = ScratchDir::new().unwrap();
+        let path = scratch.path().to_path_buf();
+        assert_eq!(mode(&path), 0o700);
+        fs::write(path.join("bench.db"), "x").unwrap();
+        drop(scratch);
+        assert!(!path.exists());
     }
 }

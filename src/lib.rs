@@ -55,6 +55,7 @@ pub mod registry;
 pub mod reload;
 pub mod server;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 pub mod transform;
