@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http_body_util::BodyExt;
 
 use crate::admin::{AdminState, Metrics};
-use crate::audit::{AuditConfig, AuditKey, AuditLog, AuditWriter, CheckpointPolicy};
+use crate::audit::{AuditConfig, AuditLog, AuditWriter};
 use crate::breaker::{BreakerSettings, Providers};
 use crate::config::Config;
 use crate::identity::PeerCert;
@@ -687,19 +687,23 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         }
         None => 0,
     };
-    let key_path = config.audit_key_path();
-    let audit_key =
-        tokio::task::spawn_blocking(move || AuditKey::load_or_create(&key_path)).await??;
     let mut audit_config = AuditConfig::new(config.node.clone());
     audit_config.max_batch = config.audit.max_batch;
     audit_config.queue = config.audit.queue;
-    audit_config.checkpoints = Some(CheckpointPolicy {
-        key: Arc::new(audit_key),
+    audit_config.restricted_report_delay = config.audit.restricted_report_delay;
+    let signing = crate::audit::open::Signing {
+        key_path: config.audit_key_path(),
+        missing: crate::audit::open::MissingKey::Create,
         every: config.audit.checkpoint_every,
         interval: config.audit.checkpoint_interval,
-    });
-    audit_config.restricted_report_delay = config.audit.restricted_report_delay;
-    let (audit, audit_writer) = AuditLog::start(store.guarded_by(&node_lock), audit_config).await?;
+    };
+    let (audit, audit_writer) = crate::audit::open::open(&store, &node_lock, audit_config, signing)
+        .await
+        .map_err(|e| match e {
+            crate::audit::open::OpenError::Key(e) => StartError::AuditKey(e),
+            crate::audit::open::OpenError::Audit(e) => StartError::Audit(e),
+            crate::audit::open::OpenError::Task(e) => StartError::Task(e),
+        })?;
     // A node that cannot record its own start must not serve (fail closed).
     audit
         .append(crate::audit::event::event(

@@ -17,6 +17,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod event;
 pub mod offline;
+pub mod open;
 pub mod query;
 pub mod record;
 pub mod report;
