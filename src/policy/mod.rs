@@ -19,6 +19,7 @@ mod diff;
 mod load;
 mod model;
 mod schema;
+mod source;
 
 use std::path::Path;
 
@@ -27,13 +28,13 @@ pub use cases::{run_cases, CaseFailure, CaseReport, CASES_DIR};
 pub use check::{warnings, Warning};
 pub use decide::{Allow, Decision, DecisionRequest, DenyReason};
 pub use diff::diff;
-pub(crate) use load::line_column;
-pub use load::{PolicyError, PolicyErrors, AGENCIES_DIR, PROVIDERS_FILE, PURPOSES_FILE};
+pub use load::{AGENCIES_DIR, PROVIDERS_FILE, PURPOSES_FILE};
 pub use model::{
     Acknowledgement, Agency, CertificateMatcher, Check, Grant, GrantLocation, GrantPurpose,
     Operation, Policy, Provider, Purpose, Service, Upstream,
 };
 pub use schema::schema;
+pub use source::{line_column, whole_file, PolicyError, PolicyErrors, Reporter};
 
 impl Policy {
     /// Reads, parses and validates every policy file under `dir`; a set with any problem yields all of them.
