@@ -29,13 +29,14 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use time::OffsetDateTime;
 
 use crate::admin::Metrics;
+use crate::audit::sampling::Sample;
 use crate::audit::text::{
     self, MAX_CLAIM_CHARS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_PURPOSE_CHARS,
 };
 use crate::audit::{Attempt, AuditLog, Entry};
 use crate::breaker::{Providers, Refused};
 use crate::identity::PeerCert;
-use crate::limits::{Exceeded, Limits, Sample, RATE_LIMITED};
+use crate::limits::{Exceeded, Limits, RATE_LIMITED};
 use crate::policy::{Decision, DecisionRequest, DenyReason, Operation, Policy, Service, Upstream};
 use crate::problem::{Body, Problem};
 use crate::server::ConnInfo;

@@ -21,6 +21,7 @@ pub mod open;
 pub mod query;
 pub mod record;
 pub mod report;
+pub mod sampling;
 pub mod text;
 pub mod writer;
 
