@@ -42,7 +42,7 @@ use crate::limits::{ConnectionCaps, LimitSet, Limits};
 use crate::policy::Policy;
 use crate::problem::{Body, Problem};
 use crate::proxy::{upstream_client, Gateway, PipelineLimits};
-use crate::store::Store;
+use crate::store::{Schema, Store};
 use crate::tls;
 use crate::token::{KeyStore, VerifyOptions};
 
@@ -671,12 +671,20 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         0
     };
 
-    let store = Store::connect(&config.database_url()).await?;
+    // One database for both: it gets both schemas; otherwise each its own.
+    let shared =
+        listeners.registry.is_some() && config.registry_database_url() == config.database_url();
+    let schemas: &[Schema] = if shared {
+        &[Schema::Gateway, Schema::Registry]
+    } else {
+        &[Schema::Gateway]
+    };
+    let store = Store::connect_with(&config.database_url(), schemas).await?;
     // Before anything reads or writes this node's chain: one live process per node name.
     let node_lock = store.lock_node(&config.node).await?;
     let registry_store = match &listeners.registry {
         Some(_) if config.registry_database_url() == config.database_url() => Some(store.clone()),
-        Some(_) => Some(Store::connect(&config.registry_database_url()).await?),
+        Some(_) => Some(Store::connect_registry(&config.registry_database_url()).await?),
         None => None,
     };
     let persons = match &registry_store {

@@ -35,7 +35,8 @@ pub enum RegistryCommand {
 pub async fn run(config: &Config, cmd: &RegistryCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         RegistryCommand::Seed { persons, seed } => {
-            let store = crate::store::Store::connect(&config.registry_database_url()).await?;
+            let store =
+                crate::store::Store::connect_registry(&config.registry_database_url()).await?;
             let n = crate::registry::seed(&store, *persons, *seed).await?;
             let total = crate::registry::count_persons(&store).await?;
             outln!("seeded {n} persons; the register holds {total}");
@@ -46,7 +47,8 @@ pub async fn run(config: &Config, cmd: &RegistryCommand) -> anyhow::Result<ExitC
             lookups,
             concurrency,
         } => {
-            let store = crate::store::Store::connect(&config.registry_database_url()).await?;
+            let store =
+                crate::store::Store::connect_registry(&config.registry_database_url()).await?;
             let opts = crate::registry::BenchOptions {
                 lookups: *lookups,
                 concurrency: *concurrency,

@@ -13,7 +13,7 @@ use super::*;
 const ANCHOR: Date = date!(2026 - 06 - 15);
 
 async fn sqlite_store(dir: &tempfile::TempDir) -> Store {
-    Store::connect(&format!("sqlite://{}/t.db", dir.path().display()))
+    Store::connect_registry(&format!("sqlite://{}/t.db", dir.path().display()))
         .await
         .unwrap()
 }
