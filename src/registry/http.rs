@@ -603,7 +603,8 @@ fn replay(stored: db::StoredAnswer, request_hash: &str) -> Answer {
         return Err(write::unprocessable(
             "Idempotency-Key",
             "this key was already used with a different request",
-        ));
+        )
+        .into());
     }
     let status = u16::try_from(stored.status)
         .ok()
