@@ -13,9 +13,10 @@ use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use super::dates::parse_date;
 use super::db::{self, CrossingQuery};
 use super::model::{self, CROSSING_POINTS, DIRECTIONS, RECORD_KINDS};
-use super::synth::{parse_date, surname_key};
+use super::names::surname_key;
 use super::write::{self, Kind, MAX_TOKEN};
 use super::Registry;
 use crate::problem::{json_response, Body, Problem};
@@ -410,7 +411,7 @@ async fn search_crossings(reg: &Registry, query: &str) -> Answer {
 /// An RFC 3339 timestamp or a date (midnight UTC), in the stored form.
 fn instant(name: &str, v: &str) -> Result<String, Problem> {
     if let Some(d) = parse_date(v) {
-        return Ok(format!("{}T00:00:00Z", super::synth::iso(d)));
+        return Ok(format!("{}T00:00:00Z", super::dates::iso(d)));
     }
     OffsetDateTime::parse(v, &Rfc3339)
         .map(db::rfc3339)
@@ -425,7 +426,7 @@ fn opt_date(p: &Params, name: &str) -> Result<Option<String>, Problem> {
     match p.get(name) {
         None => Ok(None),
         Some(v) => parse_date(v)
-            .map(|d| Some(super::synth::iso(d)))
+            .map(|d| Some(super::dates::iso(d)))
             .ok_or_else(|| Problem::bad_request(format!("{name} must be a date YYYY-MM-DD"))),
     }
 }

@@ -13,13 +13,14 @@ use sqlx::AnyConnection;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
 
+use super::dates::{iso, parse_date};
 use super::db;
 use super::model::{
     self, AsylumCase, BirthPlace, Crossing, Document, Employer, EntryBan, Names, Person,
     ResidencePermit, Visa, WorkPermit, ASYLUM_STATUSES, BAN_REASONS, CROSSING_POINTS, DIRECTIONS,
     DOCUMENT_KINDS, PERMIT_STATUSES, RESIDENCE_PERMIT_TYPES, SEXES, VISA_ENTRIES,
 };
-use super::synth::{iso, parse_date, to_georgian};
+use super::names::to_georgian;
 use crate::problem::Problem;
 use crate::store::Backend;
 
@@ -322,7 +323,7 @@ fn parse_person(map: &Map<String, Value>, today: Date) -> Result<Person, Invalid
     let given_names_ka = n
         .opt_text("given_names_ka", MAX_TEXT)?
         .unwrap_or_else(|| to_georgian(&given_names));
-    if super::synth::surname_key(&surname).is_empty() {
+    if super::names::surname_key(&surname).is_empty() {
         return Err(unprocessable("names.surname", "must contain letters"));
     }
     let sex = f.one_of("sex", &SEXES)?;
