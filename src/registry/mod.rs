@@ -14,6 +14,7 @@
 //! here, after TLS, client, policy and body-size checks; field names in
 //! [`model`] are what the policy files' field paths name.
 
+mod answer;
 mod bench;
 mod dates;
 mod db;

@@ -8,8 +8,8 @@ use ::http::{Response, StatusCode};
 use serde_json::{json, Map, Value};
 use time::{Date, OffsetDateTime};
 
+use super::answer::internal;
 use super::dates::{iso, parse_date};
-use super::http::internal;
 use super::write::{unprocessable, Invalid};
 use super::Registry;
 use crate::problem::{json_response, Body, Problem};

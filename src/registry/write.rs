@@ -13,6 +13,7 @@ use sqlx::AnyConnection;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
 
+use super::answer::internal;
 use super::dates::{iso, parse_date};
 use super::db;
 use super::model::{
@@ -119,11 +120,6 @@ pub(crate) fn unprocessable(field: &str, why: &str) -> Invalid {
         field: field.to_owned(),
         why: why.to_owned(),
     }
-}
-
-fn internal(err: sqlx::Error) -> Problem {
-    tracing::error!(%err, "register database error");
-    Problem::internal()
 }
 
 /// Validates a body on its own and builds the record, with a fresh id.
