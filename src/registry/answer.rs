@@ -49,7 +49,7 @@ impl Params {
     }
 }
 
-/// Decodes a query string; a parameter given twice is refused.
+/// Decodes `application/x-www-form-urlencoded` pairs; repeats are refused so no value is silently ignored.
 pub(crate) fn parse_query(query: &str) -> Result<Params, Problem> {
     let mut out: Vec<(String, String)> = Vec::new();
     for part in query.split('&').filter(|p| !p.is_empty()) {

@@ -429,8 +429,6 @@ fn bounded<'a>(name: &str, value: Option<&'a str>) -> Result<&'a str, Problem> {
     }
 }
 
-/// Decodes `application/x-www-form-urlencoded` pairs; repeats are refused so no value is silently ignored.
-
 /// Runs a POST under an optional `Idempotency-Key`, remembered per calling agency and record
 /// kind: a key seen before replays the first answer (or refuses a different body); the new
 /// record and the key's answer are stored in one transaction.

@@ -15,8 +15,16 @@
 //!
 //! Numbers (documents, visas, permits, personal numbers) come from an affine
 //! bijection of a per-person sequence, so they are unique without a lookup.
+//!
+//! [`person`] reads as the steps in the order they draw from the person's
+//! stream — identity, documents, visas, residence and work permits, windows
+//! of stay, crossings, asylum, entry bans — each a function below; changing
+//! the order changes every generated register. The countries drawn from are
+//! data in [`countries`].
 
 use time::{Date, Duration, Month};
+
+mod countries;
 
 use super::dates::{iso, parse_date};
 use super::model::{
@@ -24,6 +32,7 @@ use super::model::{
     Visa, WorkPermit,
 };
 use super::names::to_georgian;
+use countries::{Country, COUNTRIES, COUNTRY_WEIGHTS, EMPLOYERS, POSITIONS};
 
 /// splitmix64: tiny, fast, and good enough for test data and load generation (not for secrets).
 #[derive(Debug, Clone)]
@@ -87,479 +96,6 @@ impl Rng {
     }
 }
 
-/// What the generator knows about one country of origin.
-struct Country {
-    code: &'static str,
-    weight: u32,
-    surnames: &'static [&'static str],
-    male: &'static [&'static str],
-    female: &'static [&'static str],
-    /// Surnames take a feminine ending (`-ov` → `-ova`) for women.
-    gendered: bool,
-    cities: &'static [&'static str],
-    /// Georgian missions that issue visas to its citizens.
-    posts: &'static [&'static str],
-    /// Citizens may stay in Georgia without a visa.
-    visa_free: bool,
-    /// The land or sea crossing its citizens use besides the airports.
-    land_point: Option<&'static str>,
-    passport_prefix: &'static str,
-    /// Asylum applications are common among its citizens.
-    asylum_prone: bool,
-}
-
-const SLAVIC_M: &[&str] = &[
-    "Aleksandr",
-    "Dmitry",
-    "Sergei",
-    "Andrei",
-    "Mikhail",
-    "Ivan",
-    "Nikolai",
-    "Pavel",
-    "Oleg",
-];
-const SLAVIC_F: &[&str] = &[
-    "Anna", "Elena", "Olga", "Tatiana", "Natalia", "Irina", "Maria", "Svetlana", "Yulia",
-];
-const ARAB_M: &[&str] = &[
-    "Ahmed", "Omar", "Mohammed", "Youssef", "Karim", "Khaled", "Ali",
-];
-const ARAB_F: &[&str] = &["Fatima", "Noor", "Layla", "Aisha", "Rana", "Mariam", "Huda"];
-const ARAB_SURNAMES: &[&str] = &[
-    "Al-Hassan",
-    "Hussein",
-    "Ibrahim",
-    "Abdullah",
-    "Saleh",
-    "Mahmoud",
-    "Khalil",
-    "Haddad",
-    "Al-Jabouri",
-    "Mansour",
-];
-
-const COUNTRIES: &[Country] = &[
-    Country {
-        code: "TR",
-        weight: 18,
-        surnames: &[
-            "Yılmaz",
-            "Kaya",
-            "Demir",
-            "Şahin",
-            "Çelik",
-            "Yıldız",
-            "Yıldırım",
-            "Öztürk",
-            "Aydın",
-            "Özdemir",
-            "Arslan",
-            "Doğan",
-            "Kılıç",
-            "Aslan",
-            "Çetin",
-        ],
-        male: &[
-            "Mehmet", "Mustafa", "Ahmet", "Ali", "Hüseyin", "Hasan", "İbrahim", "Murat", "Emre",
-        ],
-        female: &[
-            "Ayşe", "Fatma", "Emine", "Hatice", "Zeynep", "Elif", "Merve", "Büşra",
-        ],
-        gendered: false,
-        cities: &[
-            "Istanbul", "Ankara", "Trabzon", "Rize", "Artvin", "Izmir", "Erzurum",
-        ],
-        posts: &[
-            "Embassy of Georgia in Ankara",
-            "Consulate General of Georgia in Istanbul",
-            "Consulate General of Georgia in Trabzon",
-        ],
-        visa_free: true,
-        land_point: Some("Sarpi"),
-        passport_prefix: "U",
-        asylum_prone: false,
-    },
-    Country {
-        code: "AZ",
-        weight: 14,
-        surnames: &[
-            "Mammadov",
-            "Aliyev",
-            "Hasanov",
-            "Huseynov",
-            "Guliyev",
-            "Ismayilov",
-            "Abbasov",
-            "Məmmədli",
-        ],
-        male: &[
-            "Elvin", "Rashad", "Farid", "Anar", "Orkhan", "Tural", "Ramil",
-        ],
-        female: &["Aygun", "Leyla", "Gunel", "Nigar", "Sevinj", "Aysel"],
-        gendered: true,
-        cities: &["Baku", "Ganja", "Sumgait", "Gazakh", "Zagatala", "Marneuli"],
-        posts: &["Embassy of Georgia in Baku"],
-        visa_free: true,
-        land_point: Some("Red Bridge"),
-        passport_prefix: "C",
-        asylum_prone: false,
-    },
-    Country {
-        code: "AM",
-        weight: 12,
-        surnames: &[
-            "Grigoryan",
-            "Petrosyan",
-            "Harutyunyan",
-            "Sargsyan",
-            "Hovhannisyan",
-            "Karapetyan",
-            "Gevorgyan",
-        ],
-        male: &["Armen", "Aram", "Tigran", "Davit", "Narek", "Hayk", "Gor"],
-        female: &["Anahit", "Ani", "Lilit", "Mariam", "Nare", "Gayane"],
-        gendered: false,
-        cities: &["Yerevan", "Gyumri", "Vanadzor", "Alaverdi", "Akhalkalaki"],
-        posts: &["Embassy of Georgia in Yerevan"],
-        visa_free: true,
-        land_point: Some("Sadakhlo"),
-        passport_prefix: "AR",
-        asylum_prone: false,
-    },
-    Country {
-        code: "RU",
-        weight: 14,
-        surnames: &[
-            "Ivanov",
-            "Smirnov",
-            "Kuznetsov",
-            "Popov",
-            "Volkov",
-            "Sokolov",
-            "Morozov",
-            "Lebedev",
-            "Novikov",
-        ],
-        male: SLAVIC_M,
-        female: SLAVIC_F,
-        gendered: true,
-        cities: &[
-            "Moscow",
-            "Saint Petersburg",
-            "Vladikavkaz",
-            "Krasnodar",
-            "Rostov-on-Don",
-        ],
-        posts: &["Interests Section of Georgia in Moscow"],
-        visa_free: true,
-        land_point: Some("Larsi (Kazbegi)"),
-        passport_prefix: "75",
-        asylum_prone: true,
-    },
-    Country {
-        code: "UA",
-        weight: 6,
-        surnames: &[
-            "Shevchenko",
-            "Kovalenko",
-            "Bondarenko",
-            "Tkachenko",
-            "Kravchenko",
-            "Melnyk",
-            "Boyko",
-        ],
-        male: &[
-            "Oleksandr",
-            "Andriy",
-            "Serhiy",
-            "Volodymyr",
-            "Taras",
-            "Bohdan",
-        ],
-        female: &["Olena", "Oksana", "Iryna", "Kateryna", "Natalia", "Yulia"],
-        gendered: false,
-        cities: &["Kyiv", "Kharkiv", "Odesa", "Dnipro", "Lviv"],
-        posts: &["Embassy of Georgia in Kyiv"],
-        visa_free: true,
-        land_point: Some("Batumi sea port"),
-        passport_prefix: "FB",
-        asylum_prone: true,
-    },
-    Country {
-        code: "IR",
-        weight: 6,
-        surnames: &[
-            "Hosseini",
-            "Mohammadi",
-            "Ahmadi",
-            "Rezaei",
-            "Karimi",
-            "Moradi",
-            "Jafari",
-        ],
-        male: &["Reza", "Ali", "Mohammad", "Hossein", "Amir", "Mehdi"],
-        female: &["Maryam", "Zahra", "Fatemeh", "Sara", "Niloufar", "Shirin"],
-        gendered: false,
-        cities: &["Tehran", "Tabriz", "Mashhad", "Isfahan", "Shiraz"],
-        posts: &[
-            "Embassy of Georgia in Tehran",
-            "Consulate General of Georgia in Tabriz",
-        ],
-        visa_free: true,
-        land_point: None,
-        passport_prefix: "K",
-        asylum_prone: true,
-    },
-    Country {
-        code: "IN",
-        weight: 5,
-        surnames: &[
-            "Sharma", "Patel", "Singh", "Kumar", "Gupta", "Reddy", "Nair",
-        ],
-        male: &["Rahul", "Amit", "Arjun", "Vikram", "Rohan", "Sanjay"],
-        female: &["Priya", "Anjali", "Neha", "Pooja", "Divya", "Kavya"],
-        gendered: false,
-        cities: &["New Delhi", "Mumbai", "Chandigarh", "Hyderabad", "Kochi"],
-        posts: &["Embassy of Georgia in New Delhi", "e-Visa portal"],
-        visa_free: false,
-        land_point: None,
-        passport_prefix: "Z",
-        asylum_prone: false,
-    },
-    Country {
-        code: "CN",
-        weight: 4,
-        surnames: &[
-            "Wang", "Li", "Zhang", "Liu", "Chen", "Yang", "Huang", "Zhao",
-        ],
-        male: &["Wei", "Jun", "Hao", "Lei", "Tao", "Jian"],
-        female: &["Fang", "Xiuying", "Na", "Min", "Jing", "Li"],
-        gendered: false,
-        cities: &["Beijing", "Shanghai", "Urumqi", "Chengdu", "Xi'an"],
-        posts: &[
-            "Embassy of Georgia in Beijing",
-            "Consulate General of Georgia in Shanghai",
-        ],
-        visa_free: false,
-        land_point: Some("Poti sea port"),
-        passport_prefix: "E",
-        asylum_prone: false,
-    },
-    Country {
-        code: "IQ",
-        weight: 4,
-        surnames: ARAB_SURNAMES,
-        male: ARAB_M,
-        female: ARAB_F,
-        gendered: false,
-        cities: &["Baghdad", "Basra", "Erbil", "Mosul", "Najaf"],
-        posts: &[
-            "Embassy of Georgia in Baghdad",
-            "Consulate General of Georgia in Erbil",
-        ],
-        visa_free: false,
-        land_point: None,
-        passport_prefix: "A",
-        asylum_prone: true,
-    },
-    Country {
-        code: "DE",
-        weight: 2,
-        surnames: &[
-            "Müller",
-            "Schmidt",
-            "Schneider",
-            "Fischer",
-            "Weber",
-            "Meyer",
-            "Wagner",
-        ],
-        male: &["Lukas", "Jonas", "Felix", "Maximilian", "Thomas", "Stefan"],
-        female: &["Anna", "Lena", "Sophie", "Katharina", "Julia", "Sabine"],
-        gendered: false,
-        cities: &["Berlin", "Munich", "Hamburg", "Cologne", "Leipzig"],
-        posts: &["Embassy of Georgia in Berlin"],
-        visa_free: true,
-        land_point: None,
-        passport_prefix: "C",
-        asylum_prone: false,
-    },
-    Country {
-        code: "US",
-        weight: 2,
-        surnames: &[
-            "Smith", "Johnson", "Williams", "Brown", "Jones", "Miller", "Davis",
-        ],
-        male: &["James", "John", "Michael", "David", "Robert", "Daniel"],
-        female: &["Mary", "Jennifer", "Emily", "Sarah", "Jessica", "Ashley"],
-        gendered: false,
-        cities: &["New York", "Chicago", "Los Angeles", "Boston", "Seattle"],
-        posts: &["Embassy of Georgia in Washington"],
-        visa_free: true,
-        land_point: None,
-        passport_prefix: "5",
-        asylum_prone: false,
-    },
-    Country {
-        code: "IL",
-        weight: 2,
-        surnames: &[
-            "Cohen", "Levi", "Mizrahi", "Peretz", "Biton", "Friedman", "Dahan",
-        ],
-        male: &["David", "Yosef", "Noam", "Ariel", "Itai", "Eitan"],
-        female: &["Noa", "Tamar", "Yael", "Shira", "Maya", "Michal"],
-        gendered: false,
-        cities: &["Tel Aviv", "Jerusalem", "Haifa", "Ashdod", "Beersheba"],
-        posts: &["Embassy of Georgia in Tel Aviv"],
-        visa_free: true,
-        land_point: None,
-        passport_prefix: "3",
-        asylum_prone: false,
-    },
-    Country {
-        code: "EG",
-        weight: 2,
-        surnames: ARAB_SURNAMES,
-        male: ARAB_M,
-        female: ARAB_F,
-        gendered: false,
-        cities: &["Cairo", "Alexandria", "Giza", "Luxor", "Port Said"],
-        posts: &["Embassy of Georgia in Cairo"],
-        visa_free: false,
-        land_point: Some("Poti sea port"),
-        passport_prefix: "A",
-        asylum_prone: true,
-    },
-    Country {
-        code: "BY",
-        weight: 2,
-        surnames: &[
-            "Ivanov", "Kovalev", "Novik", "Petrov", "Zhuk", "Moroz", "Kozlov",
-        ],
-        male: SLAVIC_M,
-        female: SLAVIC_F,
-        gendered: true,
-        cities: &["Minsk", "Gomel", "Brest", "Grodno", "Vitebsk"],
-        posts: &["Embassy of Georgia in Minsk"],
-        visa_free: true,
-        land_point: None,
-        passport_prefix: "KH",
-        asylum_prone: true,
-    },
-    Country {
-        code: "KZ",
-        weight: 2,
-        surnames: &[
-            "Akhmetov",
-            "Omarov",
-            "Suleimenov",
-            "Zhakupov",
-            "Bekov",
-            "Nurlanov",
-        ],
-        male: &["Nursultan", "Yerlan", "Askar", "Daulet", "Arman", "Timur"],
-        female: &["Aigerim", "Dana", "Aliya", "Madina", "Gulnar", "Saule"],
-        gendered: true,
-        cities: &["Almaty", "Astana", "Shymkent", "Aktau", "Karaganda"],
-        posts: &["Embassy of Georgia in Astana"],
-        visa_free: true,
-        land_point: None,
-        passport_prefix: "N",
-        asylum_prone: false,
-    },
-    Country {
-        code: "UZ",
-        weight: 2,
-        surnames: &[
-            "Karimov", "Rakhimov", "Yusupov", "Usmonov", "Nazarov", "Tursunov",
-        ],
-        male: &["Bekzod", "Sardor", "Jasur", "Timur", "Rustam", "Otabek"],
-        female: &[
-            "Dilnoza", "Gulnora", "Malika", "Nodira", "Shahnoza", "Zarina",
-        ],
-        gendered: true,
-        cities: &["Tashkent", "Samarkand", "Bukhara", "Namangan", "Fergana"],
-        posts: &["Embassy of Georgia in Tashkent"],
-        visa_free: true,
-        land_point: None,
-        passport_prefix: "FA",
-        asylum_prone: false,
-    },
-    Country {
-        code: "SY",
-        weight: 1,
-        surnames: ARAB_SURNAMES,
-        male: ARAB_M,
-        female: ARAB_F,
-        gendered: false,
-        cities: &["Damascus", "Aleppo", "Homs", "Latakia", "Hama"],
-        posts: &["e-Visa portal"],
-        visa_free: false,
-        land_point: None,
-        passport_prefix: "N",
-        asylum_prone: true,
-    },
-    Country {
-        code: "PK",
-        weight: 1,
-        surnames: &[
-            "Khan", "Ahmed", "Malik", "Hussain", "Iqbal", "Butt", "Chaudhry",
-        ],
-        male: &["Imran", "Bilal", "Usman", "Hamza", "Faisal", "Zeeshan"],
-        female: &["Ayesha", "Sana", "Hira", "Fatima", "Zainab", "Mahnoor"],
-        gendered: false,
-        cities: &["Karachi", "Lahore", "Islamabad", "Peshawar", "Faisalabad"],
-        posts: &["e-Visa portal"],
-        visa_free: false,
-        land_point: None,
-        passport_prefix: "AB",
-        asylum_prone: true,
-    },
-    Country {
-        code: "NG",
-        weight: 1,
-        surnames: &[
-            "Okafor", "Adeyemi", "Okonkwo", "Bello", "Eze", "Abubakar", "Nwosu",
-        ],
-        male: &["Chinedu", "Emeka", "Tunde", "Ibrahim", "Oluwaseun", "Femi"],
-        female: &["Ngozi", "Chioma", "Aisha", "Funmilayo", "Amaka", "Bisi"],
-        gendered: false,
-        cities: &["Lagos", "Abuja", "Kano", "Ibadan", "Port Harcourt"],
-        posts: &["e-Visa portal"],
-        visa_free: false,
-        land_point: None,
-        passport_prefix: "A",
-        asylum_prone: true,
-    },
-];
-
-const EMPLOYERS: &[(&str, &str)] = &[
-    ("Mtkvari Builders LLC", "404512873"),
-    ("Colchis Logistics LLC", "445190236"),
-    ("Iveria Software LLC", "405337921"),
-    ("Adjara Hospitality JSC", "245601884"),
-    ("Kolkheti Agro LLC", "437021559"),
-    ("Rioni Energy JSC", "204877312"),
-    ("Caucasus Textile LLC", "402216795"),
-    ("Tbilisi Medical Centre LLC", "400158842"),
-    ("Kazbegi Tours LLC", "416730058"),
-    ("Black Sea Shipping LLC", "445872013"),
-];
-
-const POSITIONS: &[&str] = &[
-    "software engineer",
-    "construction worker",
-    "chef",
-    "hotel manager",
-    "truck driver",
-    "English teacher",
-    "physician",
-    "agronomist",
-    "textile worker",
-    "electrical engineer",
-];
-
 /// Passport validity in years by holder age (adult / minor).
 const ADULT_PASSPORT_YEARS: i32 = 10;
 const MINOR_PASSPORT_YEARS: i32 = 5;
@@ -583,6 +119,95 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
         }
     }
 
+    let ctx = Ctx {
+        index,
+        anchor,
+        country,
+        stateless,
+    };
+    let (sex, names, birth, minor) = identity(&mut r, &ctx);
+    let mut seq = Seq::new(seed, index);
+    let (mut documents, current_doc) =
+        documents(&mut r, &mut seq, &ctx, birth, minor, &nationalities);
+    let mut windows: Vec<Window> = Vec::new();
+    let visas = visas(&mut r, &mut seq, &ctx, &documents, &mut windows);
+    let (residence_permits, permit_windows) = residence_permits(
+        &mut r,
+        &mut seq,
+        &ctx,
+        &documents,
+        current_doc,
+        &mut windows,
+    );
+    let personal_number = if !residence_permits.is_empty() || r.chance(0.07) {
+        Some(seq.personal_number(r.pick::<&str>(&["01", "35", "60", "61", "62"])))
+    } else {
+        None
+    };
+
+    let work_permits = work_permits(&mut r, &mut seq, &ctx, &permit_windows, &visas);
+    let last_day = anchor - Duration::days(1);
+    stay_windows(&ctx, &documents, &mut windows, last_day);
+    let mut crossings = crossings(&mut r, &ctx, &id, &documents, &windows);
+    let asylum_cases = asylum(&mut r, &mut seq, &ctx, &crossings, &mut documents, last_day);
+    let entry_bans = entry_bans(&mut r, &ctx, &id, &documents, &mut crossings, last_day);
+
+    documents.sort_by_key(|d| d.issued);
+    let documents = documents
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| Document {
+            id: format!("DO-{index:07}-{}", i + 1),
+            person_id: None,
+            kind: d.kind.to_owned(),
+            number: d.number,
+            issuing_state: d.state,
+            issued_on: iso(d.issued),
+            valid_until: iso(d.until),
+        })
+        .collect();
+
+    let birth_country = country.code.to_owned();
+    Person {
+        id,
+        personal_number,
+        names,
+        sex: sex.to_owned(),
+        birth_date: iso(birth),
+        birth_place: BirthPlace {
+            city: (*r.pick(country.cities)).to_owned(),
+            country: birth_country,
+        },
+        nationalities,
+        stateless,
+        documents,
+        visas,
+        residence_permits,
+        work_permits,
+        crossings,
+        asylum_cases,
+        entry_bans,
+    }
+}
+
+/// What every step of [`person`] knows about the person being generated.
+#[derive(Clone, Copy)]
+struct Ctx {
+    /// The person's number (1-based), in every record id.
+    index: u64,
+    /// The seeding day every date is relative to.
+    anchor: Date,
+    /// The country the person comes from.
+    country: &'static Country,
+    /// Without any nationality.
+    stateless: bool,
+}
+
+/// Sex, names and birth date, as the person's country gives them.
+fn identity(r: &mut Rng, ctx: &Ctx) -> (&'static str, Names, Date, bool) {
+    let Ctx {
+        anchor, country, ..
+    } = *ctx;
     let sex = match r.below(1000) {
         0..550 => "M",
         550..995 => "F",
@@ -614,8 +239,24 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
         surname,
         given_names: given.to_owned(),
     };
+    (sex, names, birth, minor)
+}
 
-    let mut seq = Seq::new(seed, index);
+/// The person's documents, oldest first; also the index of the current one.
+fn documents(
+    r: &mut Rng,
+    seq: &mut Seq,
+    ctx: &Ctx,
+    birth: Date,
+    minor: bool,
+    nationalities: &[String],
+) -> (Vec<Doc>, usize) {
+    let Ctx {
+        anchor,
+        country,
+        stateless,
+        ..
+    } = *ctx;
     let mut documents: Vec<Doc> = Vec::new();
     let years = if minor {
         MINOR_PASSPORT_YEARS
@@ -631,7 +272,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
         birth + Duration::days(30),
         anchor - Duration::days(i64::from(years) * 365 - 30),
     );
-    let issued = day_between(&mut r, earliest, anchor - Duration::days(20));
+    let issued = day_between(r, earliest, anchor - Duration::days(20));
     let current = Doc {
         kind,
         state: state.to_owned(),
@@ -645,7 +286,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             .iter()
             .find(|c| c.code == nationalities[1])
             .unwrap_or(country);
-        let issued2 = day_between(&mut r, earliest, anchor - Duration::days(20));
+        let issued2 = day_between(r, earliest, anchor - Duration::days(20));
         documents.push(Doc {
             kind: "passport",
             state: other.code.to_owned(),
@@ -671,10 +312,25 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
     documents.push(current);
     documents.sort_by_key(|d| d.issued);
     let current_doc = documents.len() - 1;
+    (documents, current_doc)
+}
 
+/// Visas, each inside the validity of the passport it was put in; each adds its window of stay.
+fn visas(
+    r: &mut Rng,
+    seq: &mut Seq,
+    ctx: &Ctx,
+    documents: &[Doc],
+    windows: &mut Vec<Window>,
+) -> Vec<Visa> {
+    let Ctx {
+        index,
+        anchor,
+        country,
+        ..
+    } = *ctx;
     // Visas, each inside the validity of the passport it was put in.
     let mut visas = Vec::new();
-    let mut windows: Vec<Window> = Vec::new();
     let wants_visa = if country.visa_free {
         r.chance(0.55)
     } else {
@@ -711,7 +367,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             if from_hi < from_lo {
                 continue;
             }
-            let from = day_between(&mut r, from_lo, from_hi);
+            let from = day_between(r, from_lo, from_hi);
             let until = from + Duration::days(days);
             let entries = if long {
                 "multiple"
@@ -737,10 +393,27 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
         }
     }
     visas.sort_by(|a, b| a.valid_from.cmp(&b.valid_from));
+    visas
+}
 
+/// Residence permits (renewed on expiry, sometimes); each adds its window of stay.
+fn residence_permits(
+    r: &mut Rng,
+    seq: &mut Seq,
+    ctx: &Ctx,
+    documents: &[Doc],
+    current_doc: usize,
+    windows: &mut Vec<Window>,
+) -> (Vec<ResidencePermit>, Vec<(Date, Date, &'static str)>) {
+    let Ctx {
+        index,
+        anchor,
+        stateless,
+        ..
+    } = *ctx;
     // Residence permits; holders get a personal number.
     let mut residence_permits = Vec::new();
-    let mut permit_windows: Vec<(Date, Date, &str)> = Vec::new();
+    let mut permit_windows: Vec<(Date, Date, &'static str)> = Vec::new();
     let wants_permit = r.chance(if stateless { 0.9 } else { 0.34 });
     if wants_permit {
         let ptype = if stateless {
@@ -763,7 +436,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
         };
         let doc = &documents[current_doc];
         let from = day_between(
-            &mut r,
+            r,
             later(
                 doc.issued + Duration::days(1),
                 anchor - Duration::days(8 * 365),
@@ -802,12 +475,18 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             });
         }
     }
-    let personal_number = if !residence_permits.is_empty() || r.chance(0.07) {
-        Some(seq.personal_number(r.pick::<&str>(&["01", "35", "60", "61", "62"])))
-    } else {
-        None
-    };
+    (residence_permits, permit_windows)
+}
 
+/// A work permit after a work residence permit or a D1 visa (rarely, on its own).
+fn work_permits(
+    r: &mut Rng,
+    seq: &mut Seq,
+    ctx: &Ctx,
+    permit_windows: &[(Date, Date, &str)],
+    visas: &[Visa],
+) -> Vec<WorkPermit> {
+    let Ctx { index, anchor, .. } = *ctx;
     // Work permits follow a work residence permit or a D1 visa.
     let mut work_permits = Vec::new();
     let work_window = permit_windows
@@ -846,7 +525,17 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             valid_until: iso(until),
         });
     }
+    work_permits
+}
 
+/// Adds the visa-free windows and trims every window to the past and to its document.
+fn stay_windows(ctx: &Ctx, documents: &[Doc], windows: &mut Vec<Window>, last_day: Date) {
+    let Ctx {
+        anchor,
+        country,
+        stateless,
+        ..
+    } = *ctx;
     // Visa-free stays: any valid passport of a visa-free state (or Georgia's own documents).
     if country.visa_free || stateless {
         for (i, d) in documents.iter().enumerate() {
@@ -858,13 +547,22 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             });
         }
     }
-    let last_day = anchor - Duration::days(1);
     windows.retain_mut(|w| {
         w.until = w.until.min(last_day).min(documents[w.doc].until);
         w.from = later(w.from, documents[w.doc].issued);
         w.until > w.from
     });
+}
 
+/// Crossings: trips inside the windows of stay, entries and exits alternating.
+fn crossings(
+    r: &mut Rng,
+    ctx: &Ctx,
+    id: &str,
+    documents: &[Doc],
+    windows: &[Window],
+) -> Vec<Crossing> {
+    let Ctx { country, .. } = *ctx;
     let mut crossings = Vec::new();
     let mut points: Vec<(&str, u32)> = vec![
         ("Tbilisi International Airport", 6),
@@ -878,10 +576,10 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
         let k = r.range(1, 8) as usize;
         let mut trips: Vec<(Date, Date, usize)> = Vec::new();
         for _ in 0..k.div_ceil(2) {
-            let w = r.pick(&windows);
-            let entry = day_between(&mut r, w.from, w.until - Duration::days(1));
+            let w = r.pick(windows);
+            let entry = day_between(r, w.from, w.until - Duration::days(1));
             let max_exit = (entry + Duration::days(w.max_stay)).min(w.until);
-            let exit = day_between(&mut r, entry, max_exit);
+            let exit = day_between(r, entry, max_exit);
             trips.push((entry, exit, w.doc));
         }
         trips.sort_by_key(|t| t.0);
@@ -896,7 +594,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             let number = documents[doc].number.clone();
             let secs = r.range(0, 43_199);
             crossings.push(crossing(
-                &id,
+                id,
                 crossings.len(),
                 "entry",
                 r.weighted::<&str>(&points),
@@ -909,7 +607,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             if !last_open {
                 let secs = 43_200 + r.range(0, 43_199);
                 crossings.push(crossing(
-                    &id,
+                    id,
                     crossings.len(),
                     "exit",
                     r.weighted::<&str>(&points),
@@ -920,7 +618,25 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             }
         }
     }
+    crossings
+}
 
+/// Asylum: applied after arriving, decided (or withdrawn) later; a recognised refugee gets a travel document.
+fn asylum(
+    r: &mut Rng,
+    seq: &mut Seq,
+    ctx: &Ctx,
+    crossings: &[Crossing],
+    documents: &mut Vec<Doc>,
+    last_day: Date,
+) -> Vec<AsylumCase> {
+    let Ctx {
+        index,
+        anchor,
+        country,
+        stateless,
+        ..
+    } = *ctx;
     // Asylum: applied after arriving; decided (or withdrawn) later, before today.
     let mut asylum_cases = Vec::new();
     let asylum_p = if stateless {
@@ -968,7 +684,19 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             decision_on: decision.map(iso),
         });
     }
+    asylum_cases
+}
 
+/// Entry bans start after the last crossing; a person still in Georgia is expelled (an exit is added).
+fn entry_bans(
+    r: &mut Rng,
+    ctx: &Ctx,
+    id: &str,
+    documents: &[Doc],
+    crossings: &mut Vec<Crossing>,
+    last_day: Date,
+) -> Vec<EntryBan> {
+    let Ctx { index, anchor, .. } = *ctx;
     // Entry bans start after the last crossing; a person still in Georgia is expelled.
     let mut entry_bans = Vec::new();
     if r.chance(0.02) {
@@ -993,14 +721,14 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
                     .iter()
                     .find(|d| d.number == number)
                     .map_or(last_day, |d| d.until);
-                let day = day_between(&mut r, entered, doc_until.min(last_day));
+                let day = day_between(r, entered, doc_until.min(last_day));
                 let secs = if day == entered {
                     43_200 + r.range(0, 43_199)
                 } else {
                     r.range(0, 86_399)
                 };
                 crossings.push(crossing(
-                    &id,
+                    id,
                     crossings.len(),
                     "exit",
                     "Tbilisi International Airport",
@@ -1013,7 +741,7 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             Some((false, at, _)) => {
                 let left = at.get(..10).and_then(parse_date).unwrap_or(last_day);
                 (
-                    day_between(&mut r, left, (left + Duration::days(30)).min(last_day)),
+                    day_between(r, left, (left + Duration::days(30)).min(last_day)),
                     false,
                 )
             }
@@ -1028,55 +756,8 @@ pub(crate) fn person(seed: u64, index: u64, anchor: Date) -> Person {
             expulsion,
         });
     }
-
-    documents.sort_by_key(|d| d.issued);
-    let documents = documents
-        .into_iter()
-        .enumerate()
-        .map(|(i, d)| Document {
-            id: format!("DO-{index:07}-{}", i + 1),
-            person_id: None,
-            kind: d.kind.to_owned(),
-            number: d.number,
-            issuing_state: d.state,
-            issued_on: iso(d.issued),
-            valid_until: iso(d.until),
-        })
-        .collect();
-
-    let birth_country = country.code.to_owned();
-    Person {
-        id,
-        personal_number,
-        names,
-        sex: sex.to_owned(),
-        birth_date: iso(birth),
-        birth_place: BirthPlace {
-            city: (*r.pick(country.cities)).to_owned(),
-            country: birth_country,
-        },
-        nationalities,
-        stateless,
-        documents,
-        visas,
-        residence_permits,
-        work_permits,
-        crossings,
-        asylum_cases,
-        entry_bans,
-    }
+    entry_bans
 }
-
-/// Country indices by weight, for [`Rng::weighted`].
-const COUNTRY_WEIGHTS: [(usize, u32); COUNTRIES.len()] = {
-    let mut out = [(0usize, 0u32); COUNTRIES.len()];
-    let mut i = 0;
-    while i < COUNTRIES.len() {
-        out[i] = (i, COUNTRIES[i].weight);
-        i += 1;
-    }
-    out
-};
 
 /// A document while the person is being built (dates still typed).
 struct Doc {
