@@ -10,17 +10,13 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use common::{leaf_paths, Db, Reply, TestGateway};
+use common::{person_path, PERSON};
 use http::{Method, StatusCode};
 use karibche::audit::{self, Entry, Filter};
 use serde_json::{json, Value};
 
-const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
 const AGENCY: &str = "molhsa";
 const PURPOSE: &str = "social-assistance";
-
-fn person_path(id: &str) -> String {
-    format!("/v1/registry/persons/{id}")
-}
 
 async fn entries(gw: &TestGateway) -> Vec<Entry> {
     audit::query(&gw.running.store, &Filter::default())
