@@ -494,3 +494,82 @@ pub(crate) use audit_columns;
 
 /// How many columns [`audit_columns!`] lists.
 pub(crate) const AUDIT_COLUMN_COUNT: usize = 34;
+
+#[cfg(test)]
+mod pinned {
+    use super::*;
+
+    /// A fully populated entry: every column set, so every column's form is pinned.
+    pub(crate) fn full_entry() -> Entry {
+        Entry {
+            id: "0190f3a2-7b1c-7000-8000-000000000001".into(),
+            ts: "2026-11-03T09:15:02.123456Z".into(),
+            agency: Some("mia-border".into()),
+            certificate: Some("ab".repeat(32)),
+            officer: Some("officer-7".into()),
+            purpose: Some("border-control".into()),
+            legal_basis: Some("Aliens Act s. 12".into()),
+            case_ref: Some("CASE-1".into()),
+            consent_ref: Some("consent-1".into()),
+            token_id: Some("jti-1".into()),
+            provider: Some("registry".into()),
+            service: Some("persons".into()),
+            operation: Some("write".into()),
+            method: "POST".into(),
+            path: "/v1/registry/persons/RF-1?x=1".into(),
+            subjects: vec!["RF-1".into(), "RF-2".into()],
+            fields: vec!["id".into(), "names.surname".into()],
+            decision: "allow".into(),
+            reason: Some("upstream_error".into()),
+            status: 502,
+            policy_version: "v-123".into(),
+            shadow_decision: Some("deny".into()),
+            response_digest: Some("cd".repeat(32)),
+            restricted: true,
+            upstream_status: Some(500),
+            pseudonymised: true,
+            phase: Some("outcome".into()),
+            attempt_id: Some("0190f3a2-7b1c-7000-8000-000000000000".into()),
+            request_digest: Some("ef".repeat(32)),
+            written: vec!["employer.name".into(), "person_id".into()],
+        }
+    }
+
+    /// The hash and canonical form of a fixed record, as computed before the
+    /// entry's `decision` and `operation` became typed: stored chains verify only while they hold.
+    #[test]
+    fn a_fixed_records_hash_never_changes() {
+        let e = full_entry();
+        let canonical = canonical_json(7, "node-a", &e, GENESIS_HASH).unwrap();
+        assert_eq!(
+            canonical,
+            r#"{"seq":7,"node":"node-a","id":"0190f3a2-7b1c-7000-8000-000000000001","ts":"2026-11-03T09:15:02.123456Z","agency":"mia-border","certificate":"abababababababababababababababababababababababababababababababab","officer":"officer-7","purpose":"border-control","legal_basis":"Aliens Act s. 12","case_ref":"CASE-1","consent_ref":"consent-1","token_id":"jti-1","provider":"registry","service":"persons","operation":"write","method":"POST","path":"/v1/registry/persons/RF-1?x=1","subjects":["RF-1","RF-2"],"fields":["id","names.surname"],"decision":"allow","reason":"upstream_error","status":502,"policy_version":"v-123","shadow_decision":"deny","response_digest":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd","restricted":true,"upstream_status":500,"pseudonymised":true,"phase":"outcome","attempt_id":"0190f3a2-7b1c-7000-8000-000000000000","request_digest":"efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef","written":["employer.name","person_id"],"prev_hash":"0000000000000000000000000000000000000000000000000000000000000000"}"#
+        );
+        assert_eq!(
+            chain_hash(7, "node-a", &e, GENESIS_HASH).unwrap(),
+            "17f71654886da86b2b6538241948a5dce8eb2e630539277380ceafcd30962b1a"
+        );
+        let stored = serde_json::to_string(&e).unwrap();
+        assert_eq!(stored, PINNED_ENTRY_JSON);
+        assert_eq!(serde_json::from_str::<Entry>(&stored).unwrap(), e);
+    }
+
+    /// The other decision and an event's operation name keep their stored text too.
+    #[test]
+    fn a_denial_and_an_events_operation_keep_their_text() {
+        let mut e = full_entry();
+        e.decision = "deny".into();
+        e.shadow_decision = Some("allow".into());
+        e.operation = Some("consent-grant".into());
+        assert_eq!(
+            chain_hash(7, "node-a", &e, GENESIS_HASH).unwrap(),
+            "46238ae9658c7f27d95f1c964e5cdb4657583c41ab873677013170ad0391934d"
+        );
+        let stored = serde_json::to_string(&e).unwrap();
+        assert!(stored.contains(r#""operation":"consent-grant""#), "{stored}");
+        assert!(stored.contains(r#""decision":"deny""#), "{stored}");
+        assert_eq!(serde_json::from_str::<Entry>(&stored).unwrap(), e);
+    }
+
+    const PINNED_ENTRY_JSON: &str = r#"{"id":"0190f3a2-7b1c-7000-8000-000000000001","ts":"2026-11-03T09:15:02.123456Z","agency":"mia-border","certificate":"abababababababababababababababababababababababababababababababab","officer":"officer-7","purpose":"border-control","legal_basis":"Aliens Act s. 12","case_ref":"CASE-1","consent_ref":"consent-1","token_id":"jti-1","provider":"registry","service":"persons","operation":"write","method":"POST","path":"/v1/registry/persons/RF-1?x=1","subjects":["RF-1","RF-2"],"fields":["id","names.surname"],"decision":"allow","reason":"upstream_error","status":502,"policy_version":"v-123","shadow_decision":"deny","response_digest":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd","restricted":true,"upstream_status":500,"pseudonymised":true,"phase":"outcome","attempt_id":"0190f3a2-7b1c-7000-8000-000000000000","request_digest":"efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef","written":["employer.name","person_id"]}"#;
+}
