@@ -17,7 +17,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::audit::AuditLog;
-use crate::breaker::Providers;
+use crate::gateway::forward::breaker::Providers;
 use crate::limits::Limits;
 use crate::policy::Policy;
 use crate::problem::{json_response, Body, Problem};

@@ -566,7 +566,10 @@ mod pinned {
             "46238ae9658c7f27d95f1c964e5cdb4657583c41ab873677013170ad0391934d"
         );
         let stored = serde_json::to_string(&e).unwrap();
-        assert!(stored.contains(r#""operation":"consent-grant""#), "{stored}");
+        assert!(
+            stored.contains(r#""operation":"consent-grant""#),
+            "{stored}"
+        );
         assert!(stored.contains(r#""decision":"deny""#), "{stored}");
         assert_eq!(serde_json::from_str::<Entry>(&stored).unwrap(), e);
     }

@@ -17,7 +17,8 @@
 //! the next request on, on every replica.
 //!
 //! Agencies record the consents they collected through the gateway
-//! (`POST /v1/consents`, `POST /v1/consents/{id}/revoke`, see [`ApiRoute`]),
+//! (`POST /v1/consents`, `POST /v1/consents/{id}/revoke`, served by
+//! `crate::gateway::builtin::consents`),
 //! authorised by a grant on the gateway's own service `gateway/consents`;
 //! administrators use `karibche consent grant|revoke|list`.
 
@@ -262,7 +263,7 @@ fn invalid(field: &str, message: &str) -> ConsentError {
 }
 
 /// Register ids, agency ids and purpose codes: 1 to 64 of `[A-Za-z0-9_-]`.
-fn is_plain_id(s: &str) -> bool {
+pub(crate) fn is_plain_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_ID
         && s.bytes()
@@ -664,32 +665,7 @@ fn event(by: &Actor, action: &str, c: &Consent, reason: String) -> Entry {
     }
 }
 
-// ---- the agencies' API -----------------------------------------------------------------
-
-/// A request to the consent API, recognised before the provider route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApiRoute<'a> {
-    /// `POST /v1/consents`: record a consent.
-    Grant,
-    /// `POST /v1/consents/{id}/revoke`: revoke one.
-    Revoke(&'a str),
-}
-
-/// Recognises `/v1/consents` and `/v1/consents/{id}/revoke` (also under `/v1/gateway/consents`).
-/// Any other path below `/v1/consents` is `Some(Err(()))`: answered 404, never forwarded.
-pub fn api_route(path: &str) -> Option<Result<ApiRoute<'_>, ()>> {
-    let rest = path
-        .strip_prefix("/v1/consents")
-        .or_else(|| path.strip_prefix("/v1/gateway/consents"))?;
-    if rest.is_empty() || rest == "/" {
-        return Some(Ok(ApiRoute::Grant));
-    }
-    let rest = rest.strip_prefix('/')?;
-    Some(match rest.split('/').collect::<Vec<_>>().as_slice() {
-        [id, "revoke"] if is_plain_id(id) => Ok(ApiRoute::Revoke(id)),
-        _ => Err(()),
-    })
-}
+// ---- consents given through the gateway ------------------------------------------------
 
 /// Reads a `POST /v1/consents` body; the consent is for the caller's `agency` and the token's `purpose`.
 ///
@@ -1029,20 +1005,6 @@ mod tests {
             }),
             "evidence_ref"
         );
-    }
-
-    #[test]
-    fn api_routes() {
-        assert_eq!(api_route("/v1/consents"), Some(Ok(ApiRoute::Grant)));
-        assert_eq!(api_route("/v1/gateway/consents"), Some(Ok(ApiRoute::Grant)));
-        assert_eq!(
-            api_route("/v1/consents/abc-1/revoke"),
-            Some(Ok(ApiRoute::Revoke("abc-1")))
-        );
-        assert_eq!(api_route("/v1/consents/abc-1"), Some(Err(())));
-        assert_eq!(api_route("/v1/consents/a/b/revoke"), Some(Err(())));
-        assert_eq!(api_route("/v1/registry/persons/X"), None);
-        assert_eq!(api_route("/v1/consentsX"), None);
     }
 
     #[test]

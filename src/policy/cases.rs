@@ -285,7 +285,7 @@ fn identifying_lookup(
     let rest = path
         .strip_prefix(&format!("/v1/{provider}/{service}"))
         .unwrap_or_default();
-    crate::pseudonymity::check_lookup(svc, rest, query)
+    crate::policy::pseudonymity::check_lookup(svc, rest, query)
         .err()
         .map(|i| i.detail(provider, svc))
 }
@@ -333,7 +333,7 @@ fn check_decision(decision: &Decision, case: &RawCase) -> Result<(), String> {
                 ));
             }
             if let Some(want) = &case.fields {
-                let want = crate::minimise::FieldSet::from_paths(want).paths();
+                let want = crate::policy::FieldSet::from_paths(want).paths();
                 let got = allow.fields.paths();
                 if want != got {
                     let extra: Vec<&str> = got
