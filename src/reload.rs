@@ -236,8 +236,8 @@ fn reload_event(old: &Policy, new: &Policy, trigger: Trigger) -> Entry {
         ts: crate::audit::now_ts(),
         method: "EVENT".to_owned(),
         path: "policy-reload".to_owned(),
-        operation: Some("policy-reload".to_owned()),
-        decision: "allow".to_owned(),
+        operation: Some(crate::audit::Operation::Event("policy-reload".to_owned())),
+        decision: crate::audit::Decision::Allow,
         reason: Some(format!(
             "policy {} -> {} by {}; {}",
             old.version(),

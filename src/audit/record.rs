@@ -43,8 +43,8 @@ pub struct Entry {
     pub provider: Option<String>,
     /// The provider's service asked.
     pub service: Option<String>,
-    /// The operation within the service.
-    pub operation: Option<String>,
+    /// The operation within the service, or the event's name.
+    pub operation: Option<Operation>,
     /// HTTP method.
     pub method: String,
     /// HTTP path as requested.
@@ -54,7 +54,7 @@ pub struct Entry {
     /// Fields released to the caller.
     pub fields: Vec<String>,
     /// `"allow"` or `"deny"`.
-    pub decision: String,
+    pub decision: Decision,
     /// Reason code for a denial or an error (`no_grant`, `token_expired`, …).
     pub reason: Option<String>,
     /// HTTP status returned to the caller.
@@ -64,7 +64,7 @@ pub struct Entry {
     /// What the agency's `shadow = true` grants would have decided (`"allow"` or `"deny"`), not enforced;
     /// `None` when no shadow grant applies to the request.
     #[serde(default)]
-    pub shadow_decision: Option<String>,
+    pub shadow_decision: Option<Decision>,
     /// Hex SHA-256 of the response body exactly as released; `None` when nothing was released.
     #[serde(default)]
     pub response_digest: Option<String>,
@@ -93,6 +93,126 @@ pub struct Entry {
     /// The field paths a change writes (its body's members), on a change's records.
     #[serde(default)]
     pub written: Vec<String>,
+}
+
+/// What the record says was decided: stored and hashed as `"allow"` / `"deny"`.
+///
+/// A request the policy allowed stays `Allow` when the provider or the
+/// gateway then failed it; only the gateway's own checks make a `Deny`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// Allowed by a grant (events and changes logged ahead are allowed too).
+    Allow,
+    /// Refused; nothing is allowed unless a grant says so.
+    #[default]
+    Deny,
+}
+
+impl Decision {
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+        }
+    }
+
+    /// The decision a stored text names, if any.
+    pub fn parse(s: &str) -> Option<Decision> {
+        match s {
+            "allow" => Some(Decision::Allow),
+            "deny" => Some(Decision::Deny),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Reads `"allow"` as [`Decision::Allow`] and any other text as [`Decision::Deny`].
+impl From<&str> for Decision {
+    fn from(s: &str) -> Self {
+        Decision::parse(s).unwrap_or(Decision::Deny)
+    }
+}
+
+/// A decision reads as its stored text (`e.shadow_decision.as_deref() == Some("allow")`).
+impl std::ops::Deref for Decision {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq<&str> for Decision {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// What a record is about: a read or a write of a provider's service, or an
+/// event of the gateway itself (`node-start`, `consent-grant`, …), stored and
+/// hashed as that text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// A read (`GET`, `HEAD`).
+    Read,
+    /// A write (`POST`, `PUT`, `PATCH`, `DELETE`), or a consent change through the gateway.
+    Write,
+    /// An event, by its name.
+    Event(String),
+}
+
+impl Operation {
+    /// The stored text.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Operation::Read => "read",
+            Operation::Write => "write",
+            Operation::Event(name) => name,
+        }
+    }
+}
+
+impl From<String> for Operation {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "read" => Operation::Read,
+            "write" => Operation::Write,
+            _ => Operation::Event(s),
+        }
+    }
+}
+
+impl From<&str> for Operation {
+    fn from(s: &str) -> Self {
+        Operation::from(s.to_owned())
+    }
+}
+
+/// An operation reads as its stored text (`e.operation.as_deref() == Some("read")`).
+impl std::ops::Deref for Operation {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Serialize for Operation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Operation {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Operation::from)
+    }
 }
 
 /// `Entry::phase` of the record committed before a change is made.
@@ -232,11 +352,11 @@ pub fn canonical_json(
         path: &e.path,
         subjects: &e.subjects,
         fields: &e.fields,
-        decision: &e.decision,
+        decision: e.decision.as_str(),
         reason: e.reason.as_deref(),
         status: e.status,
         policy_version: &e.policy_version,
-        shadow_decision: e.shadow_decision.as_deref(),
+        shadow_decision: e.shadow_decision.map(Decision::as_str),
         response_digest: e.response_digest.as_deref(),
         restricted: e.restricted,
         upstream_status: e.upstream_status,
@@ -305,13 +425,7 @@ pub(crate) fn prepare(mut entry: Entry) -> Result<Entry, AuditError> {
         return Err(AuditError::InvalidEntry("empty request id".into()));
     }
     let e = &mut entry;
-    for s in [
-        &mut e.id,
-        &mut e.method,
-        &mut e.path,
-        &mut e.decision,
-        &mut e.policy_version,
-    ] {
+    for s in [&mut e.id, &mut e.method, &mut e.path, &mut e.policy_version] {
         scrub(s, STORED_TEXT_CHARS);
     }
     for s in [
@@ -332,9 +446,7 @@ pub(crate) fn prepare(mut entry: Entry) -> Result<Entry, AuditError> {
         &mut e.case_ref,
         &mut e.consent_ref,
         &mut e.token_id,
-        &mut e.operation,
         &mut e.reason,
-        &mut e.shadow_decision,
         &mut e.response_digest,
         &mut e.phase,
         &mut e.attempt_id,
@@ -344,6 +456,9 @@ pub(crate) fn prepare(mut entry: Entry) -> Result<Entry, AuditError> {
     .flatten()
     {
         scrub(s, STORED_TEXT_CHARS);
+    }
+    if let Some(Operation::Event(name)) = &mut e.operation {
+        scrub(name, STORED_TEXT_CHARS);
     }
     e.subjects
         .iter_mut()
@@ -441,16 +556,25 @@ impl Row {
                 token_id: self.token_id,
                 provider: self.provider,
                 service: self.service,
-                operation: self.operation,
+                operation: self.operation.map(Operation::from),
                 method: self.method,
                 path: self.path,
                 subjects,
                 fields,
-                decision: self.decision,
+                decision: Decision::parse(&self.decision).ok_or_else(|| {
+                    format!("decision {:?} is neither allow nor deny", self.decision)
+                })?,
                 reason: self.reason,
                 status,
                 policy_version: self.policy_version,
-                shadow_decision: self.shadow_decision,
+                shadow_decision: self
+                    .shadow_decision
+                    .map(|d| {
+                        Decision::parse(&d).ok_or_else(|| {
+                            format!("shadow_decision {d:?} is neither allow nor deny")
+                        })
+                    })
+                    .transpose()?,
                 response_digest: self.response_digest,
                 restricted: match self.restricted {
                     0 => false,

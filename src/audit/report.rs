@@ -185,7 +185,7 @@ fn access(
             .and_then(|p| name_of(NameKind::Purpose, p)),
         purpose: e.purpose.clone(),
         legal_basis: e.legal_basis.clone(),
-        operation: e.operation.clone(),
+        operation: e.operation.as_deref().map(str::to_owned),
         released,
         fields: if released {
             e.fields.clone()

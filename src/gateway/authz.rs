@@ -51,11 +51,10 @@ pub fn authorise(
 ) -> Result<Allow, Refusal> {
     let today = OffsetDateTime::now_utc().date();
     let req = asked.request();
-    exchange.shadow(
-        policy
-            .decide_shadow(&req, today)
-            .map(|d| matches!(d, Decision::Allow(_))),
-    );
+    exchange.shadow(policy.decide_shadow(&req, today).map(|d| match d {
+        Decision::Allow(_) => crate::audit::Decision::Allow,
+        Decision::Deny(_) => crate::audit::Decision::Deny,
+    }));
     // Set before deciding: a refused request under a restricted grant reveals as much as an allowed one.
     if restricted_service(policy, asked.agency, asked.route) {
         exchange.restrict();

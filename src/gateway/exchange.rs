@@ -12,7 +12,7 @@
 use crate::audit::text::{
     self, MAX_CLAIM_CHARS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_PURPOSE_CHARS,
 };
-use crate::audit::Entry;
+use crate::audit::{Decision, Entry};
 use crate::policy::Operation;
 use crate::token::Officer;
 
@@ -40,8 +40,8 @@ pub struct Exchange {
     token_id: Option<String>,
     provider: Option<String>,
     service: Option<String>,
-    operation: Option<String>,
-    shadow: Option<bool>,
+    operation: Option<crate::audit::Operation>,
+    shadow: Option<Decision>,
     restricted: bool,
     allowed: Option<Allowed>,
     pseudonymised: bool,
@@ -129,12 +129,15 @@ impl Exchange {
 
     /// The operation asked for.
     pub fn operation(&mut self, operation: Operation) {
-        self.operation = Some(operation.as_str().to_owned());
+        self.operation = Some(match operation {
+            Operation::Read => crate::audit::Operation::Read,
+            Operation::Write => crate::audit::Operation::Write,
+        });
     }
 
-    /// authz: what the agency's shadow grants would decide (`true` = allow), never enforced.
-    pub fn shadow(&mut self, allow: Option<bool>) {
-        self.shadow = allow;
+    /// authz: what the agency's shadow grants would decide, never enforced.
+    pub fn shadow(&mut self, decision: Option<Decision>) {
+        self.shadow = decision;
     }
 
     /// The request reveals as much as a restricted grant's reads (kept out of subjects' reports for a while).
@@ -206,8 +209,12 @@ impl Exchange {
 
     /// The audit entry of the request as it stands, ending as `ending` says.
     pub fn entry(&self, ending: Ending<'_>) -> Entry {
-        let allow = !ending.denied && self.allowed.is_some();
-        let verdict = |allow: bool| if allow { "allow" } else { "deny" }.to_owned();
+        // The policy's verdict, unless the gateway's own checks refused the request after it.
+        let decision = if !ending.denied && self.allowed.is_some() {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        };
         Entry {
             id: self.id.clone(),
             ts: self.ts.clone(),
@@ -226,11 +233,11 @@ impl Exchange {
             path: self.path.clone(),
             subjects: self.subjects.clone(),
             fields: self.fields.clone(),
-            decision: verdict(allow),
+            decision,
             reason: ending.reason.map(str::to_owned),
             status: ending.status,
             policy_version: self.policy_version.clone(),
-            shadow_decision: self.shadow.map(verdict),
+            shadow_decision: self.shadow,
             response_digest: self.response_digest.clone(),
             restricted: self.restricted,
             upstream_status: self.upstream_status,
