@@ -1,5 +1,5 @@
-//! The request pipeline: every step of DESIGN.md's "request pipeline", in
-//! order, each a named function in the file named for it, returning a typed result.
+//! The request pipeline: every step of a request, in order, each a named
+//! function in the file named for it, returning a typed result.
 //!
 //! ```text
 //! authn → route → authz → limit → body → consent → forward → release → audit → respond

@@ -143,24 +143,6 @@ impl Refusal {
         "consent records cannot be checked now; no data is released",
         Internal,
     );
-    /// Consent records cannot be read or written for a change.
-    pub const CONSENT_STORE_UNAVAILABLE: Refusal = kind(
-        S::SERVICE_UNAVAILABLE,
-        "consent-store-unavailable",
-        "Service Unavailable",
-        "consent_store_unavailable",
-        "consent records cannot be read or written now",
-        Internal,
-    );
-    /// A consent was changed but the log cannot record the outcome.
-    pub const CONSENT_OUTCOME_UNRECORDED: Refusal = kind(
-        S::SERVICE_UNAVAILABLE,
-        "audit-unavailable",
-        "Service Unavailable",
-        "audit_unavailable",
-        "the consent was changed, but the access log cannot record the outcome",
-        Internal,
-    );
     /// A connection has too many pipelines running.
     pub const OVER_PIPELINES: Refusal = kind(
         S::SERVICE_UNAVAILABLE,
@@ -334,33 +316,6 @@ impl Refusal {
         "Not found",
         "unknown_route",
         "no such audit service",
-        Caller,
-    );
-    /// A consent change refused as malformed (detail names the member).
-    pub const CONSENT_INVALID: Refusal = kind(
-        S::UNPROCESSABLE_ENTITY,
-        "invalid-consent",
-        "Unprocessable Entity",
-        "consent_invalid",
-        "",
-        Caller,
-    );
-    /// No such consent (or not one the caller's agency recorded).
-    pub const CONSENT_NOT_FOUND: Refusal = kind(
-        S::NOT_FOUND,
-        "consent-not-found",
-        "Not Found",
-        "consent_not_found",
-        "no such consent",
-        Caller,
-    );
-    /// The consent was revoked before.
-    pub const CONSENT_ALREADY_REVOKED: Refusal = kind(
-        S::CONFLICT,
-        "consent-revoked",
-        "Conflict",
-        "consent_already_revoked",
-        "the consent is already revoked",
         Caller,
     );
 
@@ -682,15 +637,37 @@ impl Refusal {
         }
     }
 
-    /// A consent change refused or failed.
+    /// A consent change refused or failed: its status and reason are the error's own
+    /// (its command-line records state them too); what the caller is shown is said here.
     pub fn consent(e: &ConsentError) -> Refusal {
-        match e {
-            ConsentError::Invalid { .. } => Refusal::CONSENT_INVALID.with_detail(e.to_string()),
-            ConsentError::NotFound => Refusal::CONSENT_NOT_FOUND,
-            ConsentError::AlreadyRevoked => Refusal::CONSENT_ALREADY_REVOKED,
-            ConsentError::Database(_) => Refusal::CONSENT_STORE_UNAVAILABLE,
-            ConsentError::Audit(_) => Refusal::AUDIT_UNAVAILABLE,
-            ConsentError::OutcomeNotRecorded(_) => Refusal::CONSENT_OUTCOME_UNRECORDED,
+        let (problem, detail): (_, Cow<'static, str>) = match e {
+            ConsentError::Invalid { .. } => ("invalid-consent", e.to_string().into()),
+            ConsentError::NotFound => ("consent-not-found", e.to_string().into()),
+            ConsentError::AlreadyRevoked => ("consent-revoked", e.to_string().into()),
+            ConsentError::Database(_) => (
+                "consent-store-unavailable",
+                "consent records cannot be read or written now".into(),
+            ),
+            ConsentError::Audit(_) => return Refusal::AUDIT_UNAVAILABLE,
+            ConsentError::OutcomeNotRecorded(_) => (
+                "audit-unavailable",
+                "the consent was changed, but the access log cannot record the outcome".into(),
+            ),
+        };
+        let status = e.status();
+        Refusal {
+            status,
+            problem,
+            title: status.canonical_reason().unwrap_or("Error"),
+            reason: e.reason(),
+            detail,
+            side: if status.is_client_error() {
+                Caller
+            } else {
+                Internal
+            },
+            challenge: false,
+            headers: Vec::new(),
         }
     }
 
@@ -703,9 +680,9 @@ impl Refusal {
             ApiError::Audit(AuditError::InvalidFilter(m)) => {
                 Refusal::BAD_FILTER.with_detail(m.clone())
             }
-            ApiError::Audit(
-                AuditError::Closed | AuditError::CommitFailed | AuditError::Database(_),
-            ) => Refusal::AUDIT_READ_FAILED,
+            ApiError::Audit(a) if a.status() == S::SERVICE_UNAVAILABLE => {
+                Refusal::AUDIT_READ_FAILED
+            }
             _ => Refusal::AUDIT_READ_INTERNAL,
         }
     }

@@ -3,8 +3,8 @@
 //! a URL, or answered in-process by a built-in provider
 //! (`crate::gateway::builtin`).
 //!
-//! Short forms stand for full gateway paths: `/v1/consents…` is
-//! `/v1/gateway/consents…`, the consent API's documented address.
+//! Short forms stand for full gateway paths (`/v1/consents…` is
+//! `/v1/gateway/consents…`, see [`GatewayPath::route`]).
 
 use http::Uri;
 
@@ -16,29 +16,10 @@ use crate::policy::{GatewayPath, PathError, Policy, Service, Upstream};
 /// `/v1/{provider}/{service}{rest}` of a request, checked.
 pub type Route<'a> = GatewayPath<'a>;
 
-/// Short paths and the provider and service they stand for.
-const SHORT_FORMS: [(&str, &str, &str); 1] = [("/v1/consents", "gateway", "consents")];
-
 /// route: `/v1/{provider}/{service}/{rest}`; anything else is 404, a path a provider
 /// might resolve elsewhere (dot, empty or encoded separator segments) 400.
 pub fn route(uri: &Uri) -> Result<Route<'_>, Refusal> {
-    route_path(uri.path())
-}
-
-/// [`route`] of a path without its query.
-pub fn route_path(path: &str) -> Result<Route<'_>, Refusal> {
-    for (short, provider, service) in SHORT_FORMS {
-        if let Some(rest) = path.strip_prefix(short) {
-            if rest.is_empty() || rest.starts_with('/') {
-                return Ok(Route {
-                    provider,
-                    service,
-                    rest,
-                });
-            }
-        }
-    }
-    GatewayPath::parse(path).map_err(|e| match e {
+    GatewayPath::route(uri.path()).map_err(|e| match e {
         PathError::NotGateway => Refusal::NOT_GATEWAY_PATH,
         PathError::Suspicious => Refusal::SUSPICIOUS_PATH,
     })

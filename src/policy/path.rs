@@ -20,6 +20,10 @@ pub struct GatewayPath<'a> {
     pub rest: &'a str,
 }
 
+/// Short paths and the provider and service they stand for: `/v1/consents…` is
+/// `/v1/gateway/consents…`, the consent API's documented address.
+const SHORT_FORMS: [(&str, &str, &str); 1] = [("/v1/consents", "gateway", "consents")];
+
 /// Why a path is not a gateway path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -44,6 +48,23 @@ impl<'a> GatewayPath<'a> {
             service,
             rest,
         })
+    }
+
+    /// The path a request asks for: a short form's provider and service (its
+    /// rest is the built-in provider's to check), or else [`GatewayPath::parse`].
+    pub fn route(path: &'a str) -> Result<GatewayPath<'a>, PathError> {
+        for (short, provider, service) in SHORT_FORMS {
+            if let Some(rest) = path.strip_prefix(short) {
+                if rest.is_empty() || rest.starts_with('/') {
+                    return Ok(GatewayPath {
+                        provider,
+                        service,
+                        rest,
+                    });
+                }
+            }
+        }
+        GatewayPath::parse(path)
     }
 
     /// Splits a path that is to be forwarded: as [`GatewayPath::split`], and

@@ -24,8 +24,7 @@ use crate::consent::{is_plain_id, parse_grant, Actor, Consent};
 use crate::gateway::exchange::{written_paths, Exchange};
 use crate::gateway::refusal::Refusal;
 use crate::gateway::release::Answer;
-use crate::gateway::route::{route_path, Route};
-use crate::policy::Operation;
+use crate::policy::{GatewayPath, Operation};
 
 /// The consent API, `builtin:gateway`.
 pub struct ConsentApi;
@@ -58,7 +57,7 @@ fn consent_path(rest: &str) -> Option<ApiRoute<'_>> {
 /// Recognises `/v1/consents` and `/v1/consents/{id}/revoke` (also under `/v1/gateway/consents`).
 /// Any other path below them is `Some(Err(()))`: answered 404, never forwarded.
 pub fn api_route(path: &str) -> Option<Result<ApiRoute<'_>, ()>> {
-    let route = route_path(path).ok().filter(|r| {
+    let route = GatewayPath::route(path).ok().filter(|r| {
         (r.provider, r.service) == (crate::consent::API_PROVIDER, crate::consent::API_SERVICE)
     })?;
     Some(consent_path(route.rest).ok_or(()))
@@ -77,7 +76,7 @@ impl Builtin for ConsentApi {
 
     fn operation(
         &self,
-        route: &Route<'_>,
+        route: &GatewayPath<'_>,
         method: &http::Method,
         exchange: &mut Exchange,
     ) -> Result<Operation, Refusal> {

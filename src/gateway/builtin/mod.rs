@@ -22,9 +22,8 @@ use crate::audit::Attempt;
 use crate::gateway::exchange::Exchange;
 use crate::gateway::refusal::Refusal;
 use crate::gateway::release::Answer;
-use crate::gateway::route::Route;
 use crate::gateway::Gateway;
-use crate::policy::{Allow, Operation, Policy, Service};
+use crate::policy::{Allow, GatewayPath as Route, Operation, Policy, Service};
 use crate::token::Officer;
 
 /// The built-in providers, by the name after `builtin:`.
