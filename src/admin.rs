@@ -430,7 +430,7 @@ impl AdminState {
                 s.in_flight
             );
         }
-        // Fair shares (src/breaker.rs): agency labels come from the policy, so they stay few.
+        // Fair shares (src/gateway/forward/breaker.rs): agency labels come from the policy, so they stay few.
         for (name, help, kind) in [
             (
                 "karibche_provider_agency_in_flight",

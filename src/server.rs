@@ -198,7 +198,7 @@ enum Protocol {
 /// read buffer to 16 KiB for the connection's life.
 fn protocol_builder(limits: &ListenLimits, protocol: Protocol) -> auto::Builder<TokioExecutor> {
     // The documented bound on a request's head (64 KiB) is held to exactly in the gateway's
-    // handler, which answers 431 problem+json and records it (src/proxy.rs). hyper's own
+    // handler, which answers 431 problem+json and records it (src/gateway/body.rs). hyper's own
     // bounds sit twice as high, so a request a little over the limit still reaches the
     // handler; only one over these gets hyper's bare 431 (or, on HTTP/2, for a header block
     // far larger still, the connection's end), counted as `header_too_large`.

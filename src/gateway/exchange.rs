@@ -284,3 +284,46 @@ pub fn written_paths(body: &serde_json::Value) -> Vec<String> {
     out.dedup();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(exchange: &Exchange, denied: bool, status: u16) -> Entry {
+        exchange.entry(Ending {
+            denied,
+            status,
+            reason: Some("x"),
+        })
+    }
+
+    #[test]
+    fn the_decision_is_the_policys_verdict_unless_the_gateway_denied() {
+        let mut ex = Exchange::start("GET", "/v1/a/b", None, "v1");
+        // Refused before the policy decided: deny, whichever side failed.
+        assert_eq!(ended(&ex, false, 503).decision, Decision::Deny);
+        ex.allowed("basis", false, false);
+        // Allowed, then failed by the provider or the gateway: still allow.
+        assert_eq!(ended(&ex, false, 502).decision, Decision::Allow);
+        // Allowed, then refused by the gateway's own checks (a quota, a field): deny.
+        assert_eq!(ended(&ex, true, 429).decision, Decision::Deny);
+        let attempt = ex.entry(Ending::ATTEMPT);
+        assert_eq!(
+            (attempt.decision, attempt.status, attempt.reason),
+            (Decision::Allow, 0, None)
+        );
+        assert_eq!(attempt.legal_basis.as_deref(), Some("basis"));
+    }
+
+    #[test]
+    fn subjects_are_recorded_once_and_writes_name_their_paths() {
+        let mut ex = Exchange::start("POST", "/v1/a/b", None, "v1");
+        ex.subject("P-1");
+        ex.subject("P-1");
+        ex.subject("P-2");
+        assert_eq!(ex.subjects(), ["P-1", "P-2"]);
+        let body =
+            serde_json::json!({"person_id": "P-1", "employer": {"name": "X"}, "tags": ["a"]});
+        assert_eq!(written_paths(&body), ["employer.name", "person_id", "tags"]);
+    }
+}

@@ -236,7 +236,7 @@ fn run_one(policy: &Policy, case: &RawCase, today: Date) -> Result<(), String> {
     };
     let decision = policy.decide(&req, date);
     if let Some(refused) = identifying_lookup(policy, &decision, &case.path, provider, service) {
-        // The gateway refuses it after the policy allowed it (src/pseudonymity.rs).
+        // The gateway refuses it after the policy allowed it (src/policy/pseudonymity.rs).
         return match (case.expect, case.reason.as_deref()) {
             (Expect::Deny, None | Some(IDENTIFYING)) => Ok(()),
             _ => Err(format!(

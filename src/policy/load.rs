@@ -1070,7 +1070,7 @@ fn validate_grant(
 
     // Consent is given by one person: at run time a grant needing it serves
     // only requests that name one subject (…/{service}/{id}), never a search,
-    // and withholds an answer about anyone else (src/proxy.rs).
+    // and withholds an answer about anyone else (src/gateway/mod.rs).
     let consent_required = g
         .consent
         .as_ref()

@@ -339,7 +339,7 @@ pub struct Service {
     /// The record's known field paths, if declared; grants are checked against them.
     pub fields: Option<FieldSet>,
     /// Query parameters that select only by attributes a pseudonymising grant
-    /// releases; under such a grant every other parameter is refused (src/pseudonymity.rs).
+    /// releases; under such a grant every other parameter is refused (src/policy/pseudonymity.rs).
     pub pseudonymous_query: Vec<String>,
 }
 

@@ -22,7 +22,7 @@ use time::{Date, Month};
 use crate::policy::{Transform, Transforms};
 
 /// The gateway's pseudonymisation key for the current period, and the
-/// cursor key derived from the same secret (src/cursor.rs): both keep what an
+/// cursor key derived from the same secret (`super::cursor`): both keep what an
 /// agency receives from being linked back to a register id.
 pub struct Pseudonymiser {
     key: hmac::Key,
