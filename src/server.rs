@@ -35,13 +35,13 @@ use http_body_util::BodyExt;
 
 use crate::admin::{AdminState, Metrics};
 use crate::audit::{AuditConfig, AuditLog, AuditWriter};
-use crate::breaker::{BreakerSettings, Providers};
 use crate::config::Config;
+use crate::gateway::forward::breaker::{BreakerSettings, Providers};
+use crate::gateway::{upstream_client, Gateway, PipelineLimits};
 use crate::identity::PeerCert;
 use crate::limits::{ConnectionCaps, LimitSet, Limits};
 use crate::policy::Policy;
 use crate::problem::{Body, Problem};
-use crate::proxy::{upstream_client, Gateway, PipelineLimits};
 use crate::store::{Schema, Store};
 use crate::tls;
 use crate::token::{KeyStore, VerifyOptions};
@@ -198,11 +198,11 @@ enum Protocol {
 /// read buffer to 16 KiB for the connection's life.
 fn protocol_builder(limits: &ListenLimits, protocol: Protocol) -> auto::Builder<TokioExecutor> {
     // The documented bound on a request's head (64 KiB) is held to exactly in the gateway's
-    // handler, which answers 431 problem+json and records it (src/proxy.rs). hyper's own
+    // handler, which answers 431 problem+json and records it (src/gateway/body.rs). hyper's own
     // bounds sit twice as high, so a request a little over the limit still reaches the
     // handler; only one over these gets hyper's bare 431 (or, on HTTP/2, for a header block
     // far larger still, the connection's end), counted as `header_too_large`.
-    const HARD_HEAD_BOUND: usize = 2 * crate::proxy::MAX_HEAD_BYTES;
+    const HARD_HEAD_BOUND: usize = 2 * crate::gateway::MAX_HEAD_BYTES;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -742,7 +742,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         .clone()
         .unwrap_or_else(|| time::OffsetDateTime::now_utc().year().to_string());
     let pseudonymiser = tokio::task::spawn_blocking(move || {
-        crate::transform::Pseudonymiser::load_or_create(&pseudonym_key, &period)
+        crate::gateway::release::transform::Pseudonymiser::load_or_create(&pseudonym_key, &period)
     })
     .await?
     .map_err(|source| StartError::Pseudonyms {

@@ -87,7 +87,7 @@ async fn audit_reason(gw: &TestGateway, reply: &Reply) -> (String, u16, String) 
     (
         r.entry.reason.unwrap_or_default(),
         r.entry.status,
-        r.entry.decision,
+        r.entry.decision.to_string(),
     )
 }
 

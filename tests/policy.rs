@@ -381,7 +381,7 @@ async fn shadow_grants_are_recorded_and_listed_where_they_differ() {
         .into_iter()
         .map(|r| (r.entry.id.clone(), r))
         .collect();
-    let shadow_of = |id: String| records[&id].entry.shadow_decision.clone();
+    let shadow_of = |id: String| records[&id].entry.shadow_decision;
     assert_eq!(shadow_of(same.request_id()).as_deref(), Some("allow"));
     assert_eq!(shadow_of(differs.request_id()).as_deref(), Some("allow"));
     assert_eq!(shadow_of(other_service.request_id()), None);

@@ -199,7 +199,7 @@ async fn a_malformed_body_is_a_400_not_a_413() {
     gw.shutdown().await;
 }
 
-const LIMIT: usize = karibche::proxy::MAX_HEAD_BYTES;
+const LIMIT: usize = karibche::gateway::MAX_HEAD_BYTES;
 
 /// The padding that makes a request with these fields (and the Host/`:authority` `localhost`)
 /// measure exactly `size`, as the gateway counts: target + Σ(name + value + 32).

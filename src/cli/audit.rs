@@ -246,7 +246,7 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
                 ..Default::default()
             };
             if let Some(p) = &policy {
-                options.log_providers = crate::audit_api::log_providers(p);
+                options.log_providers = crate::gateway::builtin::audit::log_providers(p);
             }
             let report =
                 crate::audit::report::subject_report_with(&store, subject, &options, &name_of)

@@ -217,7 +217,7 @@ fn run_one(policy: &Policy, case: &RawCase, today: Date) -> Result<(), String> {
     };
     let decision = policy.decide(&req, date);
     if let Some(refused) = identifying_lookup(policy, &decision, &case.path, provider, service) {
-        // The gateway refuses it after the policy allowed it (src/pseudonymity.rs).
+        // The gateway refuses it after the policy allowed it (src/policy/pseudonymity.rs).
         return match (case.expect, case.reason.as_deref()) {
             (Expect::Deny, None | Some(IDENTIFYING)) => Ok(()),
             _ => Err(format!(
@@ -266,7 +266,7 @@ fn identifying_lookup(
     let rest = path
         .strip_prefix(&format!("/v1/{provider}/{service}"))
         .unwrap_or_default();
-    crate::pseudonymity::check_lookup(svc, rest, query)
+    crate::policy::pseudonymity::check_lookup(svc, rest, query)
         .err()
         .map(|i| i.detail(provider, svc))
 }
@@ -314,7 +314,7 @@ fn check_decision(decision: &Decision, case: &RawCase) -> Result<(), String> {
                 ));
             }
             if let Some(want) = &case.fields {
-                let want = crate::minimise::FieldSet::from_paths(want).paths();
+                let want = crate::policy::FieldSet::from_paths(want).paths();
                 let got = allow.fields.paths();
                 if want != got {
                     let extra: Vec<&str> = got

@@ -18,7 +18,7 @@ use time::Date;
 
 use super::model::{Agency, Check, Grant, Operation, Policy};
 use super::source::PolicyError;
-use crate::minimise::FieldSet;
+use crate::policy::FieldSet;
 
 /// A warning: same shape and display as an error (`file:line:col: message`).
 pub type Warning = PolicyError;

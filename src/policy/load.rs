@@ -21,7 +21,7 @@ use super::model::{
     Operation, Policy, Provider, Purpose, Service, ServiceGrants, Upstream,
 };
 use super::source::{line_column, whole_file, PolicyError, PolicyErrors, Reporter};
-use crate::minimise::FieldSet;
+use crate::policy::FieldSet;
 
 /// The purpose vocabulary, relative to the policy directory.
 pub const PURPOSES_FILE: &str = "purposes.toml";
@@ -127,7 +127,7 @@ struct RawGrant {
     max_body_bytes: Option<Spanned<i64>>,
     /// Field path → transform applied to the released value.
     #[serde(default)]
-    transforms: std::collections::BTreeMap<String, Spanned<crate::transform::Transform>>,
+    transforms: std::collections::BTreeMap<String, Spanned<crate::policy::Transform>>,
     /// `policy check` warnings reviewed and accepted for this grant.
     #[serde(default)]
     acknowledge: Vec<Spanned<RawAcknowledgement>>,
@@ -962,7 +962,7 @@ fn validate_grant(
 
     // Consent is given by one person: at run time a grant needing it serves
     // only requests that name one subject (…/{service}/{id}), never a search,
-    // and withholds an answer about anyone else (src/proxy.rs).
+    // and withholds an answer about anyone else (src/gateway/mod.rs).
     let consent_required = g
         .consent
         .as_ref()
@@ -1075,7 +1075,7 @@ fn validate_grant(
         valid_until,
         shadow: g.shadow,
         restricted: g.restricted,
-        transforms: Arc::new(crate::transform::Transforms::new(transforms)),
+        transforms: Arc::new(crate::policy::Transforms::new(transforms)),
         max_body_bytes,
         location,
         acknowledged,
