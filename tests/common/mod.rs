@@ -1324,21 +1324,23 @@ pub fn spawn_gateway_with(
 
 /// A copy of the repository's policy directory under `dir`, to edit in a test.
 pub fn copy_policies(dir: &Path) -> PathBuf {
-    fn copy(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                copy(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), target).unwrap();
-            }
+    let to = dir.join("policies");
+    copy_dir(&repo_policies(), &to);
+    to
+}
+
+/// Copies the directory tree `from` to `to` (created).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
         }
     }
-    let to = dir.join("policies");
-    copy(&repo_policies(), &to);
-    to
 }
 
 /// A child process that is killed (SIGKILL) and reaped when dropped, even on panic.
