@@ -17,9 +17,11 @@ pub mod chain;
 pub mod checkpoint;
 pub mod event;
 pub mod offline;
+pub mod open;
 pub mod query;
 pub mod record;
 pub mod report;
+pub mod sampling;
 pub mod text;
 pub mod writer;
 

@@ -48,8 +48,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::admin::Metrics;
+use crate::audit::sampling::Sample;
 use crate::audit::{Attempt, AuditLog};
-use crate::limits::{Limits, Sample, RATE_LIMITED};
+use crate::limits::{Limits, RATE_LIMITED};
 use crate::policy::{Operation, Policy};
 use crate::problem::Body;
 use crate::server::ConnInfo;

@@ -22,6 +22,7 @@ mod model;
 pub mod path;
 pub mod pseudonymity;
 mod schema;
+mod source;
 mod transforms;
 
 use std::path::Path;
@@ -32,14 +33,14 @@ pub use check::{warnings, Warning};
 pub use decide::{Allow, Decision, DecisionRequest, DenyReason};
 pub use diff::diff;
 pub use fields::FieldSet;
-pub(crate) use load::line_column;
-pub use load::{PolicyError, PolicyErrors, AGENCIES_DIR, PROVIDERS_FILE, PURPOSES_FILE};
+pub use load::{AGENCIES_DIR, PROVIDERS_FILE, PURPOSES_FILE};
 pub use model::{
     Acknowledgement, Agency, CertificateMatcher, Check, Grant, GrantLocation, GrantPurpose,
     Operation, Policy, Provider, Purpose, Service, Upstream,
 };
 pub use path::{split_gateway_path, GatewayPath, PathError, CURSOR_PARAM, FIELDS_PARAM};
 pub use schema::schema;
+pub use source::{line_column, whole_file, PolicyError, PolicyErrors, Reporter};
 pub use transforms::{Transform, Transforms};
 
 impl Policy {
