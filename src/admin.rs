@@ -16,7 +16,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::audit::AuditLog;
-use crate::breaker::Providers;
+use crate::gateway::forward::breaker::Providers;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -186,7 +186,7 @@ impl AdminState {
                 s.in_flight
             );
         }
-        // Fair shares (src/breaker.rs): agency labels come from the policy, so they stay few.
+        // Fair shares (src/gateway/forward/breaker.rs): agency labels come from the policy, so they stay few.
         for (name, help, kind) in [
             (
                 "karibche_provider_agency_in_flight",

@@ -33,24 +33,19 @@
 
 pub mod admin;
 pub mod audit;
-pub mod audit_api;
 pub mod bench;
-pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod consent;
 pub mod credentials;
-pub mod cursor;
 pub mod devpki;
 pub mod files;
+pub mod gateway;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
-pub mod minimise;
 pub mod policy;
 pub mod problem;
-pub mod proxy;
-pub mod pseudonymity;
 pub mod registry;
 pub mod reload;
 pub mod server;
@@ -58,4 +53,3 @@ pub mod store;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
-pub mod transform;

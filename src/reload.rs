@@ -5,7 +5,7 @@
 //! A reload builds the new [`Policy`] completely (every file parsed and
 //! validated, as `karibche policy check` does), records the reload in the
 //! audit log, and only then swaps the `Arc` the gateway reads: a request
-//! loads the policy once when it starts ([`crate::proxy::Gateway::handle`]),
+//! loads the policy once when it starts ([`crate::gateway::Gateway::handle`]),
 //! so requests in flight finish under the set they started with and no
 //! request ever sees a half-loaded one. A broken set is refused: its problems
 //! are logged with the same `file:line:col: message` lines as `policy check`,
@@ -236,8 +236,8 @@ fn reload_event(old: &Policy, new: &Policy, trigger: Trigger) -> Entry {
         ts: crate::audit::now_ts(),
         method: "EVENT".to_owned(),
         path: "policy-reload".to_owned(),
-        operation: Some("policy-reload".to_owned()),
-        decision: "allow".to_owned(),
+        operation: Some(crate::audit::Operation::Event("policy-reload".to_owned())),
+        decision: crate::audit::Decision::Allow,
         reason: Some(format!(
             "policy {} -> {} by {}; {}",
             old.version(),

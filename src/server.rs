@@ -34,9 +34,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http_body_util::BodyExt;
 
 use crate::admin::AdminState;
-use crate::audit::{AuditConfig, AuditKey, AuditLog, AuditWriter, CheckpointPolicy};
-use crate::breaker::{BreakerSettings, Providers};
+use crate::audit::{AuditConfig, AuditLog, AuditWriter};
 use crate::config::Config;
+use crate::gateway::forward::breaker::{BreakerSettings, Providers};
+use crate::gateway::{upstream_client, Gateway, PipelineLimits};
 use crate::identity::tls;
 use crate::identity::token::{KeyStore, VerifyOptions};
 use crate::identity::{ConnInfo, PeerCert};
@@ -44,8 +45,7 @@ use crate::limits::{ConnectionCaps, LimitSet, Limits};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::problem::{Body, Problem};
-use crate::proxy::{upstream_client, Gateway, PipelineLimits};
-use crate::store::Store;
+use crate::store::{Schema, Store};
 
 /// Bounds applied to every connection of one listener.
 #[derive(Debug, Clone)]
@@ -187,11 +187,11 @@ enum Protocol {
 /// read buffer to 16 KiB for the connection's life.
 fn protocol_builder(limits: &ListenLimits, protocol: Protocol) -> auto::Builder<TokioExecutor> {
     // The documented bound on a request's head (64 KiB) is held to exactly in the gateway's
-    // handler, which answers 431 problem+json and records it (src/proxy.rs). hyper's own
+    // handler, which answers 431 problem+json and records it (src/gateway/body.rs). hyper's own
     // bounds sit twice as high, so a request a little over the limit still reaches the
     // handler; only one over these gets hyper's bare 431 (or, on HTTP/2, for a header block
     // far larger still, the connection's end), counted as `header_too_large`.
-    const HARD_HEAD_BOUND: usize = 2 * crate::proxy::MAX_HEAD_BYTES;
+    const HARD_HEAD_BOUND: usize = 2 * crate::gateway::MAX_HEAD_BYTES;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -663,12 +663,20 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         0
     };
 
-    let store = Store::connect(&config.database_url()).await?;
+    // One database for both: it gets both schemas; otherwise each its own.
+    let shared =
+        listeners.registry.is_some() && config.registry_database_url() == config.database_url();
+    let schemas: &[Schema] = if shared {
+        &[Schema::Gateway, Schema::Registry]
+    } else {
+        &[Schema::Gateway]
+    };
+    let store = Store::connect_with(&config.database_url(), schemas).await?;
     // Before anything reads or writes this node's chain: one live process per node name.
     let node_lock = store.lock_node(&config.node).await?;
     let registry_store = match &listeners.registry {
         Some(_) if config.registry_database_url() == config.database_url() => Some(store.clone()),
-        Some(_) => Some(Store::connect(&config.registry_database_url()).await?),
+        Some(_) => Some(Store::connect_registry(&config.registry_database_url()).await?),
         None => None,
     };
     let persons = match &registry_store {
@@ -679,19 +687,23 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         }
         None => 0,
     };
-    let key_path = config.audit_key_path();
-    let audit_key =
-        tokio::task::spawn_blocking(move || AuditKey::load_or_create(&key_path)).await??;
     let mut audit_config = AuditConfig::new(config.node.clone());
     audit_config.max_batch = config.audit.max_batch;
     audit_config.queue = config.audit.queue;
-    audit_config.checkpoints = Some(CheckpointPolicy {
-        key: Arc::new(audit_key),
+    audit_config.restricted_report_delay = config.audit.restricted_report_delay;
+    let signing = crate::audit::open::Signing {
+        key_path: config.audit_key_path(),
+        missing: crate::audit::open::MissingKey::Create,
         every: config.audit.checkpoint_every,
         interval: config.audit.checkpoint_interval,
-    });
-    audit_config.restricted_report_delay = config.audit.restricted_report_delay;
-    let (audit, audit_writer) = AuditLog::start(store.guarded_by(&node_lock), audit_config).await?;
+    };
+    let (audit, audit_writer) = crate::audit::open::open(&store, &node_lock, audit_config, signing)
+        .await
+        .map_err(|e| match e {
+            crate::audit::open::OpenError::Key(e) => StartError::AuditKey(e),
+            crate::audit::open::OpenError::Audit(e) => StartError::Audit(e),
+            crate::audit::open::OpenError::Task(e) => StartError::Task(e),
+        })?;
     // A node that cannot record its own start must not serve (fail closed).
     audit
         .append(crate::audit::event::event(
@@ -722,7 +734,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         .clone()
         .unwrap_or_else(|| time::OffsetDateTime::now_utc().year().to_string());
     let pseudonymiser = tokio::task::spawn_blocking(move || {
-        crate::transform::Pseudonymiser::load_or_create(&pseudonym_key, &period)
+        crate::gateway::release::transform::Pseudonymiser::load_or_create(&pseudonym_key, &period)
     })
     .await?
     .map_err(|source| StartError::Pseudonyms {

@@ -1,6 +1,15 @@
 //! The database: one sqlx pool for SQLite (embedded default) or PostgreSQL
 //! (several replicas), with the schema migrations embedded in the binary.
 //!
+//! Each database gets the schema of what it holds ([`Schema`]): the gateway's
+//! (audit log, checkpoints, archives, consents; `migrations/gateway/`) or the
+//! register's (`migrations/registry/`), or both when the two share one
+//! database. Each schema keeps its own migration table, so neither set's
+//! history constrains the other. A database created before the split (one
+//! `_sqlx_migrations` table, every table present) is adopted on open: the
+//! versions it already applied are marked applied in the new tables, and
+//! only later ones run.
+//!
 //! Queries go through sqlx's `Any` driver so one code path serves both
 //! backends. Write SQL with `$1, $2, …` placeholders (both backends accept
 //! them) and stick to the types `Any` maps: integers, floats, text, blobs,
@@ -21,12 +30,14 @@
 //! name (one audit chain) belong to one live process (see `locks`).
 
 mod locks;
+#[cfg(test)]
+mod schema_tests;
 
 pub use locks::{lock_key, NodeLock, NodeLockLost, SetupLock};
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -34,10 +45,81 @@ use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool, Connection};
 
-/// Migrations for SQLite, embedded at build time.
-static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
-/// Migrations for PostgreSQL, embedded at build time.
-static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+/// What a database holds, and so which migrations it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// The gateway's own tables: audit log, checkpoints, archives, consents.
+    Gateway,
+    /// The built-in register's tables.
+    Registry,
+}
+
+/// The migration table of databases created before the schemas were split.
+const LEGACY_MIGRATIONS_TABLE: &str = "_sqlx_migrations";
+
+/// A migration set embedded at build time, with its own migration table.
+macro_rules! migrator {
+    ($dir:literal, $table:literal) => {
+        LazyLock::new(|| {
+            let mut m = sqlx::migrate!($dir);
+            m.dangerous_set_table_name($table);
+            m
+        })
+    };
+}
+
+static GATEWAY_SQLITE: LazyLock<Migrator> =
+    migrator!("migrations/gateway/sqlite", "_karibche_gateway_migrations");
+static GATEWAY_POSTGRES: LazyLock<Migrator> = migrator!(
+    "migrations/gateway/postgres",
+    "_karibche_gateway_migrations"
+);
+static REGISTRY_SQLITE: LazyLock<Migrator> = migrator!(
+    "migrations/registry/sqlite",
+    "_karibche_registry_migrations"
+);
+static REGISTRY_POSTGRES: LazyLock<Migrator> = migrator!(
+    "migrations/registry/postgres",
+    "_karibche_registry_migrations"
+);
+
+impl Schema {
+    /// This schema's migrations for `backend`.
+    pub fn migrator(self, backend: Backend) -> &'static Migrator {
+        match (self, backend) {
+            (Schema::Gateway, Backend::Sqlite) => &GATEWAY_SQLITE,
+            (Schema::Gateway, Backend::Postgres) => &GATEWAY_POSTGRES,
+            (Schema::Registry, Backend::Sqlite) => &REGISTRY_SQLITE,
+            (Schema::Registry, Backend::Postgres) => &REGISTRY_POSTGRES,
+        }
+    }
+}
+
+/// The last version a database created before the schema split applied, if it is one.
+///
+/// Legacy version numbers are kept in both new sets (each set holds its share
+/// of them), so "applied up to N" means the same in the new tables.
+async fn legacy_version(pool: &AnyPool, backend: Backend) -> Result<Option<i64>, sqlx::Error> {
+    let exists = match backend {
+        Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = $1",
+        Backend::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = current_schema() AND table_name = $1"
+        }
+    };
+    let (n,): (i64,) = sqlx::query_as(exists)
+        .bind(LEGACY_MIGRATIONS_TABLE)
+        .fetch_one(pool)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let (max,): (Option<i64>,) =
+        sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE")
+            .fetch_one(pool)
+            .await?;
+    Ok(max)
+}
 
 /// Which database engine the store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,9 +181,19 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects to `url`, creating a SQLite file (and its directory) if needed,
-    /// and applies the embedded migrations.
+    /// Connects to the gateway's database at `url` (see [`Store::connect_with`]).
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Store::connect_with(url, &[Schema::Gateway]).await
+    }
+
+    /// Connects to the register's database at `url` (see [`Store::connect_with`]).
+    pub async fn connect_registry(url: &str) -> Result<Store, StoreError> {
+        Store::connect_with(url, &[Schema::Registry]).await
+    }
+
+    /// Connects to `url`, creating a SQLite file (and its directory) if needed,
+    /// and applies the embedded migrations of each of `schemas`.
+    pub async fn connect_with(url: &str, schemas: &[Schema]) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = backend_of(url)?;
         let file = match backend {
@@ -146,13 +238,18 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(StoreError::Connect)?;
-        let migrator = match backend {
-            Backend::Sqlite => &SQLITE_MIGRATIONS,
-            Backend::Postgres => &POSTGRES_MIGRATIONS,
-        };
-        // sqlx's migrator holds a PostgreSQL advisory lock while it runs, so
-        // replicas starting together migrate one after the other.
-        migrator.run(&pool).await?;
+        let legacy = legacy_version(&pool, backend)
+            .await
+            .map_err(StoreError::Connect)?;
+        for schema in schemas {
+            let migrator = schema.migrator(backend);
+            // sqlx's migrator holds a PostgreSQL advisory lock while it runs (skip
+            // included), so replicas starting together migrate one after the other.
+            if let Some(applied) = legacy {
+                migrator.skip(&pool, Some(applied)).await?;
+            }
+            migrator.run(&pool).await?;
+        }
         Ok(Store {
             pool,
             backend,

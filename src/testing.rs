@@ -9,7 +9,10 @@
 
 use sqlx::Connection;
 
-use crate::store::Store;
+use crate::store::{Schema, Store};
+
+/// Test stores hold both schemas: a test may put audit records and register data side by side.
+const BOTH_SCHEMAS: &[Schema] = &[Schema::Gateway, Schema::Registry];
 
 /// The PostgreSQL server tests create their databases on.
 pub fn postgres_admin_url() -> String {
@@ -57,7 +60,7 @@ impl PgDatabase {
     /// Creates a database and opens a migrated store on it.
     pub async fn store() -> Option<(Store, PgDatabase)> {
         let db = PgDatabase::create().await?;
-        match Store::connect(&db.url).await {
+        match Store::connect_with(&db.url, BOTH_SCHEMAS).await {
             Ok(store) => Some((store, db)),
             Err(err) => panic!("cannot open test database: {err}"),
         }
@@ -95,7 +98,12 @@ pub async fn sqlite_store() -> (Store, tempfile::TempDir) {
         Ok(d) => d,
         Err(err) => panic!("cannot create a temporary directory: {err}"),
     };
-    match Store::connect(&format!("sqlite://{}/t.db", dir.path().display())).await {
+    match Store::connect_with(
+        &format!("sqlite://{}/t.db", dir.path().display()),
+        BOTH_SCHEMAS,
+    )
+    .await
+    {
         Ok(store) => (store, dir),
         Err(err) => panic!("cannot open test database: {err}"),
     }

@@ -87,7 +87,7 @@ async fn audit_reason(gw: &TestGateway, reply: &Reply) -> (String, u16, String) 
     (
         r.entry.reason.unwrap_or_default(),
         r.entry.status,
-        r.entry.decision,
+        r.entry.decision.to_string(),
     )
 }
 
@@ -491,7 +491,7 @@ async fn an_agency_policy_can_require_bound_tokens() {
     // A copy of the policies in which only the Border Police must bind its tokens.
     let policies = tempfile::tempdir().unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    copy_dir(&src, policies.path());
+    common::copy_dir(&src, policies.path());
     let file = policies.path().join("agencies/mia-border.toml");
     let text = std::fs::read_to_string(&file).unwrap();
     let text = text.replacen("name = ", "require_bound_tokens = true\nname = ", 1);
@@ -516,19 +516,6 @@ async fn an_agency_policy_can_require_bound_tokens() {
     let r = gw.client("psda").get(&path(), Some(&psda)).await;
     assert_eq!(r.status, StatusCode::OK);
     gw.shutdown().await;
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,25 +8,11 @@ mod common;
 
 use std::process::Command;
 
+use common::{person_path, PERSON};
 use common::{Db, TestGateway};
 use http::StatusCode;
-use karibche::audit::{self, Filter, Record};
+use karibche::audit::{self, Filter};
 use karibche::files::sha256_hex;
-
-const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
-
-fn person_path(id: &str) -> String {
-    format!("/v1/registry/persons/{id}")
-}
-
-async fn record(gw: &TestGateway, id: &str) -> Record {
-    audit::query(&gw.running.store, &Filter::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.entry.id == id)
-        .unwrap_or_else(|| panic!("no audit record {id}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn released_bodies_are_digested_and_node_events_recorded() {
@@ -37,7 +23,7 @@ async fn released_bodies_are_digested_and_node_events_recorded() {
         .get(&person_path(PERSON), Some(&token))
         .await;
     assert_eq!(r.status, StatusCode::OK);
-    let rec = record(&gw, &r.request_id()).await;
+    let rec = gw.record(&r.request_id()).await;
     assert_eq!(rec.entry.response_digest, Some(sha256_hex(&r.body)));
     assert!(!rec.entry.restricted);
     // A refusal releases nothing, so it has no digest.
@@ -49,10 +35,7 @@ async fn released_bodies_are_digested_and_node_events_recorded() {
         )
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    assert_eq!(
-        record(&gw, &r.request_id()).await.entry.response_digest,
-        None
-    );
+    assert_eq!(gw.record(&r.request_id()).await.entry.response_digest, None);
 
     let url = gw.config.database_url();
     let TestGateway {
@@ -125,7 +108,7 @@ async fn auditors_api(db: Db) {
     let r = gw.client("ssg").get(&person_path(PERSON), Some(&ssg)).await;
     assert_eq!(r.status, StatusCode::OK);
     let ssg_id = r.request_id();
-    assert!(record(&gw, &ssg_id).await.entry.restricted);
+    assert!(gw.record(&ssg_id).await.entry.restricted);
     let migration = gw.token("mia-migration", "residence-permit-review", None);
     assert_eq!(
         gw.client("mia-migration")
@@ -155,7 +138,7 @@ async fn auditors_api(db: Db) {
     assert_eq!(list[1]["restricted"], true);
     assert!(list[0]["hash"].is_string() && list[0]["response_digest"].is_string());
     // The read itself is logged, naming the subject asked about, with its digest.
-    let read = record(&gw, &r.request_id()).await;
+    let read = gw.record(&r.request_id()).await;
     assert_eq!(read.entry.provider.as_deref(), Some("audit"));
     assert_eq!(read.entry.subjects, [PERSON]);
     assert_eq!(read.entry.response_digest, Some(sha256_hex(&r.body)));
@@ -216,7 +199,7 @@ async fn auditors_api(db: Db) {
         .get("/v1/audit/records?agency=ssg", Some(&internal))
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    let denied = record(&gw, &r.request_id()).await;
+    let denied = gw.record(&r.request_id()).await;
     assert_eq!(denied.entry.reason.as_deref(), Some("audit_scope"));
     // Not for casework, not another purpose, not the subject's report.
     let r = gw
@@ -250,7 +233,7 @@ async fn auditors_api(db: Db) {
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(
-        record(&gw, &r.request_id()).await.entry.reason.as_deref(),
+        gw.record(&r.request_id()).await.entry.reason.as_deref(),
         Some("unknown_route")
     );
     assert!(audit::verify(&gw.running.store, None)

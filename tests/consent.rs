@@ -10,17 +10,13 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use common::{leaf_paths, Db, Reply, TestGateway};
+use common::{person_path, PERSON};
 use http::{Method, StatusCode};
 use karibche::audit::{self, Entry, Filter};
 use serde_json::{json, Value};
 
-const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
 const AGENCY: &str = "molhsa";
 const PURPOSE: &str = "social-assistance";
-
-fn person_path(id: &str) -> String {
-    format!("/v1/registry/persons/{id}")
-}
 
 async fn entries(gw: &TestGateway) -> Vec<Entry> {
     audit::query(&gw.running.store, &Filter::default())
@@ -396,19 +392,6 @@ async fn pseudonyms_are_stable_per_key_and_differ_across_keys() {
     b.shutdown().await;
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 async fn visas_numbered(gw: &TestGateway, number: &str) -> i64 {
     use sqlx::Row;
     sqlx::query("SELECT COUNT(*) FROM reg_visas WHERE number = $1")
@@ -430,7 +413,7 @@ fn visa(number: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_carry_only_the_granted_fields() {
     let policies = tempfile::tempdir().unwrap();
-    copy_dir(
+    common::copy_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
         policies.path(),
     );

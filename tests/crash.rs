@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -17,15 +16,11 @@ use common::Client;
 use http::StatusCode;
 use tokio::sync::Mutex;
 
-fn spawn_gateway(data: &Path) -> (common::KillOnDrop, SocketAddr) {
-    common::spawn_gateway(data, None)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_loses_no_acknowledged_record() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("var");
-    let (mut child, addr) = spawn_gateway(&data);
+    let (mut child, addr) = common::spawn_gateway(&data, None);
     let pki = data.join("pki");
     let (cert, key) = karibche::devpki::agency_files(&pki, "mia-border");
     let client = Arc::new(Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr));
@@ -80,7 +75,7 @@ async fn sigkill_under_load_loses_no_acknowledged_record() {
     // Restart on the same files: the chain head is recovered from the database
     // (the restarted node records its start on it). Then stop it, so the
     // check below reads the files alone.
-    let (mut child, _addr) = spawn_gateway(&data);
+    let (mut child, _addr) = common::spawn_gateway(&data, None);
     child.kill().unwrap();
     child.wait().unwrap();
     let store = karibche::store::Store::connect(&format!(

@@ -8,14 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::{admin_get, leaf_paths, Client, Db, TestGateway};
+use common::{person_path, PERSON};
 use http::{Method, StatusCode};
 use karibche::audit::{self, Filter};
-
-const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
-
-fn person_path(id: &str) -> String {
-    format!("/v1/registry/persons/{id}")
-}
 
 async fn records_for(gw: &TestGateway, id: &str) -> Vec<audit::Record> {
     common::request_records(&gw.running.store, id).await

@@ -11,16 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{admin_get, eventually, gateway_from_banner, raw_exchange, Client, Db, TestGateway};
+use common::{person_path, PERSON};
 use http::StatusCode;
 use karibche::audit::{self, Filter};
 use karibche::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
-
-fn person() -> String {
-    format!("/v1/registry/persons/{PERSON}")
-}
 
 /// What the statistics office asks for: counts, never a person.
 const STATISTICS: &str = "/v1/registry/statistics?dataset=persons&by=nationality";
@@ -95,7 +90,7 @@ async fn an_agency_over_its_quota_gets_429_while_another_is_served() {
     let flood = async {
         let mut out = Vec::new();
         for _ in 0..12 {
-            out.push(border.get(&person(), Some(&border_token)).await);
+            out.push(border.get(&person_path(PERSON), Some(&border_token)).await);
         }
         out
     };
@@ -188,7 +183,7 @@ async fn an_officer_limit_sits_inside_the_agency_limit() {
     );
     let mut one = Vec::new();
     for _ in 0..6 {
-        one.push(psda.get(&person(), Some(&t1)).await);
+        one.push(psda.get(&person_path(PERSON), Some(&t1)).await);
     }
     let s: Vec<u16> = one.iter().map(|r| r.status.as_u16()).collect();
     assert_eq!(s, [200, 200, 200, 200, 429, 429]);
@@ -196,7 +191,7 @@ async fn an_officer_limit_sits_inside_the_agency_limit() {
     // Officer 1's refusals did not use the agency's quota: two of six remain, for officer 2.
     let mut two = Vec::new();
     for _ in 0..3 {
-        two.push(psda.get(&person(), Some(&t2)).await);
+        two.push(psda.get(&person_path(PERSON), Some(&t2)).await);
     }
     let s: Vec<u16> = two.iter().map(|r| r.status.as_u16()).collect();
     assert_eq!(s, [200, 200, 429]);
@@ -235,7 +230,7 @@ async fn a_slowloris_client_is_cut_off_while_others_are_served() {
     // Meanwhile normal clients are served.
     for _ in 0..5 {
         assert_eq!(
-            client.get(&person(), Some(&token)).await.status,
+            client.get(&person_path(PERSON), Some(&token)).await.status,
             StatusCode::OK
         );
     }
@@ -338,7 +333,7 @@ async fn a_hanging_provider_gets_504s_then_its_breaker_opens() {
     assert!((1..=30).contains(&retry), "{retry}");
     // The register is still served.
     assert_eq!(
-        client.get(&person(), Some(&token)).await.status,
+        client.get(&person_path(PERSON), Some(&token)).await.status,
         StatusCode::OK
     );
 
@@ -389,7 +384,7 @@ async fn connections_are_capped_per_agency_with_a_clear_answer() {
     })
     .await;
     assert!(held, "the server has admitted both connections");
-    let third = client.get(&person(), Some(&token)).await;
+    let third = client.get(&person_path(PERSON), Some(&token)).await;
     assert_eq!(third.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(third.json()["type"], "urn:karibche:problem:over-capacity");
     assert_eq!(header(&third, "retry-after"), "1");
@@ -411,7 +406,7 @@ async fn connections_are_capped_per_agency_with_a_clear_answer() {
     );
     drop((_a, _b));
     let freed = eventually(Duration::from_secs(3), async || {
-        client.get(&person(), Some(&token)).await.status == StatusCode::OK
+        client.get(&person_path(PERSON), Some(&token)).await.status == StatusCode::OK
     })
     .await;
     assert!(freed, "closing connections frees the agency's slots");
@@ -447,7 +442,7 @@ async fn silent_and_idle_connections_are_closed() {
     let mut tls = gw.client("mia-border").tls().await;
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n",
-        person()
+        person_path(PERSON)
     );
     tls.write_all(req.as_bytes()).await.unwrap();
     let started = Instant::now();
@@ -479,7 +474,7 @@ async fn connections_over_the_total_cap_are_refused_clearly() {
     let client = gw.client("geostat");
     let token = gw.token("geostat", "official-statistics", None);
     let _held = client.tls().await;
-    let refused = client.get(&person(), Some(&token)).await;
+    let refused = client.get(&person_path(PERSON), Some(&token)).await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(refused.json()["type"], "urn:karibche:problem:over-capacity");
     assert_eq!(
@@ -565,7 +560,7 @@ async fn sigterm_under_load_loses_no_acknowledged_request() {
     for _ in 0..8 {
         let (client, token, acknowledged) = (client.clone(), token.clone(), acknowledged.clone());
         workers.push(tokio::spawn(async move {
-            let path = person();
+            let path = person_path(PERSON);
             loop {
                 match client
                     .send(http::Method::GET, &path, Some(&token), None)

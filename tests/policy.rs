@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{leaf_paths, Db, TestGateway};
+use common::{eventually, leaf_paths, Db, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter};
 use karibche::policy::Policy;
@@ -60,15 +60,6 @@ async fn all_records(gw: &TestGateway) -> Vec<audit::Record> {
     audit::query(&gw.running.store, &Filter::default())
         .await
         .unwrap()
-}
-
-/// Polls `check` until it holds, failing after `limit`.
-async fn eventually<F: FnMut() -> bool>(limit: Duration, what: &str, mut check: F) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn metrics_text(gw: &TestGateway) -> String {
@@ -142,10 +133,13 @@ async fn reload_under_load_loses_no_request_and_never_mixes_sets() {
         assert_eq!(gw.running.gateway.policy.load().version(), want);
         // Let some requests run under each set.
         let seen = done.load(Ordering::Relaxed);
-        eventually(Duration::from_secs(20), "requests after a reload", || {
-            done.load(Ordering::Relaxed) >= seen + 3
-        })
-        .await;
+        assert!(
+            eventually(Duration::from_secs(20), async || {
+                done.load(Ordering::Relaxed) >= seen + 3
+            })
+            .await,
+            "timed out waiting for requests after a reload"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     let mut replies = Vec::new();
@@ -303,10 +297,13 @@ async fn the_watcher_picks_up_an_edit_without_a_restart() {
     let expected = Policy::load(policies.path()).unwrap().version().to_owned();
     assert_ne!(expected, before);
     let policy = gw.running.gateway.policy.clone();
-    eventually(Duration::from_secs(10), "the watcher's reload", || {
-        policy.load().version() == expected
-    })
-    .await;
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            policy.load().version() == expected
+        })
+        .await,
+        "timed out waiting for the watcher's reload"
+    );
 
     let records = all_records(&gw).await;
     let event = records
@@ -384,7 +381,7 @@ async fn shadow_grants_are_recorded_and_listed_where_they_differ() {
         .into_iter()
         .map(|r| (r.entry.id.clone(), r))
         .collect();
-    let shadow_of = |id: String| records[&id].entry.shadow_decision.clone();
+    let shadow_of = |id: String| records[&id].entry.shadow_decision;
     assert_eq!(shadow_of(same.request_id()).as_deref(), Some("allow"));
     assert_eq!(shadow_of(differs.request_id()).as_deref(), Some("allow"));
     assert_eq!(shadow_of(other_service.request_id()), None);

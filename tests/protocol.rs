@@ -12,29 +12,11 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{raw_answer, Reply, TestGateway};
+use common::{person_path, PERSON};
+use common::{raw_answer, TestGateway};
 use http::{Method, StatusCode};
 use http_body_util::Full;
 use karibche::audit::{self, Filter, Record};
-
-const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
-
-fn person() -> String {
-    format!("/v1/registry/persons/{PERSON}")
-}
-
-async fn record(gw: &TestGateway, id: &str) -> Record {
-    audit::query(&gw.running.store, &Filter::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.entry.id == id)
-        .unwrap_or_else(|| panic!("no audit record for request {id}"))
-}
-
-async fn record_of(gw: &TestGateway, reply: &Reply) -> Record {
-    record(gw, &reply.request_id()).await
-}
 
 /// A body sent in 16 KiB pieces with no declared length (HTTP/1.1: chunked; HTTP/2: DATA frames).
 struct Pieces {
@@ -80,7 +62,7 @@ async fn an_oversized_upload_gets_its_413_over_both_protocols() {
                 .unwrap_or_else(|e| panic!("{size}: {e}"));
             assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{size}");
             assert_eq!(r.content_type(), "application/problem+json");
-            let rec = record_of(&gw, &r).await;
+            let rec = gw.record_of(&r).await;
             assert_eq!(rec.entry.reason.as_deref(), Some("body_too_large"));
             // The same without a declared length: refused once the limit is passed.
             let req = client
@@ -94,7 +76,7 @@ async fn an_oversized_upload_gets_its_413_over_both_protocols() {
                 .await
                 .unwrap_or_else(|e| panic!("{size} unannounced: {e}"));
             assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{size}");
-            let rec = record_of(&gw, &r).await;
+            let rec = gw.record_of(&r).await;
             assert_eq!(rec.entry.reason.as_deref(), Some("body_too_large"));
         }
     }
@@ -125,7 +107,7 @@ async fn a_client_that_sends_its_whole_body_first_still_gets_the_413() {
         assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(r.content_type(), "application/problem+json");
         assert_eq!(
-            record_of(&gw, &r).await.entry.reason.as_deref(),
+            gw.record_of(&r).await.entry.reason.as_deref(),
             Some("body_too_large")
         );
     }
@@ -150,7 +132,7 @@ async fn a_client_that_sends_its_whole_body_first_still_gets_the_413() {
         let a = raw_answer(&gw, "mia-border", &bytes, Duration::from_secs(10)).await;
         assert_eq!(a.status(), 413, "{}", a.head);
         assert_eq!(a.header("content-type"), Some("application/problem+json"));
-        let rec = record(&gw, a.header("x-request-id").unwrap()).await;
+        let rec = gw.record(a.header("x-request-id").unwrap()).await;
         assert_eq!(rec.entry.reason.as_deref(), Some("body_too_large"));
     }
     gw.shutdown().await;
@@ -189,7 +171,7 @@ async fn a_malformed_body_is_a_400_not_a_413() {
             a.head
         );
         assert_eq!(a.header("content-type"), Some("application/problem+json"));
-        let rec = record(&gw, a.header("x-request-id").unwrap()).await;
+        let rec = gw.record(a.header("x-request-id").unwrap()).await;
         assert_eq!(rec.entry.reason.as_deref(), Some("body_malformed"));
         assert_eq!(rec.entry.status, 400);
     }
@@ -217,7 +199,7 @@ async fn a_malformed_body_is_a_400_not_a_413() {
     gw.shutdown().await;
 }
 
-const LIMIT: usize = karibche::proxy::MAX_HEAD_BYTES;
+const LIMIT: usize = karibche::gateway::MAX_HEAD_BYTES;
 
 /// The padding that makes a request with these fields (and the Host/`:authority` `localhost`)
 /// measure exactly `size`, as the gateway counts: target + Σ(name + value + 32).
@@ -248,7 +230,7 @@ fn h2_get(target: &str, token: &str, pad: &str) -> http::Request<()> {
 async fn the_documented_header_limit_holds_exactly_over_both_protocols() {
     let gw = TestGateway::start().await;
     let token = gw.token("mia-border", "border-control", None);
-    let target = person();
+    let target = person_path(PERSON);
     let at = padding_for(LIMIT, &target, &token);
     let over = padding_for(LIMIT + 1, &target, &token);
 
@@ -270,7 +252,7 @@ async fn the_documented_header_limit_holds_exactly_over_both_protocols() {
     assert_eq!(a.status(), 431, "{}", a.head);
     assert_eq!(a.header("content-type"), Some("application/problem+json"));
     assert_eq!(a.json()["type"], "urn:karibche:problem:headers-too-large");
-    let rec = record(&gw, a.header("x-request-id").unwrap()).await;
+    let rec = gw.record(a.header("x-request-id").unwrap()).await;
     assert_eq!(rec.entry.reason.as_deref(), Some("headers_too_large"));
     assert_eq!(rec.entry.agency.as_deref(), Some("mia-border"));
 
@@ -290,7 +272,7 @@ async fn the_documented_header_limit_holds_exactly_over_both_protocols() {
             .unwrap_or_else(|e| panic!("{} octets: {e}", pad.len()));
         assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
         assert_eq!(r.content_type(), "application/problem+json");
-        let rec = record_of(&gw, &r).await;
+        let rec = gw.record_of(&r).await;
         assert_eq!(rec.entry.reason.as_deref(), Some("headers_too_large"));
     }
     let r = common::h2_exchange(&mut conn, h2_get(&target, &token, "x"), b"", true)
@@ -309,7 +291,7 @@ async fn the_documented_header_limit_holds_exactly_over_both_protocols() {
         assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
         assert_eq!(r.content_type(), "application/problem+json");
         assert_eq!(
-            record_of(&gw, &r).await.entry.reason.as_deref(),
+            gw.record_of(&r).await.entry.reason.as_deref(),
             Some("headers_too_large")
         );
     }
@@ -331,7 +313,7 @@ async fn the_documented_header_limit_holds_exactly_over_both_protocols() {
 async fn more_than_a_hundred_header_fields_are_refused_over_both_protocols() {
     let gw = TestGateway::start().await;
     let token = gw.token("mia-border", "border-control", None);
-    let target = person();
+    let target = person_path(PERSON);
     // Host and Authorization, plus n more.
     let h1 = |n: usize| {
         let mut s = format!(
@@ -371,7 +353,7 @@ async fn more_than_a_hundred_header_fields_are_refused_over_both_protocols() {
         if status != StatusCode::OK {
             assert_eq!(r.content_type(), "application/problem+json");
             assert_eq!(
-                record_of(&gw, &r).await.entry.reason.as_deref(),
+                gw.record_of(&r).await.entry.reason.as_deref(),
                 Some("headers_too_large")
             );
         }
@@ -383,7 +365,7 @@ async fn more_than_a_hundred_header_fields_are_refused_over_both_protocols() {
 async fn a_request_must_name_exactly_one_authority() {
     let gw = TestGateway::start().await;
     let token = gw.token("mia-border", "border-control", None);
-    let target = person();
+    let target = person_path(PERSON);
     let auth = format!("Authorization: Bearer {token}\r\n");
     for (case, request) in [
         (
@@ -421,7 +403,7 @@ async fn a_request_must_name_exactly_one_authority() {
             Some("application/problem+json"),
             "{case}"
         );
-        let rec = record(&gw, a.header("x-request-id").unwrap()).await;
+        let rec = gw.record(a.header("x-request-id").unwrap()).await;
         assert_eq!(rec.entry.reason.as_deref(), Some("bad_host"), "{case}");
     }
     // HTTP/1.0 needs no Host; an absolute target agreeing with Host is fine.
@@ -458,7 +440,7 @@ async fn a_request_must_name_exactly_one_authority() {
         assert_eq!(r.status, status, "Host {hosts:?}");
         if status == StatusCode::BAD_REQUEST {
             assert_eq!(
-                record_of(&gw, &r).await.entry.reason.as_deref(),
+                gw.record_of(&r).await.entry.reason.as_deref(),
                 Some("bad_host")
             );
         }

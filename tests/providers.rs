@@ -12,25 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{admin_get, eventually, policies_with_provider, Db, Reply, TestGateway, TestProvider};
+use common::{admin_get, eventually, policies_with_provider, Db, TestGateway, TestProvider};
+use common::{person_path, PERSON};
 use http::{Method, StatusCode};
-use karibche::audit::{self, Filter, Record};
-
-const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
-
-fn person() -> String {
-    format!("/v1/registry/persons/{PERSON}")
-}
-
-async fn record_of(gw: &TestGateway, reply: &Reply) -> Record {
-    let id = reply.request_id();
-    audit::query(&gw.running.store, &Filter::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.entry.id == id)
-        .unwrap_or_else(|| panic!("no audit record for request {id}"))
-}
 
 /// One provider's breaker as the gateway holds it: (state, times opened).
 fn breaker(gw: &TestGateway, provider: &str) -> (&'static str, u64) {
@@ -62,14 +46,14 @@ async fn head_as_get(db: Db) {
     let token = gw.token("mia-border", "border-control", None);
     let h1 = gw.client("mia-border");
     let h2 = h1.http2();
-    let get = h1.get(&person(), Some(&token)).await;
+    let get = h1.get(&person_path(PERSON), Some(&token)).await;
     assert_eq!(get.status, StatusCode::OK);
-    let get_record = record_of(&gw, &get).await;
+    let get_record = gw.record_of(&get).await;
 
     // Many more HEADs than the breaker's threshold, over both protocols.
     for client in [&h1, &h2, &h1, &h2, &h1, &h2] {
         let head = client
-            .send(Method::HEAD, &person(), Some(&token), None)
+            .send(Method::HEAD, &person_path(PERSON), Some(&token), None)
             .await
             .unwrap();
         assert_eq!(head.status, StatusCode::OK);
@@ -82,7 +66,7 @@ async fn head_as_get(db: Db) {
         );
         // The record says what the GET's would: the same decision, fields and
         // the digest of the body the HEAD describes but does not carry.
-        let rec = record_of(&gw, &head).await;
+        let rec = gw.record_of(&head).await;
         assert_eq!(rec.entry.method, "HEAD");
         assert_eq!(rec.entry.operation.as_deref(), Some("read"));
         assert_eq!(rec.entry.decision, "allow");
@@ -93,7 +77,12 @@ async fn head_as_get(db: Db) {
     }
     // A HEAD that is refused is refused like the GET, with no body either.
     let refused = h2
-        .send(Method::HEAD, &person(), Some("not-a-token"), None)
+        .send(
+            Method::HEAD,
+            &person_path(PERSON),
+            Some("not-a-token"),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
@@ -102,7 +91,10 @@ async fn head_as_get(db: Db) {
     assert_eq!(breaker(&gw, "registry"), ("closed", 0));
     let psda = gw.token("psda", "identity-documentation", None);
     assert_eq!(
-        gw.client("psda").get(&person(), Some(&psda)).await.status,
+        gw.client("psda")
+            .get(&person_path(PERSON), Some(&psda))
+            .await
+            .status,
         StatusCode::OK,
         "other agencies are unaffected"
     );
@@ -158,7 +150,7 @@ async fn a_providers_4xx_never_opens_its_breaker_its_5xx_does() {
                 assert_ne!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{status}");
             }
             assert_ne!(
-                record_of(&gw, &r).await.entry.reason.as_deref(),
+                gw.record_of(&r).await.entry.reason.as_deref(),
                 Some("upstream_circuit_open")
             );
         }
@@ -177,7 +169,7 @@ async fn a_providers_4xx_never_opens_its_breaker_its_5xx_does() {
     let r = client.get(path, Some(&token)).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
-        record_of(&gw, &r).await.entry.reason.as_deref(),
+        gw.record_of(&r).await.entry.reason.as_deref(),
         Some("upstream_circuit_open")
     );
     gw.shutdown().await;
@@ -196,7 +188,7 @@ async fn an_answer_too_large_for_the_gateway_is_not_held_against_the_provider() 
     for c in [&client, &client.http2(), &client, &client.http2()] {
         let r = c.get("/v1/other/records/X-1", Some(&token)).await;
         assert_eq!(r.status, StatusCode::BAD_GATEWAY);
-        let rec = record_of(&gw, &r).await;
+        let rec = gw.record_of(&r).await;
         assert_eq!(rec.entry.reason.as_deref(), Some("upstream_too_large"));
     }
     assert_eq!(provider.arrivals().len(), 4);
@@ -405,7 +397,7 @@ async fn a_request_that_waits_too_long_for_its_share_gets_503_and_a_record() {
             "urn:karibche:problem:provider-unavailable"
         );
         assert_eq!(r.headers["retry-after"], "1");
-        let rec = record_of(&gw, &r).await;
+        let rec = gw.record_of(&r).await;
         assert_eq!(rec.entry.reason.as_deref(), Some("upstream_busy"));
         assert_eq!(rec.entry.status, 503);
     }

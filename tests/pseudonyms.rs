@@ -14,23 +14,13 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine;
+use common::PERSON;
 use common::{Reply, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter};
 use serde_json::Value;
 
-const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-
-async fn record(gw: &TestGateway, reply: &Reply) -> audit::Entry {
-    audit::query(&gw.running.store, &Filter::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.entry.id == reply.request_id())
-        .unwrap()
-        .entry
-}
 
 /// The nationality held by most persons, and their register ids.
 async fn biggest_nationality(gw: &TestGateway) -> (String, Vec<String>) {
@@ -116,7 +106,7 @@ async fn cursors_are_opaque_authenticated_and_bound_to_their_agency() {
             .await;
         refused(&r, "tampered");
         assert_eq!(
-            record(&gw, &r).await.reason.as_deref(),
+            gw.record_of(&r).await.entry.reason.as_deref(),
             Some("cursor_invalid")
         );
     }
@@ -224,7 +214,7 @@ async fn no_lookup_names_a_person_to_the_statistics_office() {
             text.contains("nationality"),
             "the detail says what is allowed: {text}"
         );
-        let e = record(&gw, &r).await;
+        let e = gw.record_of(&r).await.entry;
         assert_eq!(e.reason.as_deref(), Some("identifying_lookup"), "{path}");
         assert!(e.pseudonymised, "{path}");
         assert!(

@@ -8,21 +8,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Reply, TestGateway};
+use common::TestGateway;
+use common::PERSON;
 use http::StatusCode;
-use karibche::audit::{self, Filter};
-
-const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
-
-async fn record(gw: &TestGateway, reply: &Reply) -> audit::Entry {
-    audit::query(&gw.running.store, &Filter::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.entry.id == reply.request_id())
-        .unwrap()
-        .entry
-}
 
 /// Runs the binary; returns the exit code and stdout + stderr.
 fn karibche(args: &[&str]) -> (i32, String) {
@@ -58,7 +46,7 @@ async fn a_look_up_of_the_log_is_not_a_read_and_a_restricted_interest_stays_rest
         .await;
     assert_eq!(ssg_lookup.status, StatusCode::OK);
     // …which reveals its interest in the person as much as a read would: restricted.
-    let e = record(&gw, &ssg_lookup).await;
+    let e = gw.record_of(&ssg_lookup).await.entry;
     assert!(e.restricted, "{e:?}");
     assert_eq!(e.subjects, [PERSON]);
     // An agency without restricted grants looks the log up too: not restricted.
@@ -71,7 +59,7 @@ async fn a_look_up_of_the_log_is_not_a_read_and_a_restricted_interest_stays_rest
         )
         .await;
     assert_eq!(border_lookup.status, StatusCode::OK);
-    assert!(!record(&gw, &border_lookup).await.restricted);
+    assert!(!gw.record_of(&border_lookup).await.entry.restricted);
 
     // The person's report, as the supervisory authority hands it out.
     let pdps = gw.token("pdps", "supervision", None);
@@ -237,7 +225,7 @@ async fn a_case_reference_must_be_a_case_number_of_the_agency() {
             p["detail"].as_str().unwrap().contains("SSG-"),
             "the detail names the expected form: {p}"
         );
-        let e = record(&gw, &r).await;
+        let e = gw.record_of(&r).await.entry;
         assert_eq!(
             e.reason.as_deref(),
             Some("case_ref_invalid"),
@@ -250,7 +238,7 @@ async fn a_case_reference_must_be_a_case_number_of_the_agency() {
     let r = client.get(&path, Some(&token)).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(
-        record(&gw, &r).await.reason.as_deref(),
+        gw.record_of(&r).await.entry.reason.as_deref(),
         Some("token_claim_invalid")
     );
     let token = gw.token("ssg", purpose, Some("SSG-2026-17"));

@@ -282,7 +282,7 @@ async fn reset_streams_cannot_pile_up_pipelines() {
     let body = serde_json::to_vec(&serde_json::json!({"person_id": PERSON, "note": "n"})).unwrap();
     let client = gw.client("mia-border");
     let mut h2 = client.h2().await;
-    let limit = karibche::proxy::PIPELINES_PER_CONNECTION;
+    let limit = karibche::gateway::PIPELINES_PER_CONNECTION;
     let mut resets = JoinSet::new();
     for i in 0..limit + 20 {
         h2.ready().await.unwrap();

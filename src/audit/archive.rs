@@ -79,17 +79,6 @@ impl std::fmt::Display for ArchiveReport {
     }
 }
 
-/// The checkpoint of the newest archive of `node`: its chain goes on from there.
-pub(crate) async fn latest(store: &Store, node: &str) -> Result<Option<Checkpoint>, AuditError> {
-    Ok(sqlx::query_as(
-        "SELECT node, seq, hash, ts, public_key, signature FROM audit_archives \
-         WHERE node = $1 ORDER BY seq DESC LIMIT 1",
-    )
-    .bind(node)
-    .fetch_optional(store.pool())
-    .await?)
-}
-
 /// A node's part of the archive, planned before anything is written.
 struct Plan {
     node: String,
@@ -193,7 +182,10 @@ async fn plan(
     cut: &str,
     signer: Option<(&str, &AuditKey)>,
 ) -> Result<Result<Plan, String>, AuditError> {
-    let first_seq = latest(store, node).await?.map_or(0, |cp| cp.seq) + 1;
+    let first_seq = super::chain::archived_base(store, node)
+        .await?
+        .map_or(0, |cp| cp.seq)
+        + 1;
     // The longest prefix of records all older than the cut (ts is taken at request
     // start, so a later seq may carry an earlier ts).
     let first_new: Option<i64> =

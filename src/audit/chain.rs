@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+use super::checkpoint::Checkpoint;
 use super::record::{Row, GENESIS_HASH};
 use super::writer::distinct;
 use super::AuditError;
@@ -163,6 +164,20 @@ pub async fn verify_from(
     Ok(VerifyReport { nodes: reports })
 }
 
+/// The checkpoint of the newest archive of `node` (`crate::audit::archive`): its chain goes on from there.
+pub(crate) async fn archived_base(
+    store: &Store,
+    node: &str,
+) -> Result<Option<Checkpoint>, AuditError> {
+    Ok(sqlx::query_as(
+        "SELECT node, seq, hash, ts, public_key, signature FROM audit_archives \
+         WHERE node = $1 ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(node)
+    .fetch_optional(store.pool())
+    .await?)
+}
+
 /// Verifies one chain; returns the report and the last sequence number read.
 async fn verify_node(
     store: &Store,
@@ -171,7 +186,7 @@ async fn verify_node(
     from: Option<i64>,
 ) -> Result<(NodeReport, i64), AuditError> {
     // Records moved to an archive: the chain goes on from its signed checkpoint.
-    let archived = super::archive::latest(store, &node).await?;
+    let archived = archived_base(store, &node).await?;
     let (base_seq, base_hash) = match &archived {
         Some(cp) => (cp.seq, cp.hash.clone()),
         None => (0, GENESIS_HASH.to_owned()),

@@ -17,9 +17,11 @@ pub mod chain;
 pub mod checkpoint;
 pub mod event;
 pub mod offline;
+pub mod open;
 pub mod query;
 pub mod record;
 pub mod report;
+pub mod sampling;
 pub mod text;
 pub mod writer;
 
@@ -33,8 +35,8 @@ pub use chain::{verify, verify_from, verify_with_key, NodeReport, VerifyReport};
 pub use checkpoint::{AuditKey, Checkpoint};
 pub use query::{count, count_requests, export, query, Filter};
 pub use record::{
-    canonical_json, chain_hash, format_ts, now_ts, Entry, Record, GENESIS_HASH, PHASE_ATTEMPT,
-    PHASE_OUTCOME,
+    canonical_json, chain_hash, format_ts, now_ts, Decision, Entry, Operation, Record,
+    GENESIS_HASH, PHASE_ATTEMPT, PHASE_OUTCOME,
 };
 pub use writer::{
     AuditConfig, AuditLog, AuditStats, AuditWriter, CheckpointPolicy, Committed,

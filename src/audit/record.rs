@@ -43,8 +43,8 @@ pub struct Entry {
     pub provider: Option<String>,
     /// The provider's service asked.
     pub service: Option<String>,
-    /// The operation within the service.
-    pub operation: Option<String>,
+    /// The operation within the service, or the event's name.
+    pub operation: Option<Operation>,
     /// HTTP method.
     pub method: String,
     /// HTTP path as requested.
@@ -54,7 +54,7 @@ pub struct Entry {
     /// Fields released to the caller.
     pub fields: Vec<String>,
     /// `"allow"` or `"deny"`.
-    pub decision: String,
+    pub decision: Decision,
     /// Reason code for a denial or an error (`no_grant`, `token_expired`, …).
     pub reason: Option<String>,
     /// HTTP status returned to the caller.
@@ -64,7 +64,7 @@ pub struct Entry {
     /// What the agency's `shadow = true` grants would have decided (`"allow"` or `"deny"`), not enforced;
     /// `None` when no shadow grant applies to the request.
     #[serde(default)]
-    pub shadow_decision: Option<String>,
+    pub shadow_decision: Option<Decision>,
     /// Hex SHA-256 of the response body exactly as released; `None` when nothing was released.
     #[serde(default)]
     pub response_digest: Option<String>,
@@ -93,6 +93,126 @@ pub struct Entry {
     /// The field paths a change writes (its body's members), on a change's records.
     #[serde(default)]
     pub written: Vec<String>,
+}
+
+/// What the record says was decided: stored and hashed as `"allow"` / `"deny"`.
+///
+/// A request the policy allowed stays `Allow` when the provider or the
+/// gateway then failed it; only the gateway's own checks make a `Deny`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// Allowed by a grant (events and changes logged ahead are allowed too).
+    Allow,
+    /// Refused; nothing is allowed unless a grant says so.
+    #[default]
+    Deny,
+}
+
+impl Decision {
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+        }
+    }
+
+    /// The decision a stored text names, if any.
+    pub fn parse(s: &str) -> Option<Decision> {
+        match s {
+            "allow" => Some(Decision::Allow),
+            "deny" => Some(Decision::Deny),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Reads `"allow"` as [`Decision::Allow`] and any other text as [`Decision::Deny`].
+impl From<&str> for Decision {
+    fn from(s: &str) -> Self {
+        Decision::parse(s).unwrap_or(Decision::Deny)
+    }
+}
+
+/// A decision reads as its stored text (`e.shadow_decision.as_deref() == Some("allow")`).
+impl std::ops::Deref for Decision {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq<&str> for Decision {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// What a record is about: a read or a write of a provider's service, or an
+/// event of the gateway itself (`node-start`, `consent-grant`, …), stored and
+/// hashed as that text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// A read (`GET`, `HEAD`).
+    Read,
+    /// A write (`POST`, `PUT`, `PATCH`, `DELETE`), or a consent change through the gateway.
+    Write,
+    /// An event, by its name.
+    Event(String),
+}
+
+impl Operation {
+    /// The stored text.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Operation::Read => "read",
+            Operation::Write => "write",
+            Operation::Event(name) => name,
+        }
+    }
+}
+
+impl From<String> for Operation {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "read" => Operation::Read,
+            "write" => Operation::Write,
+            _ => Operation::Event(s),
+        }
+    }
+}
+
+impl From<&str> for Operation {
+    fn from(s: &str) -> Self {
+        Operation::from(s.to_owned())
+    }
+}
+
+/// An operation reads as its stored text (`e.operation.as_deref() == Some("read")`).
+impl std::ops::Deref for Operation {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Serialize for Operation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Operation {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Operation::from)
+    }
 }
 
 /// `Entry::phase` of the record committed before a change is made.
@@ -232,11 +352,11 @@ pub fn canonical_json(
         path: &e.path,
         subjects: &e.subjects,
         fields: &e.fields,
-        decision: &e.decision,
+        decision: e.decision.as_str(),
         reason: e.reason.as_deref(),
         status: e.status,
         policy_version: &e.policy_version,
-        shadow_decision: e.shadow_decision.as_deref(),
+        shadow_decision: e.shadow_decision.map(Decision::as_str),
         response_digest: e.response_digest.as_deref(),
         restricted: e.restricted,
         upstream_status: e.upstream_status,
@@ -305,13 +425,7 @@ pub(crate) fn prepare(mut entry: Entry) -> Result<Entry, AuditError> {
         return Err(AuditError::InvalidEntry("empty request id".into()));
     }
     let e = &mut entry;
-    for s in [
-        &mut e.id,
-        &mut e.method,
-        &mut e.path,
-        &mut e.decision,
-        &mut e.policy_version,
-    ] {
+    for s in [&mut e.id, &mut e.method, &mut e.path, &mut e.policy_version] {
         scrub(s, STORED_TEXT_CHARS);
     }
     for s in [
@@ -332,9 +446,7 @@ pub(crate) fn prepare(mut entry: Entry) -> Result<Entry, AuditError> {
         &mut e.case_ref,
         &mut e.consent_ref,
         &mut e.token_id,
-        &mut e.operation,
         &mut e.reason,
-        &mut e.shadow_decision,
         &mut e.response_digest,
         &mut e.phase,
         &mut e.attempt_id,
@@ -344,6 +456,9 @@ pub(crate) fn prepare(mut entry: Entry) -> Result<Entry, AuditError> {
     .flatten()
     {
         scrub(s, STORED_TEXT_CHARS);
+    }
+    if let Some(Operation::Event(name)) = &mut e.operation {
+        scrub(name, STORED_TEXT_CHARS);
     }
     e.subjects
         .iter_mut()
@@ -441,16 +556,25 @@ impl Row {
                 token_id: self.token_id,
                 provider: self.provider,
                 service: self.service,
-                operation: self.operation,
+                operation: self.operation.map(Operation::from),
                 method: self.method,
                 path: self.path,
                 subjects,
                 fields,
-                decision: self.decision,
+                decision: Decision::parse(&self.decision).ok_or_else(|| {
+                    format!("decision {:?} is neither allow nor deny", self.decision)
+                })?,
                 reason: self.reason,
                 status,
                 policy_version: self.policy_version,
-                shadow_decision: self.shadow_decision,
+                shadow_decision: self
+                    .shadow_decision
+                    .map(|d| {
+                        Decision::parse(&d).ok_or_else(|| {
+                            format!("shadow_decision {d:?} is neither allow nor deny")
+                        })
+                    })
+                    .transpose()?,
                 response_digest: self.response_digest,
                 restricted: match self.restricted {
                     0 => false,
@@ -494,3 +618,85 @@ pub(crate) use audit_columns;
 
 /// How many columns [`audit_columns!`] lists.
 pub(crate) const AUDIT_COLUMN_COUNT: usize = 34;
+
+#[cfg(test)]
+mod pinned {
+    use super::*;
+
+    /// A fully populated entry: every column set, so every column's form is pinned.
+    pub(crate) fn full_entry() -> Entry {
+        Entry {
+            id: "0190f3a2-7b1c-7000-8000-000000000001".into(),
+            ts: "2026-11-03T09:15:02.123456Z".into(),
+            agency: Some("mia-border".into()),
+            certificate: Some("ab".repeat(32)),
+            officer: Some("officer-7".into()),
+            purpose: Some("border-control".into()),
+            legal_basis: Some("Aliens Act s. 12".into()),
+            case_ref: Some("CASE-1".into()),
+            consent_ref: Some("consent-1".into()),
+            token_id: Some("jti-1".into()),
+            provider: Some("registry".into()),
+            service: Some("persons".into()),
+            operation: Some("write".into()),
+            method: "POST".into(),
+            path: "/v1/registry/persons/RF-1?x=1".into(),
+            subjects: vec!["RF-1".into(), "RF-2".into()],
+            fields: vec!["id".into(), "names.surname".into()],
+            decision: "allow".into(),
+            reason: Some("upstream_error".into()),
+            status: 502,
+            policy_version: "v-123".into(),
+            shadow_decision: Some("deny".into()),
+            response_digest: Some("cd".repeat(32)),
+            restricted: true,
+            upstream_status: Some(500),
+            pseudonymised: true,
+            phase: Some("outcome".into()),
+            attempt_id: Some("0190f3a2-7b1c-7000-8000-000000000000".into()),
+            request_digest: Some("ef".repeat(32)),
+            written: vec!["employer.name".into(), "person_id".into()],
+        }
+    }
+
+    /// The hash and canonical form of a fixed record, as computed before the
+    /// entry's `decision` and `operation` became typed: stored chains verify only while they hold.
+    #[test]
+    fn a_fixed_records_hash_never_changes() {
+        let e = full_entry();
+        let canonical = canonical_json(7, "node-a", &e, GENESIS_HASH).unwrap();
+        assert_eq!(
+            canonical,
+            r#"{"seq":7,"node":"node-a","id":"0190f3a2-7b1c-7000-8000-000000000001","ts":"2026-11-03T09:15:02.123456Z","agency":"mia-border","certificate":"abababababababababababababababababababababababababababababababab","officer":"officer-7","purpose":"border-control","legal_basis":"Aliens Act s. 12","case_ref":"CASE-1","consent_ref":"consent-1","token_id":"jti-1","provider":"registry","service":"persons","operation":"write","method":"POST","path":"/v1/registry/persons/RF-1?x=1","subjects":["RF-1","RF-2"],"fields":["id","names.surname"],"decision":"allow","reason":"upstream_error","status":502,"policy_version":"v-123","shadow_decision":"deny","response_digest":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd","restricted":true,"upstream_status":500,"pseudonymised":true,"phase":"outcome","attempt_id":"0190f3a2-7b1c-7000-8000-000000000000","request_digest":"efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef","written":["employer.name","person_id"],"prev_hash":"0000000000000000000000000000000000000000000000000000000000000000"}"#
+        );
+        assert_eq!(
+            chain_hash(7, "node-a", &e, GENESIS_HASH).unwrap(),
+            "17f71654886da86b2b6538241948a5dce8eb2e630539277380ceafcd30962b1a"
+        );
+        let stored = serde_json::to_string(&e).unwrap();
+        assert_eq!(stored, PINNED_ENTRY_JSON);
+        assert_eq!(serde_json::from_str::<Entry>(&stored).unwrap(), e);
+    }
+
+    /// The other decision and an event's operation name keep their stored text too.
+    #[test]
+    fn a_denial_and_an_events_operation_keep_their_text() {
+        let mut e = full_entry();
+        e.decision = "deny".into();
+        e.shadow_decision = Some("allow".into());
+        e.operation = Some("consent-grant".into());
+        assert_eq!(
+            chain_hash(7, "node-a", &e, GENESIS_HASH).unwrap(),
+            "46238ae9658c7f27d95f1c964e5cdb4657583c41ab873677013170ad0391934d"
+        );
+        let stored = serde_json::to_string(&e).unwrap();
+        assert!(
+            stored.contains(r#""operation":"consent-grant""#),
+            "{stored}"
+        );
+        assert!(stored.contains(r#""decision":"deny""#), "{stored}");
+        assert_eq!(serde_json::from_str::<Entry>(&stored).unwrap(), e);
+    }
+
+    const PINNED_ENTRY_JSON: &str = r#"{"id":"0190f3a2-7b1c-7000-8000-000000000001","ts":"2026-11-03T09:15:02.123456Z","agency":"mia-border","certificate":"abababababababababababababababababababababababababababababababab","officer":"officer-7","purpose":"border-control","legal_basis":"Aliens Act s. 12","case_ref":"CASE-1","consent_ref":"consent-1","token_id":"jti-1","provider":"registry","service":"persons","operation":"write","method":"POST","path":"/v1/registry/persons/RF-1?x=1","subjects":["RF-1","RF-2"],"fields":["id","names.surname"],"decision":"allow","reason":"upstream_error","status":502,"policy_version":"v-123","shadow_decision":"deny","response_digest":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd","restricted":true,"upstream_status":500,"pseudonymised":true,"phase":"outcome","attempt_id":"0190f3a2-7b1c-7000-8000-000000000000","request_digest":"efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef","written":["employer.name","person_id"]}"#;
+}

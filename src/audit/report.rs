@@ -15,6 +15,10 @@ use serde::Serialize;
 use super::{query, AuditError, Filter, Record};
 use crate::store::Store;
 
+/// The built-in provider that is the audit log itself (`upstream = "builtin:audit"`):
+/// reads of it are look-ups of the log, not of a record. Served by `crate::gateway::builtin::audit`.
+pub const LOG_BUILTIN: &str = "audit";
+
 /// What an access reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -90,7 +94,7 @@ impl Default for ReportOptions {
             restricted_delay: super::DEFAULT_RESTRICTED_REPORT_DELAY,
             agency: None,
             hide_pseudonymised: false,
-            log_providers: vec![crate::audit_api::BUILTIN.to_owned()],
+            log_providers: vec![LOG_BUILTIN.to_owned()],
         }
     }
 }
@@ -181,7 +185,7 @@ fn access(
             .and_then(|p| name_of(NameKind::Purpose, p)),
         purpose: e.purpose.clone(),
         legal_basis: e.legal_basis.clone(),
-        operation: e.operation.clone(),
+        operation: e.operation.as_deref().map(str::to_owned),
         released,
         fields: if released {
             e.fields.clone()

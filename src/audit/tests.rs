@@ -55,9 +55,9 @@ fn entry(n: usize) -> Entry {
         status: if n.is_multiple_of(4) { 403 } else { 200 },
         policy_version: "v1".into(),
         // Every sixth request also had a shadow decision, "allow".
-        shadow_decision: n.is_multiple_of(6).then(|| "allow".to_owned()),
+        shadow_decision: n.is_multiple_of(6).then(|| "allow".into()),
         response_digest: (!n.is_multiple_of(4))
-            .then(|| crate::audit_api::digest(n.to_string().as_bytes())),
+            .then(|| crate::files::sha256_hex(n.to_string().as_bytes())),
         // Every fifth request was under a restricted grant.
         restricted: n.is_multiple_of(5),
         // Every seventh provider answered with an error; every eighth read was pseudonymised.

@@ -707,7 +707,7 @@ async fn write_rows(
                 .bind(e.policy_version.as_str())
                 .bind(r.prev_hash.as_str())
                 .bind(r.hash.as_str())
-                .bind(e.shadow_decision.as_deref())
+                .bind(e.shadow_decision.map(super::Decision::as_str))
                 .bind(e.response_digest.as_deref())
                 .bind(i32::from(e.restricted))
                 .bind(e.upstream_status.map(i32::from))

@@ -23,7 +23,6 @@
 //! With `pid` set, the CPU time (user + system, from `/proc/PID/stat`) that
 //! process spent during the measured window is reported too.
 
-pub mod args;
 pub mod audit;
 pub mod client;
 pub mod report;

@@ -28,8 +28,8 @@ use time::Date;
 use toml::Spanned;
 
 use super::decide::{Decision, DecisionRequest};
-use super::load::{PolicyError, PolicyErrors};
 use super::model::{Operation, Policy};
+use super::source::{line_column, whole_file, PolicyErrors, Reporter};
 use super::split_gateway_path;
 
 /// The directory of test cases, relative to the policy directory.
@@ -127,12 +127,6 @@ impl CaseReport {
 /// Runs every case under `<dir>/tests/*.toml` against `policy`; malformed case files are errors.
 pub fn run_cases(policy: &Policy, dir: &Path, today: Date) -> Result<CaseReport, PolicyErrors> {
     let cases_dir = dir.join(CASES_DIR);
-    let whole = |file: &Path, message: String| PolicyError {
-        file: file.to_path_buf(),
-        line: 0,
-        column: 0,
-        message,
-    };
     let mut files: Vec<PathBuf> = match std::fs::read_dir(&cases_dir) {
         Ok(entries) => entries
             .filter_map(Result::ok)
@@ -146,7 +140,7 @@ pub fn run_cases(policy: &Policy, dir: &Path, today: Date) -> Result<CaseReport,
             })
             .collect(),
         Err(e) => {
-            return Err(PolicyErrors(vec![whole(
+            return Err(PolicyErrors(vec![whole_file(
                 &cases_dir,
                 format!("cannot list: {e}"),
             )]))
@@ -159,20 +153,14 @@ pub fn run_cases(policy: &Policy, dir: &Path, today: Date) -> Result<CaseReport,
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) => {
-                errors.push(whole(&file, format!("cannot read: {e}")));
+                errors.push(whole_file(&file, format!("cannot read: {e}")));
                 continue;
             }
         };
         let parsed = match toml::from_str::<CasesFile>(&text) {
             Ok(p) => p,
             Err(e) => {
-                let (line, column) = line_column(&text, e.span().map_or(0, |s| s.start));
-                errors.push(PolicyError {
-                    file: file.clone(),
-                    line,
-                    column,
-                    message: e.message().trim_end().to_owned(),
-                });
+                Reporter::new(&file, &text, &mut errors).toml_error(&e);
                 continue;
             }
         };
@@ -195,13 +183,6 @@ pub fn run_cases(policy: &Policy, dir: &Path, today: Date) -> Result<CaseReport,
     } else {
         Err(PolicyErrors(errors))
     }
-}
-
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = text.get(..offset.min(text.len())).unwrap_or(text);
-    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
-    let start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[start..].chars().count() + 1)
 }
 
 fn run_one(policy: &Policy, case: &RawCase, today: Date) -> Result<(), String> {
@@ -236,7 +217,7 @@ fn run_one(policy: &Policy, case: &RawCase, today: Date) -> Result<(), String> {
     };
     let decision = policy.decide(&req, date);
     if let Some(refused) = identifying_lookup(policy, &decision, &case.path, provider, service) {
-        // The gateway refuses it after the policy allowed it (src/pseudonymity.rs).
+        // The gateway refuses it after the policy allowed it (src/policy/pseudonymity.rs).
         return match (case.expect, case.reason.as_deref()) {
             (Expect::Deny, None | Some(IDENTIFYING)) => Ok(()),
             _ => Err(format!(
@@ -285,7 +266,7 @@ fn identifying_lookup(
     let rest = path
         .strip_prefix(&format!("/v1/{provider}/{service}"))
         .unwrap_or_default();
-    crate::pseudonymity::check_lookup(svc, rest, query)
+    crate::policy::pseudonymity::check_lookup(svc, rest, query)
         .err()
         .map(|i| i.detail(provider, svc))
 }
@@ -333,7 +314,7 @@ fn check_decision(decision: &Decision, case: &RawCase) -> Result<(), String> {
                 ));
             }
             if let Some(want) = &case.fields {
-                let want = crate::minimise::FieldSet::from_paths(want).paths();
+                let want = crate::policy::FieldSet::from_paths(want).paths();
                 let got = allow.fields.paths();
                 if want != got {
                     let extra: Vec<&str> = got

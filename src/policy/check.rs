@@ -16,9 +16,9 @@
 
 use time::Date;
 
-use super::load::PolicyError;
 use super::model::{Agency, Check, Grant, Operation, Policy};
-use crate::minimise::FieldSet;
+use super::source::PolicyError;
+use crate::policy::FieldSet;
 
 /// A warning: same shape and display as an error (`file:line:col: message`).
 pub type Warning = PolicyError;

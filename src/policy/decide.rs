@@ -13,7 +13,7 @@ use time::Date;
 
 use super::case_ref::CaseFormat;
 use super::model::{Grant, GrantPurpose, Operation, Policy};
-use crate::minimise::FieldSet;
+use crate::policy::FieldSet;
 
 /// What is asked: by whom, of which service, how and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +65,7 @@ pub struct Allow {
     /// Whether the grant is marked `restricted` (stricter handling, issue 9).
     pub restricted: bool,
     /// Transforms applied to the released fields.
-    pub transforms: Arc<crate::transform::Transforms>,
+    pub transforms: Arc<crate::policy::Transforms>,
     /// Largest write body under the grant, if it sets one.
     pub max_body_bytes: Option<usize>,
 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use super::model::{Agency, Grant, Policy};
-use crate::minimise::FieldSet;
+use crate::policy::FieldSet;
 
 /// One access an agency holds, with what it releases and under which conditions.
 #[derive(Default, PartialEq, Eq)]

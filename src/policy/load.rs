@@ -8,7 +8,6 @@
 //! [`Policy`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +20,8 @@ use super::model::{
     Acknowledgement, Agency, CertificateMatcher, Check, Grant, GrantLocation, GrantPurpose,
     Operation, Policy, Provider, Purpose, Service, ServiceGrants, Upstream,
 };
-use crate::minimise::FieldSet;
+use super::source::{line_column, whole_file, PolicyError, PolicyErrors, Reporter};
+use crate::policy::FieldSet;
 
 /// The purpose vocabulary, relative to the policy directory.
 pub const PURPOSES_FILE: &str = "purposes.toml";
@@ -29,56 +29,6 @@ pub const PURPOSES_FILE: &str = "purposes.toml";
 pub const PROVIDERS_FILE: &str = "providers.toml";
 /// The directory of per-agency files, relative to the policy directory.
 pub const AGENCIES_DIR: &str = "agencies";
-
-/// One problem in the policy files, located at `file:line:column` (1-based; 0 when the whole file is at fault).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}", Located(self))]
-pub struct PolicyError {
-    /// The file, as the policy directory joined with the file's relative path.
-    pub file: PathBuf,
-    /// 1-based line, or 0 when no position applies (the file is missing or unreadable).
-    pub line: usize,
-    /// 1-based column in characters, or 0 with `line`.
-    pub column: usize,
-    /// What is wrong.
-    pub message: String,
-}
-
-struct Located<'a>(&'a PolicyError);
-
-impl fmt::Display for Located<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let e = self.0;
-        if e.line == 0 {
-            write!(f, "{}: {}", e.file.display(), e.message)
-        } else {
-            write!(
-                f,
-                "{}:{}:{}: {}",
-                e.file.display(),
-                e.line,
-                e.column,
-                e.message
-            )
-        }
-    }
-}
-
-/// Every problem found in a policy set; displays one `file:line:col: message` per line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct PolicyErrors(pub Vec<PolicyError>);
-
-impl fmt::Display for PolicyErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
 
 // ---- the file formats, as parsed -------------------------------------------------------
 
@@ -177,7 +127,7 @@ struct RawGrant {
     max_body_bytes: Option<Spanned<i64>>,
     /// Field path → transform applied to the released value.
     #[serde(default)]
-    transforms: std::collections::BTreeMap<String, Spanned<crate::transform::Transform>>,
+    transforms: std::collections::BTreeMap<String, Spanned<crate::policy::Transform>>,
     /// `policy check` warnings reviewed and accepted for this grant.
     #[serde(default)]
     acknowledge: Vec<Spanned<RawAcknowledgement>>,
@@ -211,46 +161,6 @@ struct Source {
     text: String,
 }
 
-/// Collects errors for one file, turning byte spans into line and column.
-struct Reporter<'a> {
-    file: &'a Path,
-    text: &'a str,
-    errors: &'a mut Vec<PolicyError>,
-}
-
-impl Reporter<'_> {
-    fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
-        let (line, column) = line_column(self.text, span.start);
-        self.errors.push(PolicyError {
-            file: self.file.to_path_buf(),
-            line,
-            column,
-            message: message.into(),
-        });
-    }
-}
-
-/// 1-based line and character column of a byte offset.
-pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
-}
-
-fn whole_file(file: &Path, message: impl Into<String>) -> PolicyError {
-    PolicyError {
-        file: file.to_path_buf(),
-        line: 0,
-        column: 0,
-        message: message.into(),
-    }
-}
-
 fn parse<T: for<'de> Deserialize<'de>>(
     source: &Source,
     errors: &mut Vec<PolicyError>,
@@ -258,13 +168,7 @@ fn parse<T: for<'de> Deserialize<'de>>(
     match toml::from_str::<T>(&source.text) {
         Ok(v) => Some(v),
         Err(e) => {
-            let mut r = Reporter {
-                file: &source.shown,
-                text: &source.text,
-                errors,
-            };
-            let message = e.message().trim_end().to_owned();
-            r.at(e.span().unwrap_or(0..0), message);
+            Reporter::new(&source.shown, &source.text, errors).toml_error(&e);
             None
         }
     }
@@ -473,11 +377,7 @@ fn validate_purposes(
     file: PurposesFile,
     errors: &mut Vec<PolicyError>,
 ) -> BTreeMap<String, Purpose> {
-    let mut r = Reporter {
-        file: &src.shown,
-        text: &src.text,
-        errors,
-    };
+    let mut r = Reporter::new(&src.shown, &src.text, errors);
     let mut out = BTreeMap::new();
     for p in file.purposes {
         let code = p.code.get_ref();
@@ -512,11 +412,7 @@ fn validate_providers(
     file: ProvidersFile,
     errors: &mut Vec<PolicyError>,
 ) -> BTreeMap<String, Provider> {
-    let mut r = Reporter {
-        file: &src.shown,
-        text: &src.text,
-        errors,
-    };
+    let mut r = Reporter::new(&src.shown, &src.text, errors);
     let mut out = BTreeMap::new();
     for p in file.providers {
         let id = p.id.get_ref().clone();
@@ -682,7 +578,7 @@ fn claim(
         ),
         Some(_) => r.at(span, format!("duplicate {what} {key:?}")),
         None => {
-            owners.insert(key, (agency.to_owned(), r.file.to_path_buf()));
+            owners.insert(key, (agency.to_owned(), r.file().to_path_buf()));
         }
     }
 }
@@ -728,11 +624,7 @@ fn validate_agency(
     certs: &mut CertificateOwners,
     errors: &mut Vec<PolicyError>,
 ) -> Agency {
-    let mut r = Reporter {
-        file: &src.shown,
-        text: &src.text,
-        errors,
-    };
+    let mut r = Reporter::new(&src.shown, &src.text, errors);
     let id = file.id.get_ref().clone();
     let stem = src
         .rel
@@ -1070,7 +962,7 @@ fn validate_grant(
 
     // Consent is given by one person: at run time a grant needing it serves
     // only requests that name one subject (…/{service}/{id}), never a search,
-    // and withholds an answer about anyone else (src/proxy.rs).
+    // and withholds an answer about anyone else (src/gateway/mod.rs).
     let consent_required = g
         .consent
         .as_ref()
@@ -1115,7 +1007,7 @@ fn validate_grant(
 
     let mut acknowledged: Vec<Acknowledgement> = Vec::new();
     for a in &g.acknowledge {
-        let (line, _) = line_column(r.text, a.span().start);
+        let (line, _) = r.line_column(a.span());
         let a = a.get_ref();
         let check = *a.check.get_ref();
         if a.because.get_ref().trim().chars().count() < 20 {
@@ -1183,7 +1075,7 @@ fn validate_grant(
         valid_until,
         shadow: g.shadow,
         restricted: g.restricted,
-        transforms: Arc::new(crate::transform::Transforms::new(transforms)),
+        transforms: Arc::new(crate::policy::Transforms::new(transforms)),
         max_body_bytes,
         location,
         acknowledged,
@@ -1247,16 +1139,6 @@ fn check_overlaps(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn line_column_counts_characters() {
-        let text = "a = 1\nბ = \"x\"\n";
-        assert_eq!(line_column(text, 0), (1, 1));
-        assert_eq!(line_column(text, 6), (2, 1));
-        // "ბ" is three bytes; the `=` after it is the 3rd character.
-        assert_eq!(line_column(text, 10), (2, 3));
-        assert_eq!(line_column(text, 999), (3, 1));
-    }
 
     #[test]
     fn names() {

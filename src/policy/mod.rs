@@ -16,9 +16,14 @@ mod cases;
 mod check;
 mod decide;
 mod diff;
+pub(crate) mod fields;
 mod load;
 mod model;
+pub mod path;
+pub mod pseudonymity;
 mod schema;
+mod source;
+mod transforms;
 
 use std::path::Path;
 
@@ -27,13 +32,16 @@ pub use cases::{run_cases, CaseFailure, CaseReport, CASES_DIR};
 pub use check::{warnings, Warning};
 pub use decide::{Allow, Decision, DecisionRequest, DenyReason};
 pub use diff::diff;
-pub(crate) use load::line_column;
-pub use load::{PolicyError, PolicyErrors, AGENCIES_DIR, PROVIDERS_FILE, PURPOSES_FILE};
+pub use fields::FieldSet;
+pub use load::{AGENCIES_DIR, PROVIDERS_FILE, PURPOSES_FILE};
 pub use model::{
     Acknowledgement, Agency, CertificateMatcher, Check, Grant, GrantLocation, GrantPurpose,
     Operation, Policy, Provider, Purpose, Service, Upstream,
 };
+pub use path::{split_gateway_path, GatewayPath, PathError, CURSOR_PARAM, FIELDS_PARAM};
 pub use schema::schema;
+pub use source::{line_column, whole_file, PolicyError, PolicyErrors, Reporter};
+pub use transforms::{Transform, Transforms};
 
 impl Policy {
     /// Reads, parses and validates every policy file under `dir`; a set with any problem yields all of them.
@@ -55,16 +63,6 @@ impl Policy {
     pub fn explain(&self, req: &DecisionRequest<'_>, today: time::Date) -> String {
         decide::explain(self, req, today)
     }
-}
-
-/// Splits a gateway path `/v1/{provider}/{service}/{rest}` (query ignored) into provider and service.
-pub fn split_gateway_path(path: &str) -> Option<(&str, &str)> {
-    let path = path.split('?').next().unwrap_or(path);
-    let rest = path.strip_prefix("/v1/")?;
-    let mut parts = rest.split('/');
-    let provider = parts.next().filter(|s| !s.is_empty())?;
-    let service = parts.next().filter(|s| !s.is_empty())?;
-    Some((provider, service))
 }
 
 #[cfg(test)]

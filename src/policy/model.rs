@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use time::Date;
 
-use crate::minimise::FieldSet;
+use crate::policy::FieldSet;
 
 /// A loaded and validated policy set; immutable, shared as `Arc<Policy>` and swapped whole on reload.
 #[derive(Debug)]
@@ -210,7 +210,7 @@ pub struct Grant {
     /// Released only under the stricter handling of restricted records (issue 9); default false.
     pub restricted: bool,
     /// Transforms applied to released fields (pseudonymise, year_only, age_band).
-    pub transforms: Arc<crate::transform::Transforms>,
+    pub transforms: Arc<crate::policy::Transforms>,
     /// Largest write body under this grant, if lower than the gateway's limit.
     pub max_body_bytes: Option<usize>,
     /// Where the grant is written: its policy file and the 1-based line of its `[[grants]]` header.
@@ -339,7 +339,7 @@ pub struct Service {
     /// The record's known field paths, if declared; grants are checked against them.
     pub fields: Option<FieldSet>,
     /// Query parameters that select only by attributes a pseudonymising grant
-    /// releases; under such a grant every other parameter is refused (src/pseudonymity.rs).
+    /// releases; under such a grant every other parameter is refused (src/policy/pseudonymity.rs).
     pub pseudonymous_query: Vec<String>,
 }
 

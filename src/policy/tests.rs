@@ -135,11 +135,8 @@ fn geostat_cannot_see_names_or_numbers() {
     assert!(a.fields.covers("visas.category"));
     // The register id only as a pseudonym, the birth date only as a year.
     let transforms: Vec<_> = a.transforms.pairs().collect();
-    assert!(transforms.contains(&("id".to_owned(), crate::transform::Transform::Pseudonymise)));
-    assert!(transforms.contains(&(
-        "birth_date".to_owned(),
-        crate::transform::Transform::YearOnly
-    )));
+    assert!(transforms.contains(&("id".to_owned(), crate::policy::Transform::Pseudonymise)));
+    assert!(transforms.contains(&("birth_date".to_owned(), crate::policy::Transform::YearOnly)));
     assert_eq!(
         p.decide(
             &req("geostat", "persons", Operation::Read, "border-control"),

@@ -13,7 +13,7 @@ use super::model::{
     AsylumCase, BirthPlace, Crossing, Document, Employer, EntryBan, Names, Person, ResidencePermit,
     Visa, WorkPermit, RECORD_KINDS,
 };
-use super::synth::surname_key;
+use super::names::surname_key;
 use crate::store::Backend;
 
 /// How a column's value is stored.

@@ -13,9 +13,11 @@ use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use super::answer::{internal, parse_query, private, Answer, Params};
+use super::dates::parse_date;
 use super::db::{self, CrossingQuery};
 use super::model::{self, CROSSING_POINTS, DIRECTIONS, RECORD_KINDS};
-use super::synth::{parse_date, surname_key};
+use super::names::surname_key;
 use super::write::{self, Kind, MAX_TOKEN};
 use super::Registry;
 use crate::problem::{json_response, Body, Problem};
@@ -29,8 +31,6 @@ const MAX_PAGE: i64 = 200;
 
 /// The register's OpenAPI document, kept in the repository and served as is.
 pub(crate) const OPENAPI: &str = include_str!("../../openapi/registry.json");
-
-type Answer = Result<Response<Body>, Problem>;
 
 /// Routes one request.
 pub(crate) async fn handle(reg: &Registry, req: Request<Bytes>) -> Response<Body> {
@@ -131,19 +131,6 @@ fn valid_token(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_TOKEN
 }
 
-/// Logs a database error where it happened and hides it from the caller.
-pub(crate) fn internal(err: sqlx::Error) -> Problem {
-    tracing::error!(%err, "register database error");
-    Problem::internal()
-}
-
-/// Personal data must not linger in shared caches.
-pub(crate) fn private(mut resp: Response<Body>) -> Response<Body> {
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
-}
-
 async fn get_person(reg: &Registry, id: &str) -> Answer {
     let mut conn = reg.store.pool().acquire().await.map_err(internal)?;
     match db::load_person(&mut conn, id).await.map_err(internal)? {
@@ -162,30 +149,6 @@ async fn get_records(reg: &Registry, id: &str, kind: &str) -> Answer {
     body.insert("id".to_owned(), Value::String(id.to_owned()));
     body.insert(kind.to_owned(), records);
     Ok(private(json_response(StatusCode::OK, &body)))
-}
-
-/// Query parameters, decoded, each at most once.
-pub(crate) struct Params(Vec<(String, String)>);
-
-impl Params {
-    /// The value of `name`, if given (an empty value counts as not given).
-    pub(crate) fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .filter(|v| !v.is_empty())
-    }
-
-    /// Refuses any parameter not in `allowed`.
-    pub(crate) fn only(&self, allowed: &[&str], hint: &str) -> Result<(), Problem> {
-        match self.0.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
-            Some((k, _)) => Err(Problem::bad_request(format!(
-                "unknown query parameter {k}: {hint}"
-            ))),
-            None => Ok(()),
-        }
-    }
 }
 
 /// `GET /persons`: by document, by names and birth date, or by nationality (paginated).
@@ -410,7 +373,7 @@ async fn search_crossings(reg: &Registry, query: &str) -> Answer {
 /// An RFC 3339 timestamp or a date (midnight UTC), in the stored form.
 fn instant(name: &str, v: &str) -> Result<String, Problem> {
     if let Some(d) = parse_date(v) {
-        return Ok(format!("{}T00:00:00Z", super::synth::iso(d)));
+        return Ok(format!("{}T00:00:00Z", super::dates::iso(d)));
     }
     OffsetDateTime::parse(v, &Rfc3339)
         .map(db::rfc3339)
@@ -425,7 +388,7 @@ fn opt_date(p: &Params, name: &str) -> Result<Option<String>, Problem> {
     match p.get(name) {
         None => Ok(None),
         Some(v) => parse_date(v)
-            .map(|d| Some(super::synth::iso(d)))
+            .map(|d| Some(super::dates::iso(d)))
             .ok_or_else(|| Problem::bad_request(format!("{name} must be a date YYYY-MM-DD"))),
     }
 }
@@ -464,46 +427,6 @@ fn bounded<'a>(name: &str, value: Option<&'a str>) -> Result<&'a str, Problem> {
             "{name} must be 1 to {MAX_TOKEN} characters"
         ))),
     }
-}
-
-/// Decodes `application/x-www-form-urlencoded` pairs; repeats are refused so no value is silently ignored.
-fn parse_query(query: &str) -> Result<Params, Problem> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for part in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').unwrap_or((part, ""));
-        let k = percent_decode(k)?;
-        let v = percent_decode(v)?;
-        if out.iter().any(|(seen, _)| *seen == k) {
-            return Err(Problem::bad_request(format!(
-                "query parameter {k} is given twice"
-            )));
-        }
-        out.push((k, v));
-    }
-    Ok(Params(out))
-}
-
-fn percent_decode(s: &str) -> Result<String, Problem> {
-    let bad = || Problem::bad_request("the query string is not valid percent-encoded UTF-8");
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = s
-                    .get(i + 1..i + 3)
-                    .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
-                    .ok_or_else(bad)?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
-                i += 2;
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| bad())
 }
 
 /// Runs a POST under an optional `Idempotency-Key`, remembered per calling agency and record
@@ -603,7 +526,8 @@ fn replay(stored: db::StoredAnswer, request_hash: &str) -> Answer {
         return Err(write::unprocessable(
             "Idempotency-Key",
             "this key was already used with a different request",
-        ));
+        )
+        .into());
     }
     let status = u16::try_from(stored.status)
         .ok()

@@ -14,10 +14,13 @@
 //! here, after TLS, client, policy and body-size checks; field names in
 //! [`model`] are what the policy files' field paths name.
 
+mod answer;
 mod bench;
+mod dates;
 mod db;
 mod http;
 pub mod model;
+mod names;
 mod statistics;
 pub(crate) mod synth;
 mod update;
@@ -30,8 +33,8 @@ use crate::problem::Body;
 use crate::store::Store;
 
 pub use bench::{bench, BenchOptions, BenchReport, BenchResult, QueryPlan};
+pub use names::{surname_key, to_georgian};
 pub use statistics::MIN_CELL;
-pub use synth::{surname_key, to_georgian};
 
 /// One synthetic person's id that exists after seeding with any seed and at least one person.
 pub const EXAMPLE_PERSON_ID: &str = "RF-0000001";

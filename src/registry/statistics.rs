@@ -34,7 +34,7 @@ use http::StatusCode;
 use serde_json::{json, Map, Value};
 use sqlx::Row;
 
-use super::http::{internal, private, Params};
+use super::answer::{internal, private, Params};
 use super::model;
 use super::Registry;
 use crate::problem::{json_response, Body, Problem};

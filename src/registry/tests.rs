@@ -7,13 +7,15 @@ use serde_json::{json, Value};
 use time::macros::date;
 use time::Date;
 
-use super::synth::{self, parse_date, surname_key, to_georgian};
+use super::dates::parse_date;
+use super::names::{surname_key, to_georgian};
+use super::synth;
 use super::*;
 
 const ANCHOR: Date = date!(2026 - 06 - 15);
 
 async fn sqlite_store(dir: &tempfile::TempDir) -> Store {
-    Store::connect(&format!("sqlite://{}/t.db", dir.path().display()))
+    Store::connect_registry(&format!("sqlite://{}/t.db", dir.path().display()))
         .await
         .unwrap()
 }

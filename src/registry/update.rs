@@ -8,9 +8,9 @@ use ::http::{Response, StatusCode};
 use serde_json::{json, Map, Value};
 use time::{Date, OffsetDateTime};
 
-use super::http::internal;
-use super::synth::{iso, parse_date};
-use super::write::unprocessable;
+use super::answer::internal;
+use super::dates::{iso, parse_date};
+use super::write::{unprocessable, Invalid};
 use super::Registry;
 use crate::problem::{json_response, Body, Problem};
 
@@ -24,14 +24,14 @@ fn object(body: &[u8]) -> Result<Map<String, Value>, Problem> {
     }
 }
 
-fn only(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), Problem> {
+fn only(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), Invalid> {
     match map.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(unprocessable(k, "unknown field")),
         None => Ok(()),
     }
 }
 
-fn text<'a>(map: &'a Map<String, Value>, field: &str) -> Result<&'a str, Problem> {
+fn text<'a>(map: &'a Map<String, Value>, field: &str) -> Result<&'a str, Invalid> {
     map.get(field)
         .and_then(Value::as_str)
         .ok_or_else(|| unprocessable(field, "is required (a string)"))
@@ -51,15 +51,12 @@ pub(crate) async fn decide_asylum(
     only(&map, &["status", "decision_on"])?;
     let status = text(&map, "status")?;
     if !DECISIONS.contains(&status) {
-        return Err(unprocessable(
-            "status",
-            "must be one of granted, refused, withdrawn",
-        ));
+        return Err(unprocessable("status", "must be one of granted, refused, withdrawn").into());
     }
     let decided = parse_date(text(&map, "decision_on")?)
         .ok_or_else(|| unprocessable("decision_on", "must be a date YYYY-MM-DD"))?;
     if decided > OffsetDateTime::now_utc().date() {
-        return Err(unprocessable("decision_on", "must not lie in the future"));
+        return Err(unprocessable("decision_on", "must not lie in the future").into());
     }
     let mut conn = reg.store.pool().acquire().await.map_err(internal)?;
     let row: Option<(String, String, String, String)> = sqlx::query_as(
@@ -77,10 +74,7 @@ pub(crate) async fn decide_asylum(
     }
     let applied: Option<Date> = parse_date(&applied_on);
     if applied.is_some_and(|a| decided < a) {
-        return Err(unprocessable(
-            "decision_on",
-            "must not be before applied_on",
-        ));
+        return Err(unprocessable("decision_on", "must not be before applied_on").into());
     }
     // The status guard makes a concurrent second decision lose instead of overwrite.
     let done = sqlx::query(
@@ -114,7 +108,7 @@ pub(crate) async fn assign_personal_number(
     only(&map, &["personal_number"])?;
     let number = text(&map, "personal_number")?;
     if number.len() != 11 || !number.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(unprocessable("personal_number", "must be 11 digits"));
+        return Err(unprocessable("personal_number", "must be 11 digits").into());
     }
     let mut conn = reg.store.pool().acquire().await.map_err(internal)?;
     let current: Option<(Option<String>,)> =

@@ -13,13 +13,15 @@ use sqlx::AnyConnection;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
 
+use super::answer::internal;
+use super::dates::{iso, parse_date};
 use super::db;
 use super::model::{
     self, AsylumCase, BirthPlace, Crossing, Document, Employer, EntryBan, Names, Person,
     ResidencePermit, Visa, WorkPermit, ASYLUM_STATUSES, BAN_REASONS, CROSSING_POINTS, DIRECTIONS,
     DOCUMENT_KINDS, PERMIT_STATUSES, RESIDENCE_PERMIT_TYPES, SEXES, VISA_ENTRIES,
 };
-use super::synth::{iso, parse_date, to_georgian};
+use super::names::to_georgian;
 use crate::problem::Problem;
 use crate::store::Backend;
 
@@ -89,23 +91,39 @@ pub(crate) enum NewRecord {
     EntryBan(EntryBan),
 }
 
-/// 422 naming the field first, as every write refusal does.
-pub(crate) fn unprocessable(field: &str, why: &str) -> Problem {
-    Problem::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid-field",
-        "Invalid field",
-        format!("{field}: {why}"),
-    )
+/// A write the register refuses: which field, and why. Answered as 422
+/// `invalid-field` with the detail `field: why`, naming the field first, as
+/// every write refusal does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {why}")]
+pub(crate) struct Invalid {
+    /// The field, as the caller named it (`documents[0].number`).
+    pub field: String,
+    /// What is wrong with it.
+    pub why: String,
 }
 
-fn internal(err: sqlx::Error) -> Problem {
-    tracing::error!(%err, "register database error");
-    Problem::internal()
+impl From<Invalid> for Problem {
+    fn from(e: Invalid) -> Problem {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-field",
+            "Invalid field",
+            e.to_string(),
+        )
+    }
+}
+
+/// The refusal of `field` because it `why`.
+pub(crate) fn unprocessable(field: &str, why: &str) -> Invalid {
+    Invalid {
+        field: field.to_owned(),
+        why: why.to_owned(),
+    }
 }
 
 /// Validates a body on its own and builds the record, with a fresh id.
-pub(crate) fn parse(kind: Kind, map: &Map<String, Value>) -> Result<NewRecord, Problem> {
+pub(crate) fn parse(kind: Kind, map: &Map<String, Value>) -> Result<NewRecord, Invalid> {
     let today = OffsetDateTime::now_utc().date();
     match kind {
         Kind::Person => parse_person(map, today).map(|p| NewRecord::Person(Box::new(p))),
@@ -134,7 +152,7 @@ impl<'a> Fields<'a> {
         map: &'a Map<String, Value>,
         allowed: &[&str],
         prefix: &'static str,
-    ) -> Result<Self, Problem> {
+    ) -> Result<Self, Invalid> {
         if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(unprocessable(&format!("{prefix}{k}"), "unknown field"));
         }
@@ -145,7 +163,7 @@ impl<'a> Fields<'a> {
         format!("{}{field}", self.prefix)
     }
 
-    fn opt_text(&self, field: &str, max: usize) -> Result<Option<String>, Problem> {
+    fn opt_text(&self, field: &str, max: usize) -> Result<Option<String>, Invalid> {
         match self.map.get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= max => {
@@ -166,13 +184,13 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn text(&self, field: &str, max: usize) -> Result<String, Problem> {
+    fn text(&self, field: &str, max: usize) -> Result<String, Invalid> {
         self.opt_text(field, max)?
             .ok_or_else(|| unprocessable(&self.name(field), "is required"))
     }
 
     /// An identifier or number: letters, digits and hyphens.
-    fn code(&self, field: &str) -> Result<String, Problem> {
+    fn code(&self, field: &str) -> Result<String, Invalid> {
         let v = self.text(field, MAX_TOKEN)?;
         if v.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
             Ok(v)
@@ -184,28 +202,28 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn one_of(&self, field: &str, allowed: &[&str]) -> Result<String, Problem> {
+    fn one_of(&self, field: &str, allowed: &[&str]) -> Result<String, Invalid> {
         let v = self.text(field, MAX_TOKEN)?;
         check_one_of(&self.name(field), v, allowed)
     }
 
-    fn opt_one_of(&self, field: &str, allowed: &[&str]) -> Result<Option<String>, Problem> {
+    fn opt_one_of(&self, field: &str, allowed: &[&str]) -> Result<Option<String>, Invalid> {
         self.opt_text(field, MAX_TOKEN)?
             .map(|v| check_one_of(&self.name(field), v, allowed))
             .transpose()
     }
 
-    fn country(&self, field: &str) -> Result<String, Problem> {
+    fn country(&self, field: &str) -> Result<String, Invalid> {
         let v = self.text(field, MAX_TOKEN)?;
         check_country(&self.name(field), v)
     }
 
-    fn date(&self, field: &str) -> Result<Date, Problem> {
+    fn date(&self, field: &str) -> Result<Date, Invalid> {
         let v = self.text(field, MAX_TOKEN)?;
         parse_date(&v).ok_or_else(|| unprocessable(&self.name(field), "must be a date YYYY-MM-DD"))
     }
 
-    fn opt_date(&self, field: &str) -> Result<Option<Date>, Problem> {
+    fn opt_date(&self, field: &str) -> Result<Option<Date>, Invalid> {
         match self.opt_text(field, MAX_TOKEN)? {
             None => Ok(None),
             Some(v) => parse_date(&v)
@@ -214,7 +232,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn bool(&self, field: &str, default: bool) -> Result<bool, Problem> {
+    fn bool(&self, field: &str, default: bool) -> Result<bool, Invalid> {
         match self.map.get(field) {
             None | Some(Value::Null) => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
@@ -222,7 +240,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn object(&self, field: &str) -> Result<&'a Map<String, Value>, Problem> {
+    fn object(&self, field: &str) -> Result<&'a Map<String, Value>, Invalid> {
         match self.map.get(field) {
             Some(Value::Object(m)) => Ok(m),
             None | Some(Value::Null) => Err(unprocessable(&self.name(field), "is required")),
@@ -231,7 +249,7 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn check_one_of(field: &str, v: String, allowed: &[&str]) -> Result<String, Problem> {
+fn check_one_of(field: &str, v: String, allowed: &[&str]) -> Result<String, Invalid> {
     if allowed.contains(&v.as_str()) {
         Ok(v)
     } else {
@@ -242,7 +260,7 @@ fn check_one_of(field: &str, v: String, allowed: &[&str]) -> Result<String, Prob
     }
 }
 
-fn check_country(field: &str, v: String) -> Result<String, Problem> {
+fn check_country(field: &str, v: String) -> Result<String, Invalid> {
     if model::is_country(&v) {
         Ok(v)
     } else {
@@ -253,21 +271,21 @@ fn check_country(field: &str, v: String) -> Result<String, Problem> {
     }
 }
 
-fn in_order(from: Date, until: Date, field: &str, after: &str) -> Result<(), Problem> {
+fn in_order(from: Date, until: Date, field: &str, after: &str) -> Result<(), Invalid> {
     if until <= from {
         return Err(unprocessable(field, &format!("must be after {after}")));
     }
     Ok(())
 }
 
-fn not_future(d: Date, today: Date, field: &str) -> Result<(), Problem> {
+fn not_future(d: Date, today: Date, field: &str) -> Result<(), Invalid> {
     if d > today {
         return Err(unprocessable(field, "lies in the future"));
     }
     Ok(())
 }
 
-fn parse_person(map: &Map<String, Value>, today: Date) -> Result<Person, Problem> {
+fn parse_person(map: &Map<String, Value>, today: Date) -> Result<Person, Invalid> {
     let f = Fields::new(
         map,
         &[
@@ -301,7 +319,7 @@ fn parse_person(map: &Map<String, Value>, today: Date) -> Result<Person, Problem
     let given_names_ka = n
         .opt_text("given_names_ka", MAX_TEXT)?
         .unwrap_or_else(|| to_georgian(&given_names));
-    if super::synth::surname_key(&surname).is_empty() {
+    if super::names::surname_key(&surname).is_empty() {
         return Err(unprocessable("names.surname", "must contain letters"));
     }
     let sex = f.one_of("sex", &SEXES)?;
@@ -377,7 +395,7 @@ fn parse_person(map: &Map<String, Value>, today: Date) -> Result<Person, Problem
     })
 }
 
-fn parse_document(map: &Map<String, Value>, today: Date) -> Result<Document, Problem> {
+fn parse_document(map: &Map<String, Value>, today: Date) -> Result<Document, Invalid> {
     let f = Fields::new(
         map,
         &[
@@ -415,7 +433,7 @@ fn parse_document(map: &Map<String, Value>, today: Date) -> Result<Document, Pro
     })
 }
 
-fn parse_visa(map: &Map<String, Value>) -> Result<Visa, Problem> {
+fn parse_visa(map: &Map<String, Value>) -> Result<Visa, Invalid> {
     let f = Fields::new(
         map,
         &[
@@ -456,7 +474,7 @@ fn parse_visa(map: &Map<String, Value>) -> Result<Visa, Problem> {
     })
 }
 
-fn parse_permit(map: &Map<String, Value>, today: Date) -> Result<ResidencePermit, Problem> {
+fn parse_permit(map: &Map<String, Value>, today: Date) -> Result<ResidencePermit, Invalid> {
     let f = Fields::new(
         map,
         &[
@@ -496,7 +514,7 @@ fn parse_permit(map: &Map<String, Value>, today: Date) -> Result<ResidencePermit
     })
 }
 
-fn parse_work(map: &Map<String, Value>) -> Result<WorkPermit, Problem> {
+fn parse_work(map: &Map<String, Value>) -> Result<WorkPermit, Invalid> {
     let f = Fields::new(
         map,
         &[
@@ -532,7 +550,7 @@ fn parse_work(map: &Map<String, Value>) -> Result<WorkPermit, Problem> {
     })
 }
 
-fn parse_crossing(map: &Map<String, Value>) -> Result<Crossing, Problem> {
+fn parse_crossing(map: &Map<String, Value>) -> Result<Crossing, Invalid> {
     let f = Fields::new(
         map,
         &["person_id", "direction", "point", "at", "document_number"],
@@ -558,7 +576,7 @@ fn parse_crossing(map: &Map<String, Value>) -> Result<Crossing, Problem> {
     })
 }
 
-fn parse_asylum(map: &Map<String, Value>, today: Date) -> Result<AsylumCase, Problem> {
+fn parse_asylum(map: &Map<String, Value>, today: Date) -> Result<AsylumCase, Invalid> {
     let f = Fields::new(
         map,
         &[
@@ -607,7 +625,7 @@ fn parse_asylum(map: &Map<String, Value>, today: Date) -> Result<AsylumCase, Pro
     })
 }
 
-fn parse_ban(map: &Map<String, Value>) -> Result<EntryBan, Problem> {
+fn parse_ban(map: &Map<String, Value>) -> Result<EntryBan, Invalid> {
     let f = Fields::new(
         map,
         &[
@@ -686,7 +704,7 @@ impl NewRecord {
         let after_birth = |d: &str, field: &str| -> Result<(), Problem> {
             match parse_date(d) {
                 Some(d) if d > birth => Ok(()),
-                _ => Err(unprocessable(field, "lies before the person's birth")),
+                _ => Err(unprocessable(field, "lies before the person's birth").into()),
             }
         };
         match self {
@@ -709,7 +727,8 @@ impl NewRecord {
                     Err(unprocessable(
                         "valid_from",
                         "no document of the person is valid on this day",
-                    ))
+                    )
+                    .into())
                 }
             }
             NewRecord::Crossing(c) => check_crossing(conn, c).await,
@@ -779,7 +798,8 @@ async fn check_crossing(conn: &mut AnyConnection, c: &Crossing) -> Result<(), Pr
         return Err(unprocessable(
             "document_number",
             "the document is not valid on the day of the crossing",
-        ));
+        )
+        .into());
     }
     if c.direction != "entry" {
         return Ok(());
@@ -792,7 +812,8 @@ async fn check_crossing(conn: &mut AnyConnection, c: &Crossing) -> Result<(), Pr
         return Err(unprocessable(
             "person_id",
             &format!("an entry ban is in force until {}", b.valid_until),
-        ));
+        )
+        .into());
     }
     if let Some(expelled) = bans
         .iter()
@@ -810,7 +831,8 @@ async fn check_crossing(conn: &mut AnyConnection, c: &Crossing) -> Result<(), Pr
             return Err(unprocessable(
                 "person_id",
                 "expelled earlier: an entry needs a visa issued after the expulsion",
-            ));
+            )
+            .into());
         }
     }
     Ok(())

@@ -454,6 +454,31 @@ impl Client {
     }
 }
 
+/// The synthetic person every seeded register holds.
+pub const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;
+
+/// The gateway path of person `id` in the built-in register.
+pub fn person_path(id: &str) -> String {
+    format!("/v1/registry/persons/{id}")
+}
+
+impl TestGateway {
+    /// The audit record with id `id`; panics naming it if there is none.
+    pub async fn record(&self, id: &str) -> karibche::audit::Record {
+        karibche::audit::query(&self.running.store, &karibche::audit::Filter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|r| r.entry.id == id)
+            .unwrap_or_else(|| panic!("no audit record {id}"))
+    }
+
+    /// The audit record carrying the request id of `reply`.
+    pub async fn record_of(&self, reply: &Reply) -> karibche::audit::Record {
+        self.record(&reply.request_id()).await
+    }
+}
+
 /// Polls `check` until it holds or `within` passes.
 pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + within;
@@ -1053,7 +1078,7 @@ impl Drop for Tmpfs {
 
 /// A `karibche serve` process of the real binary, killed (SIGKILL) when dropped.
 pub struct ServeProcess {
-    pub child: std::process::Child,
+    pub child: KillOnDrop,
     pub gateway: SocketAddr,
     pub admin: SocketAddr,
 }
@@ -1061,13 +1086,6 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// SIGKILL, then reap: no shutdown path runs.
     pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -1095,11 +1113,33 @@ impl Spawned {
 /// repository's policies, 100 synthetic persons and `args` (e.g. `--node`, `--database-url`);
 /// returns once it is ready (it printed its banner) or has exited.
 pub fn spawn_serve(data: &Path, args: &[&str]) -> Spawned {
+    spawn_serve_with(data, &repo_policies(), None, args)
+}
+
+/// [`spawn_serve`] with the policies in `policies`, under `umask` when given (through
+/// `sh -c 'umask …; exec karibche …'`): the one way tests start the real binary.
+pub fn spawn_serve_with(
+    data: &Path,
+    policies: &Path,
+    umask: Option<&str>,
+    args: &[&str],
+) -> Spawned {
     use std::io::{BufRead, BufReader, Read};
     use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_karibche"))
+    let bin = env!("CARGO_BIN_EXE_karibche");
+    let mut command = match umask {
+        Some(mask) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("umask {mask}; exec \"$0\" \"$@\""))
+                .arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let child = command
         .args(["--data-dir", data.to_str().unwrap()])
-        .args(["--policies", repo_policies().to_str().unwrap()])
+        .args(["--policies", policies.to_str().unwrap()])
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen"])
         .args(["127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
         .args(["--seed-persons", "100"])
@@ -1109,6 +1149,7 @@ pub fn spawn_serve(data: &Path, args: &[&str]) -> Spawned {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(child);
     // Standard error is drained on a thread so the child never blocks on a full pipe.
     let mut stderr = child.stderr.take().unwrap();
     let errors = std::thread::spawn(move || {
@@ -1266,10 +1307,10 @@ pub async fn geostat_persons(gw: &TestGateway, nationality: &str) -> Vec<serde_j
     panic!("pagination does not end")
 }
 
-/// Starts the real binary on ephemeral ports (under `umask` when given, through
-/// `sh -c 'umask …; exec karibche …'`); returns it and the gateway address once ready.
-/// The child is killed and reaped when the guard drops, so a failing test never
-/// leaves a gateway behind holding the test harness's output pipe.
+/// Starts the real binary (under `umask` when given, see [`spawn_serve_with`]); returns
+/// it and the gateway address once ready. The child is killed and reaped when the guard
+/// drops, so a failing test never leaves a gateway behind holding the test harness's
+/// output pipe.
 pub fn spawn_gateway(data: &Path, umask: Option<&str>) -> (KillOnDrop, SocketAddr) {
     spawn_gateway_with(data, umask, &repo_policies())
 }
@@ -1280,92 +1321,29 @@ pub fn spawn_gateway_with(
     umask: Option<&str>,
     policies: &Path,
 ) -> (KillOnDrop, SocketAddr) {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let bin = env!("CARGO_BIN_EXE_karibche");
-    let args: Vec<String> = [
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--policies",
-        policies.to_str().unwrap(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--registry-listen",
-        "127.0.0.1:0",
-        "--seed-persons",
-        "100",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let mut command = match umask {
-        Some(mask) => {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(format!("umask {mask}; exec \"$0\" \"$@\""))
-                .arg(bin)
-                .args(&args);
-            c
-        }
-        None => {
-            let mut c = Command::new(bin);
-            c.args(&args);
-            c
-        }
-    };
-    let mut child = KillOnDrop(
-        command
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gateway did not become ready"
-        );
-        let line = lines.next().expect("gateway exited before ready").unwrap();
-        if let Some(rest) = line.trim().strip_prefix("gateway") {
-            let addr = rest
-                .trim()
-                .trim_start_matches("https://")
-                .split('/')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-            // Keep draining stdout so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return (child, addr);
-        }
-    }
+    let p = spawn_serve_with(data, policies, umask, &[]).ready();
+    (p.child, p.gateway)
 }
 
 /// A copy of the repository's policy directory under `dir`, to edit in a test.
 pub fn copy_policies(dir: &Path) -> PathBuf {
-    fn copy(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                copy(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), target).unwrap();
-            }
+    let to = dir.join("policies");
+    copy_dir(&repo_policies(), &to);
+    to
+}
+
+/// Copies the directory tree `from` to `to` (created).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
         }
     }
-    let to = dir.join("policies");
-    copy(&repo_policies(), &to);
-    to
 }
 
 /// A child process that is killed (SIGKILL) and reaped when dropped, even on panic.

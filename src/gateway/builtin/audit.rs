@@ -37,13 +37,60 @@
 use bytes::Bytes;
 use http::{header, HeaderMap, StatusCode};
 
-use crate::audit::report::{subject_report_with, NameKind, ReportOptions};
-use crate::audit::{AuditError, AuditLog, Entry, Filter};
-use crate::minimise::FieldSet;
-use crate::policy::{Policy, Upstream};
+use super::{Builtin, Call, Serving};
+use crate::audit::report::{subject_report_with, NameKind, ReportOptions, LOG_BUILTIN};
+use crate::audit::{Attempt, AuditError, AuditLog, Filter};
+use crate::gateway::exchange::Exchange;
+use crate::gateway::refusal::Refusal;
+use crate::gateway::release::minimise;
+use crate::gateway::release::Answer;
+use crate::policy::{FieldSet, Policy, Upstream};
 
-/// The built-in provider name: `upstream = "builtin:audit"`.
-pub const BUILTIN: &str = "audit";
+/// The auditors' API, `builtin:audit`.
+pub struct AuditApi;
+
+impl Builtin for AuditApi {
+    fn name(&self) -> &'static str {
+        LOG_BUILTIN
+    }
+
+    fn serve<'a>(
+        &'a self,
+        call: Call<'a>,
+        exchange: &'a mut Exchange,
+        _ahead: &'a mut Option<Attempt>,
+    ) -> Serving<'a> {
+        Box::pin(async move {
+            let officer = call.officer;
+            let asker = Asker {
+                agency: call.agency,
+                purpose: &officer.purpose,
+            };
+            let ask = Ask {
+                service: call.route.service,
+                rest: call.route.rest,
+                query: call.parts.uri.query(),
+            };
+            let served = serve(
+                &call.gateway.audit,
+                call.policy,
+                asker,
+                ask,
+                &call.parts.headers,
+                &call.allow.fields,
+                exchange,
+            )
+            .await
+            .map_err(|e| Refusal::audit_api(&e))?;
+            exchange.released_body(&served.body);
+            Ok(Answer {
+                status: served.status,
+                body: served.body,
+                content_type: served.content_type,
+            })
+        })
+    }
+}
 /// The purpose under which an audit grant reaches every agency's records.
 pub const SUPERVISION: &str = "supervision";
 /// Records returned when the request names no `limit`.
@@ -53,12 +100,7 @@ pub const MAX_LIMIT: i64 = 10_000;
 
 /// Whether `provider` is the audit log itself (served in-process).
 pub fn is_builtin(policy: &Policy, provider: &str) -> bool {
-    matches!(policy.provider(provider).map(|p| &p.upstream), Some(Upstream::Builtin(n)) if n == BUILTIN)
-}
-
-/// Hex SHA-256 of a released body: the record's `response_digest`.
-pub fn digest(body: &[u8]) -> String {
-    crate::files::sha256_hex(body)
+    matches!(policy.provider(provider).map(|p| &p.upstream), Some(Upstream::Builtin(n)) if n == LOG_BUILTIN)
 }
 
 /// Who asks, as the pipeline established it.
@@ -110,69 +152,7 @@ pub enum ApiError {
     Audit(#[from] AuditError),
 }
 
-impl ApiError {
-    /// The HTTP status of the refusal.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::OutOfScope => StatusCode::FORBIDDEN,
-            ApiError::Audit(e) => e.status(),
-        }
-    }
-
-    /// Problem type slug.
-    pub fn slug(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest(_) | ApiError::Audit(AuditError::InvalidFilter(_)) => {
-                "bad-request"
-            }
-            ApiError::NotFound => "not-found",
-            ApiError::OutOfScope => "access-denied",
-            ApiError::Audit(e) if e.status() == StatusCode::SERVICE_UNAVAILABLE => {
-                "audit-unavailable"
-            }
-            ApiError::Audit(_) => "internal",
-        }
-    }
-
-    /// Problem title.
-    pub fn title(&self) -> &'static str {
-        match self.status() {
-            StatusCode::BAD_REQUEST => "Bad request",
-            StatusCode::NOT_FOUND => "Not found",
-            StatusCode::FORBIDDEN => "Forbidden",
-            StatusCode::SERVICE_UNAVAILABLE => "Service unavailable",
-            _ => "Internal error",
-        }
-    }
-
-    /// Reason code for the audit record.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest(_) | ApiError::Audit(AuditError::InvalidFilter(_)) => "bad_query",
-            ApiError::NotFound => "unknown_route",
-            ApiError::OutOfScope => "audit_scope",
-            ApiError::Audit(_) => "audit_read_failed",
-        }
-    }
-
-    /// Detail safe to show the caller.
-    pub fn detail(&self) -> String {
-        match self {
-            ApiError::Audit(AuditError::InvalidFilter(m)) => m.clone(),
-            ApiError::Audit(_) => "the audit log could not be read".to_owned(),
-            other => other.to_string(),
-        }
-    }
-
-    /// Whether the gateway's own checks refused it (as opposed to a failure).
-    pub fn denied(&self) -> bool {
-        !matches!(self, ApiError::Audit(_))
-    }
-}
-
-/// Answers one request of the auditors' API, filling in the request's audit entry.
+/// Answers one request of the auditors' API, recording what it names and releases on the exchange.
 ///
 /// `fields` are the grant's fields: each record (or the report) is minimised
 /// to them, like a provider's answer.
@@ -183,7 +163,7 @@ pub async fn serve(
     ask: Ask<'_>,
     headers: &HeaderMap,
     fields: &FieldSet,
-    entry: &mut Entry,
+    exchange: &mut Exchange,
 ) -> Result<Served, ApiError> {
     if !ask.rest.is_empty() {
         return Err(ApiError::NotFound);
@@ -203,9 +183,11 @@ pub async fn serve(
         None => None,
     };
     let subject = get("subject");
-    entry.subjects.extend(subject.iter().cloned());
-    if subject.is_some() && holds_restricted_grants(policy, asker.agency) {
-        entry.restricted = true;
+    if let Some(s) = &subject {
+        exchange.subject(s);
+        if holds_restricted_grants(policy, asker.agency) {
+            exchange.restrict();
+        }
     }
     match ask.service {
         "records" => {
@@ -257,7 +239,7 @@ pub async fn serve(
                     continue;
                 }
                 let mut value = serde_json::to_value(record).map_err(AuditError::Json)?;
-                let r = crate::minimise::apply(&mut value, fields, None, "subjects");
+                let r = minimise::apply(&mut value, fields, None, "subjects");
                 released.extend(r.fields);
                 if hides {
                     withhold_subjects(&mut value);
@@ -274,7 +256,7 @@ pub async fn serve(
             }
             released.sort_unstable();
             released.dedup();
-            entry.fields = released;
+            exchange.released_fields(released);
             Ok(Served {
                 status: StatusCode::OK,
                 body: Bytes::from(body),
@@ -301,7 +283,7 @@ pub async fn serve(
             };
             let report = subject_report_with(audit.store(), &subject, &options, &name_of).await?;
             let mut value = serde_json::to_value(&report).map_err(AuditError::Json)?;
-            entry.fields = crate::minimise::apply(&mut value, fields, None, "subject").fields;
+            exchange.released_fields(minimise::apply(&mut value, fields, None, "subject").fields);
             Ok(Served {
                 status: StatusCode::OK,
                 body: Bytes::from(serde_json::to_vec(&value).map_err(AuditError::Json)?),
@@ -418,6 +400,6 @@ mod tests {
         assert!(parse_query("a=%zz").is_err());
         assert!(parse_query("a=%e2%82").is_err());
         assert!(allow_only(&p, &["subject", "since"]).is_err());
-        assert_eq!(digest(b"abc").len(), 64);
+        assert_eq!(crate::gateway::exchange::digest(b"abc").len(), 64);
     }
 }

@@ -17,142 +17,26 @@
 //! the next request on, on every replica.
 //!
 //! Agencies record the consents they collected through the gateway
-//! (`POST /v1/consents`, `POST /v1/consents/{id}/revoke`, see [`ApiRoute`]),
+//! (`POST /v1/consents`, `POST /v1/consents/{id}/revoke`, served by
+//! `crate::gateway::builtin::consents`),
 //! authorised by a grant on the gateway's own service `gateway/consents`;
 //! administrators use `karibche consent grant|revoke|list`.
 
-use serde::Serialize;
-use serde_json::{Map, Value};
-use time::format_description::well_known::Rfc3339;
-use time::macros::format_description;
-use time::{Date, OffsetDateTime};
+mod record;
+mod store;
 
-use crate::audit::{Attempt, AuditError, AuditLog, Entry};
+use time::OffsetDateTime;
+
+use crate::audit::{Attempt, AuditLog, Entry};
 use crate::store::Store;
+pub(crate) use record::{format_date, is_plain_id};
+pub use record::{parse_day, parse_grant, parse_instant, Consent, ConsentError, NewConsent};
+pub use store::ConsentStore;
 
 /// The provider id under which policy grants authorise recording consents.
 pub const API_PROVIDER: &str = "gateway";
 /// The service id under which policy grants authorise recording consents.
 pub const API_SERVICE: &str = "consents";
-
-/// Longest accepted subject id, purpose, agency or scope entry.
-const MAX_ID: usize = 64;
-/// Longest accepted evidence reference.
-const MAX_EVIDENCE: usize = 128;
-/// Most scope entries on one consent.
-const MAX_SCOPE: usize = 32;
-/// How far in the future `given_at` may lie (clock skew between agencies).
-const GIVEN_AT_SKEW: time::Duration = time::Duration::minutes(5);
-
-/// A stored consent record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Consent {
-    /// UUID v7 text, assigned when recorded; cited as `consent_ref` in audit records.
-    pub id: String,
-    /// The data subject's register id.
-    pub subject: String,
-    /// The agency the consent was given to.
-    pub agency: String,
-    /// The purpose consented to (a code from the purpose vocabulary).
-    pub purpose: String,
-    /// The `provider/service` entries covered; empty covers every service.
-    pub scope: Vec<String>,
-    /// When the person gave the consent (RFC 3339 UTC).
-    pub given_at: String,
-    /// The last day (UTC, inclusive) the consent holds; `None` until revoked.
-    pub valid_until: Option<String>,
-    /// Reference to the evidence, e.g. the signed form's number.
-    pub evidence_ref: Option<String>,
-    /// When the gateway recorded it (RFC 3339 UTC).
-    pub recorded_at: String,
-    /// Who recorded it: `agency/officer`, or `cli:<node>` for an administrator.
-    pub recorded_by: String,
-    /// When it was revoked, if it was.
-    pub revoked_at: Option<String>,
-}
-
-impl Consent {
-    /// Whether the consent holds on `today` for this `provider/service` (not revoked, not expired, in scope).
-    pub fn holds(&self, today: Date, service: &str) -> bool {
-        self.revoked_at.is_none()
-            && self
-                .valid_until
-                .as_deref()
-                .and_then(parse_date)
-                .is_none_or(|until| today <= until)
-            && self.covers(service)
-    }
-
-    /// Whether the scope covers `provider/service`.
-    pub fn covers(&self, service: &str) -> bool {
-        self.scope.is_empty() || self.scope.iter().any(|s| s == service)
-    }
-}
-
-/// A consent to record.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NewConsent {
-    /// The data subject's register id.
-    pub subject: String,
-    /// The agency the consent is given to.
-    pub agency: String,
-    /// The purpose consented to.
-    pub purpose: String,
-    /// `provider/service` entries covered; empty covers every service.
-    pub scope: Vec<String>,
-    /// When the person gave it; default now.
-    pub given_at: Option<OffsetDateTime>,
-    /// Last day it holds (UTC, inclusive); default until revoked.
-    pub valid_until: Option<Date>,
-    /// Evidence reference (form number, file reference).
-    pub evidence_ref: Option<String>,
-}
-
-impl NewConsent {
-    /// Checks every member; the first problem names its field.
-    pub fn validate(&self, now: OffsetDateTime) -> Result<(), ConsentError> {
-        if !is_plain_id(&self.subject) {
-            return Err(invalid(
-                "subject",
-                "must be a register id: 1 to 64 letters, digits, '-' or '_'",
-            ));
-        }
-        if !is_plain_id(&self.agency) {
-            return Err(invalid("agency", "must be an agency id"));
-        }
-        if !is_plain_id(&self.purpose) {
-            return Err(invalid("purpose", "must be a purpose code"));
-        }
-        if self.scope.len() > MAX_SCOPE {
-            return Err(invalid("scope", "lists too many services"));
-        }
-        for s in &self.scope {
-            let ok = s
-                .split_once('/')
-                .is_some_and(|(p, sv)| is_plain_id(p) && is_plain_id(sv));
-            if !ok {
-                return Err(invalid("scope", "entries must be \"provider/service\""));
-            }
-        }
-        let given = self.given_at.unwrap_or(now);
-        if given > now + GIVEN_AT_SKEW {
-            return Err(invalid("given_at", "lies in the future"));
-        }
-        if self.valid_until.is_some_and(|u| u < given.date()) {
-            return Err(invalid("valid_until", "is before given_at"));
-        }
-        if let Some(e) = &self.evidence_ref {
-            let printable = e.chars().all(|c| !c.is_control());
-            if e.trim().is_empty() || e.chars().count() > MAX_EVIDENCE || !printable {
-                return Err(invalid(
-                    "evidence_ref",
-                    "must be 1 to 128 printable characters",
-                ));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// Who changes a consent; copied into the audit event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -171,274 +55,6 @@ pub struct Actor {
     pub request_id: Option<String>,
     /// The policy version in force.
     pub policy_version: String,
-}
-
-/// Why a consent operation failed; each variant knows its status and problem type.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConsentError {
-    /// A member of the consent is missing or malformed.
-    #[error("{field}: {message}")]
-    Invalid {
-        /// The member.
-        field: String,
-        /// What is wrong, safe to show.
-        message: String,
-    },
-    /// No such consent (or not one the caller's agency recorded).
-    #[error("no such consent")]
-    NotFound,
-    /// The consent was revoked before.
-    #[error("the consent is already revoked")]
-    AlreadyRevoked,
-    /// The database failed.
-    #[error("consent store: {0}")]
-    Database(#[from] sqlx::Error),
-    /// The attempt record could not be committed; nothing was changed.
-    #[error("audit log: {0}")]
-    Audit(#[from] AuditError),
-    /// The change was made, but its outcome record could not be committed (the
-    /// attempt stays in the log with an unknown outcome).
-    #[error("consent changed, outcome not recorded: {0}")]
-    OutcomeNotRecorded(AuditError),
-}
-
-impl ConsentError {
-    /// The HTTP status a caller receives.
-    pub fn status(&self) -> http::StatusCode {
-        use http::StatusCode as S;
-        match self {
-            ConsentError::Invalid { .. } => S::UNPROCESSABLE_ENTITY,
-            ConsentError::NotFound => S::NOT_FOUND,
-            ConsentError::AlreadyRevoked => S::CONFLICT,
-            ConsentError::Database(_)
-            | ConsentError::Audit(_)
-            | ConsentError::OutcomeNotRecorded(_) => S::SERVICE_UNAVAILABLE,
-        }
-    }
-
-    /// The problem `type` slug.
-    pub fn slug(&self) -> &'static str {
-        match self {
-            ConsentError::Invalid { .. } => "invalid-consent",
-            ConsentError::NotFound => "consent-not-found",
-            ConsentError::AlreadyRevoked => "consent-revoked",
-            ConsentError::Database(_) => "consent-store-unavailable",
-            ConsentError::Audit(_) | ConsentError::OutcomeNotRecorded(_) => "audit-unavailable",
-        }
-    }
-
-    /// Snake-case reason for the audit record.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ConsentError::Invalid { .. } => "consent_invalid",
-            ConsentError::NotFound => "consent_not_found",
-            ConsentError::AlreadyRevoked => "consent_already_revoked",
-            ConsentError::Database(_) => "consent_store_unavailable",
-            ConsentError::Audit(_) | ConsentError::OutcomeNotRecorded(_) => "audit_unavailable",
-        }
-    }
-
-    /// A sentence safe to show the caller (database and audit details stay in the logs).
-    pub fn detail(&self) -> String {
-        match self {
-            ConsentError::Database(_) => "consent records cannot be read or written now".into(),
-            ConsentError::Audit(_) => {
-                "the access log cannot be written; the consent was not changed".into()
-            }
-            ConsentError::OutcomeNotRecorded(_) => {
-                "the consent was changed, but the access log cannot record the outcome".into()
-            }
-            other => other.to_string(),
-        }
-    }
-}
-
-fn invalid(field: &str, message: &str) -> ConsentError {
-    ConsentError::Invalid {
-        field: field.to_owned(),
-        message: message.to_owned(),
-    }
-}
-
-/// Register ids, agency ids and purpose codes: 1 to 64 of `[A-Za-z0-9_-]`.
-fn is_plain_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_ID
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-fn parse_date(s: &str) -> Option<Date> {
-    Date::parse(s, format_description!("[year]-[month]-[day]")).ok()
-}
-
-fn format_date(d: Date) -> String {
-    d.format(format_description!("[year]-[month]-[day]"))
-        .unwrap_or_else(|_| d.to_string())
-}
-
-/// `YYYY-MM-DD` (midnight UTC) or an RFC 3339 timestamp.
-pub fn parse_instant(s: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(s, &Rfc3339)
-        .ok()
-        .or_else(|| parse_date(s).map(|d| d.midnight().assume_utc()))
-}
-
-/// `YYYY-MM-DD`, for `valid_until`.
-pub fn parse_day(s: &str) -> Option<Date> {
-    parse_date(s)
-}
-
-// ---- the store -------------------------------------------------------------------------
-
-#[derive(sqlx::FromRow)]
-struct Row {
-    id: String,
-    subject: String,
-    agency: String,
-    purpose: String,
-    scope: Option<String>,
-    given_at: String,
-    valid_until: Option<String>,
-    evidence_ref: Option<String>,
-    recorded_at: String,
-    recorded_by: String,
-    revoked_at: Option<String>,
-}
-
-impl From<Row> for Consent {
-    fn from(r: Row) -> Consent {
-        Consent {
-            id: r.id,
-            subject: r.subject,
-            agency: r.agency,
-            purpose: r.purpose,
-            scope: r
-                .scope
-                .map(|s| s.split_whitespace().map(str::to_owned).collect())
-                .unwrap_or_default(),
-            given_at: r.given_at,
-            valid_until: r.valid_until,
-            evidence_ref: r.evidence_ref,
-            recorded_at: r.recorded_at,
-            recorded_by: r.recorded_by,
-            revoked_at: r.revoked_at,
-        }
-    }
-}
-
-const COLUMNS: &str = "id, subject, agency, purpose, scope, given_at, valid_until, evidence_ref, \
-                       recorded_at, recorded_by, revoked_at";
-
-/// Consent records in the database; cheap to clone. Changes go through [`Consents`], which audits them.
-#[derive(Debug, Clone)]
-pub struct ConsentStore {
-    store: Store,
-}
-
-impl ConsentStore {
-    /// Consent records in `store` (migrated by [`Store::connect`]).
-    pub fn new(store: Store) -> Self {
-        ConsentStore { store }
-    }
-
-    /// Writes a new consent, durably or not at all (`crate::store::WriteTx`).
-    async fn insert(&self, c: &Consent) -> Result<(), sqlx::Error> {
-        let scope = (!c.scope.is_empty()).then(|| c.scope.join(" "));
-        let mut tx = self.store.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO consents (id, subject, agency, purpose, scope, given_at, valid_until, \
-             evidence_ref, recorded_at, recorded_by, revoked_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL)",
-        )
-        .bind(&c.id)
-        .bind(&c.subject)
-        .bind(&c.agency)
-        .bind(&c.purpose)
-        .bind(scope)
-        .bind(&c.given_at)
-        .bind(c.valid_until.as_deref())
-        .bind(c.evidence_ref.as_deref())
-        .bind(&c.recorded_at)
-        .bind(&c.recorded_by)
-        .execute(tx.conn())
-        .await?;
-        tx.commit().await
-    }
-
-    /// The consent with this id.
-    pub async fn get(&self, id: &str) -> Result<Option<Consent>, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM consents WHERE id = $1");
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(self.store.pool())
-            .await?;
-        Ok(row.map(Consent::from))
-    }
-
-    /// Every consent (of one subject, if given), oldest first.
-    pub async fn list(&self, subject: Option<&str>) -> Result<Vec<Consent>, sqlx::Error> {
-        let rows: Vec<Row> = match subject {
-            Some(s) => {
-                let sql = format!(
-                    "SELECT {COLUMNS} FROM consents WHERE subject = $1 ORDER BY recorded_at, id"
-                );
-                sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                    .bind(s)
-                    .fetch_all(self.store.pool())
-                    .await?
-            }
-            None => {
-                let sql = format!("SELECT {COLUMNS} FROM consents ORDER BY recorded_at, id");
-                sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                    .fetch_all(self.store.pool())
-                    .await?
-            }
-        };
-        Ok(rows.into_iter().map(Consent::from).collect())
-    }
-
-    /// The newest consent holding today for subject × agency × purpose on `provider/service`.
-    pub async fn find_valid(
-        &self,
-        subject: &str,
-        agency: &str,
-        purpose: &str,
-        service: &str,
-        today: Date,
-    ) -> Result<Option<Consent>, sqlx::Error> {
-        // ISO dates compare as text, so expiry is filtered in SQL; scope in Rust.
-        let sql = format!(
-            "SELECT {COLUMNS} FROM consents WHERE subject = $1 AND agency = $2 AND purpose = $3 \
-             AND revoked_at IS NULL AND (valid_until IS NULL OR valid_until >= $4) \
-             ORDER BY recorded_at DESC, id DESC"
-        );
-        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(subject)
-            .bind(agency)
-            .bind(purpose)
-            .bind(format_date(today))
-            .fetch_all(self.store.pool())
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(Consent::from)
-            .find(|c| c.holds(today, service)))
-    }
-
-    /// Sets `revoked_at` if not yet set; false when it was already revoked or does not exist.
-    async fn set_revoked(&self, id: &str, at: &str) -> Result<bool, sqlx::Error> {
-        let mut tx = self.store.begin_write().await?;
-        let done =
-            sqlx::query("UPDATE consents SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
-                .bind(id)
-                .bind(at)
-                .execute(tx.conn())
-                .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() == 1)
-    }
 }
 
 // ---- audited changes -------------------------------------------------------------------
@@ -648,11 +264,11 @@ fn event(by: &Actor, action: &str, c: &Consent, reason: String) -> Entry {
         token_id: by.token_id.clone(),
         provider: Some(API_PROVIDER.to_owned()),
         service: Some(API_SERVICE.to_owned()),
-        operation: Some(action.to_owned()),
+        operation: Some(crate::audit::Operation::Event(action.to_owned())),
         method: "EVENT".to_owned(),
         path: action.to_owned(),
         subjects: vec![c.subject.clone()],
-        decision: "allow".to_owned(),
+        decision: crate::audit::Decision::Allow,
         reason: Some(reason),
         status: 0,
         policy_version: by.policy_version.clone(),
@@ -662,109 +278,6 @@ fn event(by: &Actor, action: &str, c: &Consent, reason: String) -> Entry {
         written,
         ..Entry::default()
     }
-}
-
-// ---- the agencies' API -----------------------------------------------------------------
-
-/// A request to the consent API, recognised before the provider route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApiRoute<'a> {
-    /// `POST /v1/consents`: record a consent.
-    Grant,
-    /// `POST /v1/consents/{id}/revoke`: revoke one.
-    Revoke(&'a str),
-}
-
-/// Recognises `/v1/consents` and `/v1/consents/{id}/revoke` (also under `/v1/gateway/consents`).
-/// Any other path below `/v1/consents` is `Some(Err(()))`: answered 404, never forwarded.
-pub fn api_route(path: &str) -> Option<Result<ApiRoute<'_>, ()>> {
-    let rest = path
-        .strip_prefix("/v1/consents")
-        .or_else(|| path.strip_prefix("/v1/gateway/consents"))?;
-    if rest.is_empty() || rest == "/" {
-        return Some(Ok(ApiRoute::Grant));
-    }
-    let rest = rest.strip_prefix('/')?;
-    Some(match rest.split('/').collect::<Vec<_>>().as_slice() {
-        [id, "revoke"] if is_plain_id(id) => Ok(ApiRoute::Revoke(id)),
-        _ => Err(()),
-    })
-}
-
-/// Reads a `POST /v1/consents` body; the consent is for the caller's `agency` and the token's `purpose`.
-///
-/// `agency` and `purpose` in the body are optional; when present they must
-/// equal the caller's, since an agency records only the consents given to it,
-/// for the purpose its officer states.
-pub fn parse_grant(body: &[u8], agency: &str, purpose: &str) -> Result<NewConsent, ConsentError> {
-    let map = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(m)) => m,
-        _ => return Err(invalid("body", "must be a JSON object")),
-    };
-    const KNOWN: [&str; 7] = [
-        "subject",
-        "agency",
-        "purpose",
-        "scope",
-        "given_at",
-        "valid_until",
-        "evidence_ref",
-    ];
-    if let Some(k) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(invalid(k, "unknown field"));
-    }
-    let text = |m: &Map<String, Value>, name: &str| -> Result<Option<String>, ConsentError> {
-        match m.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(invalid(name, "must be a string")),
-        }
-    };
-    let subject = text(&map, "subject")?.ok_or_else(|| invalid("subject", "is required"))?;
-    if text(&map, "agency")?.is_some_and(|a| a != agency) {
-        return Err(invalid(
-            "agency",
-            "an agency records only consents given to itself",
-        ));
-    }
-    if text(&map, "purpose")?.is_some_and(|p| p != purpose) {
-        return Err(invalid(
-            "purpose",
-            "must be the purpose stated in the token",
-        ));
-    }
-    let scope = match map.get("scope") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| invalid("scope", "must be a list of \"provider/service\" strings"))?,
-        Some(_) => {
-            return Err(invalid(
-                "scope",
-                "must be a list of \"provider/service\" strings",
-            ))
-        }
-    };
-    let given_at = text(&map, "given_at")?
-        .map(|s| {
-            parse_instant(&s)
-                .ok_or_else(|| invalid("given_at", "must be a date YYYY-MM-DD or an RFC 3339 time"))
-        })
-        .transpose()?;
-    let valid_until = text(&map, "valid_until")?
-        .map(|s| parse_day(&s).ok_or_else(|| invalid("valid_until", "must be a date YYYY-MM-DD")))
-        .transpose()?;
-    Ok(NewConsent {
-        subject,
-        agency: agency.to_owned(),
-        purpose: purpose.to_owned(),
-        scope,
-        given_at,
-        valid_until,
-        evidence_ref: text(&map, "evidence_ref")?,
-    })
 }
 
 #[cfg(test)]
@@ -1029,20 +542,6 @@ mod tests {
             }),
             "evidence_ref"
         );
-    }
-
-    #[test]
-    fn api_routes() {
-        assert_eq!(api_route("/v1/consents"), Some(Ok(ApiRoute::Grant)));
-        assert_eq!(api_route("/v1/gateway/consents"), Some(Ok(ApiRoute::Grant)));
-        assert_eq!(
-            api_route("/v1/consents/abc-1/revoke"),
-            Some(Ok(ApiRoute::Revoke("abc-1")))
-        );
-        assert_eq!(api_route("/v1/consents/abc-1"), Some(Err(())));
-        assert_eq!(api_route("/v1/consents/a/b/revoke"), Some(Err(())));
-        assert_eq!(api_route("/v1/registry/persons/X"), None);
-        assert_eq!(api_route("/v1/consentsX"), None);
     }
 
     #[test]

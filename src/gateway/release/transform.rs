@@ -16,81 +16,18 @@
 use std::path::Path;
 
 use aws_lc_rs::hmac;
-use serde::Deserialize;
 use serde_json::Value;
 use time::{Date, Month};
 
-/// A transform a grant may apply to a released field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Transform {
-    /// Keyed hash, stable per agency and key period.
-    Pseudonymise,
-    /// Dates and times reduced to the year.
-    YearOnly,
-    /// Birth dates replaced by an age band.
-    AgeBand,
-}
-
-impl Transform {
-    /// The name used in policy files.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Transform::Pseudonymise => "pseudonymise",
-            Transform::YearOnly => "year_only",
-            Transform::AgeBand => "age_band",
-        }
-    }
-}
-
-/// The transforms of one grant: field path segments → transform.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Transforms(Vec<(Vec<String>, Transform)>);
-
-impl Transforms {
-    /// From dotted paths.
-    pub fn new<S: AsRef<str>>(pairs: impl IntoIterator<Item = (S, Transform)>) -> Self {
-        Transforms(
-            pairs
-                .into_iter()
-                .map(|(p, t)| {
-                    (
-                        p.as_ref()
-                            .split('.')
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_owned)
-                            .collect(),
-                        t,
-                    )
-                })
-                .collect(),
-        )
-    }
-
-    /// Whether there is nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Whether any field is released only as a pseudonym: such a grant must not
-    /// serve lookups that name a person (src/pseudonymity.rs).
-    pub fn pseudonymises(&self) -> bool {
-        self.0.iter().any(|(_, t)| *t == Transform::Pseudonymise)
-    }
-
-    /// The (dotted path, transform) pairs.
-    pub fn pairs(&self) -> impl Iterator<Item = (String, Transform)> + '_ {
-        self.0.iter().map(|(p, t)| (p.join("."), *t))
-    }
-}
+use crate::policy::{Transform, Transforms};
 
 /// The gateway's pseudonymisation key for the current period, and the
-/// cursor key derived from the same secret (src/cursor.rs): both keep what an
+/// cursor key derived from the same secret (`super::cursor`): both keep what an
 /// agency receives from being linked back to a register id.
 pub struct Pseudonymiser {
     key: hmac::Key,
     period: String,
-    cursors: crate::cursor::CursorKey,
+    cursors: crate::gateway::release::cursor::CursorKey,
 }
 
 impl std::fmt::Debug for Pseudonymiser {
@@ -112,7 +49,7 @@ impl Pseudonymiser {
         Pseudonymiser {
             key: hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()),
             period: period.to_owned(),
-            cursors: crate::cursor::CursorKey::derive(secret),
+            cursors: crate::gateway::release::cursor::CursorKey::derive(secret),
         }
     }
 
@@ -134,7 +71,7 @@ impl Pseudonymiser {
     }
 
     /// The key that seals pagination cursors.
-    pub fn cursors(&self) -> &crate::cursor::CursorKey {
+    pub fn cursors(&self) -> &crate::gateway::release::cursor::CursorKey {
         &self.cursors
     }
 

@@ -3,7 +3,7 @@
 //! Paths default to the development files under the data directory
 //! (`var/pki/…`, `var/keys/`), addresses to the configured listeners. With
 //! `--check-audit` the command checks, node by node, that every 2xx answer
-//! has its committed 2xx record (see [`super::audit`]), and fails otherwise.
+//! has its committed 2xx record (see [`crate::bench::audit`]), and fails otherwise.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use super::{BenchOptions, Mix, Mode, Protocol, Target};
+use crate::bench::{BenchOptions, Mix, Mode, Protocol, Target};
 use crate::config::Config;
 
 /// `karibche bench` options.
@@ -145,7 +145,7 @@ impl BenchArgs {
 }
 
 /// Runs `karibche bench`: prints the report; exit 1 when `--check-audit` finds a 2xx without its record.
-pub async fn command(config: &Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(config: &Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let mut opts = args.options(config);
     opts.keep_request_ids = args.check_audit;
     let store = if args.check_audit {
@@ -159,10 +159,10 @@ pub async fn command(config: &Config, args: &BenchArgs) -> anyhow::Result<ExitCo
         None
     };
     let before = match &store {
-        Some(s) => Some(super::audit::counts(s).await?),
+        Some(s) => Some(crate::bench::audit::counts(s).await?),
         None => None,
     };
-    let report = super::run(&opts)
+    let report = crate::bench::run(&opts)
         .await
         .with_context(|| format!("{} against {}", opts.label(), opts.addr))?;
     let mut out = std::io::stdout().lock();
@@ -170,7 +170,8 @@ pub async fn command(config: &Config, args: &BenchArgs) -> anyhow::Result<ExitCo
     let mut code = ExitCode::SUCCESS;
     if let (Some(store), Some(before)) = (&store, before) {
         let answered = report.ok() + report.setup_ok;
-        let check = super::audit::check(store, &before, &report.request_ids, answered).await?;
+        let check =
+            crate::bench::audit::check(store, &before, &report.request_ids, answered).await?;
         write!(out, "{check}")?;
         if !check.ok() {
             code = ExitCode::FAILURE;

@@ -29,7 +29,7 @@ pub const CURSOR_TTL_SECS: u64 = 24 * 60 * 60;
 /// Longest provider position the gateway seals (bytes).
 pub const MAX_POSITION: usize = 1024;
 /// The query parameter that carries a cursor back.
-pub const PARAM: &str = "cursor";
+pub const PARAM: &str = crate::policy::CURSOR_PARAM;
 
 const VERSION: u8 = 1;
 const LABEL: &[u8] = b"karibche-cursor-v1";

@@ -12,16 +12,16 @@
 //!   selecting by released attributes (`pseudonymous_query`); `cursor` and
 //!   `fields` are the gateway's own. Anything else is refused (403) and
 //!   recorded, before the provider is asked.
-//! - **Pagination cursors.** Sealed for every provider (src/cursor.rs).
+//! - **Pagination cursors.** Sealed for every provider (`crate::gateway::release::cursor`).
 //! - **The agency's own audit views.** The audit record of a pseudonymised
 //!   read names the real subjects (the data subject's report and the
 //!   supervisory authority need them); the agency's own view of it withholds
-//!   them, and a subject filter does not match it (src/audit_api.rs).
+//!   them, and a subject filter does not match it (`crate::gateway::builtin::audit`).
 
 use crate::policy::Service;
 
 /// Query parameters the gateway handles itself and any grant may send.
-const GATEWAY_PARAMS: [&str; 2] = [crate::cursor::PARAM, "fields"];
+const GATEWAY_PARAMS: [&str; 2] = [crate::policy::CURSOR_PARAM, crate::policy::FIELDS_PARAM];
 
 /// A lookup a pseudonymising grant does not serve.
 #[derive(Debug, Clone, PartialEq, Eq)]

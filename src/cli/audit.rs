@@ -1,0 +1,363 @@
+//! `karibche audit …`: verify, query, export, archive and report on the access
+//! log, from the database or from an export file, offline.
+//!
+//! `verify` keeps exit codes a script can rely on: 0 intact, 1 tampered,
+//! 2 could not check.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::config::Config;
+use crate::policy::Policy;
+
+/// Filters shared by `audit query` and `audit export`.
+#[derive(Debug, Args, Clone)]
+pub struct FilterArgs {
+    /// Records naming this data subject (register id).
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// Records of this agency.
+    #[arg(long)]
+    pub agency: Option<String>,
+    /// Records of this officer.
+    #[arg(long)]
+    pub officer: Option<String>,
+    /// Records for this provider.
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Records for this service (of any provider, unless --provider is given too).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Records stating this purpose.
+    #[arg(long)]
+    pub purpose: Option<String>,
+    /// allow or deny.
+    #[arg(long)]
+    pub decision: Option<String>,
+    /// At or after this time (RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Before this time (RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Records of this gateway node.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Only requests whose shadow decision (shadow = true grants) differs from the enforced one.
+    #[arg(long)]
+    pub shadow_diff: bool,
+    /// At most this many records.
+    #[arg(long)]
+    pub limit: Option<i64>,
+}
+
+impl FilterArgs {
+    fn to_filter(&self) -> crate::audit::Filter {
+        crate::audit::Filter {
+            subject: self.subject.clone(),
+            agency: self.agency.clone(),
+            officer: self.officer.clone(),
+            provider: self.provider.clone(),
+            service: self.service.clone(),
+            purpose: self.purpose.clone(),
+            decision: self.decision.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+            node: self.node.clone(),
+            shadow_diff: self.shadow_diff,
+            limit: self.limit,
+            hide_restricted_since: None,
+        }
+    }
+}
+
+/// `karibche audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute every node's hash chain. Exit 0: intact; 1: tampered; 2: could not check.
+    Verify {
+        /// Only this node's chain.
+        #[arg(long)]
+        node: Option<String>,
+        /// Start at this sequence number (its prev_hash is taken as given).
+        #[arg(long, value_name = "SEQ", conflicts_with = "file")]
+        from: Option<i64>,
+        /// Trusted audit public key (hex, as printed by `audit pubkey`): every checkpoint must carry its signature.
+        #[arg(long, value_name = "HEX")]
+        pubkey: Option<String>,
+        /// Verify an export (JSON lines from `audit export`) offline instead of the database.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// With --file: the checkpoints exported beside it (`audit export --checkpoints`).
+        #[arg(long, value_name = "FILE", requires = "file")]
+        checkpoints: Option<PathBuf>,
+    },
+    /// A data subject's access report: who asked for the person's record, when, why, and what they got.
+    Report {
+        /// The person's register id.
+        #[arg(long)]
+        subject: String,
+        /// Plain words, or JSON for a portal.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
+    },
+    /// Print this node's audit public key (hex Ed25519), for offline verification.
+    Pubkey,
+    /// Benchmark the group-commit writer against one transaction per record (on a scratch database).
+    Bench {
+        /// Records per configuration.
+        #[arg(long, default_value_t = 20_000)]
+        records: usize,
+        /// Concurrent callers.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Scratch database [default: a temporary SQLite file]; never your real audit database.
+        #[arg(long, value_name = "URL")]
+        scratch_url: Option<String>,
+    },
+    /// List matching records: a table for people, or JSON lines for tools.
+    Query {
+        /// Filters.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = QueryFormat::Table)]
+        format: QueryFormat,
+    },
+    /// Move records older than a time to an archive file (JSON lines + checkpoints) and out of the database.
+    Archive {
+        /// Archive every node's records before this time (RFC 3339).
+        #[arg(long, value_name = "RFC3339")]
+        before: String,
+        /// The archive file (created; FILE.checkpoints is written beside it).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Write matching records as JSON lines.
+    Export {
+        /// Filters.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Output file [default: standard output].
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Also write the signed checkpoints, as JSON lines, to this file (for `audit verify --file`).
+        #[arg(long, value_name = "FILE")]
+        checkpoints: Option<PathBuf>,
+    },
+}
+
+/// Output of `audit query`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum QueryFormat {
+    /// Aligned columns, for people.
+    Table,
+    /// One JSON record per line (the export format), for tools.
+    Jsonl,
+}
+
+/// Output of `audit report`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReportFormat {
+    /// Plain words.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// Runs `karibche audit …`.
+pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode> {
+    if let AuditCommand::Bench {
+        records,
+        concurrency,
+        scratch_url,
+    } = cmd
+    {
+        let dir = crate::files::ScratchDir::new()?;
+        let url = scratch_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}/bench.db", dir.path().display()));
+        let store = crate::store::Store::connect(&url).await?;
+        outln!("audit writer benchmark on {url}");
+        let report = crate::audit::bench::bench(&store, *records, *concurrency).await?;
+        out!("{report}");
+        store.close().await;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let AuditCommand::Verify {
+        file,
+        checkpoints,
+        pubkey,
+        node,
+        from,
+    } = cmd
+    {
+        // Exit codes a script can rely on: 0 intact, 1 tampered, 2 could not check.
+        let outcome = match file {
+            Some(file) => verify_file(file, checkpoints.as_ref(), pubkey.as_deref()),
+            None => verify_database(config, node.as_deref(), pubkey.as_deref(), *from).await,
+        };
+        return Ok(match outcome {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(err) if super::is_broken_pipe(&err) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("karibche: could not verify the audit log: {err:#}");
+                ExitCode::from(2)
+            }
+        });
+    }
+    let store = crate::store::Store::connect(&config.database_url()).await?;
+    let code = match cmd {
+        AuditCommand::Bench { .. } | AuditCommand::Verify { .. } => ExitCode::SUCCESS,
+        AuditCommand::Archive { before, out } => {
+            let path = config.audit_key_path();
+            let key = if path.exists() {
+                Some(crate::audit::AuditKey::load_or_create(&path)?)
+            } else {
+                None
+            };
+            let signer = key.as_ref().map(|k| (config.node.as_str(), k));
+            let report = crate::audit::archive::archive(&store, before, out, signer).await?;
+            out!("{report}");
+            if report.archived.is_empty() {
+                outln!("nothing archived");
+            }
+            ExitCode::SUCCESS
+        }
+        AuditCommand::Report { subject, format } => {
+            // Names come from the policy in force; without it the report shows ids.
+            let policy = Policy::load(&config.policies_dir).ok();
+            let name_of = |kind: crate::audit::report::NameKind, id: &str| {
+                let p = policy.as_ref()?;
+                match kind {
+                    crate::audit::report::NameKind::Agency => p.agency(id).map(|a| a.name.clone()),
+                    crate::audit::report::NameKind::Purpose => {
+                        p.purpose(id).map(|x| x.title.clone())
+                    }
+                }
+            };
+            let mut options = crate::audit::report::ReportOptions {
+                restricted_delay: config.audit.restricted_report_delay,
+                ..Default::default()
+            };
+            if let Some(p) = &policy {
+                options.log_providers = crate::gateway::builtin::audit::log_providers(p);
+            }
+            let report =
+                crate::audit::report::subject_report_with(&store, subject, &options, &name_of)
+                    .await?;
+            match format {
+                ReportFormat::Text => out!("{report}"),
+                ReportFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            ExitCode::SUCCESS
+        }
+        AuditCommand::Pubkey => {
+            let path = config.audit_key_path();
+            if !path.exists() {
+                bail!(
+                    "no audit key at {} yet: start the gateway once (or set audit.key)",
+                    path.display()
+                );
+            }
+            let key = crate::audit::AuditKey::load_or_create(&path)?;
+            outln!("{}", key.public_hex());
+            ExitCode::SUCCESS
+        }
+        AuditCommand::Query { filter, format } => {
+            let records = crate::audit::query(&store, &filter.to_filter()).await?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            match format {
+                QueryFormat::Table => {
+                    crate::audit::query::write_table(&records, &mut out)?;
+                    writeln!(out, "{} record(s)", records.len())?;
+                }
+                QueryFormat::Jsonl => {
+                    for r in &records {
+                        crate::audit::query::write_json_line(&mut out, r)?;
+                    }
+                }
+            }
+            out.flush()?;
+            ExitCode::SUCCESS
+        }
+        AuditCommand::Export {
+            filter,
+            output,
+            checkpoints,
+        } => {
+            if let Some(path) = checkpoints {
+                let file = crate::files::create_private(path)
+                    .with_context(|| format!("cannot create {}", path.display()))?;
+                let mut w = std::io::BufWriter::new(file);
+                let n = crate::audit::offline::export_checkpoints(
+                    &store,
+                    filter.node.as_deref(),
+                    &mut w,
+                )
+                .await?;
+                eprintln!("exported {n} checkpoint(s) to {}", path.display());
+            }
+            let n = match output {
+                Some(path) => {
+                    let file = crate::files::create_private(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    let mut w = std::io::BufWriter::new(file);
+                    let n = crate::audit::export(&store, &filter.to_filter(), &mut w).await?;
+                    w.flush()?;
+                    n
+                }
+                None => {
+                    let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+                    let n = crate::audit::export(&store, &filter.to_filter(), &mut w).await?;
+                    w.flush()?;
+                    n
+                }
+            };
+            eprintln!("exported {n} record(s)");
+            ExitCode::SUCCESS
+        }
+    };
+    store.close().await;
+    Ok(code)
+}
+
+/// `audit verify --file`: an export or archive, offline. `Ok(intact)`, or why it could not be checked.
+fn verify_file(
+    file: &std::path::Path,
+    checkpoints: Option<&PathBuf>,
+    pubkey: Option<&str>,
+) -> anyhow::Result<bool> {
+    let open = |p: &std::path::Path| {
+        std::fs::File::open(p)
+            .map(std::io::BufReader::new)
+            .with_context(|| format!("cannot read {}", p.display()))
+    };
+    let cps = checkpoints.map(|p| open(p)).transpose()?;
+    let report = crate::audit::offline::verify_export(open(file)?, cps, pubkey)?;
+    out!("{report}");
+    Ok(report.intact())
+}
+
+/// `audit verify` against the database. `Ok(intact)`, or why it could not be checked.
+async fn verify_database(
+    config: &Config,
+    node: Option<&str>,
+    pubkey: Option<&str>,
+    from: Option<i64>,
+) -> anyhow::Result<bool> {
+    let store = crate::store::Store::connect(&config.database_url()).await?;
+    let report = crate::audit::verify_from(&store, node, pubkey, from).await;
+    store.close().await;
+    let report = report?;
+    out!("{report}");
+    if report.nodes.is_empty() {
+        outln!("no audit records");
+    }
+    Ok(report.intact())
+}

@@ -1,0 +1,21 @@
+//! limit: the officer's, the grant's and the agency's quota (`crate::limits`),
+//! checked once the policy has allowed the request; a used-up quota is a 429
+//! with `Retry-After` and the `RateLimit` headers.
+
+use crate::gateway::refusal::Refusal;
+use crate::gateway::route::Route;
+use crate::gateway::Gateway;
+
+impl Gateway {
+    /// limit: takes one request from each quota the request falls under, or refuses it.
+    pub(crate) fn limit(
+        &self,
+        agency: &str,
+        officer: &str,
+        route: &Route<'_>,
+    ) -> Result<(), Refusal> {
+        self.rate
+            .check(agency, officer, route.provider, route.service)
+            .map_err(|e| Refusal::rate_limited(&e))
+    }
+}

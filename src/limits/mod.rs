@@ -1,0 +1,495 @@
+//! Rate limits: every agency, every officer and, optionally, every grant gets
+//! its share of the gateway.
+//!
+//! Quotas live in `policies/limits.toml` ([`quota`], [`LimitSet::load`]): a
+//! rate and a burst (GCRA, governor's limiters) per agency and per officer,
+//! defaults plus per-agency overrides, and optional per-grant quotas keyed by
+//! agency, provider and service, each problem reported at its
+//! `file:line:column`. [`Limits`] holds the limiter state; a reload
+//! ([`Limits::reload`]) builds a new table but keeps the state of every
+//! limiter whose quota did not change, so a reload never hands out a fresh
+//! burst. Keyed limiters forget idle keys in [`Limits::forget_idle`], which
+//! the server calls periodically, so memory stays bounded however many
+//! officers pass.
+//!
+//! Several replicas share a quota by configuration: each enforces
+//! `rate / replicas` with `ceil(burst / replicas)`.
+//!
+//! Over the limit a request gets 429 with `Retry-After`, `RateLimit-Policy`
+//! and `RateLimit` ([`Exceeded::headers`]). What the audit log keeps of a
+//! flood of 429s is the audit's business ([`crate::audit::sampling`]); the
+//! sampler is only held here, beside the limiters whose refusals it samples.
+//!
+//! [`ConnectionCaps`] ([`connections`]) bounds the connections one agency
+//! holds open at once.
+
+pub mod connections;
+pub mod quota;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use governor::clock::{Clock, MonotonicClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use http::{HeaderName, HeaderValue};
+
+pub use connections::{ConnectionCaps, ConnectionSlot};
+pub use quota::{AgencyRates, LimitError, LimitErrors, LimitSet, Rate, LIMITS_FILE};
+
+use crate::audit::sampling::RefusalLog;
+
+/// The reason code of a request refused by a quota (audit log and metrics).
+pub const RATE_LIMITED: &str = "rate_limited";
+
+// ---- limiter state -----------------------------------------------------------------------
+
+/// Which quota refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The agency's quota, shared by all its officers.
+    Agency,
+    /// One officer's quota.
+    Officer,
+    /// The quota of one grant (agency × provider × service).
+    Grant,
+}
+
+impl Scope {
+    /// The policy name shown in the `RateLimit` headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Agency => "agency",
+            Scope::Officer => "officer",
+            Scope::Grant => "grant",
+        }
+    }
+}
+
+/// A request over a quota: what the caller is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exceeded {
+    /// The quota that refused.
+    pub scope: Scope,
+    /// Its burst: requests admitted within `window`.
+    pub burst: u32,
+    /// The time that burst takes to refill.
+    pub window: Duration,
+    /// When the next request may pass.
+    pub retry_after: Duration,
+}
+
+impl Exceeded {
+    fn new<P: governor::clock::Reference>(
+        scope: Scope,
+        quota: Quota,
+        not_until: &governor::NotUntil<P>,
+        now: P,
+    ) -> Exceeded {
+        Exceeded {
+            scope,
+            burst: quota.burst_size().get(),
+            window: quota.burst_size_replenished_in(),
+            retry_after: not_until.wait_time_from(now),
+        }
+    }
+
+    /// Whole seconds until the next request may pass (at least 1).
+    pub fn retry_after_secs(&self) -> u64 {
+        ceil_secs(self.retry_after)
+    }
+
+    /// `Retry-After`, `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        let t = self.retry_after_secs();
+        let name = self.scope.as_str();
+        let policy = format!("\"{name}\";q={};w={}", self.burst, ceil_secs(self.window));
+        let current = format!("\"{name}\";r=0;t={t}");
+        [
+            (http::header::RETRY_AFTER, t.to_string()),
+            (HeaderName::from_static("ratelimit-policy"), policy),
+            (HeaderName::from_static("ratelimit"), current),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| HeaderValue::from_str(&v).ok().map(|v| (k, v)))
+        .collect()
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    s.max(1)
+}
+
+// The standard monotonic clock rather than governor's default (quanta's TSC
+// clock): quanta calibrates the TSC for up to 200 ms at first use, and a
+// calibration skewed by a busy machine would refill buckets at the wrong pace.
+type Direct = RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<Instant>>;
+type Keyed<K> = RateLimiter<K, DashMapStateStore<K>, MonotonicClock, NoOpMiddleware<Instant>>;
+
+fn direct_limiter(quota: Quota) -> Direct {
+    RateLimiter::direct_with_clock(quota, MonotonicClock)
+}
+
+fn keyed_limiter<K: std::hash::Hash + Eq + Clone>(quota: Quota) -> Keyed<K> {
+    RateLimiter::dashmap_with_clock(quota, MonotonicClock)
+}
+
+/// A limiter and the quota it was built with, so a reload can tell whether to keep it.
+struct Bucket<L> {
+    quota: Quota,
+    limiter: Arc<L>,
+}
+
+impl<L> Bucket<L> {
+    /// The old bucket when its quota is unchanged, so its state survives; a fresh one otherwise.
+    fn reuse(old: Option<&Bucket<L>>, quota: Quota, make: impl FnOnce(Quota) -> L) -> Bucket<L> {
+        let limiter = match old {
+            Some(b) if b.quota == quota => b.limiter.clone(),
+            _ => Arc::new(make(quota)),
+        };
+        Bucket { quota, limiter }
+    }
+}
+
+#[derive(Default)]
+struct AgencyBuckets {
+    agency: Option<Bucket<Direct>>,
+    officers: Option<Bucket<Keyed<String>>>,
+}
+
+/// One immutable generation of limiters; a reload swaps in a new one.
+#[derive(Default)]
+struct Table {
+    /// Agencies without an override, keyed by agency id.
+    default_agency: Option<Bucket<Keyed<String>>>,
+    /// Officers of agencies without an officer override, keyed by (agency, officer).
+    default_officer: Option<Bucket<Keyed<(String, String)>>>,
+    agencies: HashMap<String, AgencyBuckets>,
+    /// Keyed by `agency/provider/service` (ids are kebab-case, so `/` cannot occur in them).
+    grants: HashMap<String, Bucket<Direct>>,
+}
+
+fn grant_key(agency: &str, provider: &str, service: &str) -> String {
+    format!("{agency}/{provider}/{service}")
+}
+
+impl Table {
+    fn build(set: &LimitSet, replicas: u32, old: Option<&Table>) -> Table {
+        let q = |r: &Rate| r.quota(replicas);
+        let default_agency = set.agency.map(|r| {
+            Bucket::reuse(
+                old.and_then(|o| o.default_agency.as_ref()),
+                q(&r),
+                keyed_limiter,
+            )
+        });
+        let default_officer = set.officer.map(|r| {
+            Bucket::reuse(
+                old.and_then(|o| o.default_officer.as_ref()),
+                q(&r),
+                keyed_limiter,
+            )
+        });
+        let agencies = set
+            .agencies
+            .iter()
+            .map(|(id, rates)| {
+                let was = old.and_then(|o| o.agencies.get(id));
+                let buckets = AgencyBuckets {
+                    agency: rates.agency.map(|r| {
+                        Bucket::reuse(was.and_then(|w| w.agency.as_ref()), q(&r), direct_limiter)
+                    }),
+                    officers: rates.officer.map(|r| {
+                        Bucket::reuse(was.and_then(|w| w.officers.as_ref()), q(&r), keyed_limiter)
+                    }),
+                };
+                (id.clone(), buckets)
+            })
+            .collect();
+        let grants = set
+            .grants
+            .iter()
+            .map(|((a, p, s), r)| {
+                let key = grant_key(a, p, s);
+                let bucket =
+                    Bucket::reuse(old.and_then(|o| o.grants.get(&key)), q(r), direct_limiter);
+                (key, bucket)
+            })
+            .collect();
+        Table {
+            default_agency,
+            default_officer,
+            agencies,
+            grants,
+        }
+    }
+}
+
+/// The rate limiters of one gateway node.
+pub struct Limits {
+    table: ArcSwap<Table>,
+    replicas: u32,
+    /// Which refusals are written to the audit log one by one.
+    pub refusals: RefusalLog,
+}
+
+impl fmt::Debug for Limits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limits")
+            .field("replicas", &self.replicas)
+            .field("keys", &self.keys())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limits {
+    /// Limiters for `set`, each replica of `replicas` enforcing its share.
+    pub fn new(set: &LimitSet, replicas: u32) -> Limits {
+        Limits {
+            table: ArcSwap::from_pointee(Table::build(set, replicas, None)),
+            replicas: replicas.max(1),
+            refusals: RefusalLog::new(Duration::from_secs(1), 10_000),
+        }
+    }
+
+    /// Swaps in the quotas of `set`; limiters whose quota is unchanged keep their state.
+    pub fn reload(&self, set: &LimitSet) {
+        let old = self.table.load();
+        self.table
+            .store(Arc::new(Table::build(set, self.replicas, Some(&old))));
+    }
+
+    /// Takes one request from the officer's, the grant's and the agency's quota, in that order.
+    ///
+    /// The most specific quota is asked first so that an officer over their own
+    /// quota does not use up the agency's, which the other officers share.
+    pub fn check(
+        &self,
+        agency: &str,
+        officer: &str,
+        provider: &str,
+        service: &str,
+    ) -> Result<(), Exceeded> {
+        let t = self.table.load();
+        let own = t.agencies.get(agency);
+        match own.and_then(|a| a.officers.as_ref()) {
+            Some(b) => keyed(b, &officer.to_owned(), Scope::Officer)?,
+            None => {
+                if let Some(b) = &t.default_officer {
+                    keyed(b, &(agency.to_owned(), officer.to_owned()), Scope::Officer)?;
+                }
+            }
+        }
+        if !t.grants.is_empty() {
+            if let Some(b) = t.grants.get(&grant_key(agency, provider, service)) {
+                direct(b, Scope::Grant)?;
+            }
+        }
+        match own.and_then(|a| a.agency.as_ref()) {
+            Some(b) => direct(b, Scope::Agency)?,
+            None => {
+                if let Some(b) = &t.default_agency {
+                    keyed(b, &agency.to_owned(), Scope::Agency)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the state of keys whose bucket is full again (indistinguishable from new) and frees the memory.
+    pub fn forget_idle(&self) {
+        let t = self.table.load();
+        if let Some(b) = &t.default_agency {
+            b.limiter.retain_recent();
+            b.limiter.shrink_to_fit();
+        }
+        if let Some(b) = &t.default_officer {
+            b.limiter.retain_recent();
+            b.limiter.shrink_to_fit();
+        }
+        for b in t.agencies.values().filter_map(|a| a.officers.as_ref()) {
+            b.limiter.retain_recent();
+            b.limiter.shrink_to_fit();
+        }
+    }
+
+    /// Keys held by the keyed limiters (agencies and officers with recent requests).
+    pub fn keys(&self) -> usize {
+        let t = self.table.load();
+        t.default_agency.as_ref().map_or(0, |b| b.limiter.len())
+            + t.default_officer.as_ref().map_or(0, |b| b.limiter.len())
+            + t.agencies
+                .values()
+                .filter_map(|a| a.officers.as_ref())
+                .map(|b| b.limiter.len())
+                .sum::<usize>()
+    }
+}
+
+fn direct(b: &Bucket<Direct>, scope: Scope) -> Result<(), Exceeded> {
+    b.limiter
+        .check()
+        .map_err(|e| Exceeded::new(scope, b.quota, &e, b.limiter.clock().now()))
+}
+
+fn keyed<K: std::hash::Hash + Eq + Clone>(
+    b: &Bucket<Keyed<K>>,
+    key: &K,
+    scope: Scope,
+) -> Result<(), Exceeded> {
+    b.limiter
+        .check_key(key)
+        .map_err(|e| Exceeded::new(scope, b.quota, &e, b.limiter.clock().now()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::quota::tests::set;
+    use super::*;
+
+    #[test]
+    fn replicas_share_a_quota() {
+        let r = Rate {
+            count: 100,
+            per: Duration::from_secs(1),
+            burst: 7,
+        };
+        let one = r.quota(1);
+        assert_eq!(one.burst_size().get(), 7);
+        assert_eq!(one.replenish_interval(), Duration::from_millis(10));
+        let four = r.quota(4);
+        assert_eq!(four.burst_size().get(), 2, "ceil(7/4)");
+        assert_eq!(four.replenish_interval(), Duration::from_millis(40));
+        assert_eq!(r.quota(100).burst_size().get(), 1);
+    }
+
+    fn allowed(l: &Limits, agency: &str, officer: &str, n: usize) -> Vec<Result<(), Scope>> {
+        (0..n)
+            .map(|_| {
+                l.check(agency, officer, "registry", "persons")
+                    .map_err(|e| e.scope)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn officer_quota_sits_inside_the_agency_quota_and_agencies_are_apart() {
+        let l = Limits::new(
+            &set("[defaults]\nagency = { rate = \"1/h\", burst = 6 }\nofficer = { rate = \"1/h\", burst = 4 }\n"),
+            1,
+        );
+        let a = allowed(&l, "ssg", "o1", 5);
+        assert_eq!(a[..4], [Ok(()), Ok(()), Ok(()), Ok(())]);
+        assert_eq!(a[4], Err(Scope::Officer));
+        // o1's refused request did not use the agency's quota: 2 left for o2.
+        let b = allowed(&l, "ssg", "o2", 3);
+        assert_eq!(b, vec![Ok(()), Ok(()), Err(Scope::Agency)]);
+        // Another agency has its own quota.
+        assert_eq!(allowed(&l, "psda", "o1", 4), vec![Ok(()); 4]);
+    }
+
+    #[test]
+    fn overrides_and_grant_quotas_apply() {
+        let l = Limits::new(
+            &set("[defaults]\nofficer = { rate = \"1/h\", burst = 1 }\n[agencies.mia-border]\nofficer = { rate = \"1/h\", burst = 3 }\n[[grants]]\nagency = \"mfa-consular\"\nprovider = \"registry\"\nservice = \"visas\"\nrate = \"1/h\"\nburst = 1\n"),
+            1,
+        );
+        assert_eq!(allowed(&l, "mia-border", "o", 4)[3], Err(Scope::Officer));
+        assert_eq!(allowed(&l, "ssg", "o", 2)[1], Err(Scope::Officer));
+        assert!(l.check("mfa-consular", "a", "registry", "visas").is_ok());
+        let e = l
+            .check("mfa-consular", "b", "registry", "visas")
+            .unwrap_err();
+        assert_eq!(e.scope, Scope::Grant);
+        assert!(e.retry_after > Duration::from_secs(3500));
+        let headers: BTreeMap<String, String> = e
+            .headers()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        assert_eq!(headers["retry-after"], e.retry_after_secs().to_string());
+        assert_eq!(headers["ratelimit-policy"], "\"grant\";q=1;w=3600");
+        assert_eq!(
+            headers["ratelimit"],
+            format!("\"grant\";r=0;t={}", e.retry_after_secs())
+        );
+    }
+
+    #[test]
+    fn reload_keeps_the_state_of_unchanged_quotas() {
+        let before = "[defaults]\nofficer = { rate = \"1/h\", burst = 2 }\n[agencies.ssg]\nagency = { rate = \"1/h\", burst = 2 }\n[agencies.psda]\nagency = { rate = \"1/h\", burst = 2 }\n";
+        let l = Limits::new(&set(before), 1);
+        for agency in ["ssg", "psda"] {
+            allowed(&l, agency, "a", 1);
+            allowed(&l, agency, "b", 1);
+            assert_eq!(allowed(&l, agency, "c", 1), vec![Err(Scope::Agency)]);
+        }
+        // psda's quota changes, ssg's and the officers' do not.
+        let after = before.replace(
+            "[agencies.psda]\nagency = { rate = \"1/h\", burst = 2 }",
+            "[agencies.psda]\nagency = { rate = \"1/h\", burst = 3 }",
+        );
+        l.reload(&set(&after));
+        assert_eq!(
+            allowed(&l, "ssg", "c", 1),
+            vec![Err(Scope::Agency)],
+            "no fresh burst on reload"
+        );
+        assert_eq!(
+            allowed(&l, "psda", "c", 1),
+            vec![Ok(())],
+            "a changed quota starts afresh"
+        );
+        // c's officer bucket (2) was used by the refused and the admitted request.
+        assert_eq!(
+            allowed(&l, "psda", "c", 1),
+            vec![Err(Scope::Officer)],
+            "officer state kept"
+        );
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten() {
+        let l = Limits::new(
+            &set("[defaults]\nofficer = { rate = \"1000/s\", burst = 1 }\n"),
+            1,
+        );
+        for i in 0..100 {
+            l.check("ssg", &format!("o{i}"), "registry", "persons")
+                .unwrap();
+        }
+        assert_eq!(l.keys(), 100);
+        std::thread::sleep(Duration::from_millis(5));
+        l.forget_idle();
+        assert_eq!(l.keys(), 0);
+    }
+
+    /// `cargo test --lib limits::tests::check_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn check_cost() {
+        let l = Limits::new(
+            &set("[defaults]\nagency = { rate = \"1000000/s\", burst = 1000000 }\nofficer = { rate = \"100000/s\", burst = 100000 }\n"),
+            1,
+        );
+        let officers: Vec<String> = (0..1000).map(|i| format!("officer-{i}")).collect();
+        let n = 1_000_000;
+        let t = Instant::now();
+        for i in 0..n {
+            let _ = l.check("ssg", &officers[i % officers.len()], "registry", "persons");
+        }
+        let per = t.elapsed() / n as u32;
+        println!(
+            "{per:?} per check (officer + agency quota, 1000 officers), {} keys",
+            l.keys()
+        );
+    }
+}
