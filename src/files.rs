@@ -3,7 +3,7 @@
 //! private and atomic.
 //!
 //! Production code reads its certificates, hashes and writes its secrets
-//! through here, never through the development PKI ([`crate::devpki`]),
+//! through here, never through the development PKI (`devpki`),
 //! which only *makes* files.
 //!
 //! Files that hold personal data or keys are created private: `0600`, and

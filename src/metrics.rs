@@ -1,4 +1,4 @@
-//! The process-wide counters operators read at `/metrics` ([`crate::admin`]).
+//! The process-wide counters operators read at `/metrics` (served by the admin endpoint).
 //!
 //! Every room counts here (requests, denials, handshakes, overload bounds,
 //! reloads, certificate expiry) and none needs the admin server to do so:

@@ -64,8 +64,7 @@ pub struct ListenLimits {
     pub per_agency: Option<Arc<ConnectionCaps>>,
 }
 
-/// A receiver that turns true once the system should stop.
-pub type Shutdown = watch::Receiver<bool>;
+pub use crate::reload::Shutdown;
 
 /// Resolves once `rx` is (or turns) true, or its sender is gone.
 async fn stopped(rx: &mut Shutdown) {

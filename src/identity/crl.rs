@@ -4,7 +4,7 @@
 //! The gateway reads every configured CRL at start and again whenever a CRL
 //! file changes (`crate::runtime`'s credential reload); the client verifier
 //! then refuses revoked certificates at the handshake. The development CRL is
-//! written by [`crate::devpki::crl`].
+//! written by the development PKI (`devpki::crl`).
 
 use std::path::Path;
 
