@@ -13,6 +13,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Default `tokens.max_token_bytes`: 8 KiB, far above any honest officer token.
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Default `tokens.cache_capacity`: verified tokens remembered.
+pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+/// Default `audit.max_batch`: records committed in one transaction.
+pub const DEFAULT_AUDIT_MAX_BATCH: usize = 512;
+/// Default `audit.queue`: records waiting for the writer before callers are held back.
+pub const DEFAULT_AUDIT_QUEUE: usize = 8192;
+/// Default `audit.restricted_report_delay`: a year.
+pub const DEFAULT_RESTRICTED_REPORT_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// All settings of one gateway node.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -317,8 +328,8 @@ impl Default for TokenConfig {
         TokenConfig {
             audience: "karibche".to_owned(),
             keys_dir: PathBuf::from("keys"),
-            max_token_bytes: crate::token::DEFAULT_MAX_TOKEN_BYTES,
-            cache_capacity: crate::token::DEFAULT_CACHE_CAPACITY,
+            max_token_bytes: DEFAULT_MAX_TOKEN_BYTES,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
             require_bound_tokens: false,
             leeway: Duration::from_secs(30),
             max_lifetime: Duration::from_secs(15 * 60),
@@ -329,12 +340,12 @@ impl Default for TokenConfig {
 impl Default for AuditSettings {
     fn default() -> Self {
         AuditSettings {
-            max_batch: 512,
-            queue: 8192,
+            max_batch: DEFAULT_AUDIT_MAX_BATCH,
+            queue: DEFAULT_AUDIT_QUEUE,
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(60),
             key: None,
-            restricted_report_delay: crate::audit::DEFAULT_RESTRICTED_REPORT_DELAY,
+            restricted_report_delay: DEFAULT_RESTRICTED_REPORT_DELAY,
         }
     }
 }

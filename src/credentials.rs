@@ -17,13 +17,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 
-use crate::admin::Metrics;
 use crate::audit::event::{self, EventLog};
 use crate::config::Config;
+use crate::identity::tls::{ClientVerification, TlsError};
+use crate::identity::token::{KeyStore, VerifyOptions};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::server::Shutdown;
-use crate::tls::{ClientVerification, TlsError};
-use crate::token::{KeyStore, VerifyOptions};
+use crate::reload::Shutdown;
 
 /// The files the gateway's server TLS configuration is built from.
 #[derive(Debug, Clone)]
@@ -68,11 +68,11 @@ impl GatewayTlsFiles {
     pub fn client_verification(&self) -> Result<ClientVerification, TlsError> {
         let mut cas = Vec::new();
         for p in &self.client_cas {
-            cas.extend(crate::pki::load_certs(p)?);
+            cas.extend(crate::files::load_certs(p)?);
         }
         let mut crls = Vec::new();
         for p in &self.crls {
-            crls.extend(crate::crl::load_crls(p)?);
+            crls.extend(crate::identity::crl::load_crls(p)?);
         }
         Ok(ClientVerification {
             cas,
@@ -84,9 +84,9 @@ impl GatewayTlsFiles {
 
     /// Builds the server configuration from the files as they are now.
     pub fn build(&self) -> Result<ServerConfig, TlsError> {
-        let chain = crate::pki::load_certs(&self.cert)?;
-        let key = crate::pki::load_key(&self.key)?;
-        crate::tls::server_config(chain, key, &self.client_verification()?)
+        let chain = crate::files::load_certs(&self.cert)?;
+        let key = crate::files::load_key(&self.key)?;
+        crate::identity::tls::server_config(chain, key, &self.client_verification()?)
     }
 }
 
@@ -154,7 +154,7 @@ where
 /// Keeps the gateway's server TLS configuration in step with its files; each reload is an audit event.
 pub fn spawn_tls_reloader(
     files: GatewayTlsFiles,
-    target: Arc<crate::tls::ReloadableTls>,
+    target: Arc<crate::identity::tls::ReloadableTls>,
     metrics: Arc<Metrics>,
     config: Arc<Config>,
     interval: Duration,
@@ -177,7 +177,7 @@ pub fn spawn_tls_reloader(
                     event::files_detail("gateway TLS (certificate, CAs, CRLs)", &files.watched()),
                 );
                 target.replace(new);
-                metrics.set_certificates(crate::pki::expiry_gauges(&config));
+                metrics.set_certificates(crate::identity::inventory::expiry_gauges(&config));
                 tracing::info!("TLS configuration reloaded (certificates, CAs, CRLs)");
             }
             Err(err) => {
@@ -207,7 +207,7 @@ pub fn spawn_key_reloader(
         move || {
             agencies()
                 .iter()
-                .flat_map(|a| crate::keys::agency_key_files(&keys_dir, a))
+                .flat_map(|a| crate::identity::keys::agency_key_files(&keys_dir, a))
                 .collect()
         }
     };

@@ -38,20 +38,18 @@ pub mod cli;
 pub mod config;
 pub mod consent;
 pub mod credentials;
-pub mod crl;
+pub mod devpki;
 pub mod files;
 pub mod gateway;
 pub mod identity;
-pub mod keys;
 pub mod limits;
-pub mod pki;
+pub mod metrics;
 pub mod policy;
 pub mod problem;
 pub mod registry;
 pub mod reload;
 pub mod server;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
-pub mod tls;
-pub mod token;

@@ -5,7 +5,7 @@
 //! A reload builds the new [`Policy`] completely (every file parsed and
 //! validated, as `karibche policy check` does), records the reload in the
 //! audit log, and only then swaps the `Arc` the gateway reads: a request
-//! loads the policy once when it starts ([`crate::gateway::Gateway::handle`]),
+//! loads the policy once when it starts (`Gateway::handle`),
 //! so requests in flight finish under the set they started with and no
 //! request ever sees a half-loaded one. A broken set is refused: its problems
 //! are logged with the same `file:line:col: message` lines as `policy check`,
@@ -23,10 +23,12 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, Mutex};
 
-use crate::admin::Metrics;
 use crate::audit::{AuditError, AuditLog, Entry};
+use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyErrors};
-use crate::server::Shutdown;
+
+/// A receiver that turns true once the system should stop (every reload task and listener ends on it).
+pub type Shutdown = tokio::sync::watch::Receiver<bool>;
 
 /// How long the directory must stay quiet after a change before reloading:
 /// editors and deploy tools write a file in several steps.
@@ -39,7 +41,7 @@ pub enum Trigger {
     Signal,
     /// A change under the policy directory.
     FileWatch,
-    /// A direct call ([`crate::server::Running::reload_policy`], tests, tools).
+    /// A direct call (`Running::reload_policy` of the server, tests, tools).
     Api,
 }
 

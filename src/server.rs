@@ -33,30 +33,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use http_body_util::BodyExt;
 
-use crate::admin::{AdminState, Metrics};
+use crate::admin::AdminState;
 use crate::audit::{AuditConfig, AuditLog, AuditWriter};
 use crate::config::Config;
 use crate::gateway::forward::breaker::{BreakerSettings, Providers};
 use crate::gateway::{upstream_client, Gateway, PipelineLimits};
-use crate::identity::PeerCert;
+use crate::identity::tls;
+use crate::identity::token::{KeyStore, VerifyOptions};
+use crate::identity::{ConnInfo, PeerCert};
 use crate::limits::{ConnectionCaps, LimitSet, Limits};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::problem::{Body, Problem};
 use crate::store::{Schema, Store};
-use crate::tls;
-use crate::token::{KeyStore, VerifyOptions};
-
-/// What is known about a connection before any request on it is read.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The remote address.
-    pub peer: SocketAddr,
-    /// The verified client certificate's identity facts.
-    pub client: Option<PeerCert>,
-    /// Request pipelines of this connection still running, those whose
-    /// stream the client reset included (bounded by the gateway).
-    pub pipelines: Arc<std::sync::atomic::AtomicUsize>,
-}
 
 /// Bounds applied to every connection of one listener.
 #[derive(Debug, Clone)]
@@ -75,8 +64,7 @@ pub struct ListenLimits {
     pub per_agency: Option<Arc<ConnectionCaps>>,
 }
 
-/// A receiver that turns true once the system should stop.
-pub type Shutdown = watch::Receiver<bool>;
+pub use crate::reload::Shutdown;
 
 /// Resolves once `rx` is (or turns) true, or its sender is gone.
 async fn stopped(rx: &mut Shutdown) {
@@ -230,7 +218,7 @@ fn protocol_builder(limits: &ListenLimits, protocol: Protocol) -> auto::Builder<
 pub async fn serve_tls<H, F>(
     name: &'static str,
     listener: TcpListener,
-    tls: Arc<crate::tls::ReloadableTls>,
+    tls: Arc<crate::identity::tls::ReloadableTls>,
     limits: ListenLimits,
     metrics: Arc<Metrics>,
     handler: H,
@@ -509,15 +497,18 @@ pub enum StartError {
     /// The quota file (`limits.toml`) is broken; every problem is listed with file:line.
     #[error("the quotas are not valid:\n{0}")]
     Limits(#[from] crate::limits::LimitErrors),
-    /// A certificate or key could not be created or loaded.
+    /// A certificate or key file could not be read.
     #[error(transparent)]
-    Pki(#[from] crate::pki::PkiError),
+    Files(#[from] crate::files::FileError),
+    /// The development certificates or keys could not be created.
+    #[error(transparent)]
+    Pki(#[from] crate::devpki::PkiError),
     /// A TLS configuration could not be built.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::identity::tls::TlsError),
     /// An agency's token key could not be loaded.
     #[error(transparent)]
-    Keys(#[from] crate::token::KeyLoadError),
+    Keys(#[from] crate::identity::token::KeyLoadError),
     /// The database could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -583,7 +574,7 @@ pub struct Running {
     /// The built-in register's database, when the register runs here.
     pub registry_store: Option<Store>,
     /// The gateway's TLS configuration in force; reloads swap it.
-    pub gateway_tls: Arc<crate::tls::ReloadableTls>,
+    pub gateway_tls: Arc<crate::identity::tls::ReloadableTls>,
     stop_gateway: watch::Sender<bool>,
     stop_rest: watch::Sender<bool>,
     gateway_task: tokio::task::JoinHandle<()>,
@@ -662,8 +653,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         let names = agencies.clone();
         tokio::task::spawn_blocking(move || -> Result<usize, StartError> {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let a = crate::pki::ensure_dev_pki(&pki_dir, &names)?;
-            let b = crate::pki::ensure_signing_keys(&keys_dir, &names)?;
+            let a = crate::devpki::ensure_dev_pki(&pki_dir, &names)?;
+            let b = crate::devpki::ensure_signing_keys(&keys_dir, &names)?;
             Ok(a.created.len() + b.created.len())
         })
         .await??
@@ -753,7 +744,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         source,
     })?;
     let metrics = Arc::new(Metrics::default());
-    metrics.set_certificates(crate::pki::expiry_gauges(&config));
+    metrics.set_certificates(crate::identity::inventory::expiry_gauges(&config));
     let policy = Arc::new(ArcSwap::from_pointee(policy));
     let (stop_gateway, gateway_rx) = watch::channel(false);
     let (stop_rest, rest_rx) = watch::channel(false);
@@ -776,7 +767,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     }));
     let mut rest_tasks = Vec::new();
     // Identity material is reloaded while the system runs (see crate::reload).
-    let gateway_tls = Arc::new(crate::tls::ReloadableTls::new(tls.gateway));
+    let gateway_tls = Arc::new(crate::identity::tls::ReloadableTls::new(tls.gateway));
     rest_tasks.push(crate::credentials::spawn_tls_reloader(
         crate::credentials::GatewayTlsFiles::from_config(&config),
         gateway_tls.clone(),
@@ -815,7 +806,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             rest_tasks.push(tokio::spawn(serve_tls(
                 "registry",
                 listener,
-                Arc::new(crate::tls::ReloadableTls::new(tls.registry)),
+                Arc::new(crate::identity::tls::ReloadableTls::new(tls.registry)),
                 limits.clone(),
                 metrics.clone(),
                 handler,
@@ -1036,17 +1027,17 @@ struct TlsConfigs {
 
 fn load_tls(config: &Config) -> Result<TlsConfigs, StartError> {
     let t = &config.tls;
-    let provider_ca = crate::pki::load_certs(&config.data_path(&t.provider_ca))?;
-    let chain = crate::pki::load_certs(&config.data_path(&t.cert))?;
-    let key = crate::pki::load_key(&config.data_path(&t.key))?;
+    let provider_ca = crate::files::load_certs(&config.data_path(&t.provider_ca))?;
+    let chain = crate::files::load_certs(&config.data_path(&t.cert))?;
+    let key = crate::files::load_key(&config.data_path(&t.key))?;
     let gateway = crate::credentials::GatewayTlsFiles::from_config(config).build()?;
     let upstream = tls::client_config(tls::roots(&provider_ca)?, chain, key)?;
     // The register trusts the same CA for its one client, the gateway, and
     // then checks the gateway's identity on every request.
     let registry = if config.registry.enabled {
         tls::server_config(
-            crate::pki::load_certs(&config.data_path(&t.registry_cert))?,
-            crate::pki::load_key(&config.data_path(&t.registry_key))?,
+            crate::files::load_certs(&config.data_path(&t.registry_cert))?,
+            crate::files::load_key(&config.data_path(&t.registry_key))?,
             &tls::ClientVerification {
                 cas: provider_ca,
                 ..tls::ClientVerification::default()
@@ -1072,7 +1063,7 @@ async fn provider_request(
     if !info
         .client
         .as_ref()
-        .is_some_and(|c| c.has_uri(crate::pki::GATEWAY_URI))
+        .is_some_and(|c| c.has_uri(crate::identity::GATEWAY_URI))
     {
         return Problem::new(
             http::StatusCode::FORBIDDEN,

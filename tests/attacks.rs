@@ -59,7 +59,7 @@ fn with(patch: serde_json::Value) -> serde_json::Value {
 
 /// Signs with the Border Police's own key (ES256, its kid).
 fn border(gw: &TestGateway, c: &serde_json::Value) -> String {
-    karibche::token::issue_claims(&keys_dir(gw), "mia-border", c).unwrap()
+    karibche::devpki::token::issue_claims(&keys_dir(gw), "mia-border", c).unwrap()
 }
 
 fn private_key(gw: &TestGateway, agency: &str) -> EncodingKey {
@@ -100,7 +100,7 @@ async fn forged_and_broken_tokens_are_refused_and_logged() {
     assert_eq!(r.status, StatusCode::OK, "the honest token works");
 
     let psda_pub = std::fs::read(keys_dir(&gw).join("psda.pub.pem")).unwrap();
-    let psda_kid = karibche::keys::pem_kid(&psda_pub).unwrap();
+    let psda_kid = karibche::identity::keys::pem_kid(&psda_pub).unwrap();
     let alg_none = format!(
         "{}.{}.",
         B64.encode(br#"{"alg":"none","typ":"JWT"}"#),
@@ -260,7 +260,7 @@ async fn forged_and_broken_tokens_are_refused_and_logged() {
 }
 
 fn cert_sha256(cert: &Path) -> String {
-    karibche::pki::fingerprint(&karibche::pki::load_certs(cert).unwrap()[0])
+    karibche::files::fingerprint(&karibche::files::load_certs(cert).unwrap()[0])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,10 +269,10 @@ async fn bound_tokens_hold_only_on_their_certificate() {
         .await
         .unwrap();
     let client = gw.client("mia-border");
-    let (own, _) = karibche::pki::agency_files(&gw.pki(), "mia-border");
-    let (other, _) = karibche::pki::agency_files(&gw.pki(), "psda");
+    let (own, _) = karibche::devpki::agency_files(&gw.pki(), "mia-border");
+    let (other, _) = karibche::devpki::agency_files(&gw.pki(), "psda");
     let bound = |sha: &str| {
-        let x5t = karibche::token::x5t_s256(sha).unwrap();
+        let x5t = karibche::identity::token::x5t_s256(sha).unwrap();
         border(&gw, &with(serde_json::json!({"cnf": {"x5t#S256": x5t}})))
     };
     let r = client.get(&path(), Some(&bound(&cert_sha256(&own)))).await;
@@ -338,7 +338,7 @@ async fn a_revoked_certificate_is_refused_within_seconds() {
     let psda = gw.client("psda");
     let token = gw.token("psda", "identity-documentation", None);
     assert_eq!(psda.get(&path(), Some(&token)).await.status, StatusCode::OK);
-    let r = karibche::crl::revoke_dev_agency(&gw.pki(), "psda").unwrap();
+    let r = karibche::devpki::crl::revoke_dev_agency(&gw.pki(), "psda").unwrap();
     assert!(r.newly_revoked);
     // The same client object: its session tickets from before must not resume past the revocation.
     let took = until_refused(&psda, &token, Duration::from_secs(10)).await;
@@ -375,8 +375,8 @@ async fn expired_and_foreign_certificates_fail_the_handshake() {
     let tmp = tempfile::tempdir().unwrap();
 
     // Issued by the right CA, for the right agency, but expired nine days ago.
-    let ca = karibche::pki::DevCa::open_dev(&gw.pki()).unwrap();
-    let mut leaf = karibche::pki::Leaf::agency("mia-border");
+    let ca = karibche::devpki::DevCa::open_dev(&gw.pki()).unwrap();
+    let mut leaf = karibche::devpki::Leaf::agency("mia-border");
     leaf.days = 1;
     leaf.backdate_days = 10;
     let (cert, key) = ca.issue(&leaf).unwrap();
@@ -391,8 +391,8 @@ async fn expired_and_foreign_certificates_fail_the_handshake() {
 
     // The same agency name from a CA the gateway does not trust.
     let foreign = tmp.path().join("foreign");
-    karibche::pki::ensure_dev_pki(&foreign, &["mia-border"]).unwrap();
-    let (fc, fk) = karibche::pki::agency_files(&foreign, "mia-border");
+    karibche::devpki::ensure_dev_pki(&foreign, &["mia-border"]).unwrap();
+    let (fc, fk) = karibche::devpki::agency_files(&foreign, "mia-border");
     let forged = Client::new(&ca_pem, Some((&fc, &fk)), gw.gateway_addr());
     assert!(forged
         .send(http::Method::GET, &path(), Some(&token), None)
@@ -442,7 +442,7 @@ async fn rotated_agency_keys_take_effect_without_restart() {
 
     // The identity provider rotates: a new key pair replaces the old one.
     let dir = keys_dir(&gw);
-    let (private, public) = karibche::pki::signing_key_files(&dir, "mia-border");
+    let (private, public) = karibche::devpki::signing_key_files(&dir, "mia-border");
     let new = rcgen::KeyPair::generate().unwrap();
     std::fs::write(&private, new.serialize_pem()).unwrap();
     std::fs::write(&public, new.public_key_pem()).unwrap();
@@ -506,8 +506,8 @@ async fn an_agency_policy_can_require_bound_tokens() {
         .await;
     assert_eq!(unbound.status, StatusCode::UNAUTHORIZED);
     assert_eq!(audit_reason(&gw, &unbound).await.0, "token_unbound");
-    let (own, _) = karibche::pki::agency_files(&gw.pki(), "mia-border");
-    let x5t = karibche::token::x5t_s256(&cert_sha256(&own)).unwrap();
+    let (own, _) = karibche::devpki::agency_files(&gw.pki(), "mia-border");
+    let x5t = karibche::identity::token::x5t_s256(&cert_sha256(&own)).unwrap();
     let bound = border(&gw, &with(serde_json::json!({"cnf": {"x5t#S256": x5t}})));
     let ok = gw.client("mia-border").get(&path(), Some(&bound)).await;
     assert_eq!(ok.status, StatusCode::OK);
@@ -532,7 +532,7 @@ async fn a_revocation_also_closes_connections_opened_before_it() {
     let mut buf = vec![0u8; 64 * 1024];
     let n = tls.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    karibche::crl::revoke_dev_agency(&gw.pki(), "psda").unwrap();
+    karibche::devpki::crl::revoke_dev_agency(&gw.pki(), "psda").unwrap();
     // The server closes it once the new CRL is in force; the client must handshake again, and fails.
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {

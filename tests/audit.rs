@@ -12,7 +12,7 @@ use common::{person_path, PERSON};
 use common::{Db, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter};
-use karibche::pki::sha256_hex;
+use karibche::files::sha256_hex;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn released_bodies_are_digested_and_node_events_recorded() {
@@ -71,7 +71,7 @@ async fn a_key_reload_is_an_audit_event() {
     // Rotating psda's signing key: a new key file appears beside the old.
     let before: Vec<_> = std::fs::read_dir(&keys).unwrap().collect();
     assert!(!before.is_empty());
-    let psda_pub = karibche::keys::agency_key_files(&keys, "psda");
+    let psda_pub = karibche::identity::keys::agency_key_files(&keys, "psda");
     let target = psda_pub.first().unwrap().clone();
     let mut text = std::fs::read(&target).unwrap();
     text.extend_from_slice(b"\n");

@@ -64,7 +64,7 @@ async fn data_dir() -> tempfile::TempDir {
     drop(log);
     writer.finish().await;
     store.close().await;
-    karibche::pki::ensure_signing_keys(&data.join("keys"), &["mia-border"]).unwrap();
+    karibche::devpki::ensure_signing_keys(&data.join("keys"), &["mia-border"]).unwrap();
     dir
 }
 
@@ -181,7 +181,7 @@ async fn a_reader_that_stops_early_is_a_normal_end_for_every_command() {
 async fn token_issue_refuses_what_the_gateway_would_refuse_with_every_reason() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("var");
-    karibche::pki::ensure_signing_keys(&data.join("keys"), &["mia-border"]).unwrap();
+    karibche::devpki::ensure_signing_keys(&data.join("keys"), &["mia-border"]).unwrap();
     let issue = |extra: &[&str]| {
         let mut args = vec![
             "token",

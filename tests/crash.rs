@@ -22,11 +22,11 @@ async fn sigkill_under_load_loses_no_acknowledged_record() {
     let data = dir.path().join("var");
     let (mut child, addr) = common::spawn_gateway(&data, None);
     let pki = data.join("pki");
-    let (cert, key) = karibche::pki::agency_files(&pki, "mia-border");
+    let (cert, key) = karibche::devpki::agency_files(&pki, "mia-border");
     let client = Arc::new(Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr));
-    let token = karibche::token::issue(
+    let token = karibche::devpki::token::issue(
         &data.join("keys"),
-        &karibche::token::IssueRequest {
+        &karibche::devpki::token::IssueRequest {
             agency: "mia-border".into(),
             officer: "officer-1".into(),
             purpose: "border-control".into(),
@@ -132,11 +132,11 @@ async fn sigkill_between_forward_and_outcome_leaves_an_attempt_with_outcome_unkn
     let policies = common::policies_with_write_provider(dir.path(), &format!("https://{provider}"));
     let (mut child, addr) = common::spawn_gateway_with(&data, None, &policies);
 
-    let (cert, key) = karibche::pki::agency_files(&pki, "mia-border");
+    let (cert, key) = karibche::devpki::agency_files(&pki, "mia-border");
     let client = Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr);
-    let token = karibche::token::issue(
+    let token = karibche::devpki::token::issue(
         &data.join("keys"),
-        &karibche::token::IssueRequest {
+        &karibche::devpki::token::IssueRequest {
             agency: "mia-border".into(),
             officer: "officer-7".into(),
             purpose: "border-control".into(),

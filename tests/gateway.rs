@@ -135,8 +135,8 @@ async fn handshake_requires_a_certificate_from_the_agency_ca() {
 
     // A certificate for the same agency name from another CA.
     let other = tempfile::tempdir().unwrap();
-    karibche::pki::ensure_dev_pki(other.path(), &["mia-border"]).unwrap();
-    let (cert, key) = karibche::pki::agency_files(other.path(), "mia-border");
+    karibche::devpki::ensure_dev_pki(other.path(), &["mia-border"]).unwrap();
+    let (cert, key) = karibche::devpki::agency_files(other.path(), "mia-border");
     let forged = Client::new(&ca, Some((&cert, &key)), gw.gateway_addr());
     let token = gw.token("mia-border", "border-control", None);
     let err = forged
@@ -341,7 +341,7 @@ async fn border_police_records_a_crossing_through_the_gateway() {
 async fn register_accepts_only_the_gateway() {
     let gw = TestGateway::start().await;
     let registry = gw.running.started.registry.unwrap();
-    let (cert, key) = karibche::pki::agency_files(&gw.pki(), "mia-border");
+    let (cert, key) = karibche::devpki::agency_files(&gw.pki(), "mia-border");
     let direct = Client::new(&gw.pki().join("ca.pem"), Some((&cert, &key)), registry);
     let r = direct.get(&format!("/persons/{PERSON}"), None).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);

@@ -38,8 +38,12 @@ fn token(gw: &TestGateway, agency: &str, claims: serde_json::Value) -> String {
     for (k, v) in claims.as_object().unwrap() {
         c[k] = v.clone();
     }
-    karibche::token::issue_claims(&gw.config.data_path(&gw.config.tokens.keys_dir), agency, &c)
-        .unwrap()
+    karibche::devpki::token::issue_claims(
+        &gw.config.data_path(&gw.config.tokens.keys_dir),
+        agency,
+        &c,
+    )
+    .unwrap()
 }
 
 /// One hostile request: what it sends, and the status it must get.

@@ -78,22 +78,25 @@ fn huge_json() -> Vec<u8> {
 /// A test double at a boundary we do not own: another ministry's provider
 /// that misbehaves, over real TLS with a certificate from the development CA.
 async fn serve_hostile(listener: tokio::net::TcpListener, pki: &Path) {
-    let ca = karibche::pki::DevCa::open_dev(pki).unwrap();
+    let ca = karibche::devpki::DevCa::open_dev(pki).unwrap();
     let (cert, key) = ca
-        .issue(&karibche::pki::Leaf::local_server("hostile", None, false))
+        .issue(&karibche::devpki::Leaf::local_server(
+            "hostile", None, false,
+        ))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("c.pem"), cert).unwrap();
     std::fs::write(dir.path().join("k.pem"), key).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(karibche::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            karibche::pki::load_certs(&dir.path().join("c.pem")).unwrap(),
-            karibche::pki::load_key(&dir.path().join("k.pem")).unwrap(),
-        )
-        .unwrap();
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(karibche::identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                karibche::files::load_certs(&dir.path().join("c.pem")).unwrap(),
+                karibche::files::load_key(&dir.path().join("k.pem")).unwrap(),
+            )
+            .unwrap();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     tokio::spawn(async move {
@@ -283,11 +286,11 @@ async fn personal_data_and_keys_stay_private_under_a_permissive_umask() {
     let (mut child, addr) = common::spawn_gateway(&data, Some("000"));
     // One request, so both databases have written through their WAL.
     let pki = data.join("pki");
-    let (cert, key) = karibche::pki::agency_files(&pki, "mia-border");
+    let (cert, key) = karibche::devpki::agency_files(&pki, "mia-border");
     let client = common::Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr);
-    let token = karibche::token::issue(
+    let token = karibche::devpki::token::issue(
         &data.join("keys"),
-        &karibche::token::IssueRequest {
+        &karibche::devpki::token::IssueRequest {
             agency: "mia-border".into(),
             officer: "officer-1".into(),
             purpose: "border-control".into(),

@@ -46,9 +46,9 @@ async fn start(limits: &str, adjust: impl FnOnce(&mut Config, &Path)) -> TestGat
 }
 
 fn token_for(gw: &TestGateway, agency: &str, officer: &str, purpose: &str) -> String {
-    karibche::token::issue(
+    karibche::devpki::token::issue(
         &gw.config.data_path(&gw.config.tokens.keys_dir),
-        &karibche::token::IssueRequest {
+        &karibche::devpki::token::IssueRequest {
             agency: agency.into(),
             officer: officer.into(),
             purpose: purpose.into(),
@@ -532,16 +532,16 @@ async fn sigterm_under_load_loses_no_acknowledged_request() {
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     let pki = data.join("pki");
-    let (cert, key) = karibche::pki::agency_files(&pki, "mia-border");
+    let (cert, key) = karibche::devpki::agency_files(&pki, "mia-border");
     let client = Arc::new(Client::new(
         &pki.join("ca.pem"),
         Some((&cert, &key)),
         gateway,
     ));
     let token = Arc::new(
-        karibche::token::issue(
+        karibche::devpki::token::issue(
             &data.join("keys"),
-            &karibche::token::IssueRequest {
+            &karibche::devpki::token::IssueRequest {
                 agency: "mia-border".into(),
                 officer: "officer-1".into(),
                 purpose: "border-control".into(),

@@ -104,7 +104,7 @@ fn write_pem(path: &Path, der: &[u8]) -> std::io::Result<()> {
         pem.push('\n');
     }
     pem.push_str("-----END PRIVATE KEY-----\n");
-    crate::pki::write_atomic(path, pem.as_bytes(), 0o600)
+    crate::files::write_atomic(path, pem.as_bytes(), 0o600)
 }
 
 /// The text a checkpoint signature covers.

@@ -92,7 +92,7 @@ pub fn files_detail(what: &str, paths: &[PathBuf]) -> String {
     let files: Vec<String> = paths
         .iter()
         .map(|p| match std::fs::read(p) {
-            Ok(bytes) => format!("{} {}", p.display(), crate::pki::sha256_hex(&bytes)),
+            Ok(bytes) => format!("{} {}", p.display(), crate::files::sha256_hex(&bytes)),
             Err(_) => format!("{} unreadable", p.display()),
         })
         .collect();

@@ -57,7 +57,7 @@ fn entry(n: usize) -> Entry {
         // Every sixth request also had a shadow decision, "allow".
         shadow_decision: n.is_multiple_of(6).then(|| "allow".into()),
         response_digest: (!n.is_multiple_of(4))
-            .then(|| crate::pki::sha256_hex(n.to_string().as_bytes())),
+            .then(|| crate::files::sha256_hex(n.to_string().as_bytes())),
         // Every fifth request was under a restricted grant.
         restricted: n.is_multiple_of(5),
         // Every seventh provider answered with an error; every eighth read was pseudonymised.

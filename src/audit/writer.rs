@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use super::checkpoint::{self, AuditKey, Checkpoint};
 use super::record::{audit_columns, prepare, Entry, AUDIT_COLUMN_COUNT, GENESIS_HASH};
 use super::AuditError;
+use crate::config::{DEFAULT_AUDIT_MAX_BATCH, DEFAULT_AUDIT_QUEUE};
 use crate::store::{Backend, Store};
 use sqlx::AnyConnection;
 
@@ -68,16 +69,15 @@ impl AuditConfig {
     pub fn new(node: impl Into<String>) -> Self {
         AuditConfig {
             node: node.into(),
-            max_batch: 512,
-            queue: 8192,
+            max_batch: DEFAULT_AUDIT_MAX_BATCH,
+            queue: DEFAULT_AUDIT_QUEUE,
             checkpoints: None,
             restricted_report_delay: DEFAULT_RESTRICTED_REPORT_DELAY,
         }
     }
 }
 
-/// Default of [`AuditConfig::restricted_report_delay`]: a year.
-pub const DEFAULT_RESTRICTED_REPORT_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+pub use crate::config::DEFAULT_RESTRICTED_REPORT_DELAY;
 
 /// Where an entry went: its place in the node's chain.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -65,13 +65,16 @@ impl Endpoint {
         protocol: Protocol,
         resume: bool,
     ) -> Result<Endpoint, BenchError> {
-        let roots = crate::tls::roots(&crate::pki::load_certs(ca)?)?;
-        let mut tls = ClientConfig::builder_with_provider(crate::tls::provider())
+        let roots = crate::identity::tls::roots(&crate::files::load_certs(ca)?)?;
+        let mut tls = ClientConfig::builder_with_provider(crate::identity::tls::provider())
             .with_safe_default_protocol_versions()
-            .map_err(crate::tls::TlsError::from)?
+            .map_err(crate::identity::tls::TlsError::from)?
             .with_root_certificates(roots)
-            .with_client_auth_cert(crate::pki::load_certs(cert)?, crate::pki::load_key(key)?)
-            .map_err(crate::tls::TlsError::from)?;
+            .with_client_auth_cert(
+                crate::files::load_certs(cert)?,
+                crate::files::load_key(key)?,
+            )
+            .map_err(crate::identity::tls::TlsError::from)?;
         tls.alpn_protocols = vec![match protocol {
             Protocol::Http1 => b"http/1.1".to_vec(),
             Protocol::Http2 => b"h2".to_vec(),

@@ -210,7 +210,7 @@ impl BenchOptions {
         let agency = "mia-border".to_owned();
         let (cert, key) = match target {
             Target::Direct => (pki_dir.join("gateway.pem"), pki_dir.join("gateway.key")),
-            Target::Gateway | Target::Nginx => crate::pki::agency_files(pki_dir, &agency),
+            Target::Gateway | Target::Nginx => crate::devpki::agency_files(pki_dir, &agency),
         };
         BenchOptions {
             target,
@@ -268,13 +268,13 @@ impl BenchOptions {
 pub enum BenchError {
     /// A certificate or key could not be read.
     #[error(transparent)]
-    Pki(#[from] crate::pki::PkiError),
+    File(#[from] crate::files::FileError),
     /// The TLS client configuration could not be built.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::identity::tls::TlsError),
     /// An officer token could not be signed.
     #[error("cannot mint officer tokens: {0}")]
-    Token(#[from] crate::token::IssueError),
+    Token(#[from] crate::devpki::token::IssueError),
     /// The request mix is not `read=N,search=N,write=N`.
     #[error("invalid mix {0:?}: expected read=N,search=N,write=N with a positive sum")]
     Mix(String),
@@ -347,9 +347,9 @@ fn mint_tokens(opts: &BenchOptions) -> Result<Vec<String>, BenchError> {
         .min(Duration::from_secs(15 * 60));
     (0..opts.officers.max(1))
         .map(|i| {
-            crate::token::issue(
+            crate::devpki::token::issue(
                 &opts.keys_dir,
-                &crate::token::IssueRequest {
+                &crate::devpki::token::IssueRequest {
                     agency: opts.agency.clone(),
                     officer: format!("bench-officer-{i}"),
                     purpose: opts.purpose.clone(),

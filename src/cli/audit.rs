@@ -177,7 +177,7 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
         scratch_url,
     } = cmd
     {
-        let dir = tempfile::tempdir()?;
+        let dir = crate::files::ScratchDir::new()?;
         let url = scratch_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}/bench.db", dir.path().display()));

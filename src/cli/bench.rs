@@ -107,7 +107,7 @@ impl BenchArgs {
             &config.data_path(&config.tokens.keys_dir),
         );
         if self.target != Target::Direct {
-            (o.cert, o.key) = crate::pki::agency_files(&pki, &self.agency);
+            (o.cert, o.key) = crate::devpki::agency_files(&pki, &self.agency);
         }
         if let Some(c) = &self.cert {
             o.cert = c.clone();

@@ -33,10 +33,9 @@ pub enum CertsCommand {
 pub fn run(config: &Config, cmd: &CertsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         CertsCommand::Revoke { agency } => {
-            let r =
-                crate::crl::revoke_dev_agency(&config.pki_dir(), agency).with_context(|| {
-                    format!("cannot revoke the development certificate of {agency:?}")
-                })?;
+            let r = crate::devpki::crl::revoke_dev_agency(&config.pki_dir(), agency).with_context(
+                || format!("cannot revoke the development certificate of {agency:?}"),
+            )?;
             if r.newly_revoked {
                 outln!(
                     "revoked {} (serial {}); {} updated",
@@ -59,8 +58,8 @@ pub fn run(config: &Config, cmd: &CertsCommand) -> anyhow::Result<ExitCode> {
             let policy = server::load_policy(&config.policies_dir)?;
             let names: Vec<String> = policy.agencies().map(|a| a.id.clone()).collect();
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let a = crate::pki::ensure_dev_pki(&config.pki_dir(), &names)?;
-            let b = crate::pki::ensure_signing_keys(
+            let a = crate::devpki::ensure_dev_pki(&config.pki_dir(), &names)?;
+            let b = crate::devpki::ensure_signing_keys(
                 &config.data_path(&config.tokens.keys_dir),
                 &names,
             )?;
@@ -88,7 +87,7 @@ fn status(config: &Config, warn_days: i64) -> anyhow::Result<ExitCode> {
         "certificate",
         "subject"
     );
-    for item in crate::pki::inventory(config) {
+    for item in crate::identity::inventory::inventory(config) {
         match item {
             Ok(e) => {
                 let days = e.days_left(now);

@@ -233,8 +233,8 @@ fn check_token_keys(config: &Config, policy: &Policy) -> (Vec<String>, Vec<Strin
         return (errors, warnings);
     }
     for agency in policy.agencies() {
-        let options = crate::token::VerifyOptions::from_config(&config.tokens);
-        match crate::token::KeyStore::load(&keys_dir, &[agency.id.as_str()], options) {
+        let options = crate::identity::token::VerifyOptions::from_config(&config.tokens);
+        match crate::identity::token::KeyStore::load(&keys_dir, &[agency.id.as_str()], options) {
             Err(e) => errors.push(format!("{e}: the token key of agency {} cannot be read", agency.id)),
             Ok(keys) if !keys.has_keys(&agency.id) => warnings.push(format!(
                 "{}: agency {} has no token verification key in {}: none of its officers can be authenticated, so none of its {} grant(s) can be used",

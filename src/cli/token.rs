@@ -51,7 +51,7 @@ pub fn run(config: &Config, cmd: &TokenCommand) -> anyhow::Result<ExitCode> {
             bind_cert,
         } => {
             let keys_dir = config.data_path(&config.tokens.keys_dir);
-            let request = crate::token::IssueRequest {
+            let request = crate::devpki::token::IssueRequest {
                 agency: agency.clone(),
                 officer: officer.clone(),
                 purpose: purpose.clone(),
@@ -65,7 +65,7 @@ pub fn run(config: &Config, cmd: &TokenCommand) -> anyhow::Result<ExitCode> {
                 "token issue checks the token against the policy in force (--policies DIR)",
             )?;
             if let Err(problems) =
-                crate::token::check_issue(&request, &policy, config.tokens.max_lifetime)
+                crate::devpki::token::check_issue(&request, &policy, config.tokens.max_lifetime)
             {
                 let mut text = String::from("the gateway would refuse this token:");
                 for p in &problems.0 {
@@ -76,11 +76,11 @@ pub fn run(config: &Config, cmd: &TokenCommand) -> anyhow::Result<ExitCode> {
             }
             let token = match bind_cert {
                 Some(cert) => {
-                    let der = crate::pki::load_certs(cert)?;
-                    let sha256 = crate::pki::fingerprint(&der[0]);
-                    crate::token::issue_bound(&keys_dir, &request, &sha256)
+                    let der = crate::files::load_certs(cert)?;
+                    let sha256 = crate::files::fingerprint(&der[0]);
+                    crate::devpki::token::issue_bound(&keys_dir, &request, &sha256)
                 }
-                None => crate::token::issue(&keys_dir, &request),
+                None => crate::devpki::token::issue(&keys_dir, &request),
             }
             .with_context(|| {
                 format!("no development key for agency {agency:?}; run `karibche certs init` (or `serve`) first")

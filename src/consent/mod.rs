@@ -274,7 +274,7 @@ fn event(by: &Actor, action: &str, c: &Consent, reason: String) -> Entry {
         policy_version: by.policy_version.clone(),
         request_digest: serde_json::to_vec(c)
             .ok()
-            .map(|json| crate::pki::sha256_hex(&json)),
+            .map(|json| crate::files::sha256_hex(&json)),
         written,
         ..Entry::default()
     }

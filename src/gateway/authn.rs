@@ -8,10 +8,10 @@ use http::{header, HeaderMap, Uri};
 use crate::audit::text::{self, MAX_CLAIM_CHARS, MAX_PATH_CHARS, MAX_PURPOSE_CHARS};
 use crate::gateway::refusal::Refusal;
 use crate::gateway::Gateway;
+use crate::identity::token::{Officer, Presented, TokenError};
+use crate::identity::ConnInfo;
 use crate::identity::PeerCert;
 use crate::policy::{Agency, Policy};
-use crate::server::ConnInfo;
-use crate::token::{Officer, Presented, TokenError};
 
 /// agency: the client certificate → the agency the policy says holds it.
 pub fn agency<'p>(policy: &'p Policy, client: Option<&PeerCert>) -> Result<&'p Agency, Refusal> {

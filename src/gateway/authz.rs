@@ -9,10 +9,10 @@ use time::OffsetDateTime;
 use crate::gateway::exchange::Exchange;
 use crate::gateway::refusal::Refusal;
 use crate::gateway::route::Route;
+use crate::identity::token::Officer;
 use crate::policy::{
     Allow, Decision, DecisionRequest, DenyReason, FieldSet, Operation, Policy, Service,
 };
-use crate::token::Officer;
 
 /// Who asks what, as the policy decides on it.
 #[derive(Clone, Copy)]

@@ -13,8 +13,8 @@ use crate::audit::text::{
     self, MAX_CLAIM_CHARS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_PURPOSE_CHARS,
 };
 use crate::audit::{Decision, Entry};
+use crate::identity::token::Officer;
 use crate::policy::Operation;
-use crate::token::Officer;
 
 /// The policy's verdict on a request, once it was decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,7 +252,7 @@ impl Exchange {
 
 /// Hex SHA-256 of a body: the record's `request_digest` and `response_digest`.
 pub fn digest(body: &[u8]) -> String {
-    crate::pki::sha256_hex(body)
+    crate::files::sha256_hex(body)
 }
 
 /// The field paths a write's body sets (`employer.name`, …): what its attempt record says it writes.

@@ -47,14 +47,14 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::admin::Metrics;
 use crate::audit::sampling::Sample;
 use crate::audit::{Attempt, AuditLog};
+use crate::identity::token::KeyStore;
+use crate::identity::ConnInfo;
 use crate::limits::{Limits, RATE_LIMITED};
+use crate::metrics::Metrics;
 use crate::policy::{Operation, Policy};
 use crate::problem::Body;
-use crate::server::ConnInfo;
-use crate::token::KeyStore;
 use authz::Asked;
 use exchange::{Ending, Exchange};
 use forward::Caller;

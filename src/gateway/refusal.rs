@@ -25,10 +25,10 @@ use crate::audit::AuditError;
 use crate::consent::ConsentError;
 use crate::gateway::builtin::audit::ApiError;
 use crate::gateway::forward::breaker::Refused;
+use crate::identity::token::TokenError;
 use crate::limits::{Exceeded, RATE_LIMITED};
 use crate::policy::DenyReason;
 use crate::problem::{Body, Problem};
-use crate::token::TokenError;
 
 /// Which side a refusal comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -241,7 +241,7 @@ fn version_of(sources: &[Source]) -> String {
 fn file_hashes(sources: &[Source]) -> Vec<(String, String)> {
     sources
         .iter()
-        .map(|s| (s.rel.clone(), crate::pki::sha256_hex(s.text.as_bytes())))
+        .map(|s| (s.rel.clone(), crate::files::sha256_hex(s.text.as_bytes())))
         .collect()
 }
 

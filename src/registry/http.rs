@@ -460,7 +460,7 @@ async fn create(reg: &Registry, kind: Kind, req: &Request<Bytes>) -> Answer {
     };
     // serde_json maps are ordered by key, so this hash ignores member order and whitespace.
     let canonical = serde_json::to_vec(&fields).map_err(|_| Problem::internal())?;
-    let request_hash = crate::pki::sha256_hex(&canonical);
+    let request_hash = crate::files::sha256_hex(&canonical);
 
     let mut conn = reg.store.pool().acquire().await.map_err(internal)?;
     if let Some(key) = &key {

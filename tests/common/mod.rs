@@ -118,9 +118,9 @@ impl TestGateway {
         ttl: Duration,
         backdate: Duration,
     ) -> String {
-        karibche::token::issue(
+        karibche::devpki::token::issue(
             &self.config.data_path(&self.config.tokens.keys_dir),
-            &karibche::token::IssueRequest {
+            &karibche::devpki::token::IssueRequest {
                 agency: agency.into(),
                 officer: "officer-1".into(),
                 purpose: purpose.into(),
@@ -135,7 +135,7 @@ impl TestGateway {
 
     /// A client presenting `agency`'s development certificate.
     pub fn client(&self, agency: &str) -> Client {
-        let (cert, key) = karibche::pki::agency_files(&self.pki(), agency);
+        let (cert, key) = karibche::devpki::agency_files(&self.pki(), agency);
         Client::new(
             &self.pki().join("ca.pem"),
             Some((&cert, &key)),
@@ -215,9 +215,9 @@ impl TestGateway {
 
     /// A development token for a named officer of an agency.
     pub fn officer_token(&self, agency: &str, officer: &str, purpose: &str) -> String {
-        karibche::token::issue(
+        karibche::devpki::token::issue(
             &self.config.data_path(&self.config.tokens.keys_dir),
-            &karibche::token::IssueRequest {
+            &karibche::devpki::token::IssueRequest {
                 agency: agency.into(),
                 officer: officer.into(),
                 purpose: purpose.into(),
@@ -288,16 +288,18 @@ impl Reply {
 
 impl Client {
     pub fn new(ca: &Path, identity: Option<(&Path, &Path)>, addr: SocketAddr) -> Client {
-        let roots = karibche::tls::roots(&karibche::pki::load_certs(ca).unwrap()).unwrap();
-        let builder = rustls::ClientConfig::builder_with_provider(karibche::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
+        let roots =
+            karibche::identity::tls::roots(&karibche::files::load_certs(ca).unwrap()).unwrap();
+        let builder =
+            rustls::ClientConfig::builder_with_provider(karibche::identity::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots);
         let config = match identity {
             Some((cert, key)) => builder
                 .with_client_auth_cert(
-                    karibche::pki::load_certs(cert).unwrap(),
-                    karibche::pki::load_key(key).unwrap(),
+                    karibche::files::load_certs(cert).unwrap(),
+                    karibche::files::load_key(key).unwrap(),
                 )
                 .unwrap(),
             None => builder.with_no_client_auth(),
@@ -697,11 +699,11 @@ impl TestProvider {
     /// gateway's CA for the gateway's client certificate.
     pub fn serve(&self, gw: &TestGateway) {
         let pki = gw.pki();
-        let tls = karibche::tls::server_config(
-            karibche::pki::load_certs(&pki.join("registry.pem")).unwrap(),
-            karibche::pki::load_key(&pki.join("registry.key")).unwrap(),
-            &karibche::tls::ClientVerification {
-                cas: karibche::pki::load_certs(&pki.join("ca.pem")).unwrap(),
+        let tls = karibche::identity::tls::server_config(
+            karibche::files::load_certs(&pki.join("registry.pem")).unwrap(),
+            karibche::files::load_key(&pki.join("registry.key")).unwrap(),
+            &karibche::identity::tls::ClientVerification {
+                cas: karibche::files::load_certs(&pki.join("ca.pem")).unwrap(),
                 ..Default::default()
             },
         )
@@ -999,7 +1001,7 @@ pub fn http1_post(path: &str, token: &str, body: &[u8]) -> Vec<u8> {
 
 /// Hex SHA-256, as the log records request and response digests.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    karibche::pki::sha256_hex(bytes)
+    karibche::files::sha256_hex(bytes)
 }
 
 /// A tiny deterministic generator (splitmix64) for random timings in tests.
@@ -1223,11 +1225,11 @@ pub fn holding_provider(
     pki: &Path,
 ) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let config = karibche::tls::server_config(
-        karibche::pki::load_certs(&pki.join("registry.pem")).unwrap(),
-        karibche::pki::load_key(&pki.join("registry.key")).unwrap(),
-        &karibche::tls::ClientVerification {
-            cas: karibche::pki::load_certs(&pki.join("ca.pem")).unwrap(),
+    let config = karibche::identity::tls::server_config(
+        karibche::files::load_certs(&pki.join("registry.pem")).unwrap(),
+        karibche::files::load_key(&pki.join("registry.key")).unwrap(),
+        &karibche::identity::tls::ClientVerification {
+            cas: karibche::files::load_certs(&pki.join("ca.pem")).unwrap(),
             ..Default::default()
         },
     )
@@ -1272,8 +1274,9 @@ pub fn holding_provider(
 pub fn dev_pki_ahead(config: &Config) {
     let policy = karibche::policy::Policy::load(&repo_policies()).unwrap();
     let names: Vec<&str> = policy.agencies().map(|a| a.id.as_str()).collect();
-    karibche::pki::ensure_dev_pki(&config.pki_dir(), &names).unwrap();
-    karibche::pki::ensure_signing_keys(&config.data_path(&config.tokens.keys_dir), &names).unwrap();
+    karibche::devpki::ensure_dev_pki(&config.pki_dir(), &names).unwrap();
+    karibche::devpki::ensure_signing_keys(&config.data_path(&config.tokens.keys_dir), &names)
+        .unwrap();
 }
 
 /// Every person of a nationality as the statistics office receives them

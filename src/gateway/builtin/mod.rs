@@ -23,8 +23,8 @@ use crate::gateway::exchange::Exchange;
 use crate::gateway::refusal::Refusal;
 use crate::gateway::release::Answer;
 use crate::gateway::Gateway;
+use crate::identity::token::Officer;
 use crate::policy::{Allow, GatewayPath as Route, Operation, Policy, Service};
-use crate::token::Officer;
 
 /// The built-in providers, by the name after `builtin:`.
 const TABLE: &[&dyn Builtin] = &[&audit::AuditApi, &consents::ConsentApi];

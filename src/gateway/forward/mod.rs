@@ -17,8 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::gateway::refusal::Refusal;
 use crate::gateway::route::Route;
 use crate::gateway::Gateway;
+use crate::identity::token::Officer;
 use crate::policy::Service;
-use crate::token::Officer;
 use breaker::Refused;
 
 /// The HTTPS client towards providers; pooled, so connections are reused.

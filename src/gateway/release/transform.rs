@@ -62,7 +62,7 @@ impl Pseudonymiser {
                 let mut secret = [0u8; 32];
                 aws_lc_rs::rand::fill(&mut secret)
                     .map_err(|_| std::io::Error::other("no randomness"))?;
-                crate::pki::write_atomic(path, hex::encode(secret).as_bytes(), 0o600)?;
+                crate::files::write_atomic(path, hex::encode(secret).as_bytes(), 0o600)?;
                 secret.to_vec()
             }
             Err(e) => return Err(e),

@@ -1,4 +1,11 @@
-//! The development PKI and loading of certificates and keys.
+//! The development PKI: a CA, certificates, a CRL and token signing keys for
+//! a gateway that runs out of the box, and tokens signed with those keys.
+//!
+//! Nothing in the request path uses this room: production deployments bring
+//! their own certificates, CRLs and agency keys, which the gateway reads
+//! through [`crate::files`] and [`crate::identity`]. The CLI (`certs init`,
+//! `certs revoke`, `token issue`), `serve` on a fresh data directory, the
+//! bench and the tests make their files here.
 //!
 //! On first start (and by `karibche certs init`) karibche generates, under
 //! `<data_dir>/pki/`, one development CA, a certificate for the gateway (used
@@ -8,96 +15,45 @@
 //! token signing key. Existing files are never overwritten. All keys are
 //! ECDSA P-256. Production deployments bring their own files instead.
 
+pub mod crl;
+pub mod token;
+
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use time::{Duration, OffsetDateTime};
+
+use crate::files::{write_private, write_public, FileError};
+use crate::identity::GATEWAY_URI;
 
 /// The URI SAN that names an agency in its development certificate.
 pub fn agency_uri(agency: &str) -> String {
     format!("urn:karibche:agency:{agency}")
 }
 
-/// The URI SAN that names the gateway in its certificate; providers accept only this.
-pub const GATEWAY_URI: &str = "urn:karibche:gateway";
-
-/// Errors creating or loading certificates and keys.
+/// Errors creating development certificates and keys.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PkiError {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// A file holds no usable PEM object of the expected kind.
-    #[error("{path}: {what}")]
-    Pem {
-        /// The file.
-        path: String,
-        /// What was wrong.
-        what: String,
-    },
+    /// A file could not be read or written, or holds no usable PEM object.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// Certificate generation failed.
     #[error("generating a certificate failed: {0}")]
     Generate(#[from] rcgen::Error),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
-/// Reads every certificate in a PEM file.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| PkiError::Pem {
-            path: path.display().to_string(),
-            what: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(PkiError::Pem {
-            path: path.display().to_string(),
-            what: "no certificate found".to_owned(),
-        });
-    }
-    Ok(certs)
-}
-
-/// Reads the private key in a PEM file (PKCS#8, SEC1 or PKCS#1).
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| PkiError::Pem {
-        path: path.display().to_string(),
-        what: e.to_string(),
-    })
-}
-
-/// Lowercase hex SHA-256 of a DER certificate: the fingerprint policies may pin.
-pub fn fingerprint(cert: &[u8]) -> String {
-    sha256_hex(cert)
-}
-
-/// Lowercase hex SHA-256 of some bytes: fingerprints, digests of released bodies, file hashes.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes))
+    move |source| FileError::io(path, source).into()
 }
 
 /// A certificate authority that can sign leaf certificates (development only).
 pub struct DevCa {
-    pub(crate) issuer: Issuer<'static, KeyPair>,
+    issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
 }
 
@@ -117,10 +73,8 @@ impl DevCa {
     fn load(cert_path: &Path, key_path: &Path, common_name: &str) -> Result<DevCa, PkiError> {
         let cert_pem = fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
         let key_pem = fs::read_to_string(key_path).map_err(io_err(key_path))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::Pem {
-            path: key_path.display().to_string(),
-            what: e.to_string(),
-        })?;
+        let key =
+            KeyPair::from_pem(&key_pem).map_err(|e| FileError::pem(key_path, e.to_string()))?;
         // Re-deriving the parameters gives the same subject and key identifier,
         // which is all a signature by this CA depends on.
         Ok(DevCa {
@@ -310,7 +264,7 @@ pub fn ensure_dev_pki(pki_dir: &Path, agencies: &[&str]) -> Result<PkiReport, Pk
         write_public(&pem, &cert_pem)?;
         report.created.extend([pem, key]);
     }
-    if crate::crl::ensure_dev_crl(pki_dir, &ca)? {
+    if crl::ensure_dev_crl(pki_dir, &ca)? {
         report.created.push(dev_crl_path(pki_dir));
     }
     Ok(report)
@@ -319,130 +273,6 @@ pub fn ensure_dev_pki(pki_dir: &Path, agencies: &[&str]) -> Result<PkiReport, Pk
 /// The development CRL: `<pki_dir>/crl.pem`, signed by the development CA.
 pub fn dev_crl_path(pki_dir: &Path) -> PathBuf {
     pki_dir.join("crl.pem")
-}
-
-/// One certificate (or CRL) the gateway's files hold, and when it runs out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Expiry {
-    /// Short name: `gateway`, `registry`, `client_ca:<CN>`, `provider_ca:<CN>`, `agency:<id>`, `crl:<file>`.
-    pub label: String,
-    /// The file.
-    pub path: PathBuf,
-    /// The subject (or, for a CRL, the issuer).
-    pub subject: String,
-    /// `notAfter` (a CRL's `nextUpdate`), seconds since the epoch.
-    pub not_after: i64,
-    /// A CRL rather than a certificate (its issuer re-signs it routinely, days before `nextUpdate`).
-    pub is_crl: bool,
-}
-
-impl Expiry {
-    /// Whole and fractional days left from `now` (negative once expired).
-    pub fn days_left(&self, now: OffsetDateTime) -> f64 {
-        (self.not_after - now.unix_timestamp()) as f64 / 86_400.0
-    }
-}
-
-fn cert_expiry(label: &str, path: &Path, der: &[u8], with_cn: bool) -> Option<Expiry> {
-    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = c
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|n| n.as_str().ok())
-        .unwrap_or("?")
-        .to_owned();
-    Some(Expiry {
-        label: if with_cn {
-            format!("{label}:{cn}")
-        } else {
-            label.to_owned()
-        },
-        path: path.to_path_buf(),
-        subject: c.subject().to_string(),
-        not_after: c.validity().not_after.timestamp(),
-        is_crl: false,
-    })
-}
-
-/// Every certificate and CRL the configuration names, plus development agency certificates
-/// under `<pki>/agencies/`; files that cannot be read are reported as errors, not skipped.
-pub fn inventory(config: &crate::config::Config) -> Vec<Result<Expiry, PkiError>> {
-    let t = &config.tls;
-    let mut out = Vec::new();
-    let leaf = |label: &str, p: &Path, out: &mut Vec<Result<Expiry, PkiError>>| match load_certs(p)
-    {
-        Ok(certs) => {
-            if let Some(e) = certs.first().and_then(|c| cert_expiry(label, p, c, false)) {
-                out.push(Ok(e));
-            }
-        }
-        Err(e) => out.push(Err(e)),
-    };
-    leaf("gateway", &config.data_path(&t.cert), &mut out);
-    if config.registry.enabled {
-        leaf("registry", &config.data_path(&t.registry_cert), &mut out);
-    }
-    let bundle =
-        |label: &str, p: &Path, out: &mut Vec<Result<Expiry, PkiError>>| match load_certs(p) {
-            Ok(certs) => out.extend(
-                certs
-                    .iter()
-                    .filter_map(|c| cert_expiry(label, p, c, true))
-                    .map(Ok),
-            ),
-            Err(e) => out.push(Err(e)),
-        };
-    for p in &t.client_ca {
-        bundle("client_ca", &config.data_path(p), &mut out);
-    }
-    bundle("provider_ca", &config.data_path(&t.provider_ca), &mut out);
-    for p in &t.crls {
-        let p = config.data_path(p);
-        match crate::crl::summarize(&p) {
-            Ok(s) => out.push(Ok(Expiry {
-                label: format!(
-                    "crl:{}",
-                    p.file_name()
-                        .map(|f| f.to_string_lossy())
-                        .unwrap_or_default()
-                ),
-                subject: format!("{} revoked", s.revoked.len()),
-                path: p,
-                not_after: s
-                    .next_update
-                    .map(|t| t.unix_timestamp())
-                    .unwrap_or(i64::MAX),
-                is_crl: true,
-            })),
-            Err(e) => out.push(Err(e)),
-        }
-    }
-    let agencies = config.pki_dir().join("agencies");
-    if let Ok(dir) = fs::read_dir(&agencies) {
-        let mut files: Vec<PathBuf> = dir
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "pem"))
-            .collect();
-        files.sort();
-        for p in files {
-            let id = p
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            leaf(&format!("agency:{id}"), &p, &mut out);
-        }
-    }
-    out
-}
-
-/// `(label, notAfter)` of every readable entry of [`inventory`], for `/metrics`.
-pub fn expiry_gauges(config: &crate::config::Config) -> Vec<(String, i64)> {
-    inventory(config)
-        .into_iter()
-        .filter_map(Result::ok)
-        .map(|e| (e.label, e.not_after))
-        .collect()
 }
 
 /// Paths of an agency's token signing key and its public half.
@@ -470,33 +300,6 @@ pub fn ensure_signing_keys(keys_dir: &Path, agencies: &[&str]) -> Result<PkiRepo
     Ok(report)
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
-    write_file(path, contents, 0o600)
-}
-
-pub(crate) fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
-    write_file(path, contents, 0o644)
-}
-
-/// Writes through a temporary file and a rename, so a crash never leaves half a key.
-fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
-    write_atomic(path, contents.as_bytes(), mode).map_err(|source| PkiError::Io {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
-/// Writes `contents` to `path` with `mode`, through a synced temporary file and a
-/// rename (creating the directory), so a crash never leaves half a key or secret.
-/// The file gets exactly `mode` whatever the umask, its directory `0700` if created.
-pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = crate::files::create_with_mode(&tmp, mode)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,53 +316,16 @@ mod tests {
         );
         let again = ensure_dev_pki(&pki, &["psda", "geostat", "ssg"]).unwrap();
         assert_eq!(again.created.len(), 2, "only the new agency is issued");
-        let certs = load_certs(&pki.join("agencies/ssg.pem")).unwrap();
+        let certs = crate::files::load_certs(&pki.join("agencies/ssg.pem")).unwrap();
         assert_eq!(certs.len(), 1);
-        load_key(&pki.join("agencies/ssg.key")).unwrap();
+        crate::files::load_key(&pki.join("agencies/ssg.key")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(pki.join("ca.key"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
-        assert_eq!(fingerprint(&certs[0]).len(), 64);
-    }
-
-    #[test]
-    fn inventory_lists_every_certificate_with_days_left() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = crate::config::Config {
-            data_dir: dir.path().to_path_buf(),
-            ..crate::config::Config::default()
-        };
-        ensure_dev_pki(&config.pki_dir(), &["psda"]).unwrap();
-        let ca = DevCa::open_dev(&config.pki_dir()).unwrap();
-        let mut old = Leaf::agency("old");
-        old.days = 1;
-        old.backdate_days = 3;
-        let (pem, _) = ca.issue(&old).unwrap();
-        fs::write(config.pki_dir().join("agencies/old.pem"), pem).unwrap();
-        let inv: Vec<Expiry> = inventory(&config).into_iter().map(Result::unwrap).collect();
-        let labels: Vec<&str> = inv.iter().map(|e| e.label.as_str()).collect();
-        assert_eq!(
-            labels,
-            [
-                "gateway",
-                "registry",
-                "client_ca:karibche development CA",
-                "provider_ca:karibche development CA",
-                "crl:crl.pem",
-                "agency:old",
-                "agency:psda"
-            ]
-        );
-        let now = OffsetDateTime::now_utc();
-        assert!(inv[0].days_left(now) > 364.0);
-        assert!(
-            inv[5].days_left(now) < -1.9,
-            "the backdated certificate has expired"
-        );
-        assert_eq!(expiry_gauges(&config).len(), 7);
+        assert_eq!(crate::files::fingerprint(&certs[0]).len(), 64);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Unit tests of token verification: every RFC 8725 rule, binding, cache, rotation.
 
 use super::*;
+use crate::devpki::token::{issue, issue_bound, issue_claims, IssueRequest};
 use base64::Engine;
+use jsonwebtoken::{EncodingKey, Header};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -15,7 +17,7 @@ fn options() -> VerifyOptions {
 
 fn setup() -> (tempfile::TempDir, KeyStore) {
     let dir = tempfile::tempdir().unwrap();
-    crate::pki::ensure_signing_keys(dir.path(), &["psda", "ssg"]).unwrap();
+    crate::devpki::ensure_signing_keys(dir.path(), &["psda", "ssg"]).unwrap();
     let ks = KeyStore::load(dir.path(), &["psda", "ssg", "geostat"], options()).unwrap();
     (dir, ks)
 }
@@ -248,7 +250,7 @@ fn bound_tokens_hold_only_on_their_certificate() {
 #[test]
 fn cache_hits_are_per_agency_bounded_and_never_past_exp() {
     let dir = tempfile::tempdir().unwrap();
-    crate::pki::ensure_signing_keys(dir.path(), &["psda"]).unwrap();
+    crate::devpki::ensure_signing_keys(dir.path(), &["psda"]).unwrap();
     let mut o = options();
     o.cache_capacity = 3;
     let ks = KeyStore::load(dir.path(), &["psda"], o).unwrap();
@@ -277,11 +279,11 @@ fn cache_hits_are_per_agency_bounded_and_never_past_exp() {
 fn rotation_several_keys_pem_and_jwks() {
     use rcgen::PublicKeyData;
     let dir = tempfile::tempdir().unwrap();
-    crate::pki::ensure_signing_keys(dir.path(), &["psda"]).unwrap();
+    crate::devpki::ensure_signing_keys(dir.path(), &["psda"]).unwrap();
     let old = issue(dir.path(), &req("psda", 300)).unwrap();
     // The identity provider publishes a new key as JWKS next to the old PEM, then signs with it.
     let new = rcgen::KeyPair::generate().unwrap();
-    let mut jwk = crate::keys::jwk_from_spki(&new.subject_public_key_info()).unwrap();
+    let mut jwk = crate::identity::keys::jwk_from_spki(&new.subject_public_key_info()).unwrap();
     jwk.common.key_id = Some("2026-12".into());
     let set = serde_json::json!({ "keys": [jwk] });
     std::fs::write(dir.path().join("psda.jwks.json"), set.to_string()).unwrap();
@@ -315,7 +317,7 @@ fn eddsa_and_rsa_keys_verify_their_algorithms() {
         rsa.public_key().as_der().unwrap()
     };
     let spki = rustls_pki_types::SubjectPublicKeyInfoDer::from(rsa_pub.as_ref().to_vec());
-    let jwk = crate::keys::jwk_from_spki(spki.as_ref()).unwrap();
+    let jwk = crate::identity::keys::jwk_from_spki(spki.as_ref()).unwrap();
     std::fs::write(
         dir.path().join("b.jwks.json"),
         serde_json::json!({ "keys": [jwk] }).to_string(),

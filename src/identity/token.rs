@@ -5,7 +5,7 @@
 //! (RFC 8725):
 //!
 //! - it is at most [`VerifyOptions::max_token_bytes`] long (checked before any parsing);
-//! - its `alg` is allowed for the key that verifies it ([`crate::keys`]): `none`
+//! - its `alg` is allowed for the key that verifies it ([`crate::identity::keys`]): `none`
 //!   and HMAC are never allowed, so algorithm confusion fails before any signature check;
 //! - its `kid`, if any, names one of the connection's agency's own keys;
 //! - it is signed by a key of the agency that holds the TLS connection, and `iss` is that agency;
@@ -25,39 +25,12 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 use serde::{Deserialize, Serialize};
 
-pub use crate::keys::KeyLoadError;
-use crate::keys::VerifyKey;
-
-/// The claims of a development token (what [`issue`] signs).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Claims {
-    /// The agency that issued the token.
-    pub iss: String,
-    /// The officer.
-    pub sub: String,
-    /// Expiry, seconds since the epoch.
-    pub exp: i64,
-    /// Not before, seconds since the epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<i64>,
-    /// Issued at, seconds since the epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<i64>,
-    /// Token id, traced into the audit record.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jti: Option<String>,
-    /// Purpose code from the policy vocabulary.
-    pub purpose: String,
-    /// Case reference, when the officer works a case.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub case: Option<String>,
-    /// Binding to a client certificate (RFC 8705).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cnf: Option<Confirmation>,
-}
+pub use super::keys::KeyLoadError;
+use super::keys::VerifyKey;
+use crate::config::{TokenConfig, DEFAULT_CACHE_CAPACITY, DEFAULT_MAX_TOKEN_BYTES};
 
 /// The `cnf` claim: the certificate the token is bound to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -225,7 +198,7 @@ impl VerifyOptions {
     }
 
     /// The options a gateway configuration sets.
-    pub fn from_config(tokens: &crate::config::TokenConfig) -> VerifyOptions {
+    pub fn from_config(tokens: &TokenConfig) -> VerifyOptions {
         VerifyOptions {
             max_token_bytes: tokens.max_token_bytes,
             cache_capacity: tokens.cache_capacity,
@@ -233,11 +206,6 @@ impl VerifyOptions {
         }
     }
 }
-
-/// Default [`VerifyOptions::max_token_bytes`]: 8 KiB, far above any honest officer token.
-pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
-/// Default [`VerifyOptions::cache_capacity`].
-pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
 
 /// The connection a token is presented on.
 #[derive(Debug, Clone, Copy)]
@@ -273,7 +241,7 @@ impl KeyStore {
     ) -> Result<KeyStore, KeyLoadError> {
         let mut keys = HashMap::new();
         for agency in agencies {
-            let k = crate::keys::load_agency_keys(keys_dir, agency)?;
+            let k = super::keys::load_agency_keys(keys_dir, agency)?;
             if !k.is_empty() {
                 keys.insert((*agency).to_owned(), k);
             }
@@ -491,10 +459,7 @@ pub fn x5t_s256(sha256_hex: &str) -> Option<String> {
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+    crate::files::sha256(token.as_bytes())
 }
 
 fn map_error(e: jsonwebtoken::errors::Error) -> TokenError {
@@ -541,152 +506,12 @@ fn claimed_issuer(token: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn unix_now() -> i64 {
+/// Now, in seconds since the epoch (0 if the clock is before it).
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-/// What a development token should say.
-#[derive(Debug, Clone)]
-pub struct IssueRequest {
-    /// Agency id (`iss`).
-    pub agency: String,
-    /// Officer id (`sub`).
-    pub officer: String,
-    /// Purpose code.
-    pub purpose: String,
-    /// Case reference.
-    pub case_ref: Option<String>,
-    /// Lifetime from now.
-    pub ttl: Duration,
-    /// Audience (the gateway).
-    pub audience: String,
-    /// Shifts `iat`, `nbf` and `exp` into the past (tests of expiry); zero normally.
-    pub backdate: Duration,
-}
-
-/// Errors minting a development token.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum IssueError {
-    /// The agency's signing key could not be read.
-    #[error("cannot read the signing key {path}: {source}")]
-    ReadKey {
-        /// The file.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// Signing failed.
-    #[error("signing failed: {0}")]
-    Sign(#[from] jsonwebtoken::errors::Error),
-}
-
-/// Everything wrong with a token request that the gateway would refuse anyway, each said once.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the gateway would refuse this token: {}", .0.join("; "))]
-pub struct IssueProblems(pub Vec<String>);
-
-/// Checks a development token request against what the gateway accepts: an agency and a
-/// purpose the policy knows, an officer, and a lifetime of at most `max_lifetime`
-/// (`tokens.max_lifetime`). Reports every problem at once.
-pub fn check_issue(
-    req: &IssueRequest,
-    policy: &crate::policy::Policy,
-    max_lifetime: Duration,
-) -> Result<(), IssueProblems> {
-    let mut problems = Vec::new();
-    let known = |codes: Vec<&str>| codes.join(", ");
-    if policy.agency(&req.agency).is_none() {
-        problems.push(format!(
-            "agency {:?} is not in the policy (known: {})",
-            req.agency,
-            known(policy.agencies().map(|a| a.id.as_str()).collect())
-        ));
-    }
-    if req.officer.trim().is_empty() {
-        problems.push("the officer id is empty".to_owned());
-    }
-    if policy.purpose(&req.purpose).is_none() {
-        problems.push(format!(
-            "purpose {:?} is not in the purpose vocabulary, purposes.toml (known: {})",
-            req.purpose,
-            known(policy.purposes().map(|p| p.code.as_str()).collect())
-        ));
-    }
-    if req.ttl.is_zero() {
-        problems.push("a lifetime of zero makes the token expired at once".to_owned());
-    } else if req.ttl > max_lifetime {
-        problems.push(format!(
-            "lifetime {} is longer than the gateway accepts (tokens.max_lifetime = {})",
-            humantime::format_duration(req.ttl),
-            humantime::format_duration(max_lifetime)
-        ));
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(IssueProblems(problems))
-    }
-}
-
-/// Signs a development token with `<keys_dir>/<agency>.key` (ES256).
-pub fn issue(keys_dir: &Path, req: &IssueRequest) -> Result<String, IssueError> {
-    issue_claims(keys_dir, &req.agency, &dev_claims(req, None))
-}
-
-/// Signs a development token bound (RFC 8705 `cnf.x5t#S256`) to a certificate's SHA-256 (hex).
-pub fn issue_bound(
-    keys_dir: &Path,
-    req: &IssueRequest,
-    certificate_sha256: &str,
-) -> Result<String, IssueError> {
-    let cnf = Confirmation {
-        x5t_s256: x5t_s256(certificate_sha256),
-    };
-    issue_claims(keys_dir, &req.agency, &dev_claims(req, Some(cnf)))
-}
-
-fn dev_claims(req: &IssueRequest, cnf: Option<Confirmation>) -> serde_json::Value {
-    let now = unix_now() - req.backdate.as_secs() as i64;
-    let claims = Claims {
-        iss: req.agency.clone(),
-        sub: req.officer.clone(),
-        exp: now + req.ttl.as_secs() as i64,
-        nbf: Some(now),
-        iat: Some(now),
-        jti: Some(uuid::Uuid::now_v7().to_string()),
-        purpose: req.purpose.clone(),
-        case: req.case_ref.clone(),
-        cnf,
-    };
-    let mut v = serde_json::to_value(claims).unwrap_or_default();
-    if let Some(m) = v.as_object_mut() {
-        m.insert("aud".into(), serde_json::Value::from(req.audience.clone()));
-    }
-    v
-}
-
-/// Signs any claims with an agency's development key (ES256, `kid` = the key's thumbprint).
-/// Tests use it to build hostile tokens; the gateway itself never signs.
-pub fn issue_claims(
-    keys_dir: &Path,
-    agency: &str,
-    claims: &serde_json::Value,
-) -> Result<String, IssueError> {
-    let (private, public) = crate::pki::signing_key_files(keys_dir, agency);
-    let pem = std::fs::read(&private).map_err(|source| IssueError::ReadKey {
-        path: private.display().to_string(),
-        source,
-    })?;
-    let key = EncodingKey::from_ec_pem(&pem)?;
-    let mut header = Header::new(Algorithm::ES256);
-    header.kid = std::fs::read(&public)
-        .ok()
-        .and_then(|p| crate::keys::pem_kid(&p));
-    Ok(jsonwebtoken::encode(&header, claims, &key)?)
 }
 
 #[cfg(test)]

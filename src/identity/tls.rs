@@ -34,7 +34,7 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
     /// A certificate, key or CRL file could not be read.
     #[error(transparent)]
-    Pki(#[from] crate::pki::PkiError),
+    File(#[from] crate::files::FileError),
 }
 
 /// The crypto provider karibche uses everywhere: aws-lc-rs, its TLS 1.2 suites cut down to
@@ -282,10 +282,10 @@ mod tests {
     #[test]
     fn configs_build_from_dev_pki() {
         let dir = tempfile::tempdir().unwrap();
-        crate::pki::ensure_dev_pki(dir.path(), &["psda"]).unwrap();
-        let ca = crate::pki::load_certs(&dir.path().join("ca.pem")).unwrap();
-        let chain = crate::pki::load_certs(&dir.path().join("gateway.pem")).unwrap();
-        let key = crate::pki::load_key(&dir.path().join("gateway.key")).unwrap();
+        crate::devpki::ensure_dev_pki(dir.path(), &["psda"]).unwrap();
+        let ca = crate::files::load_certs(&dir.path().join("ca.pem")).unwrap();
+        let chain = crate::files::load_certs(&dir.path().join("gateway.pem")).unwrap();
+        let key = crate::files::load_key(&dir.path().join("gateway.key")).unwrap();
         let v = ClientVerification {
             cas: ca.clone(),
             ..ClientVerification::default()
@@ -300,9 +300,9 @@ mod tests {
     #[test]
     fn accepted_chains_are_cached_until_ttl_or_not_after_and_others_still_checked() {
         let dir = tempfile::tempdir().unwrap();
-        crate::pki::ensure_dev_pki(dir.path(), &["psda"]).unwrap();
-        let ca = crate::pki::load_certs(&dir.path().join("ca.pem")).unwrap();
-        let agency = crate::pki::load_certs(&dir.path().join("agencies/psda.pem")).unwrap();
+        crate::devpki::ensure_dev_pki(dir.path(), &["psda"]).unwrap();
+        let ca = crate::files::load_certs(&dir.path().join("ca.pem")).unwrap();
+        let agency = crate::files::load_certs(&dir.path().join("agencies/psda.pem")).unwrap();
         let v = ClientVerification {
             cas: ca.clone(),
             ..ClientVerification::default()
@@ -330,8 +330,8 @@ mod tests {
             .is_err());
         // A certificate from another CA is refused, and not remembered.
         let other = tempfile::tempdir().unwrap();
-        crate::pki::ensure_dev_pki(other.path(), &["psda"]).unwrap();
-        let stranger = crate::pki::load_certs(&other.path().join("agencies/psda.pem")).unwrap();
+        crate::devpki::ensure_dev_pki(other.path(), &["psda"]).unwrap();
+        let stranger = crate::files::load_certs(&other.path().join("agencies/psda.pem")).unwrap();
         let before = verifier.accepted().len();
         assert!(verifier.verify_client_cert(&stranger[0], &[], now).is_err());
         assert_eq!(verifier.accepted().len(), before);

@@ -1,8 +1,33 @@
 //! Who is asking: the agency from its client certificate, read once per
-//! connection; the officer from the token, verified per request ([`crate::token`]).
+//! connection; the officer from the token, verified per request ([`crate::identity::token`]).
+
+pub mod crl;
+pub mod inventory;
+pub mod keys;
+pub mod tls;
+pub mod token;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// The URI SAN that names the gateway in its certificate; providers accept only this.
+pub const GATEWAY_URI: &str = "urn:karibche:gateway";
+
+/// What is known about a connection before any request on it is read.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The remote address.
+    pub peer: SocketAddr,
+    /// The verified client certificate's identity facts.
+    pub client: Option<PeerCert>,
+    /// Request pipelines of this connection still running, those whose
+    /// stream the client reset included (bounded by the gateway).
+    pub pipelines: Arc<AtomicUsize>,
+}
 
 /// The facts about a verified client certificate that policy can match on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,7 +47,7 @@ impl PeerCert {
     pub fn from_der(der: &[u8]) -> Option<PeerCert> {
         let (_, cert) = X509Certificate::from_der(der).ok()?;
         let mut peer = PeerCert {
-            sha256: crate::pki::fingerprint(der),
+            sha256: crate::files::fingerprint(der),
             subject: cert.subject().to_string(),
             ..PeerCert::default()
         };
@@ -51,8 +76,8 @@ mod tests {
     #[test]
     fn agency_certificate_names_its_agency() {
         let dir = tempfile::tempdir().unwrap();
-        crate::pki::ensure_dev_pki(dir.path(), &["psda"]).unwrap();
-        let der = crate::pki::load_certs(&dir.path().join("agencies/psda.pem")).unwrap();
+        crate::devpki::ensure_dev_pki(dir.path(), &["psda"]).unwrap();
+        let der = crate::files::load_certs(&dir.path().join("agencies/psda.pem")).unwrap();
         let peer = PeerCert::from_der(&der[0]).unwrap();
         assert!(peer.has_uri("urn:karibche:agency:psda"));
         assert!(peer.subject.contains("psda"));
