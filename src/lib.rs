@@ -46,6 +46,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod problem;
+pub mod query;
 pub mod registry;
 pub mod reload;
 pub mod server;

@@ -380,19 +380,6 @@ fn person_id(n: u32) -> String {
     format!("RF-{n:07}")
 }
 
-/// Percent-encodes everything but unreserved characters, for a query value.
-fn encode_query(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 impl Workload {
     fn read(&self, n: u32) -> Call {
         Call {
@@ -423,7 +410,7 @@ impl Workload {
                 path: format!(
                     "{}/persons?document={}",
                     self.prefix,
-                    encode_query(document)
+                    crate::query::encode(document)
                 ),
                 body: None,
             };

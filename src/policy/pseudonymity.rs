@@ -68,7 +68,7 @@ pub fn check_lookup(service: &Service, rest: &str, query: Option<&str>) -> Resul
     {
         let raw = pair.split_once('=').map_or(pair, |(k, _)| k);
         // Providers decode names before matching them, so the check does too.
-        let name = decode(raw).ok_or_else(|| Identifying::Parameter(shown(raw)))?;
+        let name = crate::query::decode(raw).ok_or_else(|| Identifying::Parameter(shown(raw)))?;
         let allowed =
             GATEWAY_PARAMS.contains(&name.as_str()) || service.pseudonymous_query.contains(&name);
         if !allowed {
@@ -84,26 +84,6 @@ fn shown(name: &str) -> String {
         .filter(|c| c.is_ascii_graphic())
         .take(64)
         .collect()
-}
-
-/// `application/x-www-form-urlencoded` decoding of a name; `None` if malformed.
-fn decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

@@ -54,8 +54,9 @@ pub(crate) fn parse_query(query: &str) -> Result<Params, Problem> {
     let mut out: Vec<(String, String)> = Vec::new();
     for part in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
-        let k = percent_decode(k)?;
-        let v = percent_decode(v)?;
+        let bad = || Problem::bad_request("the query string is not valid percent-encoded UTF-8");
+        let k = crate::query::decode(k).ok_or_else(bad)?;
+        let v = crate::query::decode(v).ok_or_else(bad)?;
         if out.iter().any(|(seen, _)| *seen == k) {
             return Err(Problem::bad_request(format!(
                 "query parameter {k} is given twice"
@@ -64,27 +65,4 @@ pub(crate) fn parse_query(query: &str) -> Result<Params, Problem> {
         out.push((k, v));
     }
     Ok(Params(out))
-}
-
-fn percent_decode(s: &str) -> Result<String, Problem> {
-    let bad = || Problem::bad_request("the query string is not valid percent-encoded UTF-8");
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = s
-                    .get(i + 1..i + 3)
-                    .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
-                    .ok_or_else(bad)?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
-                i += 2;
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| bad())
 }

@@ -346,7 +346,11 @@ fn parse_query(query: &str) -> Result<Vec<(String, String)>, ApiError> {
     let mut out: Vec<(String, String)> = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (decode(k)?, decode(v)?);
+        let bad = || ApiError::BadRequest("malformed percent-encoding in the query".into());
+        let (k, v) = (
+            crate::query::decode(k).ok_or_else(bad)?,
+            crate::query::decode(v).ok_or_else(bad)?,
+        );
         let shown = text::shorten(&k, 32);
         if let Err(unfit) = text::check(&k, 32) {
             return Err(ApiError::BadRequest(format!("parameter {shown:?} {unfit}")));
@@ -362,28 +366,6 @@ fn parse_query(query: &str) -> Result<Vec<(String, String)>, ApiError> {
         out.push((k, v));
     }
     Ok(out)
-}
-
-/// `application/x-www-form-urlencoded` decoding of one component.
-fn decode(s: &str) -> Result<String, ApiError> {
-    let bad = || ApiError::BadRequest("malformed percent-encoding in the query".into());
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
-                let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| bad())
 }
 
 #[cfg(test)]

@@ -200,7 +200,7 @@ impl CursorKey {
                 Some(_) if opened => return Err(CursorError::Invalid),
                 Some(sealed) => {
                     let position = self.open(scope, sealed, now)?;
-                    parts.push(format!("{prefix}{}", percent_encode(&position)));
+                    parts.push(format!("{prefix}{}", crate::query::encode(&position)));
                     opened = true;
                 }
                 None => parts.push(pair.to_owned()),
@@ -208,19 +208,6 @@ impl CursorKey {
         }
         Ok(Some(parts.join("&")))
     }
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// Now as Unix seconds (0 before 1970, which no clock reports).
