@@ -41,11 +41,15 @@ use crate::gateway::{upstream_client, Gateway, PipelineLimits};
 use crate::identity::tls;
 use crate::identity::token::{KeyStore, VerifyOptions};
 use crate::identity::{ConnInfo, PeerCert};
-use crate::limits::{ConnectionCaps, LimitSet, Limits};
+use crate::limits::{LimitSet, Limits};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::problem::{Body, Problem};
 use crate::store::{Schema, Store};
+use connections::ConnectionCaps;
+
+pub mod connections;
+pub mod reload;
 
 /// Bounds applied to every connection of one listener.
 #[derive(Debug, Clone)]
@@ -64,7 +68,7 @@ pub struct ListenLimits {
     pub per_agency: Option<Arc<ConnectionCaps>>,
 }
 
-pub use crate::reload::Shutdown;
+pub use reload::Shutdown;
 
 /// Resolves once `rx` is (or turns) true, or its sender is gone.
 async fn stopped(rx: &mut Shutdown) {
@@ -580,7 +584,7 @@ pub struct Running {
     gateway_task: tokio::task::JoinHandle<()>,
     rest_tasks: Vec<tokio::task::JoinHandle<()>>,
     audit_writer: AuditWriter,
-    reloader: Arc<crate::reload::Reloader>,
+    reloader: Arc<reload::Reloader>,
     /// This process's hold on its node name, released after the last record is written.
     node_lock: crate::store::NodeLock,
     /// How long pipelines get at shutdown to finish.
@@ -591,8 +595,8 @@ impl Running {
     /// Reloads the policy files now (as SIGHUP does): validated whole, recorded, then swapped in; a broken set is refused.
     pub async fn reload_policy(
         &self,
-    ) -> Result<crate::reload::ReloadOutcome, crate::reload::ReloadError> {
-        self.reloader.reload(crate::reload::Trigger::Api).await
+    ) -> Result<reload::ReloadOutcome, reload::ReloadError> {
+        self.reloader.reload(reload::Trigger::Api).await
     }
 
     /// Stops accepting, lets requests in flight finish (bounded), flushes the audit log, closes the database.
@@ -768,8 +772,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     let mut rest_tasks = Vec::new();
     // Identity material is reloaded while the system runs (see crate::reload).
     let gateway_tls = Arc::new(crate::identity::tls::ReloadableTls::new(tls.gateway));
-    rest_tasks.push(crate::credentials::spawn_tls_reloader(
-        crate::credentials::GatewayTlsFiles::from_config(&config),
+    rest_tasks.push(reload::credentials::spawn_tls_reloader(
+        reload::credentials::GatewayTlsFiles::from_config(&config),
         gateway_tls.clone(),
         metrics.clone(),
         config.clone(),
@@ -777,7 +781,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         rest_rx.clone(),
         crate::audit::event::EventLog::new(audit.clone(), policy.clone()),
     ));
-    rest_tasks.push(crate::credentials::spawn_key_reloader(
+    rest_tasks.push(reload::credentials::spawn_key_reloader(
         keys_dir,
         policy.clone(),
         token_options,
@@ -875,7 +879,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             source,
         })?;
     let reloader = Arc::new(
-        crate::reload::Reloader::new(
+        reload::Reloader::new(
             config.policies_dir.clone(),
             policy.clone(),
             audit.clone(),
@@ -883,7 +887,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         )
         .with_limits(rate.clone()),
     );
-    rest_tasks.push(crate::reload::spawn(reloader.clone(), rest_rx.clone()));
+    rest_tasks.push(reload::spawn(reloader.clone(), rest_rx.clone()));
     let admin = Arc::new(AdminState {
         metrics,
         ready: AtomicBool::new(false),
@@ -1030,7 +1034,7 @@ fn load_tls(config: &Config) -> Result<TlsConfigs, StartError> {
     let provider_ca = crate::files::load_certs(&config.data_path(&t.provider_ca))?;
     let chain = crate::files::load_certs(&config.data_path(&t.cert))?;
     let key = crate::files::load_key(&config.data_path(&t.key))?;
-    let gateway = crate::credentials::GatewayTlsFiles::from_config(config).build()?;
+    let gateway = reload::credentials::GatewayTlsFiles::from_config(config).build()?;
     let upstream = tls::client_config(tls::roots(&provider_ca)?, chain, key)?;
     // The register trusts the same CA for its one client, the gateway, and
     // then checks the gateway's identity on every request.
