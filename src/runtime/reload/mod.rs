@@ -7,4 +7,4 @@
 pub mod credentials;
 pub mod policy;
 
-pub use policy::{spawn, ReloadError, ReloadOutcome, Reloader, Shutdown, Trigger};
+pub use policy::{spawn, ReloadError, ReloadOutcome, Reloader, Trigger};
