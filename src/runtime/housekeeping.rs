@@ -12,7 +12,7 @@ use crate::limits::Limits;
 
 /// Writes the summary records of rate-limited floods as their windows close,
 /// and lets the limiters forget idle keys; at shutdown writes what is pending.
-pub async fn housekeeping(limits: Arc<Limits>, audit: AuditLog, mut stop: Shutdown) {
+pub async fn run(limits: Arc<Limits>, audit: AuditLog, mut stop: Shutdown) {
     const TICK: Duration = Duration::from_millis(250);
     const FORGET_EVERY: u32 = 240; // ticks: once a minute
     let mut tick = tokio::time::interval(TICK);

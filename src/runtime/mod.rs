@@ -46,7 +46,6 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::store::{NodeLock, Schema, Store};
 use connections::ConnectionCaps;
-use housekeeping::housekeeping;
 use listener::{serve_plain, serve_tls, ListenLimits};
 use reload::credentials::{spawn_key_reloader, spawn_tls_reloader, GatewayTlsFiles};
 
@@ -275,7 +274,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         builtin,
         pseudonymiser,
     );
-    rest_tasks.push(tokio::spawn(housekeeping(
+    rest_tasks.push(tokio::spawn(housekeeping::run(
         shared.rate.clone(),
         shared.audit.clone(),
         shared.stop.clone(),

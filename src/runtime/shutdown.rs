@@ -3,19 +3,19 @@
 //! Each listener, reloader and the housekeeping task holds a [`Shutdown`]
 //! receiver and ends once it turns true; [`Running::shutdown`](super::Running::shutdown)
 //! turns the gateway's first and everyone else's after the gateway has
-//! drained. [`wait_for_signal`] is what `serve` waits on before it does so.
+//! drained. `wait_for_signal` is what `serve` waits on before it does so.
 
 /// A receiver that turns true once the system should stop (every reload task and listener ends on it).
 pub type Shutdown = tokio::sync::watch::Receiver<bool>;
 
 /// Resolves once `rx` is (or turns) true, or its sender is gone.
-pub(crate) async fn stopped(rx: &mut Shutdown) {
+pub(super) async fn stopped(rx: &mut Shutdown) {
     // The borrow `wait_for` returns is not `Send`; drop it before any await.
     let _ = rx.wait_for(|s| *s).await.map(drop);
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
-pub(crate) async fn wait_for_signal() {
+pub(super) async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
