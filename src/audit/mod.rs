@@ -43,8 +43,6 @@ pub use writer::{
     DEFAULT_RESTRICTED_REPORT_DELAY,
 };
 
-use crate::problem::Problem;
-
 /// Why the log could not record, verify or read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -98,20 +96,6 @@ impl AuditError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    /// The problem shown to the caller; the detail stays in the logs.
-    pub fn problem(&self) -> Problem {
-        match self.status() {
-            StatusCode::SERVICE_UNAVAILABLE => Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "audit-unavailable",
-                "Service unavailable",
-                "the request could not be recorded, so it was not carried out",
-            ),
-            StatusCode::BAD_REQUEST => Problem::bad_request(self.to_string()),
-            _ => Problem::internal(),
         }
     }
 }
