@@ -37,7 +37,6 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod consent;
-pub mod credentials;
 pub mod devpki;
 pub mod files;
 pub mod gateway;
@@ -48,8 +47,7 @@ pub mod policy;
 pub mod problem;
 pub mod query;
 pub mod registry;
-pub mod reload;
-pub mod server;
+pub mod runtime;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]

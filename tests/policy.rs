@@ -16,7 +16,7 @@ use common::{eventually, leaf_paths, Db, TestGateway};
 use http::StatusCode;
 use karibche::audit::{self, Filter};
 use karibche::policy::Policy;
-use karibche::reload::{ReloadError, ReloadOutcome};
+use karibche::runtime::reload::{ReloadError, ReloadOutcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PERSON: &str = karibche::registry::EXAMPLE_PERSON_ID;

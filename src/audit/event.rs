@@ -1,7 +1,8 @@
 //! Events in the log: what happened to the gateway itself, beside the
 //! requests it served — a node started or stopped, its TLS material (its
 //! certificate, the agency CAs, the CRLs) or the agencies' token keys were
-//! reloaded. Policy reloads are written by `crate::reload` the same way.
+//! reloaded. Policy reloads are written by the runtime's policy reloader the
+//! same way.
 //!
 //! An event is an ordinary record in the node's chain with `method = "EVENT"`,
 //! `path` naming the event (`node-start`, `node-stop`, `tls-reload`,

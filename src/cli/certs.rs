@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use crate::config::Config;
-use crate::server;
+use crate::runtime;
 
 /// `karibche certs …`
 #[derive(Debug, Subcommand)]
@@ -55,7 +55,7 @@ pub fn run(config: &Config, cmd: &CertsCommand) -> anyhow::Result<ExitCode> {
         }
         CertsCommand::Status { warn_days } => status(config, *warn_days),
         CertsCommand::Init => {
-            let policy = server::load_policy(&config.policies_dir)?;
+            let policy = runtime::load_policy(&config.policies_dir)?;
             let names: Vec<String> = policy.agencies().map(|a| a.id.clone()).collect();
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let a = crate::devpki::ensure_dev_pki(&config.pki_dir(), &names)?;

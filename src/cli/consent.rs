@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 
 use crate::config::Config;
-use crate::server;
+use crate::runtime;
 
 /// `karibche consent …`
 #[derive(Debug, Subcommand)]
@@ -87,7 +87,7 @@ pub async fn run(config: &Config, cmd: &ConsentCommand) -> anyhow::Result<ExitCo
         store.close().await;
         return Ok(ExitCode::SUCCESS);
     }
-    let policy = server::load_policy(&config.policies_dir)?;
+    let policy = runtime::load_policy(&config.policies_dir)?;
     let node = format!("{}-cli", config.node);
     // Like a gateway node, this chain is written by one process at a time.
     let node_lock = store.lock_node(&node).await?;

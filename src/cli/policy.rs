@@ -10,7 +10,7 @@ use clap::Subcommand;
 
 use crate::config::Config;
 use crate::policy::{DecisionRequest, Operation, Policy};
-use crate::server;
+use crate::runtime;
 
 /// `karibche policy …`
 #[derive(Debug, Subcommand)]
@@ -160,8 +160,8 @@ pub fn run(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCode> {
             }
         }
         PolicyCommand::Diff { old_dir, new_dir } => {
-            let old = server::load_policy(old_dir)?;
-            let new = server::load_policy(new_dir)?;
+            let old = runtime::load_policy(old_dir)?;
+            let new = runtime::load_policy(new_dir)?;
             let text = crate::policy::diff(&old, &new);
             if text.is_empty() {
                 outln!(
@@ -185,7 +185,7 @@ pub fn run(config: &Config, cmd: &PolicyCommand) -> anyhow::Result<ExitCode> {
             operation,
             case_ref,
         } => {
-            let policy = server::load_policy(&config.policies_dir)?;
+            let policy = runtime::load_policy(&config.policies_dir)?;
             let (provider, service) = match (path, provider, service) {
                 (Some(path), _, _) => {
                     crate::policy::split_gateway_path(path).with_context(|| {

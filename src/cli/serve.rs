@@ -1,7 +1,7 @@
 //! `karibche serve`: run the gateway, the built-in register and the admin endpoint
 //! until a signal, and tell the operator where everything is.
 //!
-//! The work is the library's [`crate::server::serve`]; this file only maps the
+//! The work is the library's [`crate::runtime::serve`]; this file only maps the
 //! flags onto the configuration and prints the banner once everything is ready.
 
 use std::io::Write;
@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::config::Config;
-use crate::server::{self, Listeners, Started};
+use crate::runtime::{self, Listeners, Started};
 
 /// `karibche serve` options.
 #[derive(Debug, Args)]
@@ -64,7 +64,7 @@ impl ServeArgs {
 pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let listeners = Listeners::bind(&config).await?;
     let data_dir = config.data_dir.clone();
-    server::serve(config, listeners, |s| {
+    runtime::serve(config, listeners, |s| {
         // A server whose standard output is gone keeps serving; its logs go to standard error.
         if let Err(err) = print_banner(s, &data_dir) {
             tracing::debug!(%err, "banner not printed");

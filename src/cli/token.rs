@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 
 use crate::config::Config;
-use crate::server;
+use crate::runtime;
 
 /// `karibche token …`
 #[derive(Debug, Subcommand)]
@@ -61,7 +61,7 @@ pub fn run(config: &Config, cmd: &TokenCommand) -> anyhow::Result<ExitCode> {
                 backdate: Duration::ZERO,
             };
             // A token the gateway would refuse is refused here, with every reason at once.
-            let policy = server::load_policy(&config.policies_dir).context(
+            let policy = runtime::load_policy(&config.policies_dir).context(
                 "token issue checks the token against the policy in force (--policies DIR)",
             )?;
             if let Err(problems) =

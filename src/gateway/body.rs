@@ -43,7 +43,7 @@ pub fn head_size(parts: &http::request::Parts) -> usize {
 /// A request's head must be within the documented bounds and name one authority: exactly
 /// one valid `Host` over HTTP/1.1, and where both `Host` and the request target (or HTTP/2's
 /// `:authority`) name one, the same. Checked in the handler, so the refusal is
-/// problem+json and recorded; hyper only enforces a bound twice as large (`crate::server`).
+/// problem+json and recorded; hyper only enforces a bound twice as large (the listener, `src/runtime/listener.rs`).
 pub(crate) fn request_head(parts: &http::request::Parts) -> Result<(), Refusal> {
     let too_large = |detail: &'static str| Refusal::HEADERS_TOO_LARGE.with_detail(detail);
     if parts.headers.len() > MAX_HEADER_FIELDS {

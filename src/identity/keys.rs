@@ -5,7 +5,8 @@
 //! blocks) and/or `<agency>.jwks.json` (a JWK set). Several keys per agency
 //! let an identity provider rotate: publish the new key next to the old one,
 //! switch signing, then remove the old key. The files are reloaded when they
-//! change ([`crate::reload`]).
+//! change (the runtime's credential reload,
+//! `src/runtime/reload/credentials.rs`).
 //!
 //! Every key gets the algorithms its type allows and nothing else (RFC 8725
 //! §3.1): P-256 → ES256, Ed25519 → EdDSA, RSA of at least 2048 bits → RS256

@@ -9,7 +9,7 @@
 //! ([`Limits::reload`]) builds a new table but keeps the state of every
 //! limiter whose quota did not change, so a reload never hands out a fresh
 //! burst. Keyed limiters forget idle keys in [`Limits::forget_idle`], which
-//! the server calls periodically, so memory stays bounded however many
+//! the runtime's housekeeping calls periodically, so memory stays bounded however many
 //! officers pass.
 //!
 //! Several replicas share a quota by configuration: each enforces
@@ -20,10 +20,9 @@
 //! flood of 429s is the audit's business ([`crate::audit::sampling`]); the
 //! sampler is only held here, beside the limiters whose refusals it samples.
 //!
-//! [`ConnectionCaps`] ([`connections`]) bounds the connections one agency
-//! holds open at once.
+//! The connections one agency holds open at once are bounded by the
+//! listener (`src/runtime/connections.rs`), not here.
 
-pub mod connections;
 pub mod quota;
 
 use std::collections::HashMap;
@@ -39,7 +38,6 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::{HeaderName, HeaderValue};
 
-pub use connections::{ConnectionCaps, ConnectionSlot};
 pub use quota::{AgencyRates, LimitError, LimitErrors, LimitSet, Rate, LIMITS_FILE};
 
 use crate::audit::sampling::RefusalLog;

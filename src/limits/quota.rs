@@ -272,7 +272,7 @@ impl LimitSet {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn policy() -> Policy {

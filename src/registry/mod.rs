@@ -18,6 +18,7 @@ mod answer;
 mod bench;
 mod dates;
 mod db;
+mod front;
 mod http;
 pub mod model;
 mod names;
@@ -33,6 +34,7 @@ use crate::problem::Body;
 use crate::store::Store;
 
 pub use bench::{bench, BenchOptions, BenchReport, BenchResult, QueryPlan};
+pub use front::provider_request;
 pub use names::{surname_key, to_georgian};
 pub use statistics::MIN_CELL;
 

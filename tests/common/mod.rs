@@ -13,7 +13,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use karibche::config::Config;
-use karibche::server::{self, Listeners, Running};
+use karibche::runtime::{self, Listeners, Running};
 use karibche::testing::PgDatabase;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -82,7 +82,7 @@ impl TestGateway {
             registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
-        let running = server::start(config.clone(), listeners).await.unwrap();
+        let running = runtime::start(config.clone(), listeners).await.unwrap();
         Some(TestGateway {
             running,
             dir,
@@ -161,7 +161,7 @@ impl TestGateway {
             registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
-        let running = server::start(config.clone(), listeners).await.unwrap();
+        let running = runtime::start(config.clone(), listeners).await.unwrap();
         TestGateway {
             running,
             dir,

@@ -71,7 +71,7 @@ impl Gateway {
             .map_err(|_| Refusal::UNFORWARDABLE_PATH)?;
         // A HEAD is asked of the provider as the GET it stands for: the pipeline decides,
         // minimises and records that GET's answer, and the listener sends its headers
-        // without the body (`crate::server`). Providers need not implement HEAD.
+        // without the body (the listener, `src/runtime/listener.rs`). Providers need not implement HEAD.
         let method = if parts.method == http::Method::HEAD {
             http::Method::GET
         } else {

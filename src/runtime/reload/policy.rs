@@ -26,9 +26,7 @@ use tokio::sync::{mpsc, Mutex};
 use crate::audit::{AuditError, AuditLog, Entry};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyErrors};
-
-/// A receiver that turns true once the system should stop (every reload task and listener ends on it).
-pub type Shutdown = tokio::sync::watch::Receiver<bool>;
+use crate::runtime::shutdown::Shutdown;
 
 /// How long the directory must stay quiet after a change before reloading:
 /// editors and deploy tools write a file in several steps.
@@ -41,7 +39,7 @@ pub enum Trigger {
     Signal,
     /// A change under the policy directory.
     FileWatch,
-    /// A direct call (`Running::reload_policy` of the server, tests, tools).
+    /// A direct call (`Running::reload_policy`, tests, tools).
     Api,
 }
 

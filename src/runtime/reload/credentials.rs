@@ -23,7 +23,7 @@ use crate::identity::tls::{ClientVerification, TlsError};
 use crate::identity::token::{KeyStore, VerifyOptions};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::reload::Shutdown;
+use crate::runtime::shutdown::Shutdown;
 
 /// The files the gateway's server TLS configuration is built from.
 #[derive(Debug, Clone)]
