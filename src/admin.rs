@@ -140,12 +140,12 @@ impl AdminState {
         let _ = writeln!(
             out,
             "# HELP karibche_rate_limit_unrecorded_total Rate-limited requests not recorded one by one (each counted in a summary record).\n# TYPE karibche_rate_limit_unrecorded_total counter\nkaribche_rate_limit_unrecorded_total {}",
-            self.limits.refusals.unrecorded()
+            self.audit.refusals().unrecorded()
         );
         let _ = writeln!(
             out,
             "# HELP karibche_rate_limit_summaries_total Summary records of rate-limited requests.\n# TYPE karibche_rate_limit_summaries_total counter\nkaribche_rate_limit_summaries_total {}",
-            self.limits.refusals.summaries()
+            self.audit.refusals().summaries()
         );
         let _ = writeln!(
             out,

@@ -2,32 +2,44 @@
 //!
 //! Ministries ask each other, and above all the central register of
 //! foreigners, for records about non-citizens. Every request crosses this
-//! gateway, which:
+//! gateway, whose pipeline ([`gateway`], one file per step) runs in this
+//! order:
 //!
-//! 1. knows which **agency** asks, from its TLS client certificate ([`tls`],
-//!    [`identity`], revocation in [`crl`]);
-//! 2. knows which **officer** asks and **why**, from a JWT signed by the agency
-//!    ([`token`], the agencies' keys in [`keys`]);
-//! 3. decides from the **policy files** administrators edit ([`policy`],
-//!    reloaded without restart by [`reload`]);
-//! 4. holds everyone to **quotas** and keeps providers from overload
-//!    ([`limits`], [`breaker`]);
-//! 5. checks the data subject's **consent** where a grant needs it ([`consent`]);
-//! 6. forwards to the **provider** and releases only the granted fields, some
-//!    only pseudonymised or coarsened ([`proxy`], [`minimise`], [`transform`]),
-//!    with cursors sealed ([`cursor`]) and no lookup that would link a
-//!    pseudonym to a person ([`pseudonymity`]);
-//! 7. commits a tamper-evident **audit record** before any data leaves, and
-//!    for a change the record of its attempt before it is made ([`audit`]);
-//!    auditors read the log over the gateway itself ([`audit_api`]).
+//! 1. **authn** — which agency asks, from its TLS client certificate, and
+//!    which officer asks and why, from a JWT signed by the agency
+//!    ([`identity`]: certificates, CRLs, agency keys, token verification);
+//! 2. **route** and **authz** — the provider and service named by the path,
+//!    and what the policy files administrators edit allow ([`policy`],
+//!    reloaded without restart by [`runtime`]);
+//! 3. **limit** — agency, officer and grant quotas ([`limits`]);
+//! 4. **consent** — the data subject's consent where a grant needs it
+//!    ([`consent`]);
+//! 5. **forward** and **release** — the provider's answer, under its
+//!    concurrency cap and circuit breaker, cut down to the granted fields,
+//!    some pseudonymised or coarsened, cursors sealed;
+//! 6. **audit** — a tamper-evident record committed before any data leaves,
+//!    and for a change the record of its attempt before it is made
+//!    ([`audit`]). The gateway's facts about a request become that record in
+//!    one place (`gateway::exchange`), and every answer that is not data is
+//!    one of `gateway::refusal`'s.
 //!
-//! The built-in register of foreigners ([`registry`]) is a provider like any
-//! other, on its own TLS listener. [`admin`] serves health and metrics;
-//! [`store`] holds the database (SQLite by default, PostgreSQL for replicas);
-//! [`pki`] makes the development certificates and [`credentials`] reloads
-//! certificates, CRLs and keys when their files change.
-//! [`serve`](crate::server::serve) runs all of it; the `karibche` binary only
-//! parses its command line and calls into this library.
+//! The consent API and the auditors' API are built-in providers
+//! (`gateway::builtin`). The register of foreigners ([`registry`]) is a
+//! provider like any other, on its own listener and database.
+//!
+//! Around the pipeline: [`runtime`] wires it all together and runs the
+//! listeners, housekeeping and reloads; [`admin`] serves health, readiness
+//! and `/metrics` from the counters in [`metrics`]; [`store`] opens the
+//! databases (SQLite by default, PostgreSQL for replicas) with one migration
+//! set each; [`config`] holds every setting and its default; [`files`] reads
+//! PEM files and keys, hashes, and writes private files atomically;
+//! [`problem`] is the `application/problem+json` body and [`query`] reads
+//! and writes query components strictly. [`devpki`] makes the
+//! development certificates, keys and tokens and nothing else; [`bench`](mod@bench) is
+//! the load generator; [`cli`] has one file per command, and the `karibche`
+//! binary only parses its command line and calls [`cli::run`].
+//! `docs/ARCHITECTURE.md` draws the rooms and says where to add a step, a
+//! provider or a command.
 
 #![forbid(unsafe_code)]
 

@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 
 use super::checkpoint::{self, AuditKey, Checkpoint};
 use super::record::{audit_columns, prepare, Entry, AUDIT_COLUMN_COUNT, GENESIS_HASH};
+use super::sampling::RefusalLog;
 use super::AuditError;
 use crate::config::{DEFAULT_AUDIT_MAX_BATCH, DEFAULT_AUDIT_QUEUE};
 use crate::store::{Backend, Store};
@@ -141,6 +142,8 @@ pub struct AuditLog {
     store: Store,
     /// How long restricted accesses stay out of the data subject's report.
     restricted_report_delay: Duration,
+    /// Which rate-limit refusals get a record of their own, and the summaries of the rest.
+    refusals: Arc<RefusalLog>,
 }
 
 /// The writer task; [`AuditWriter::finish`] waits for it to drain and stop.
@@ -157,6 +160,11 @@ impl std::fmt::Debug for AuditLog {
 }
 
 impl AuditLog {
+    /// The sampler deciding which rate-limit refusals are recorded one by one.
+    pub fn refusals(&self) -> &RefusalLog {
+        &self.refusals
+    }
+
     /// Starts the writer task on the current tokio runtime; loads this node's
     /// chain head from the database.
     pub async fn start(
@@ -196,6 +204,7 @@ impl AuditLog {
                 close,
                 store,
                 restricted_report_delay,
+                refusals: Arc::new(RefusalLog::new(Duration::from_secs(1), 10_000)),
             },
             AuditWriter { task },
         ))

@@ -68,7 +68,7 @@ pub struct BenchArgs {
     /// Persons in the register (ids RF-0000001 …).
     #[arg(long, default_value_t = 10_000)]
     pub persons: u32,
-    /// Client certificate [default: pki/agencies/<agency>.pem; direct: pki/gateway.pem].
+    /// Client certificate [default: pki/agencies/AGENCY.pem; direct: pki/gateway.pem].
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
     /// Client key [default: beside the certificate].

@@ -46,7 +46,7 @@ impl From<Row> for Consent {
 const COLUMNS: &str = "id, subject, agency, purpose, scope, given_at, valid_until, evidence_ref, \
                        recorded_at, recorded_by, revoked_at";
 
-/// Consent records in the database; cheap to clone. Changes go through [`Consents`], which audits them.
+/// Consent records in the database; cheap to clone. Changes go through `crate::consent::Consents`, which audits them.
 #[derive(Debug, Clone)]
 pub struct ConsentStore {
     store: Store,

@@ -228,7 +228,7 @@ impl Gateway {
         let mut id = exchange.id.clone();
         // A flood of 429s is folded into summary records (src/limits.rs); a 429 carries no data.
         let sample = if entry.reason.as_deref() == Some(RATE_LIMITED) {
-            self.rate.refusals.sample(&entry, Instant::now())
+            self.audit.refusals().sample(&entry, Instant::now())
         } else {
             Sample::Record
         };

@@ -17,8 +17,8 @@
 //!
 //! Over the limit a request gets 429 with `Retry-After`, `RateLimit-Policy`
 //! and `RateLimit` ([`Exceeded::headers`]). What the audit log keeps of a
-//! flood of 429s is the audit's business ([`crate::audit::sampling`]); the
-//! sampler is only held here, beside the limiters whose refusals it samples.
+//! flood of 429s is the audit log's business (`crate::audit::sampling`, held
+//! by the `AuditLog`): limits know nothing of the log.
 //!
 //! The connections one agency holds open at once are bounded by the
 //! listener (`src/runtime/connections.rs`), not here.
@@ -39,8 +39,6 @@ use governor::{Quota, RateLimiter};
 use http::{HeaderName, HeaderValue};
 
 pub use quota::{AgencyRates, LimitError, LimitErrors, LimitSet, Rate, LIMITS_FILE};
-
-use crate::audit::sampling::RefusalLog;
 
 /// The reason code of a request refused by a quota (audit log and metrics).
 pub const RATE_LIMITED: &str = "rate_limited";
@@ -233,8 +231,6 @@ impl Table {
 pub struct Limits {
     table: ArcSwap<Table>,
     replicas: u32,
-    /// Which refusals are written to the audit log one by one.
-    pub refusals: RefusalLog,
 }
 
 impl fmt::Debug for Limits {
@@ -252,7 +248,6 @@ impl Limits {
         Limits {
             table: ArcSwap::from_pointee(Table::build(set, replicas, None)),
             replicas: replicas.max(1),
-            refusals: RefusalLog::new(Duration::from_secs(1), 10_000),
         }
     }
 

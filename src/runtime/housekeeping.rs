@@ -23,7 +23,7 @@ pub async fn run(limits: Arc<Limits>, audit: AuditLog, mut stop: Shutdown) {
             _ = stopped(&mut stop) => break,
             _ = tick.tick() => {}
         }
-        for entry in limits.refusals.due(std::time::Instant::now()) {
+        for entry in audit.refusals().due(std::time::Instant::now()) {
             write_summary(&audit, entry).await;
         }
         ticks = (ticks + 1) % FORGET_EVERY;
@@ -31,7 +31,7 @@ pub async fn run(limits: Arc<Limits>, audit: AuditLog, mut stop: Shutdown) {
             limits.forget_idle();
         }
     }
-    for entry in limits.refusals.drain() {
+    for entry in audit.refusals().drain() {
         write_summary(&audit, entry).await;
     }
 }

@@ -7,7 +7,7 @@
 //! forward and release.
 //!
 //! Adding one: write a file here implementing [`Builtin`], and add it to
-//! [`TABLE`]. (`builtin:registry` is not in the table: the register is a
+//! `TABLE`. (`builtin:registry` is not in the table: the register is a
 //! provider on its own listener, forwarded to by URL.)
 
 pub mod audit;
@@ -78,7 +78,7 @@ pub trait Builtin: Send + Sync {
         Operation::from_method(method).ok_or(Refusal::METHOD_NOT_ALLOWED)
     }
 
-    /// Answers the request; a change is logged ahead through [`Gateway::log_ahead`] first.
+    /// Answers the request; a change is logged ahead through `Gateway::log_ahead` first.
     fn serve<'a>(
         &'a self,
         call: Call<'a>,
