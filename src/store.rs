@@ -100,18 +100,7 @@ impl Schema {
 /// Legacy version numbers are kept in both new sets (each set holds its share
 /// of them), so "applied up to N" means the same in the new tables.
 async fn legacy_version(pool: &AnyPool, backend: Backend) -> Result<Option<i64>, sqlx::Error> {
-    let exists = match backend {
-        Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = $1",
-        Backend::Postgres => {
-            "SELECT COUNT(*) FROM information_schema.tables \
-             WHERE table_schema = current_schema() AND table_name = $1"
-        }
-    };
-    let (n,): (i64,) = sqlx::query_as(exists)
-        .bind(LEGACY_MIGRATIONS_TABLE)
-        .fetch_one(pool)
-        .await?;
-    if n == 0 {
+    if !has_table(pool, backend, LEGACY_MIGRATIONS_TABLE).await? {
         return Ok(None);
     }
     let (max,): (Option<i64>,) =
@@ -119,6 +108,23 @@ async fn legacy_version(pool: &AnyPool, backend: Backend) -> Result<Option<i64>,
             .fetch_one(pool)
             .await?;
     Ok(max)
+}
+
+/// Whether the database has a table of that name (in the current schema on PostgreSQL).
+pub(crate) async fn has_table(
+    pool: &AnyPool,
+    backend: Backend,
+    name: &str,
+) -> Result<bool, sqlx::Error> {
+    let sql = match backend {
+        Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = $1",
+        Backend::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = current_schema() AND table_name = $1"
+        }
+    };
+    let (n,): (i64,) = sqlx::query_as(sql).bind(name).fetch_one(pool).await?;
+    Ok(n > 0)
 }
 
 /// Which database engine the store talks to.

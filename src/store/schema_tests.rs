@@ -10,19 +10,9 @@ use super::*;
 use crate::audit::{AuditConfig, AuditLog, Entry};
 
 async fn has_table(store: &Store, name: &str) -> bool {
-    let sql = match store.backend() {
-        Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = $1",
-        Backend::Postgres => {
-            "SELECT COUNT(*) FROM information_schema.tables \
-             WHERE table_schema = current_schema() AND table_name = $1"
-        }
-    };
-    let (n,): (i64,) = sqlx::query_as(sql)
-        .bind(name)
-        .fetch_one(store.pool())
+    crate::store::has_table(store.pool(), store.backend(), name)
         .await
-        .unwrap();
-    n > 0
+        .unwrap()
 }
 
 #[tokio::test]
