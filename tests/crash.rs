@@ -24,19 +24,12 @@ async fn sigkill_under_load_loses_no_acknowledged_record() {
     let pki = data.join("pki");
     let (cert, key) = karibche::devpki::agency_files(&pki, "mia-border");
     let client = Arc::new(Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr));
-    let token = karibche::devpki::token::issue(
+    let token = common::dev_token(
         &data.join("keys"),
-        &karibche::devpki::token::IssueRequest {
-            agency: "mia-border".into(),
-            officer: "officer-1".into(),
-            purpose: "border-control".into(),
-            case_ref: None,
-            ttl: Duration::from_secs(300),
-            audience: "karibche".into(),
-            backdate: Duration::ZERO,
-        },
-    )
-    .unwrap();
+        "mia-border",
+        "officer-1",
+        "border-control",
+    );
 
     let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut workers = Vec::new();
@@ -134,19 +127,12 @@ async fn sigkill_between_forward_and_outcome_leaves_an_attempt_with_outcome_unkn
 
     let (cert, key) = karibche::devpki::agency_files(&pki, "mia-border");
     let client = Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr);
-    let token = karibche::devpki::token::issue(
+    let token = common::dev_token(
         &data.join("keys"),
-        &karibche::devpki::token::IssueRequest {
-            agency: "mia-border".into(),
-            officer: "officer-7".into(),
-            purpose: "border-control".into(),
-            case_ref: None,
-            ttl: Duration::from_secs(300),
-            audience: "karibche".into(),
-            backdate: Duration::ZERO,
-        },
-    )
-    .unwrap();
+        "mia-border",
+        "officer-7",
+        "border-control",
+    );
     let body = serde_json::json!({"person_id": "RF-0000001", "note": "seen at Sarpi"});
     let digest = common::sha256_hex(&serde_json::to_vec(&body).unwrap());
     let write = tokio::spawn(async move {

@@ -288,19 +288,12 @@ async fn personal_data_and_keys_stay_private_under_a_permissive_umask() {
     let pki = data.join("pki");
     let (cert, key) = karibche::devpki::agency_files(&pki, "mia-border");
     let client = common::Client::new(&pki.join("ca.pem"), Some((&cert, &key)), addr);
-    let token = karibche::devpki::token::issue(
+    let token = common::dev_token(
         &data.join("keys"),
-        &karibche::devpki::token::IssueRequest {
-            agency: "mia-border".into(),
-            officer: "officer-1".into(),
-            purpose: "border-control".into(),
-            case_ref: None,
-            ttl: std::time::Duration::from_secs(300),
-            audience: "karibche".into(),
-            backdate: std::time::Duration::ZERO,
-        },
-    )
-    .unwrap();
+        "mia-border",
+        "officer-1",
+        "border-control",
+    );
     let r = client
         .get("/v1/registry/persons/RF-0000001", Some(&token))
         .await;

@@ -45,22 +45,6 @@ async fn start(limits: &str, adjust: impl FnOnce(&mut Config, &Path)) -> TestGat
     .unwrap()
 }
 
-fn token_for(gw: &TestGateway, agency: &str, officer: &str, purpose: &str) -> String {
-    karibche::devpki::token::issue(
-        &gw.config.data_path(&gw.config.tokens.keys_dir),
-        &karibche::devpki::token::IssueRequest {
-            agency: agency.into(),
-            officer: officer.into(),
-            purpose: purpose.into(),
-            case_ref: None,
-            ttl: Duration::from_secs(300),
-            audience: "karibche".into(),
-            backdate: Duration::ZERO,
-        },
-    )
-    .unwrap()
-}
-
 fn header<'a>(r: &'a common::Reply, name: &str) -> &'a str {
     r.headers
         .get(name)
@@ -178,8 +162,8 @@ async fn an_officer_limit_sits_inside_the_agency_limit() {
     let psda = gw.client("psda");
     let purpose = "identity-documentation";
     let (t1, t2) = (
-        token_for(&gw, "psda", "officer-1", purpose),
-        token_for(&gw, "psda", "officer-2", purpose),
+        gw.officer_token("psda", "officer-1", purpose),
+        gw.officer_token("psda", "officer-2", purpose),
     );
     let mut one = Vec::new();
     for _ in 0..6 {
@@ -538,21 +522,12 @@ async fn sigterm_under_load_loses_no_acknowledged_request() {
         Some((&cert, &key)),
         gateway,
     ));
-    let token = Arc::new(
-        karibche::devpki::token::issue(
-            &data.join("keys"),
-            &karibche::devpki::token::IssueRequest {
-                agency: "mia-border".into(),
-                officer: "officer-1".into(),
-                purpose: "border-control".into(),
-                case_ref: None,
-                ttl: Duration::from_secs(300),
-                audience: "karibche".into(),
-                backdate: Duration::ZERO,
-            },
-        )
-        .unwrap(),
-    );
+    let token = Arc::new(common::dev_token(
+        &data.join("keys"),
+        "mia-border",
+        "officer-1",
+        "border-control",
+    ));
 
     // Eight clients ask as fast as they can until the gateway stops answering.
     let acknowledged = Arc::new(Mutex::new(Vec::<(u16, String)>::new()));
@@ -639,7 +614,7 @@ async fn a_grant_can_set_a_smaller_body_limit_and_slow_bodies_time_out() {
         std::fs::write(&file, text).unwrap();
     })
     .await;
-    let token = token_for(&gw, "mfa-consular", "consul-1", "visa-decision");
+    let token = gw.officer_token("mfa-consular", "consul-1", "visa-decision");
     let big = format!(
         "{{\"person_id\": \"RF-0000001\", \"padding\": \"{}\"}}",
         "x".repeat(400)

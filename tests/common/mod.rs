@@ -215,19 +215,12 @@ impl TestGateway {
 
     /// A development token for a named officer of an agency.
     pub fn officer_token(&self, agency: &str, officer: &str, purpose: &str) -> String {
-        karibche::devpki::token::issue(
+        dev_token(
             &self.config.data_path(&self.config.tokens.keys_dir),
-            &karibche::devpki::token::IssueRequest {
-                agency: agency.into(),
-                officer: officer.into(),
-                purpose: purpose.into(),
-                case_ref: None,
-                ttl: Duration::from_secs(300),
-                audience: "karibche".into(),
-                backdate: Duration::ZERO,
-            },
+            agency,
+            officer,
+            purpose,
         )
-        .unwrap()
     }
 
     /// `/readyz` of the running system: its status.
@@ -477,6 +470,23 @@ impl TestGateway {
     pub async fn record_of(&self, reply: &Reply) -> karibche::audit::Record {
         self.record(&reply.request_id()).await
     }
+}
+
+/// A five-minute development token of `officer` (no case), signed with the agency's key in `keys_dir`.
+pub fn dev_token(keys_dir: &Path, agency: &str, officer: &str, purpose: &str) -> String {
+    karibche::devpki::token::issue(
+        keys_dir,
+        &karibche::devpki::token::IssueRequest {
+            agency: agency.into(),
+            officer: officer.into(),
+            purpose: purpose.into(),
+            case_ref: None,
+            ttl: Duration::from_secs(300),
+            audience: "karibche".into(),
+            backdate: Duration::ZERO,
+        },
+    )
+    .unwrap()
 }
 
 /// Polls `check` until it holds or `within` passes.
