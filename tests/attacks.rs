@@ -265,9 +265,10 @@ fn cert_sha256(cert: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bound_tokens_hold_only_on_their_certificate() {
-    let gw = TestGateway::start_configured(Db::Sqlite, |c, _| c.tokens.require_bound_tokens = true)
-        .await
-        .unwrap();
+    let gw =
+        TestGateway::start_configured(Db::from_env(), |c, _| c.tokens.require_bound_tokens = true)
+            .await
+            .unwrap();
     let client = gw.client("mia-border");
     let (own, _) = karibche::devpki::agency_files(&gw.pki(), "mia-border");
     let (other, _) = karibche::devpki::agency_files(&gw.pki(), "psda");
@@ -497,7 +498,7 @@ async fn an_agency_policy_can_require_bound_tokens() {
     let text = text.replacen("name = ", "require_bound_tokens = true\nname = ", 1);
     std::fs::write(&file, text).unwrap();
     let dir = policies.path().to_owned();
-    let gw = TestGateway::start_configured(Db::Sqlite, move |c, _| c.policies_dir = dir)
+    let gw = TestGateway::start_configured(Db::from_env(), move |c, _| c.policies_dir = dir)
         .await
         .unwrap();
     let unbound = gw

@@ -351,7 +351,8 @@ async fn register_accepts_only_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwritable_audit_log_means_503_and_no_data() {
-    let gw = TestGateway::start().await;
+    // A SQLite trigger blocks the log; tests/storage.rs kills PostgreSQL's backends instead.
+    let gw = TestGateway::start_with(Db::Sqlite).await.unwrap();
     let store = gw.running.store.clone();
     sqlx::raw_sql(
         "CREATE TRIGGER audit_block BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'blocked'); END;",

@@ -37,7 +37,7 @@ fn copy_policies(dir: &Path, limits: &str) -> PathBuf {
 }
 
 async fn start(limits: &str, adjust: impl FnOnce(&mut Config, &Path)) -> TestGateway {
-    TestGateway::start_configured(Db::Sqlite, |config, dir| {
+    TestGateway::start_configured(Db::from_env(), |config, dir| {
         config.policies_dir = copy_policies(dir, limits);
         adjust(config, dir);
     })

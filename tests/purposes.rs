@@ -8,8 +8,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::TestGateway;
 use common::PERSON;
+use common::{Db, TestGateway};
 use http::StatusCode;
 
 /// Runs the binary; returns the exit code and stdout + stderr.
@@ -31,7 +31,8 @@ fn repo_policies() -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_look_up_of_the_log_is_not_a_read_and_a_restricted_interest_stays_restricted() {
-    let gw = TestGateway::start().await;
+    // SQLite: the command-line report below reads the data directory's database.
+    let gw = TestGateway::start_with(Db::Sqlite).await.unwrap();
     let border = gw.token("mia-border", "border-control", None);
     let read = gw
         .client("mia-border")

@@ -33,6 +33,17 @@ pub enum Db {
     Postgres,
 }
 
+impl Db {
+    /// The database of tests that do not name one: SQLite, or PostgreSQL with
+    /// `KARIBCHE_TEST_DB=postgres`, to run the same attacks against it.
+    pub fn from_env() -> Db {
+        match std::env::var("KARIBCHE_TEST_DB").as_deref() {
+            Ok("postgres") => Db::Postgres,
+            _ => Db::Sqlite,
+        }
+    }
+}
+
 fn repo_policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
 }
@@ -46,11 +57,11 @@ impl TestGateway {
             .expect("the built-in register runs in this test gateway")
     }
 
-    /// Starts gateway, register and admin on 127.0.0.1:0 with SQLite.
+    /// Starts gateway, register and admin on 127.0.0.1:0 with [`Db::from_env`]'s database.
     pub async fn start() -> TestGateway {
-        Self::start_with(Db::Sqlite)
+        Self::start_with(Db::from_env())
             .await
-            .expect("SQLite always available")
+            .expect("the test database is available")
     }
 
     /// Starts with the given database; `None` when PostgreSQL is unreachable outside CI.
