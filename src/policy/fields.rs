@@ -63,33 +63,25 @@ impl FieldSet {
 
     /// True when `path` lies inside a granted path (`visas.number` is covered by `visas`).
     pub fn covers(&self, path: &str) -> bool {
-        let mut node = &self.root;
-        for segment in path.split('.') {
-            if node.all {
-                return true;
-            }
-            match node.children.get(segment) {
-                Some(child) => node = child,
-                None => return false,
-            }
-        }
-        node.all
+        self.reach(path).is_some_and(|node| node.all)
     }
 
     /// True when `path` and a granted path are equal or one contains the other
     /// (`visas` overlaps `visas.number` both ways).
     pub fn overlaps(&self, path: &str) -> bool {
+        self.reach(path).is_some()
+    }
+
+    /// The node `path` leads to, stopping early at a granted subtree; `None` when it leaves the tree.
+    fn reach(&self, path: &str) -> Option<&Node> {
         let mut node = &self.root;
         for segment in path.split('.') {
             if node.all {
-                return true;
+                return Some(node);
             }
-            match node.children.get(segment) {
-                Some(child) => node = child,
-                None => return false,
-            }
+            node = node.children.get(segment)?;
         }
-        true
+        Some(node)
     }
 }
 
