@@ -153,11 +153,10 @@ async fn a_full_disk_fails_closed_loses_nothing_and_recovers_by_itself() {
     let stop = Arc::new(AtomicBool::new(false));
     let workers = load(&gw, stop.clone(), seen.clone());
     // Some traffic on a healthy store, then the disk fills up under it.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while seen.lock().unwrap().len() < 50 {
-        assert!(Instant::now() < deadline, "load did not get going");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let going = common::eventually(Duration::from_secs(20), async || {
+        seen.lock().unwrap().len() >= 50
+    });
+    assert!(going.await, "load did not get going");
     let filler = fs.fill("filler");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -247,11 +246,10 @@ async fn a_killed_postgres_backend_loses_nothing_and_the_node_recovers() {
     let seen: Seen = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let workers = load(&gw, stop.clone(), seen.clone());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while seen.lock().unwrap().len() < 30 {
-        assert!(Instant::now() < deadline, "load did not get going");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let going = common::eventually(Duration::from_secs(20), async || {
+        seen.lock().unwrap().len() >= 30
+    });
+    assert!(going.await, "load did not get going");
     // Terminate the backend that is inside an audit batch — this test's own database only.
     let mut killed = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
