@@ -483,6 +483,21 @@ impl TestGateway {
     }
 }
 
+/// TLS for a test provider: the register's development certificate under `pki`
+/// (which the gateway trusts for providers), clients verified against the CA.
+pub fn provider_acceptor(pki: &Path) -> tokio_rustls::TlsAcceptor {
+    let config = karibche::identity::tls::server_config(
+        karibche::files::load_certs(&pki.join("registry.pem")).unwrap(),
+        karibche::files::load_key(&pki.join("registry.key")).unwrap(),
+        &karibche::identity::tls::ClientVerification {
+            cas: karibche::files::load_certs(&pki.join("ca.pem")).unwrap(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
 /// A five-minute development token of `officer` (no case), signed with the agency's key in `keys_dir`.
 pub fn dev_token(keys_dir: &Path, agency: &str, officer: &str, purpose: &str) -> String {
     karibche::devpki::token::issue(
@@ -719,17 +734,7 @@ impl TestProvider {
     /// Serves with the register's certificate from `gw`'s development PKI, trusting the
     /// gateway's CA for the gateway's client certificate.
     pub fn serve(&self, gw: &TestGateway) {
-        let pki = gw.pki();
-        let tls = karibche::identity::tls::server_config(
-            karibche::files::load_certs(&pki.join("registry.pem")).unwrap(),
-            karibche::files::load_key(&pki.join("registry.key")).unwrap(),
-            &karibche::identity::tls::ClientVerification {
-                cas: karibche::files::load_certs(&pki.join("ca.pem")).unwrap(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let acceptor = provider_acceptor(&gw.pki());
         let listener = self.listener.lock().unwrap().take().expect("served once");
         let state = self.state.clone();
         tokio::spawn(async move {
@@ -1246,16 +1251,7 @@ pub fn holding_provider(
     pki: &Path,
 ) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let config = karibche::identity::tls::server_config(
-        karibche::files::load_certs(&pki.join("registry.pem")).unwrap(),
-        karibche::files::load_key(&pki.join("registry.key")).unwrap(),
-        &karibche::identity::tls::ClientVerification {
-            cas: karibche::files::load_certs(&pki.join("ca.pem")).unwrap(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = provider_acceptor(pki);
     listener.set_nonblocking(true).unwrap();
     let listener = TcpListener::from_std(listener).unwrap();
     let (held, holding) = tokio::sync::mpsc::channel(64);
