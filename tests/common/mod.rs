@@ -1385,3 +1385,16 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The path of an outside tool a test needs (haproxy, promtool, chromium, …);
+/// panics naming the package when it is missing (`bash .ci/run` installs them).
+pub fn require_tool(name: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("this test needs `{name}` (package {package}); `bash .ci/run` installs it")
+}
