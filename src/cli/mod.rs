@@ -29,6 +29,7 @@ pub mod audit;
 pub mod bench;
 pub mod certs;
 pub mod consent;
+pub mod health;
 pub mod policy;
 pub mod registry;
 pub mod serve;
@@ -112,6 +113,8 @@ pub enum Command {
     /// Data subjects' consents: record, revoke, list (each change is an audit event).
     #[command(subcommand)]
     Consent(consent::ConsentCommand),
+    /// Ask a node's admin endpoint whether it is ready (exit 0) or not (exit 1).
+    Health(health::HealthArgs),
 }
 
 impl Cli {
@@ -174,6 +177,10 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Needs no configuration: it only asks another process over HTTP.
+    if let Command::Health(args) = &cli.command {
+        return health::run(args).await;
+    }
     let quiet = !matches!(cli.command, Command::Serve(_));
     init_logging(cli.common.log_format, if quiet { "warn" } else { "info" });
     let config = cli.config()?;
@@ -186,5 +193,6 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Certs(cmd) => certs::run(&config, cmd),
         Command::Registry(cmd) => registry::run(&config, cmd).await,
         Command::Consent(cmd) => consent::run(&config, cmd).await,
+        Command::Health(args) => health::run(args).await,
     }
 }
