@@ -16,6 +16,9 @@ impl Gateway {
     ) -> Result<(), Refusal> {
         self.rate
             .check(agency, officer, route.provider, route.service)
-            .map_err(|e| Refusal::rate_limited(&e))
+            .map_err(|e| {
+                self.metrics.quota_refused(agency, e.scope.as_str());
+                Refusal::rate_limited(&e)
+            })
     }
 }
