@@ -137,7 +137,11 @@ impl AdminState {
             gauge(i64::from(database)),
         );
         let a = self.audit.stats();
-        more.register("audit_records", "Audit records committed", counter(a.committed));
+        more.register(
+            "audit_records",
+            "Audit records committed",
+            counter(a.committed),
+        );
         more.register(
             "audit_batches",
             "Audit transactions committed (group commits)",

@@ -365,10 +365,7 @@ impl Metrics {
 
     /// Policy reloads so far: (swapped in, refused).
     pub fn policy_reload_counts(&self) -> (u64, u64) {
-        (
-            self.policy_reloads.get(),
-            self.policy_reload_failures.get(),
-        )
+        (self.policy_reloads.get(), self.policy_reload_failures.get())
     }
 
     /// Counts a connection or request cut off or refused by an overload bound
@@ -563,10 +560,7 @@ fn process_metrics(registry: &mut Registry) {
             gauge(rss as i64 * PAGE_SIZE),
         );
     }
-    if let (Some(start), Ok(uptime)) = (
-        field(19),
-        std::fs::read_to_string("/proc/uptime"),
-    ) {
+    if let (Some(start), Ok(uptime)) = (field(19), std::fs::read_to_string("/proc/uptime")) {
         let booted_for = uptime
             .split_whitespace()
             .next()
@@ -607,7 +601,13 @@ mod tests {
     fn metrics_render_openmetrics_text() {
         let m = Metrics::default();
         m.request_done("a", "p", "s", StatusCode::OK, Duration::from_millis(2));
-        m.request_done("a", "p", "s", StatusCode::FORBIDDEN, Duration::from_millis(1));
+        m.request_done(
+            "a",
+            "p",
+            "s",
+            StatusCode::FORBIDDEN,
+            Duration::from_millis(1),
+        );
         m.refused("a", "no_grant", true);
         m.refused("a", "provider_not_found", false);
         m.handshake_failed("gateway", "no_certificate");
@@ -629,7 +629,10 @@ mod tests {
         assert!(out.contains("karibche_build_info{"), "{out}");
         assert!(out.ends_with("# EOF\n"), "{out}");
         let classic = m.render(&Registry::default(), false);
-        assert!(classic.contains("# TYPE karibche_requests_total counter"), "{classic}");
+        assert!(
+            classic.contains("# TYPE karibche_requests_total counter"),
+            "{classic}"
+        );
         assert_eq!(m.overloads("gateway", "header_timeout"), 1);
         assert_eq!(m.handshake_failures("gateway"), 1);
     }

@@ -18,7 +18,11 @@ use hyper_util::rt::TokioExecutor;
 #[derive(Debug, Args)]
 pub struct HealthArgs {
     /// The readiness URL to ask.
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9090/readyz")]
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:9090/readyz"
+    )]
     pub url: String,
     /// How long to wait for the whole answer.
     #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = humantime::parse_duration)]
@@ -70,7 +74,12 @@ async fn ask(url: &str) -> Result<(), Unhealthy> {
         .into_body()
         .collect()
         .await
-        .map(|b| String::from_utf8_lossy(&b.to_bytes()).chars().take(500).collect())
+        .map(|b| {
+            String::from_utf8_lossy(&b.to_bytes())
+                .chars()
+                .take(500)
+                .collect()
+        })
         .unwrap_or_default();
     Err(Unhealthy::NotReady {
         status: status.as_u16(),

@@ -13,8 +13,8 @@ use crate::audit::text::{
     self, MAX_CLAIM_CHARS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_PURPOSE_CHARS,
 };
 use crate::audit::{Decision, Entry};
-use crate::identity::token::Officer;
 use crate::gateway::trace::TraceContext;
+use crate::identity::token::Officer;
 use crate::policy::Operation;
 
 /// The policy's verdict on a request, once it was decided.

@@ -290,7 +290,9 @@ impl Gateway {
         access.log(&access::Finished {
             id: &id,
             status: resp.status().as_u16(),
-            bytes: hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0),
+            bytes: hyper::body::Body::size_hint(resp.body())
+                .exact()
+                .unwrap_or(0),
             upstream: exchange.upstream_took(),
             total,
             trace_id: &exchange.trace_context().trace_id,

@@ -30,7 +30,11 @@ fn random_hex<const N: usize>() -> String {
     use aws_lc_rs::rand::SecureRandom;
     let mut bytes = [0u8; N];
     // The system's generator does not fail on Linux; a zero id would be refused by the next hop, so retry once with a UUID's randomness.
-    if aws_lc_rs::rand::SystemRandom::new().fill(&mut bytes).is_err() || bytes.iter().all(|b| *b == 0) {
+    if aws_lc_rs::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .is_err()
+        || bytes.iter().all(|b| *b == 0)
+    {
         let uuid = uuid::Uuid::now_v7();
         for (b, u) in bytes.iter_mut().rev().zip(uuid.as_bytes().iter().rev()) {
             *b = *u | 1;
@@ -40,13 +44,16 @@ fn random_hex<const N: usize>() -> String {
 }
 
 fn is_lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// `(trace id, flags)` of a well-formed `traceparent`, if it is one.
 fn parse_traceparent(v: &str) -> Option<(String, u8)> {
     let mut parts = v.trim().split('-');
-    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     // Version 00 has exactly four parts; later versions may add more.
     if !is_lower_hex(version, 2) || version == "ff" || (version == "00" && parts.next().is_some()) {
         return None;
@@ -135,7 +142,10 @@ mod tests {
         assert_ne!(t.span_id, "00f067aa0ba902b7");
         assert_eq!(t.state.as_deref(), Some("vendor=x"));
         let out = t.traceparent();
-        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-01"), "{out}");
+        assert!(
+            out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-01"),
+            "{out}"
+        );
         assert!(parse_traceparent(&out).is_some());
     }
 

@@ -46,7 +46,8 @@ struct HandshakeLog {
 
 impl HandshakeLog {
     fn new() -> HandshakeLog {
-        let per_second = std::num::NonZeroU32::new(HANDSHAKE_LOGS_PER_SECOND).unwrap_or(std::num::NonZeroU32::MIN);
+        let per_second = std::num::NonZeroU32::new(HANDSHAKE_LOGS_PER_SECOND)
+            .unwrap_or(std::num::NonZeroU32::MIN);
         HandshakeLog {
             budget: governor::RateLimiter::direct(governor::Quota::per_second(per_second)),
             suppressed: std::sync::atomic::AtomicU64::new(0),
@@ -73,20 +74,24 @@ impl HandshakeLog {
 /// The `/metrics` reason of a failed handshake: what the peer's certificate or protocol got wrong.
 fn handshake_reason(err: &std::io::Error) -> &'static str {
     use rustls::CertificateError as C;
-    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
         return "io";
     };
     match tls {
         rustls::Error::NoCertificatesPresented => "no_certificate",
         rustls::Error::InvalidCertificate(c) => match c {
             C::Revoked => "revoked",
-            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. } => {
-                "expired"
-            }
+            C::Expired
+            | C::ExpiredContext { .. }
+            | C::NotValidYet
+            | C::NotValidYetContext { .. } => "expired",
             C::UnknownIssuer => "unknown_ca",
-            C::UnknownRevocationStatus | C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. } => {
-                "revocation_unknown"
-            }
+            C::UnknownRevocationStatus
+            | C::ExpiredRevocationList
+            | C::ExpiredRevocationListContext { .. } => "revocation_unknown",
             _ => "bad_certificate",
         },
         rustls::Error::PeerIncompatible(_) => "incompatible",

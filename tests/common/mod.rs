@@ -1150,6 +1150,18 @@ pub fn spawn_serve_with(
     umask: Option<&str>,
     args: &[&str],
 ) -> Spawned {
+    spawn_serve_logging(data, policies, umask, args, None)
+}
+
+/// [`spawn_serve_with`], with standard error written to `stderr` when given
+/// (then [`Spawned::Exited`] carries none of it) and the `RUST_LOG` it sets.
+fn spawn_serve_logging(
+    data: &Path,
+    policies: &Path,
+    umask: Option<&str>,
+    args: &[&str],
+    stderr: Option<(std::fs::File, &str)>,
+) -> Spawned {
     use std::io::{BufRead, BufReader, Read};
     use std::process::{Command, Stdio};
     let bin = env!("CARGO_BIN_EXE_karibche");
@@ -1170,17 +1182,25 @@ pub fn spawn_serve_with(
         .args(["127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
         .args(["--seed-persons", "100"])
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            stderr.as_ref().map_or("warn", |(_, level)| level),
+        )
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(match stderr {
+            Some((file, _)) => Stdio::from(file),
+            None => Stdio::piped(),
+        })
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);
     // Standard error is drained on a thread so the child never blocks on a full pipe.
-    let mut stderr = child.stderr.take().unwrap();
+    let stderr = child.stderr.take();
     let errors = std::thread::spawn(move || {
         let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
+        if let Some(mut stderr) = stderr {
+            let _ = stderr.read_to_string(&mut s);
+        }
         s
     });
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -1397,4 +1417,16 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
         }
     }
     panic!("this test needs `{name}` (package {package}); `bash .ci/run` installs it")
+}
+
+/// [`spawn_serve_with`] logging to the file `log` at `level` (`RUST_LOG`), for tests that read the logs.
+pub fn spawn_serve_logging_to(
+    data: &Path,
+    policies: &Path,
+    args: &[&str],
+    log: &Path,
+    level: &str,
+) -> Spawned {
+    let file = std::fs::File::create(log).unwrap();
+    spawn_serve_logging(data, policies, None, args, Some((file, level)))
 }

@@ -143,7 +143,8 @@ impl Gateway {
         };
         let started = std::time::Instant::now();
         let answered = tokio::time::timeout(self.limits.upstream_timeout, call).await;
-        self.metrics.upstream_done(route.provider, started.elapsed());
+        self.metrics
+            .upstream_done(route.provider, started.elapsed());
         match answered {
             Ok(Ok(x)) => {
                 // 501: the provider does not implement what this request asks, which is not a failure.
