@@ -191,4 +191,12 @@ async fn every_request_leaves_one_json_access_line_with_its_audit_and_trace_id()
     let h: serde_json::Value = serde_json::from_str(handshake).unwrap();
     assert_eq!(h["level"], "INFO");
     assert_eq!(h["fields"]["reason"], "unknown_ca", "{h}");
+    // The audit record keeps the same trace id (stored beside it, not hashed).
+    let url = format!("sqlite://{}", data.join("karibche.db").display());
+    let store = karibche::store::Store::connect(&url).await.unwrap();
+    let records = karibche::audit::query(&store, &karibche::audit::Filter::default())
+        .await
+        .unwrap();
+    let record = records.iter().find(|r| r.entry.id == sent[0].1).unwrap();
+    assert_eq!(record.entry.trace_id.as_deref(), Some(incoming));
 }

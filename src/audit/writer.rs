@@ -724,7 +724,8 @@ async fn write_rows(
                 .bind(e.phase.as_deref())
                 .bind(e.attempt_id.as_deref())
                 .bind(e.request_digest.as_deref())
-                .bind((!e.written.is_empty()).then(|| json_list(&e.written)));
+                .bind((!e.written.is_empty()).then(|| json_list(&e.written)))
+                .bind(e.trace_id.as_deref());
         }
         q.execute(&mut *conn).await?;
     }

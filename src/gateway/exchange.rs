@@ -269,6 +269,7 @@ impl Exchange {
             attempt_id: None,
             request_digest: self.request_digest.clone(),
             written: self.written.clone(),
+            trace_id: Some(self.trace.trace_id.clone()),
         }
     }
 }
