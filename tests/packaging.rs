@@ -289,3 +289,135 @@ fn completions_man_page_and_version_are_generated() {
         "{version}"
     );
 }
+
+#[test]
+fn cli_errors_are_precise() {
+    // An OS error is printed once, not once per layer of its cause.
+    let (code, _, err) = karibche(&["--config", "/nonexistent/karibche.toml", "policy", "check"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    // A decision that is neither allow nor deny is a usage error, not an empty answer.
+    let (code, _, err) = karibche(&["audit", "query", "--decision", "maybe"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("maybe") && err.contains("allow"), "{err}");
+    // An unknown agency is named, with the known ones.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = karibche(&[
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--policies",
+        repo("policies").to_str().unwrap(),
+        "token",
+        "issue",
+        "--agency",
+        "nosuch",
+        "--officer",
+        "o-1",
+        "--purpose",
+        "border-control",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("agency \"nosuch\" is not in the policy"),
+        "{err}"
+    );
+}
+
+fn check_jsonschema(schema: &Path, instance: &Path) -> (bool, String) {
+    let tool = require_tool("check-jsonschema", "check-jsonschema (PyPI)");
+    run(Command::new(tool)
+        .arg("--schemafile")
+        .arg(schema)
+        .arg(instance))
+}
+
+#[test]
+fn the_shipped_limits_file_matches_its_schema_and_bad_rates_do_not() {
+    let schema = repo("policies/limits.schema.json");
+    let (ok, out) = check_jsonschema(&schema, &repo("policies/limits.toml"));
+    assert!(ok, "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    for bad in [
+        "[defaults]\nagency = { rate = \"0/s\" }\n",
+        "[defaults]\nagency = { rate = \"10/week\" }\n",
+        "[defaults]\nofficer = { rate = \"10/s\", burst = 0 }\n",
+        "[agencies.mia-border]\nagency = { rate = \"10/s\", brust = 5 }\n",
+        "[[grants]]\nagency = \"psda\"\nprovider = \"registry\"\nrate = \"1/s\"\n",
+    ] {
+        let file = dir.path().join("limits.toml");
+        std::fs::write(&file, bad).unwrap();
+        let (ok, out) = check_jsonschema(&schema, &file);
+        assert!(!ok, "accepted:\n{bad}\n{out}");
+    }
+}
+
+#[test]
+fn the_policy_schema_accepts_only_real_dates() {
+    let schema = repo("policies/schema.json");
+    let agency = std::fs::read_to_string(repo("policies/agencies/mia-border.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (date, valid) in [
+        ("2026-02-28", true),
+        ("\"2026-12-31\"", true),
+        ("\"2026-13-45\"", false),
+        ("\"2026-04-31\"", false),
+        ("\"2026-00-10\"", false),
+        ("\"26-01-01\"", false),
+    ] {
+        let text = agency.replacen(
+            "[[grants]]\n",
+            &format!("[[grants]]\nvalid_from = {date}\n"),
+            1,
+        );
+        let file = dir.path().join("agency.toml");
+        std::fs::write(&file, text).unwrap();
+        let (ok, out) = check_jsonschema(&schema, &file);
+        assert_eq!(ok, valid, "{date}: {out}");
+    }
+}
+
+#[test]
+fn the_openapi_document_declares_security_and_every_gateway_answer() {
+    let text = std::fs::read_to_string(repo("openapi/registry.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let schemes = &doc["components"]["securitySchemes"];
+    assert_eq!(schemes["mutualTLS"]["type"], "mutualTLS");
+    assert_eq!(schemes["officerToken"]["scheme"], "bearer");
+    assert!(
+        doc["security"][0]["mutualTLS"].is_array() && doc["security"][0]["officerToken"].is_array()
+    );
+    let servers = doc["servers"].as_array().unwrap();
+    assert!(
+        servers
+            .iter()
+            .any(|s| !s["url"].as_str().unwrap().contains("127.0.0.1")),
+        "{servers:?}"
+    );
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if !["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                continue;
+            }
+            let mut codes = vec!["401", "403", "404", "429", "502", "503", "504"];
+            if method != "get" && method != "delete" {
+                codes.push("413");
+            }
+            for code in codes {
+                assert!(
+                    op["responses"][code].is_object(),
+                    "{method} {path} lacks {code}"
+                );
+            }
+        }
+    }
+    for (name, r) in doc["components"]["responses"].as_object().unwrap() {
+        assert!(
+            r["content"]["application/problem+json"].is_object(),
+            "{name}"
+        );
+    }
+    // Valid OpenAPI 3.1, when the validator is installed (.ci/deps/ops.sh installs it).
+    let validator = require_tool("openapi-spec-validator", "openapi-spec-validator (PyPI)");
+    let (ok, out) = run(Command::new(validator).arg(repo("openapi/registry.json")));
+    assert!(ok, "{out}");
+}

@@ -717,6 +717,8 @@ mod pinned {
         let before = chain_hash(1, "node-a", &e, GENESIS_HASH).unwrap();
         e.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
         assert_eq!(chain_hash(1, "node-a", &e, GENESIS_HASH).unwrap(), before);
-        assert!(serde_json::to_string(&e).unwrap().contains("\"trace_id\":\"4bf9"));
+        assert!(serde_json::to_string(&e)
+            .unwrap()
+            .contains("\"trace_id\":\"4bf9"));
     }
 }
