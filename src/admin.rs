@@ -157,6 +157,17 @@ impl AdminState {
             "Records waiting for the audit writer",
             gauge(a.queue_depth as i64),
         );
+        let commits = self.audit.histograms();
+        more.register(
+            "audit_commit_duration_seconds",
+            "Time from an audit transaction's begin to its commit",
+            commits.seconds,
+        );
+        more.register(
+            "audit_batch_records",
+            "Records per committed audit transaction (group commit)",
+            commits.records,
+        );
         more.register(
             "audit_failing",
             "1 while the audit log cannot be written (every data request gets 503)",

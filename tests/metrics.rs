@@ -117,6 +117,8 @@ async fn metrics_are_labelled_escaped_and_pass_promtool() {
         "karibche_request_duration_seconds_bucket{agency=\"mia-border\",provider=\"registry\",service=\"persons\",class=\"2xx\",le=\"30\"} 1",
         "karibche_upstream_duration_seconds_bucket{provider=\"registry\",le=\"10\"} 2",
         "karibche_ready 1",
+        "karibche_audit_commit_duration_seconds_count ",
+        "karibche_audit_batch_records_bucket{le=\"1\"} ",
         "process_resident_memory_bytes ",
         "process_cpu_seconds_total ",
     ] {
