@@ -6,6 +6,8 @@
 //! certificate's fingerprint, and no line may hold a query value, a person
 //! id or a token — the access log says no more than the audit record.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::Path;

@@ -4,6 +4,8 @@
 //! as timestamps; `build_info` and process metrics; and a CA whose name holds
 //! a `"` and a newline must not break the scrape (the crate escapes labels).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::Write;

@@ -6,6 +6,8 @@
 //! HEALTHCHECK, production configuration, `.dockerignore`), and the CLI's
 //! `health`, `completions`, `man` and `--version`.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
