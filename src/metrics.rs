@@ -136,6 +136,26 @@ pub struct Metrics {
     overload_totals: Mutex<Vec<((&'static str, &'static str), u64)>>,
 }
 
+/// `metric`, registered in `registry` as `name` with `help`; the handle that updates it.
+fn registered_with<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// [`registered_with`] a new, empty metric.
+fn registered<M: prometheus_client::registry::Metric + Clone + Default>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> M {
+    registered_with(registry, name, help, M::default())
+}
+
 fn listener_index(name: &str) -> usize {
     LISTENERS.iter().position(|l| *l == name).unwrap_or(0)
 }
@@ -159,91 +179,66 @@ impl Metrics {
     /// Every metric, registered once under the `karibche_` prefix.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("karibche");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
+        let requests: Family<RequestLabels, Counter> = registered(
+            &mut registry,
             "requests",
             "Gateway requests by agency, provider, service and status class",
-            requests.clone(),
         );
-        let request_duration: Histograms<RequestLabels> =
-            Family::new_with_constructor(latency_histogram);
-        registry.register(
+        let request_duration: Histograms<RequestLabels> = registered_with(
+            &mut registry,
             "request_duration_seconds",
             "Time from request to response, by agency, provider, service and status class",
-            request_duration.clone(),
+            Family::new_with_constructor(latency_histogram),
         );
-        let denials = Family::<ReasonLabels, Counter>::default();
-        registry.register(
+        let denials: Family<ReasonLabels, Counter> = registered(
+            &mut registry,
             "denials",
             "Requests refused by the gateway's checks or the policy, by agency and reason code",
-            denials.clone(),
         );
-        let failures = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "failures",
-            "Allowed requests that did not complete (provider or gateway failure, provider 404/422/409), by agency and reason code",
-            failures.clone(),
-        );
-        let upstream_duration: Histograms<ProviderLabels> =
-            Family::new_with_constructor(latency_histogram);
-        registry.register(
+        let failures: Family<ReasonLabels, Counter> = registered(&mut registry, "failures", "Allowed requests that did not complete (provider or gateway failure, provider 404/422/409), by agency and reason code");
+        let upstream_duration: Histograms<ProviderLabels> = registered_with(
+            &mut registry,
             "upstream_duration_seconds",
             "Time a provider took to answer, body included, by provider",
-            upstream_duration.clone(),
+            Family::new_with_constructor(latency_histogram),
         );
-        let upstream_errors = Family::<ProviderKindLabels, Counter>::default();
-        registry.register(
-            "upstream_errors",
-            "Provider calls that failed, by provider and kind (unreachable, timeout, too_large, server_error)",
-            upstream_errors.clone(),
-        );
-        let quota_refusals = Family::<QuotaLabels, Counter>::default();
-        registry.register(
+        let upstream_errors: Family<ProviderKindLabels, Counter> = registered(&mut registry, "upstream_errors", "Provider calls that failed, by provider and kind (unreachable, timeout, too_large, server_error)");
+        let quota_refusals: Family<QuotaLabels, Counter> = registered(
+            &mut registry,
             "quota_refusals",
             "Requests refused by a quota, by agency and quota (agency, officer, grant)",
-            quota_refusals.clone(),
         );
-        let handshake_failures = Family::<ListenerReasonLabels, Counter>::default();
-        registry.register(
+        let handshake_failures: Family<ListenerReasonLabels, Counter> = registered(
+            &mut registry,
             "tls_handshake_failures",
             "Failed or timed-out TLS handshakes, by listener and reason",
-            handshake_failures.clone(),
         );
-        let open_connections = Family::<ListenerLabels, Gauge>::default();
-        registry.register(
-            "open_connections",
-            "TLS connections open",
-            open_connections.clone(),
-        );
-        let overload = Family::<ListenerKindLabels, Counter>::default();
-        registry.register(
+        let open_connections: Family<ListenerLabels, Gauge> =
+            registered(&mut registry, "open_connections", "TLS connections open");
+        let overload: Family<ListenerKindLabels, Counter> = registered(
+            &mut registry,
             "overload",
             "Connections and requests cut off or refused by an overload bound, by kind",
-            overload.clone(),
         );
-        let audit_failures = Counter::default();
-        registry.register(
+        let audit_failures: Counter = registered(
+            &mut registry,
             "audit_refusals",
             "Requests answered 503 because the audit record could not be committed",
-            audit_failures.clone(),
         );
-        let policy_reloads = Counter::default();
-        registry.register(
+        let policy_reloads: Counter = registered(
+            &mut registry,
             "policy_reloads",
             "Policy reloads that swapped in a new set",
-            policy_reloads.clone(),
         );
-        let policy_reload_failures = Counter::default();
-        registry.register(
+        let policy_reload_failures: Counter = registered(
+            &mut registry,
             "policy_reload_failures",
             "Policy reloads refused because the new set is invalid; the old set stays",
-            policy_reload_failures.clone(),
         );
-        let certificates = Family::<CertLabels, Gauge>::default();
-        registry.register(
+        let certificates: Family<CertLabels, Gauge> = registered(
+            &mut registry,
             "certificate_expiry_timestamp_seconds",
             "A certificate's notAfter (a CRL's nextUpdate) as a Unix timestamp",
-            certificates.clone(),
         );
         let build_info = Family::<BuildLabels, Gauge>::default();
         let (version, commit, build_date) = build_facts();
@@ -491,40 +486,47 @@ pub fn counter(v: u64) -> Counter {
     c
 }
 
-/// A gauge family with one sample per `(labels, value)`, for the registries filled at scrape time.
-pub fn gauges<'a>(
+/// Label sets built at scrape time: `(name, value)` pairs.
+pub type Labels = Vec<(String, String)>;
+
+/// A family with one sample per `(label values, value)` under `names` (an
+/// empty value leaves its label out), each set by `set`.
+fn family<'a, M: Default, V>(
     names: [&'static str; 2],
-    samples: impl IntoIterator<Item = ([&'a str; 2], i64)>,
-) -> Family<Vec<(String, String)>, Gauge> {
-    let family = Family::<Vec<(String, String)>, Gauge>::default();
+    samples: impl IntoIterator<Item = ([&'a str; 2], V)>,
+    set: impl Fn(&M, V),
+) -> Family<Labels, M> {
+    let family = Family::<Labels, M>::default();
     for (values, v) in samples {
-        let labels: Vec<(String, String)> = names
+        let labels: Labels = names
             .iter()
             .zip(values)
             .filter(|(_, value)| !value.is_empty())
             .map(|(n, value)| ((*n).to_owned(), value.to_owned()))
             .collect();
-        family.get_or_create(&labels).set(v);
+        set(&family.get_or_create(&labels), v);
     }
     family
+}
+
+/// A gauge family with one sample per `(labels, value)`, for the registries filled at scrape time.
+pub fn gauges<'a>(
+    names: [&'static str; 2],
+    samples: impl IntoIterator<Item = ([&'a str; 2], i64)>,
+) -> Family<Labels, Gauge> {
+    family(names, samples, |g: &Gauge, v| {
+        g.set(v);
+    })
 }
 
 /// A counter family with one sample per `(labels, value)`, for the registries filled at scrape time.
 pub fn counters<'a>(
     names: [&'static str; 2],
     samples: impl IntoIterator<Item = ([&'a str; 2], u64)>,
-) -> Family<Vec<(String, String)>, Counter> {
-    let family = Family::<Vec<(String, String)>, Counter>::default();
-    for (values, v) in samples {
-        let labels: Vec<(String, String)> = names
-            .iter()
-            .zip(values)
-            .filter(|(_, value)| !value.is_empty())
-            .map(|(n, value)| ((*n).to_owned(), value.to_owned()))
-            .collect();
-        family.get_or_create(&labels).inc_by(v);
-    }
-    family
+) -> Family<Labels, Counter> {
+    family(names, samples, |c: &Counter, v| {
+        c.inc_by(v);
+    })
 }
 
 /// The standard `process_*` metrics, read from `/proc/self` (Linux; nothing elsewhere).

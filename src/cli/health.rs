@@ -56,6 +56,21 @@ pub async fn run(args: &HealthArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// An error with its causes, "client error (Connect): tcp connect error: Connection refused …".
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 async fn ask(url: &str) -> Result<(), Unhealthy> {
     let uri: http::Uri = url.parse().map_err(|_| Unhealthy::Url(url.to_owned()))?;
     if uri.scheme_str() != Some("http") {
@@ -65,7 +80,7 @@ async fn ask(url: &str) -> Result<(), Unhealthy> {
     let resp = client
         .get(uri)
         .await
-        .map_err(|e| Unhealthy::Unreachable(e.to_string()))?;
+        .map_err(|e| Unhealthy::Unreachable(with_causes(&e)))?;
     let status = resp.status();
     if status == http::StatusCode::OK {
         return Ok(());

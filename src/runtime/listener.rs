@@ -35,7 +35,7 @@ use crate::problem::{Body, Problem};
 
 /// Failed handshakes logged at info per second and listener; the rest are
 /// counted and the next line logged says how many were left out.
-const HANDSHAKE_LOGS_PER_SECOND: u32 = 10;
+const HANDSHAKE_LOGS_PER_SECOND: u32 = 5;
 
 /// Logs failed handshakes at info, at most [`HANDSHAKE_LOGS_PER_SECOND`], so
 /// anyone who reaches the port cannot flood the log (every one is counted in `/metrics`).
@@ -62,6 +62,12 @@ impl HandshakeLog {
         certificate: Option<&str>,
         err: &std::io::Error,
     ) {
+        // A peer that hung up or reset mid-handshake (a scanner, a health probe, a client
+        // giving up) says nothing about certificates: debug only, like before.
+        if reason == "io" {
+            tracing::debug!(listener, %peer, %err, "TLS handshake failed");
+            return;
+        }
         if self.budget.check().is_err() {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             return;
