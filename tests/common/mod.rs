@@ -90,7 +90,11 @@ impl TestGateway {
         configure(&mut config, dir.path());
         let listeners = Listeners {
             gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            // `configure` may turn the in-process register off (`--no-registry`).
+            registry: match config.registry.enabled {
+                true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                false => None,
+            },
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
         let running = runtime::start(config.clone(), listeners).await.unwrap();
@@ -169,7 +173,11 @@ impl TestGateway {
         running.shutdown().await;
         let listeners = Listeners {
             gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            // `configure` may turn the in-process register off (`--no-registry`).
+            registry: match config.registry.enabled {
+                true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                false => None,
+            },
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
         let running = runtime::start(config.clone(), listeners).await.unwrap();
@@ -1397,4 +1405,81 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
         }
     }
     panic!("this test needs `{name}` (package {package}); `bash .ci/run` installs it")
+}
+
+/// A `karibche registry serve` process of the real binary, killed (SIGKILL) when dropped.
+pub struct RegistryProcess {
+    pub child: KillOnDrop,
+    /// Its TLS API (what a gateway's providers.toml names).
+    pub api: SocketAddr,
+    /// Its health and metrics.
+    pub admin: SocketAddr,
+}
+
+/// Starts `karibche registry serve` with data (PKI, `registry.db`) under `data`
+/// and `args` (`--listen`, `--seed-persons`, `--database-url`, …); returns once
+/// its banner is out, or panics with its standard error.
+pub fn spawn_registry(data: &Path, args: &[&str]) -> RegistryProcess {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let child = Command::new(env!("CARGO_BIN_EXE_karibche"))
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["registry", "serve"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let mut stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr_after = |line: &str, label: &str| -> Option<SocketAddr> {
+        let rest = line.trim().strip_prefix(label)?.trim();
+        rest.split("://")
+            .nth(1)?
+            .split(['/', ' '])
+            .next()?
+            .parse()
+            .ok()
+    };
+    let (mut api, mut admin) = (None, None);
+    for line in lines.by_ref() {
+        let Ok(line) = line else { break };
+        api = api.or_else(|| addr_after(&line, "register"));
+        admin = admin.or_else(|| addr_after(&line, "health, metrics"));
+        if let (Some(api), Some(admin)) = (api, admin) {
+            std::thread::spawn(move || for _ in lines {});
+            return RegistryProcess { child, api, admin };
+        }
+    }
+    let status = child.wait().unwrap();
+    panic!(
+        "karibche registry serve exited ({:?}) before it was ready:\n{}",
+        status.code(),
+        errors.join().unwrap_or_default()
+    )
+}
+
+/// A copy of the repository's policies under `dir` whose register is served at `url`
+/// (its own process) instead of inside the gateway.
+pub fn policies_with_registry_at(dir: &Path, url: &str) -> PathBuf {
+    let out = copy_policies(dir);
+    let path = out.join("providers.toml");
+    let s = std::fs::read_to_string(&path).unwrap();
+    assert!(s.contains("upstream = \"builtin:registry\""));
+    std::fs::write(
+        path,
+        s.replace(
+            "upstream = \"builtin:registry\"",
+            &format!("upstream = \"{url}\""),
+        ),
+    )
+    .unwrap();
+    out
 }
