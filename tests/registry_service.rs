@@ -94,7 +94,7 @@ async fn a_gateway_serves_the_register_of_its_own_process_and_records_it() {
     );
     assert_eq!(reply.json()["id"], PERSON);
     let record = gw.record_of(&reply).await;
-    assert_eq!(record.entry.provider, "registry");
+    assert_eq!(record.entry.provider.as_deref(), Some("registry"));
     assert_eq!(record.entry.status, 200);
     assert!(record.entry.subjects.iter().any(|s| s == PERSON));
 
@@ -131,10 +131,16 @@ async fn a_gateway_serves_the_register_of_its_own_process_and_records_it() {
         write.status,
         String::from_utf8_lossy(&write.body)
     );
-    assert_eq!(
-        gw.record_of(&write).await.entry.status,
-        write.status.as_u16()
-    );
+    // Logged ahead: the attempt, then its outcome linked to it.
+    let id = write.request_id();
+    let records = karibche::audit::query(&gw.running.store, &karibche::audit::Filter::default())
+        .await
+        .unwrap();
+    assert!(records.iter().any(|r| r.entry.id == id));
+    assert!(records
+        .iter()
+        .any(|r| r.entry.attempt_id.as_deref() == Some(id.as_str())
+            && r.entry.status == write.status.as_u16()));
     let (crossings,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM reg_crossings WHERE at = $1")
         .bind(&at)
         .fetch_one(registry_db.pool())
