@@ -1,13 +1,13 @@
 //! The GCRA script against a real Redis: the shared one on 127.0.0.1:6379
 //! (every test under a prefix of its own), or a private `redis-server` the
-//! test can stop.
+//! test can stop ([`RedisServer`]).
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::*;
 use crate::limits::quota::tests::set;
 use crate::limits::{Limits, Scope};
+use crate::testing::RedisServer;
 
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -160,51 +160,6 @@ async fn futures_all(l: &Limits, n: usize) -> Vec<bool> {
     out
 }
 
-/// A `redis-server` of the test's own, on a free port in a temporary directory.
-struct OwnRedis {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl OwnRedis {
-    fn start() -> Option<OwnRedis> {
-        let dir = tempfile::tempdir().ok()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        Some(OwnRedis {
-            child,
-            url: format!("redis://127.0.0.1:{port}"),
-            _dir: dir,
-        })
-    }
-
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.signal("-CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cond() {
@@ -215,21 +170,12 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn a_stalled_redis_costs_at_most_the_timeout_and_is_used_again_once_back() {
-    let Some(redis) = OwnRedis::start() else {
-        eprintln!("redis-server not installed: skipped");
-        return;
-    };
+    let redis = RedisServer::start()
+        .await
+        .expect("redis-server (package redis-server) starts");
     let timeout = Duration::from_millis(25);
-    let mut shared = None;
-    for _ in 0..100 {
-        let q = RedisQuotas::open(&redis.url, "t:", timeout).await.unwrap();
-        if q.is_up() {
-            shared = Some(q);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let shared = shared.expect("own redis-server came up");
+    let shared = RedisQuotas::open(&redis.url, "t:", timeout).await.unwrap();
+    assert!(shared.is_up());
     let l = Limits::new(
         &set("[defaults]\nofficer = { rate = \"1/h\", burst = 1000 }\n"),
         2,
