@@ -175,7 +175,9 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        self.signal("-CONT");
-        self.stop();
+        if let Ok(None) = self.child.try_wait() {
+            self.signal("-CONT");
+            self.stop();
+        }
     }
 }

@@ -12,19 +12,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    admin_get, dev_pki_ahead, eventually, person_path, policies_with_registry_at, spawn_registry,
+    admin_get, eventually, person_path, policies_with_registry_at, shared_data, spawn_registry,
     Client, Db, RegistryProcess, TestGateway, PERSON,
 };
 use http::{Method, StatusCode};
 use karibche::config::Config;
-
-/// The data directory both processes share (one development PKI), with the PKI made ahead.
-fn shared_data(dir: &Path) -> Config {
-    let mut config = Config::default();
-    config.data_dir = dir.join("var");
-    dev_pki_ahead(&config);
-    config
-}
 
 async fn register(data: &Path, listen: &str) -> RegistryProcess {
     let data = data.to_path_buf();

@@ -1483,3 +1483,15 @@ pub fn policies_with_registry_at(dir: &Path, url: &str) -> PathBuf {
     .unwrap();
     out
 }
+
+/// A configuration whose data directory is `dir/var` with the development PKI
+/// and agency keys made ahead: what separate processes (a register, gateway
+/// replicas) share, as they would share a volume.
+pub fn shared_data(dir: &Path) -> Config {
+    let config = Config {
+        data_dir: dir.join("var"),
+        ..Config::default()
+    };
+    dev_pki_ahead(&config);
+    config
+}
