@@ -83,14 +83,8 @@ impl PolicyVersions {
 impl AdminState {
     /// Answers one admin request.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Body> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
-                "Method not allowed",
-                "the admin endpoint is read-only",
-            )
-            .to_response();
+        if let Some(refused) = refuse_writes(req.method()) {
+            return refused;
         }
         match req.uri().path() {
             "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
@@ -308,11 +302,29 @@ impl AdminState {
                 s.wait_timeouts
             );
         }
-        let mut resp = Response::new(Full::new(Bytes::from(out)));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        resp
+        prometheus_text(out)
     }
+}
+
+/// `405` for anything but GET and HEAD: admin endpoints are read-only.
+pub fn refuse_writes(method: &Method) -> Option<Response<Body>> {
+    (method != Method::GET && method != Method::HEAD).then(|| {
+        Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "Method not allowed",
+            "the admin endpoint is read-only",
+        )
+        .to_response()
+    })
+}
+
+/// A `/metrics` answer: `out` in the Prometheus text format.
+pub fn prometheus_text(out: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(out)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
 }

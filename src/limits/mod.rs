@@ -367,31 +367,43 @@ impl Limits {
         provider: &str,
         service: &str,
     ) -> Result<(), Exceeded> {
+        if let Some(shared) = &self.shared {
+            if let Some(answer) = self
+                .check_shared(shared, [agency, officer, provider, service])
+                .await
+            {
+                return answer;
+            }
+            // Counted and logged by the backend; this request takes the local split.
+        }
+        self.check_local(agency, officer, provider, service)
+    }
+
+    /// The shared quotas' answer, or `None` when Redis gave none in time.
+    async fn check_shared(
+        &self,
+        shared: &RedisQuotas,
+        [agency, officer, provider, service]: [&str; 4],
+    ) -> Option<Result<(), Exceeded>> {
         let t = self.table.load();
         let steps = plan(&t, agency, officer, provider, service);
-        if let Some(shared) = &self.shared {
-            let cells: Vec<redis::Cell> = steps.iter().map(|s| s.cell(provider, service)).collect();
-            if cells.is_empty() {
-                return Ok(());
-            }
-            match shared.take(&cells).await {
-                Ok(None) => return Ok(()),
-                Ok(Some((i, wait))) => {
-                    if let Some(s) = steps.get(i) {
-                        let whole = s.whole();
-                        return Err(Exceeded {
-                            scope: s.scope,
-                            burst: whole.burst_size().get(),
-                            window: whole.burst_size_replenished_in(),
-                            retry_after: wait,
-                        });
-                    }
-                }
-                // Counted and logged by the backend; this request takes the local split.
-                Err(_) => {}
-            }
+        if steps.is_empty() {
+            return Some(Ok(()));
         }
-        steps.iter().try_for_each(Step::take_local)
+        let cells: Vec<redis::Cell> = steps.iter().map(|s| s.cell(provider, service)).collect();
+        let (i, wait) = match shared.take(&cells).await {
+            Ok(None) => return Some(Ok(())),
+            Ok(Some(refused)) => refused,
+            Err(_) => return None,
+        };
+        let s = steps.get(i)?;
+        let whole = s.whole();
+        Some(Err(Exceeded {
+            scope: s.scope,
+            burst: whole.burst_size().get(),
+            window: whole.burst_size_replenished_in(),
+            retry_after: wait,
+        }))
     }
 
     /// Takes one request from this replica's share of each quota, in the order of [`Limits::check`].

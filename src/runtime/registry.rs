@@ -14,9 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use rustls::ServerConfig;
@@ -26,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use super::listener::{serve_plain, serve_tls, ListenLimits};
 use super::{listen_limits, prepare_register, shutdown, StartError};
+use crate::admin::{prometheus_text, refuse_writes};
 use crate::config::Config;
 use crate::identity::tls::{self, ReloadableTls};
 use crate::identity::ConnInfo;
@@ -199,14 +198,8 @@ struct RegistryAdmin {
 
 impl RegistryAdmin {
     async fn handle<B>(&self, req: Request<B>) -> Response<Body> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
-                "Method not allowed",
-                "the admin endpoint is read-only",
-            )
-            .to_response();
+        if let Some(refused) = refuse_writes(req.method()) {
+            return refused;
         }
         match req.uri().path() {
             "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
@@ -231,12 +224,7 @@ impl RegistryAdmin {
             "/metrics" => {
                 let mut out = String::with_capacity(2048);
                 self.metrics.render(&mut out);
-                let mut resp = Response::new(Full::new(Bytes::from(out)));
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                resp
+                prometheus_text(out)
             }
             _ => Problem::not_found("no such admin endpoint").to_response(),
         }
