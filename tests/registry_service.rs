@@ -206,3 +206,27 @@ async fn a_restarted_register_is_used_again_by_the_running_gateway() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_register_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shared_data(dir.path());
+    let mut reg = register(&data.data_dir, "127.0.0.1:0").await;
+    let pid = reg.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let stopped = eventually(Duration::from_secs(15), async || {
+        reg.child.try_wait().unwrap().is_some()
+    })
+    .await;
+    assert!(stopped, "the register did not stop on SIGTERM");
+    let status = reg.child.try_wait().unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        tokio::net::TcpStream::connect(reg.api).await.is_err(),
+        "its listener is closed"
+    );
+}
