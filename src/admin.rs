@@ -39,32 +39,59 @@ pub struct AdminState {
     pub limits: Arc<Limits>,
     /// Providers' breakers, reported by `/readyz` and `/metrics`.
     pub providers: Arc<Providers>,
+    /// The policy versions of the live replicas on this database (`runtime::cluster`).
+    pub cluster: Arc<PolicyVersions>,
+}
+
+/// The policy version each live replica on the database runs, as last read.
+#[derive(Debug, Default)]
+pub struct PolicyVersions {
+    /// (policy version, node) pairs, sorted.
+    rows: ArcSwap<Vec<(String, String)>>,
+}
+
+impl PolicyVersions {
+    /// Replaces the view with freshly read (version, node) rows.
+    pub fn set(&self, rows: Vec<(String, String)>) {
+        self.rows.store(Arc::new(rows));
+    }
+
+    /// Each version in use and the nodes running it.
+    pub fn by_version(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut out = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for (v, n) in self.rows.load().iter() {
+            out.entry(v.clone()).or_default().push(n.clone());
+        }
+        out
+    }
+
+    /// Whether live replicas run more than one policy version.
+    pub fn mixed(&self) -> bool {
+        self.by_version().len() > 1
+    }
+
+    /// `version: node, node; version: node` for a log line.
+    pub fn describe(&self) -> String {
+        self.by_version()
+            .iter()
+            .map(|(v, n)| format!("{v}: {}", n.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }
 
 impl AdminState {
     /// Answers one admin request.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Body> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
-                "Method not allowed",
-                "the admin endpoint is read-only",
-            )
-            .to_response();
+        if let Some(refused) = refuse_writes(req.method()) {
+            return refused;
         }
         match req.uri().path() {
             "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
             "/readyz" => self.readyz().await,
             "/metrics" => {
-                // Prometheus asks for OpenMetrics; a plain client gets the classic text format.
-                let openmetrics = req
-                    .headers()
-                    .get_all(header::ACCEPT)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .any(|v| v.contains("application/openmetrics-text"));
-                self.metrics_response(openmetrics).await
+                self.metrics_response(wants_openmetrics(req.headers()))
+                    .await
             }
             _ => Problem::not_found("no such admin endpoint").to_response(),
         }
@@ -117,6 +144,15 @@ impl AdminState {
                 "database": database,
                 "audit_log": audit,
                 "policy_version": self.policy.load().version(),
+                // Replicas on this database and the policy each runs; mixed is a warning, not unready.
+                "policy_versions_in_cluster": self.cluster.by_version(),
+                "mixed_policy_versions": self.cluster.mixed(),
+                // Redis down keeps the node ready: it enforces its local share meanwhile.
+                "quotas": match self.limits.shared() {
+                    None => "local",
+                    Some(s) if s.is_up() => "shared",
+                    Some(_) => "local-fallback",
+                },
                 "open_breakers": open,
                 "providers": providers,
             }),
@@ -175,7 +211,7 @@ impl AdminState {
         );
         let policy = self.policy.load();
         more.register(
-            "policy",
+            "policy_info",
             "The policy version in force (value 1)",
             gauges(["version", ""], [([policy.version(), ""], 1)]),
         );
@@ -194,6 +230,27 @@ impl AdminState {
             "Agencies and officers with limiter state in memory",
             gauge(self.limits.keys() as i64),
         );
+        more.register(
+            "policy_versions_in_cluster",
+            "Distinct policy versions among the live replicas on this database (more than 1: replicas disagree)",
+            gauge(self.cluster.by_version().len() as i64),
+        );
+        if let Some(shared) = self.limits.shared() {
+            more.register(
+                "limits_backend_up",
+                "1 while the shared-quota backend (Redis) answers; 0: this replica enforces its local share",
+                gauge(i64::from(shared.is_up())),
+            );
+            let fallbacks = shared.fallbacks();
+            more.register(
+                "limits_backend_fallbacks",
+                "Quota checks that took the local share because Redis did not answer in time",
+                counters(
+                    ["reason", ""],
+                    fallbacks.iter().map(|(why, n)| ([why.as_str(), ""], *n)),
+                ),
+            );
+        }
         let states = self.providers.states();
         let per_provider = |f: fn(&ProviderState) -> i64| {
             gauges(
@@ -254,12 +311,38 @@ impl AdminState {
             "Requests refused because no provider slot came free in time",
             per_provider_total(|s| s.wait_timeouts),
         );
-        let out = self.metrics.render(&more, openmetrics);
-        let mut resp = Response::new(Full::new(Bytes::from(out)));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(crate::metrics::content_type(openmetrics)),
-        );
-        resp
+        metrics_answer(self.metrics.render(&more, openmetrics), openmetrics)
     }
+}
+
+/// `405` for anything but GET and HEAD: admin endpoints are read-only.
+pub fn refuse_writes(method: &Method) -> Option<Response<Body>> {
+    (method != Method::GET && method != Method::HEAD).then(|| {
+        Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "Method not allowed",
+            "the admin endpoint is read-only",
+        )
+        .to_response()
+    })
+}
+
+/// Whether a scraper asks for OpenMetrics (Prometheus does); a plain client gets the classic text format.
+pub fn wants_openmetrics(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+/// A `/metrics` answer: `text` as [`Metrics::render`] wrote it.
+pub fn metrics_answer(text: String, openmetrics: bool) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::content_type(openmetrics)),
+    );
+    resp
 }

@@ -90,7 +90,11 @@ impl TestGateway {
         configure(&mut config, dir.path());
         let listeners = Listeners {
             gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            // `configure` may turn the in-process register off (`--no-registry`).
+            registry: match config.registry.enabled {
+                true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                false => None,
+            },
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
         let running = runtime::start(config.clone(), listeners).await.unwrap();
@@ -169,7 +173,11 @@ impl TestGateway {
         running.shutdown().await;
         let listeners = Listeners {
             gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            // `configure` may turn the in-process register off (`--no-registry`).
+            registry: match config.registry.enabled {
+                true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                false => None,
+            },
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
         let running = runtime::start(config.clone(), listeners).await.unwrap();
@@ -1150,20 +1158,27 @@ pub fn spawn_serve_with(
     umask: Option<&str>,
     args: &[&str],
 ) -> Spawned {
-    spawn_serve_logging(data, policies, umask, args, None)
+    match spawn_until_banner(serve_command(data, policies, umask, args), &SERVE_BANNER) {
+        Ok((child, addrs)) => Spawned::Ready(ServeProcess {
+            child,
+            gateway: addrs[0],
+            admin: addrs[1],
+        }),
+        Err((code, stderr)) => Spawned::Exited { code, stderr },
+    }
 }
 
-/// [`spawn_serve_with`], with standard error written to `stderr` when given
-/// (then [`Spawned::Exited`] carries none of it) and the `RUST_LOG` it sets.
-fn spawn_serve_logging(
+/// The banner lines naming the gateway's and the admin endpoint's addresses.
+const SERVE_BANNER: [&str; 2] = ["gateway", "health, metrics"];
+
+/// The command line of [`spawn_serve_with`].
+fn serve_command(
     data: &Path,
     policies: &Path,
     umask: Option<&str>,
     args: &[&str],
-    stderr: Option<(std::fs::File, &str)>,
-) -> Spawned {
-    use std::io::{BufRead, BufReader, Read};
-    use std::process::{Command, Stdio};
+) -> std::process::Command {
+    use std::process::Command;
     let bin = env!("CARGO_BIN_EXE_karibche");
     let mut command = match umask {
         Some(mask) => {
@@ -1175,60 +1190,14 @@ fn spawn_serve_logging(
         }
         None => Command::new(bin),
     };
-    let child = command
+    command
         .args(["--data-dir", data.to_str().unwrap()])
         .args(["--policies", policies.to_str().unwrap()])
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen"])
         .args(["127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
         .args(["--seed-persons", "100"])
-        .args(args)
-        .env(
-            "RUST_LOG",
-            stderr.as_ref().map_or("warn", |(_, level)| level),
-        )
-        .stdout(Stdio::piped())
-        .stderr(match stderr {
-            Some((file, _)) => Stdio::from(file),
-            None => Stdio::piped(),
-        })
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    // Standard error is drained on a thread so the child never blocks on a full pipe.
-    let stderr = child.stderr.take();
-    let errors = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(mut stderr) = stderr {
-            let _ = stderr.read_to_string(&mut s);
-        }
-        s
-    });
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr_after = |line: &str, label: &str| -> Option<SocketAddr> {
-        let rest = line.trim().strip_prefix(label)?.trim();
-        let rest = rest.split("://").nth(1)?;
-        rest.split('/').next()?.parse().ok()
-    };
-    let (mut gateway, mut admin) = (None, None);
-    for line in lines.by_ref() {
-        let Ok(line) = line else { break };
-        gateway = gateway.or_else(|| addr_after(&line, "gateway"));
-        admin = admin.or_else(|| addr_after(&line, "health, metrics"));
-        if let (Some(gateway), Some(admin)) = (gateway, admin) {
-            // Keep draining standard output too.
-            std::thread::spawn(move || for _ in lines {});
-            return Spawned::Ready(ServeProcess {
-                child,
-                gateway,
-                admin,
-            });
-        }
-    }
-    let status = child.wait().unwrap();
-    Spawned::Exited {
-        code: status.code(),
-        stderr: errors.join().unwrap_or_default(),
-    }
+        .args(args);
+    command
 }
 
 /// Copies the repository's policies under `dir` and adds a provider
@@ -1419,6 +1388,130 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
     panic!("this test needs `{name}` (package {package}); `bash .ci/run` installs it")
 }
 
+/// A `karibche registry serve` process of the real binary, killed (SIGKILL) when dropped.
+pub struct RegistryProcess {
+    pub child: KillOnDrop,
+    /// Its TLS API (what a gateway's providers.toml names).
+    pub api: SocketAddr,
+    /// Its health and metrics.
+    pub admin: SocketAddr,
+}
+
+/// Starts `karibche registry serve` with data (PKI, `registry.db`) under `data`
+/// and `args` (`--listen`, `--seed-persons`, `--database-url`, …); returns once
+/// its banner is out, or panics with its standard error.
+pub fn spawn_registry(data: &Path, args: &[&str]) -> RegistryProcess {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_karibche"));
+    command
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["registry", "serve"])
+        .args(args);
+    match spawn_until_banner(command, &["register", "health, metrics"]) {
+        Ok((child, addrs)) => RegistryProcess {
+            child,
+            api: addrs[0],
+            admin: addrs[1],
+        },
+        Err((code, stderr)) => {
+            panic!("karibche registry serve exited ({code:?}) before it was ready:\n{stderr}")
+        }
+    }
+}
+
+/// Starts `command` (a `karibche` server, logging at warn) and reads its banner until a
+/// line starting with each of `labels` has named an address (`label  scheme://ADDR…`);
+/// the addresses in the order of `labels`, or how it exited (code, standard error).
+fn spawn_until_banner(
+    command: std::process::Command,
+    labels: &[&str],
+) -> Result<(KillOnDrop, Vec<SocketAddr>), (Option<i32>, String)> {
+    spawn_until_banner_logging(command, labels, None)
+}
+
+/// [`spawn_until_banner`], with standard error written to a file at a `RUST_LOG` level
+/// when `log` is given (an early exit then reports no standard error).
+fn spawn_until_banner_logging(
+    mut command: std::process::Command,
+    labels: &[&str],
+    log: Option<(std::fs::File, &str)>,
+) -> Result<(KillOnDrop, Vec<SocketAddr>), (Option<i32>, String)> {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let child = command
+        .env("RUST_LOG", log.as_ref().map_or("warn", |(_, level)| level))
+        .stdout(Stdio::piped())
+        .stderr(match log {
+            Some((file, _)) => Stdio::from(file),
+            None => Stdio::piped(),
+        })
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    // Standard error is drained on a thread so the child never blocks on a full pipe.
+    let stderr = child.stderr.take();
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut stderr) = stderr {
+            let _ = stderr.read_to_string(&mut s);
+        }
+        s
+    });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr_after = |line: &str, label: &str| -> Option<SocketAddr> {
+        let rest = line.trim().strip_prefix(label)?.trim();
+        rest.split("://")
+            .nth(1)?
+            .split(['/', ' '])
+            .next()?
+            .parse()
+            .ok()
+    };
+    let mut found: Vec<Option<SocketAddr>> = vec![None; labels.len()];
+    for line in lines.by_ref() {
+        let Ok(line) = line else { break };
+        for (slot, label) in found.iter_mut().zip(labels) {
+            *slot = slot.or_else(|| addr_after(&line, label));
+        }
+        if found.iter().all(Option::is_some) {
+            // Keep draining standard output too.
+            std::thread::spawn(move || for _ in lines {});
+            return Ok((child, found.into_iter().flatten().collect()));
+        }
+    }
+    let status = child.wait().unwrap();
+    Err((status.code(), errors.join().unwrap_or_default()))
+}
+
+/// A copy of the repository's policies under `dir` whose register is served at `url`
+/// (its own process) instead of inside the gateway.
+pub fn policies_with_registry_at(dir: &Path, url: &str) -> PathBuf {
+    let out = copy_policies(dir);
+    let path = out.join("providers.toml");
+    let s = std::fs::read_to_string(&path).unwrap();
+    assert!(s.contains("upstream = \"builtin:registry\""));
+    std::fs::write(
+        path,
+        s.replace(
+            "upstream = \"builtin:registry\"",
+            &format!("upstream = \"{url}\""),
+        ),
+    )
+    .unwrap();
+    out
+}
+
+/// A configuration whose data directory is `dir/var` with the development PKI
+/// and agency keys made ahead: what separate processes (a register, gateway
+/// replicas) share, as they would share a volume.
+pub fn shared_data(dir: &Path) -> Config {
+    let config = Config {
+        data_dir: dir.join("var"),
+        ..Config::default()
+    };
+    dev_pki_ahead(&config);
+    config
+}
+
 /// [`spawn_serve_with`] logging to the file `log` at `level` (`RUST_LOG`), for tests that read the logs.
 pub fn spawn_serve_logging_to(
     data: &Path,
@@ -1428,5 +1521,13 @@ pub fn spawn_serve_logging_to(
     level: &str,
 ) -> Spawned {
     let file = std::fs::File::create(log).unwrap();
-    spawn_serve_logging(data, policies, None, args, Some((file, level)))
+    let command = serve_command(data, policies, None, args);
+    match spawn_until_banner_logging(command, &SERVE_BANNER, Some((file, level))) {
+        Ok((child, addrs)) => Spawned::Ready(ServeProcess {
+            child,
+            gateway: addrs[0],
+            admin: addrs[1],
+        }),
+        Err((code, stderr)) => Spawned::Exited { code, stderr },
+    }
 }
