@@ -80,6 +80,16 @@ impl AuditKey {
         &self.public_hex
     }
 
+    /// The public key's 32 raw bytes.
+    pub fn public_bytes(&self) -> &[u8] {
+        self.pair.public_key().as_ref()
+    }
+
+    /// An Ed25519 signature over `message` (for signed notes, [`super::note`]).
+    pub fn sign_bytes(&self, message: &[u8]) -> Vec<u8> {
+        self.pair.sign(message).as_ref().to_vec()
+    }
+
     /// Signs a checkpoint of `node`'s chain at `seq`/`hash`, time-stamped now.
     pub fn sign(&self, node: &str, seq: i64, hash: &str) -> Checkpoint {
         let ts = super::now_ts();
