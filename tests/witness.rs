@@ -1,0 +1,258 @@
+//! Witnesses (issue 17): a node's tree heads cosigned by a `karibche witness`
+//! that only accepts consistent extensions; a witness that restarts keeps its
+//! state; a node whose witness is down keeps serving and catches up; a fork
+//! and a rollback are refused, counted and recorded by the witness.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use karibche::audit::{self, note, AuditConfig, AuditKey, AuditLog, CheckpointPolicy, Entry};
+use karibche::store::Store;
+use karibche::witness::client::{self, WitnessBoard, WitnessPeer};
+use karibche::witness::{AddCheckpoint, KnownLog, Witness};
+
+/// A running witness on an ephemeral port (or `port`).
+struct Running {
+    witness: Arc<Witness>,
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_witness(dir: &std::path::Path, logs: Vec<KnownLog>, port: u16) -> Running {
+    let witness = Arc::new(Witness::open(dir, "witness.test", logs).unwrap());
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(karibche::witness::serve(witness.clone(), listener, rx));
+    Running {
+        witness,
+        addr,
+        stop,
+        task,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// A node writing to `store`, a tree head every 5 records.
+async fn node(store: &Store, key: Arc<AuditKey>, name: &str) -> (AuditLog, audit::AuditWriter) {
+    let mut config = AuditConfig::new(name);
+    config.checkpoints = Some(CheckpointPolicy {
+        key,
+        every: 5,
+        interval: Duration::from_secs(3600),
+    });
+    AuditLog::start(store.clone(), config).await.unwrap()
+}
+
+async fn write(log: &AuditLog, prefix: &str, n: usize) {
+    for i in 0..n {
+        log.append(Entry {
+            id: format!("{prefix}-{i}"),
+            ts: audit::now_ts(),
+            method: "GET".into(),
+            path: format!("/v1/registry/persons/RF-{i}"),
+            decision: "allow".into(),
+            status: 200,
+            policy_version: "v".into(),
+            subjects: vec![format!("RF-{i}")],
+            ..Entry::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
+fn peer(w: &Running) -> WitnessPeer {
+    WitnessPeer {
+        name: w.witness.name().to_owned(),
+        url: format!("http://{}", w.addr),
+        public_key: hex::decode(w.witness.public_hex()).unwrap(),
+    }
+}
+
+async fn post(addr: std::net::SocketAddr, body: String) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!(
+        "POST /add-checkpoint HTTP/1.1\r\nhost: w\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+#[tokio::test]
+async fn node_is_cosigned_witness_keeps_state_and_a_down_witness_is_caught_up() {
+    let (store, dir) = karibche::testing::sqlite_store().await;
+    let key = Arc::new(AuditKey::load_or_create(&dir.path().join("node.key")).unwrap());
+    let (log, writer) = node(&store, key.clone(), "n-w").await;
+    let logs = vec![KnownLog {
+        origin: log.origin().to_owned(),
+        public_key: key.public_bytes().to_vec(),
+    }];
+    let wdir = tempfile::tempdir().unwrap();
+    let w = start_witness(wdir.path(), logs.clone(), 0).await;
+    let port = w.addr.port();
+    let board = Arc::new(WitnessBoard::default());
+    let (stop_tasks, shutdown) = tokio::sync::watch::channel(false);
+    let tasks = client::spawn(
+        store.clone(),
+        "n-w".into(),
+        log.tree_heads(),
+        vec![peer(&w)],
+        board.clone(),
+        shutdown,
+    );
+    write(&log, "a", 12).await;
+    let cosigned = common::eventually(Duration::from_secs(20), async || {
+        board.snapshot().get("witness.test").is_some_and(|s| s.cosigned == 10)
+    })
+    .await;
+    assert!(cosigned, "{:?}", board.snapshot());
+    let lines = client::cosignatures(&store, "n-w", 10).await.unwrap();
+    assert_eq!(lines.len(), 1);
+    let head = audit::tree::heads(&store, "n-w").await.unwrap();
+    let text = note::Note::parse(&head.last().unwrap().note).unwrap().text;
+    let wkey = hex::decode(w.witness.public_hex()).unwrap();
+    assert!(note::verify_cosignature("witness.test", &wkey, &text, &lines[0].1).is_some());
+
+    // The witness goes away: the node keeps committing and says how far behind it is.
+    w.stop().await;
+    write(&log, "b", 10).await;
+    let behind = common::eventually(Duration::from_secs(20), async || {
+        board
+            .snapshot()
+            .get("witness.test")
+            .is_some_and(|s| s.error.is_some() && s.behind == 10)
+    })
+    .await;
+    assert!(behind, "{:?}", board.snapshot());
+
+    // It returns with its state (same directory, same port) and is caught up with one proof.
+    let w = start_witness(wdir.path(), logs, port).await;
+    let caught_up = common::eventually(Duration::from_secs(40), async || {
+        board
+            .snapshot()
+            .get("witness.test")
+            .is_some_and(|s| s.cosigned == 20 && s.error.is_none() && s.behind == 0)
+    })
+    .await;
+    assert!(caught_up, "{:?}", board.snapshot());
+    let state = std::fs::read_to_string(wdir.path().join("state.json")).unwrap();
+    assert!(state.contains("\"size\": 20"), "{state}");
+
+    let _ = stop_tasks.send(true);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    w.stop().await;
+    log.close();
+    drop(log);
+    writer.finish().await;
+}
+
+#[tokio::test]
+async fn witness_refuses_a_fork_a_rollback_a_bad_proof_and_unknown_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = AuditKey::load_or_create(&dir.path().join("node.key")).unwrap();
+    let stranger = AuditKey::load_or_create(&dir.path().join("other.key")).unwrap();
+    let origin = "karibche/audit/n-fork";
+    let wdir = tempfile::tempdir().unwrap();
+    let w = start_witness(
+        wdir.path(),
+        vec![KnownLog {
+            origin: origin.into(),
+            public_key: key.public_bytes().to_vec(),
+        }],
+        0,
+    )
+    .await;
+    let leaves = |tag: &str, n: u64| -> Vec<audit::merkle::Hash> {
+        (0..n)
+            .map(|i| audit::merkle::leaf_hash(format!("{tag}{i}").as_bytes()))
+            .collect()
+    };
+    let tree = |l: &[audit::merkle::Hash]| {
+        let mut t = audit::merkle::CompactRange::default();
+        l.iter().for_each(|h| {
+            t.push(*h);
+        });
+        t.root()
+    };
+    let signed = |k: &AuditKey, o: &str, size: u64, root| {
+        let text = note::checkpoint_text(o, size, &root);
+        note::Note {
+            signatures: vec![note::sign(k, o, &text)],
+            text,
+        }
+        .render()
+    };
+    let add = |old, proof, checkpoint| AddCheckpoint {
+        old,
+        proof,
+        checkpoint,
+    }
+    .render();
+    let a = leaves("a", 8);
+    let (s, body) = post(w.addr, add(0, vec![], signed(&key, origin, 8, tree(&a)))).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.starts_with("\u{2014} witness.test "), "{body}");
+
+    // Unknown origin, signature by another key, a stale `old`.
+    let (s, _) = post(w.addr, add(0, vec![], signed(&key, "other/log", 8, tree(&a)))).await;
+    assert_eq!(s, 404);
+    let (s, _) = post(w.addr, add(0, vec![], signed(&stranger, origin, 8, tree(&a)))).await;
+    assert_eq!(s, 403);
+    let (s, body) = post(w.addr, add(3, vec![], signed(&key, origin, 8, tree(&a)))).await;
+    assert_eq!((s, body.as_str()), (409, "8\n"));
+
+    // A fork: a different tree of the same size.
+    let b = leaves("b", 8);
+    let (s, _) = post(w.addr, add(8, vec![], signed(&key, origin, 8, tree(&b)))).await;
+    assert_eq!(s, 422);
+    // A rollback: a smaller tree.
+    let (s, _) = post(w.addr, add(8, vec![], signed(&key, origin, 5, tree(&a[..5])))).await;
+    assert_eq!(s, 400);
+    // An extension whose proof is wrong.
+    let mut c = a.clone();
+    c.extend(leaves("c", 4));
+    let (s, _) = post(
+        w.addr,
+        add(8, vec![[7; 32]], signed(&key, origin, 12, tree(&c))),
+    )
+    .await;
+    assert_eq!(s, 422);
+    // The right proof (old size 8 is a power of two: the proof is the new subtree's hash).
+    let (s, body) = post(
+        w.addr,
+        add(8, vec![tree(&c[8..])], signed(&key, origin, 12, tree(&c))),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+
+    let refusals = std::fs::read_to_string(wdir.path().join("refusals.jsonl")).unwrap();
+    let kinds: Vec<String> = refusals
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["fork", "rollback", "inconsistent"]);
+    let (status, metrics) = common::admin_get(w.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("karibche_witness_refusals_total 3"), "{metrics}");
+    w.stop().await;
+}
