@@ -120,7 +120,10 @@ async fn node_is_cosigned_witness_keeps_state_and_a_down_witness_is_caught_up() 
     );
     write(&log, "a", 12).await;
     let cosigned = common::eventually(Duration::from_secs(20), async || {
-        board.snapshot().get("witness.test").is_some_and(|s| s.cosigned == 10)
+        board
+            .snapshot()
+            .get("witness.test")
+            .is_some_and(|s| s.cosigned == 10)
     })
     .await;
     assert!(cosigned, "{:?}", board.snapshot());
@@ -202,21 +205,31 @@ async fn witness_refuses_a_fork_a_rollback_a_bad_proof_and_unknown_logs() {
         }
         .render()
     };
-    let add = |old, proof, checkpoint| AddCheckpoint {
-        old,
-        proof,
-        checkpoint,
-    }
-    .render();
+    let add = |old, proof, checkpoint| {
+        AddCheckpoint {
+            old,
+            proof,
+            checkpoint,
+        }
+        .render()
+    };
     let a = leaves("a", 8);
     let (s, body) = post(w.addr, add(0, vec![], signed(&key, origin, 8, tree(&a)))).await;
     assert_eq!(s, 200, "{body}");
     assert!(body.starts_with("\u{2014} witness.test "), "{body}");
 
     // Unknown origin, signature by another key, a stale `old`.
-    let (s, _) = post(w.addr, add(0, vec![], signed(&key, "other/log", 8, tree(&a)))).await;
+    let (s, _) = post(
+        w.addr,
+        add(0, vec![], signed(&key, "other/log", 8, tree(&a))),
+    )
+    .await;
     assert_eq!(s, 404);
-    let (s, _) = post(w.addr, add(0, vec![], signed(&stranger, origin, 8, tree(&a)))).await;
+    let (s, _) = post(
+        w.addr,
+        add(0, vec![], signed(&stranger, origin, 8, tree(&a))),
+    )
+    .await;
     assert_eq!(s, 403);
     let (s, body) = post(w.addr, add(3, vec![], signed(&key, origin, 8, tree(&a)))).await;
     assert_eq!((s, body.as_str()), (409, "8\n"));
@@ -226,7 +239,11 @@ async fn witness_refuses_a_fork_a_rollback_a_bad_proof_and_unknown_logs() {
     let (s, _) = post(w.addr, add(8, vec![], signed(&key, origin, 8, tree(&b)))).await;
     assert_eq!(s, 422);
     // A rollback: a smaller tree.
-    let (s, _) = post(w.addr, add(8, vec![], signed(&key, origin, 5, tree(&a[..5])))).await;
+    let (s, _) = post(
+        w.addr,
+        add(8, vec![], signed(&key, origin, 5, tree(&a[..5]))),
+    )
+    .await;
     assert_eq!(s, 400);
     // An extension whose proof is wrong.
     let mut c = a.clone();
@@ -248,11 +265,19 @@ async fn witness_refuses_a_fork_a_rollback_a_bad_proof_and_unknown_logs() {
     let refusals = std::fs::read_to_string(wdir.path().join("refusals.jsonl")).unwrap();
     let kinds: Vec<String> = refusals
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_owned())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(kinds, ["fork", "rollback", "inconsistent"]);
     let (status, metrics) = common::admin_get(w.addr, "/metrics").await;
     assert_eq!(status, 200);
-    assert!(metrics.contains("karibche_witness_refusals_total 3"), "{metrics}");
+    assert!(
+        metrics.contains("karibche_witness_refusals_total 3"),
+        "{metrics}"
+    );
     w.stop().await;
 }

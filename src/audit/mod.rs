@@ -16,6 +16,7 @@ pub mod bench;
 pub mod chain;
 pub mod checkpoint;
 pub mod event;
+pub mod evidence;
 pub mod merkle;
 pub mod note;
 pub mod offline;

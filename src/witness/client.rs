@@ -321,3 +321,28 @@ pub async fn cosignatures(
     .fetch_all(store.pool())
     .await?)
 }
+
+/// The latest checkpoint a witness at `url` cosigned for `origin` (`GET /checkpoint/{origin}`), if any.
+pub async fn fetch_latest(url: &str, origin: &str) -> Result<Option<String>, String> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let path = percent_encoding::utf8_percent_encode(origin, percent_encoding::NON_ALPHANUMERIC);
+    let req = Request::get(format!("{}/checkpoint/{path}", url.trim_end_matches('/')))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| format!("{url}: timed out"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .to_bytes();
+    match status {
+        StatusCode::OK => Ok(Some(String::from_utf8_lossy(&body).into_owned())),
+        StatusCode::NOT_FOUND => Ok(None),
+        s => Err(format!("{url} answered {s}")),
+    }
+}
