@@ -8,70 +8,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use karibche::audit::{self, note, AuditConfig, AuditKey, AuditLog, CheckpointPolicy, Entry};
-use karibche::store::Store;
+use common::{audit_node as node, start_witness, write_reads as write, RunningWitness as Running};
+use karibche::audit::{self, note, AuditKey};
 use karibche::witness::client::{self, WitnessBoard, WitnessPeer};
-use karibche::witness::{AddCheckpoint, KnownLog, Witness};
-
-/// A running witness on an ephemeral port (or `port`).
-struct Running {
-    witness: Arc<Witness>,
-    addr: std::net::SocketAddr,
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn start_witness(dir: &std::path::Path, logs: Vec<KnownLog>, port: u16) -> Running {
-    let witness = Arc::new(Witness::open(dir, "witness.test", logs).unwrap());
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(karibche::witness::serve(witness.clone(), listener, rx));
-    Running {
-        witness,
-        addr,
-        stop,
-        task,
-    }
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
-}
-
-/// A node writing to `store`, a tree head every 5 records.
-async fn node(store: &Store, key: Arc<AuditKey>, name: &str) -> (AuditLog, audit::AuditWriter) {
-    let mut config = AuditConfig::new(name);
-    config.checkpoints = Some(CheckpointPolicy {
-        key,
-        every: 5,
-        interval: Duration::from_secs(3600),
-    });
-    AuditLog::start(store.clone(), config).await.unwrap()
-}
-
-async fn write(log: &AuditLog, prefix: &str, n: usize) {
-    for i in 0..n {
-        log.append(Entry {
-            id: format!("{prefix}-{i}"),
-            ts: audit::now_ts(),
-            method: "GET".into(),
-            path: format!("/v1/registry/persons/RF-{i}"),
-            decision: "allow".into(),
-            status: 200,
-            policy_version: "v".into(),
-            subjects: vec![format!("RF-{i}")],
-            ..Entry::default()
-        })
-        .await
-        .unwrap();
-    }
-}
+use karibche::witness::{AddCheckpoint, KnownLog};
 
 fn peer(w: &Running) -> WitnessPeer {
     WitnessPeer {
