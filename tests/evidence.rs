@@ -4,6 +4,8 @@
 //! refused by the witness; and one-record proofs that verify offline and fail
 //! when any byte of the file or the body changes.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::Path;
@@ -310,7 +312,7 @@ async fn a_proof_verifies_offline_and_fails_when_any_byte_changes() {
         w.witness.name().to_owned(),
         hex::decode(w.witness.public_hex()).unwrap(),
     );
-    let ev = evidence::prove(&node.store, "a-13", &[wkey.clone()])
+    let ev = evidence::prove(&node.store, "a-13", std::slice::from_ref(&wkey))
         .await
         .unwrap();
     node.close().await;

@@ -3,6 +3,8 @@
 //! state; a node whose witness is down keeps serving and catches up; a fork
 //! and a rollback are refused, counted and recorded by the witness.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;

@@ -138,7 +138,7 @@ pub fn blocks(start: u64, end: u64) -> Vec<Subtree> {
     while a < end {
         let n = end - a;
         let mut level = 63 - n.leading_zeros();
-        while level > 0 && a % (1 << level) != 0 {
+        while level > 0 && !a.is_multiple_of(1 << level) {
             level -= 1;
         }
         out.push(Subtree {
