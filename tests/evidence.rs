@@ -432,3 +432,126 @@ async fn a_subject_report_writes_one_verifiable_proof_per_access() {
     }
     w.stop().await;
 }
+
+/// Append latency with and without a witness, side by side in one run: two
+/// nodes (own SQLite files) under the same concurrent load at the same time,
+/// a tree head every 100 records, one of them witnessed.
+/// `cargo test --test evidence figures -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn figures_append_latency_with_and_without_witnessing() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Arc::new(AuditKey::load_or_create(&dir.path().join("node.key")).unwrap());
+    let w = start_witness(&dir.path().join("w"), known(&key), 0).await;
+    let witnessed = witnessed_node(&dir.path().join("on.db"), &key, &w).await;
+    let plain_store = Store::connect(&format!("sqlite://{}", dir.path().join("off.db").display()))
+        .await
+        .unwrap();
+    let mut config = audit::AuditConfig::new(NODE);
+    config.checkpoints = Some(audit::CheckpointPolicy {
+        key: key.clone(),
+        every: 100,
+        interval: Duration::from_secs(3600),
+    });
+    let (plain, plain_writer) = AuditLog::start(plain_store.clone(), config).await.unwrap();
+    // The witnessed node gets the same checkpoint rate: restart its writer with every = 100.
+    let Witnessed {
+        store,
+        log,
+        writer,
+        board,
+        stop,
+        tasks,
+    } = witnessed;
+    log.close();
+    drop(log);
+    writer.finish().await;
+    let mut config = audit::AuditConfig::new(NODE);
+    config.checkpoints = Some(audit::CheckpointPolicy {
+        key: key.clone(),
+        every: 100,
+        interval: Duration::from_secs(3600),
+    });
+    let _ = stop.send(true);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (on, on_writer) = AuditLog::start(store.clone(), config).await.unwrap();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let tasks = client::spawn(
+        store.clone(),
+        NODE.into(),
+        on.tree_heads(),
+        vec![WitnessPeer {
+            name: w.witness.name().into(),
+            url: format!("http://{}", w.addr),
+            public_key: hex::decode(w.witness.public_hex()).unwrap(),
+        }],
+        board.clone(),
+        shutdown,
+    );
+    const PER_NODE: usize = 6_000;
+    const CONCURRENCY: usize = 32;
+    let run = |log: AuditLog, tag: &'static str| async move {
+        let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+        let mut set = tokio::task::JoinSet::new();
+        for c in 0..CONCURRENCY {
+            let log = log.clone();
+            set.spawn(async move {
+                let mut out = Vec::new();
+                for i in 0..PER_NODE / CONCURRENCY {
+                    let started = std::time::Instant::now();
+                    log.append(audit::Entry {
+                        id: format!("{tag}-{c}-{i}"),
+                        ts: audit::now_ts(),
+                        method: "GET".into(),
+                        path: "/v1/registry/persons/RF-1".into(),
+                        decision: "allow".into(),
+                        status: 200,
+                        policy_version: "v".into(),
+                        subjects: vec!["RF-1".into()],
+                        ..audit::Entry::default()
+                    })
+                    .await
+                    .unwrap();
+                    out.push(started.elapsed().as_micros() as u64);
+                }
+                out
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            for v in r.unwrap() {
+                hist.record(v).unwrap();
+            }
+        }
+        hist
+    };
+    let started = std::time::Instant::now();
+    let (h_on, h_off) = tokio::join!(run(on.clone(), "on"), run(plain.clone(), "off"));
+    let took = started.elapsed();
+    for (name, h) in [("witnessing on ", &h_on), ("witnessing off", &h_off)] {
+        println!(
+            "{name}: {} appends, p50 {} µs, p99 {} µs, max {} µs",
+            h.len(),
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.max()
+        );
+    }
+    let _ = stop.send(true);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let cosigned_during: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_cosignatures")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    let heads = audit::tree::heads(&store, NODE).await.unwrap().len();
+    println!("both nodes in {took:?}; {heads} tree heads on the witnessed node, {cosigned_during} cosigned while the load ran");
+    for (log, writer) in [(on, on_writer), (plain, plain_writer)] {
+        log.close();
+        drop(log);
+        writer.finish().await;
+    }
+    w.stop().await;
+}

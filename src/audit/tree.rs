@@ -330,4 +330,96 @@ mod tests {
         };
         scenario(store).await;
     }
+
+    /// Figures for the README: `cargo test --lib audit::tree::tests::figures -- --ignored --nocapture`.
+    #[tokio::test]
+    #[ignore]
+    async fn figures() {
+        use crate::audit::{AuditConfig, AuditLog, Entry};
+        let (store, dir) = crate::testing::sqlite_store().await;
+        let (log, writer) = AuditLog::start(store.clone(), AuditConfig::new("fig"))
+            .await
+            .unwrap();
+        let mut waits = tokio::task::JoinSet::new();
+        for i in 0..11_000 {
+            let log = log.clone();
+            waits.spawn(async move {
+                log.append(Entry {
+                    id: format!("fig-{i}"),
+                    ts: crate::audit::now_ts(),
+                    method: "GET".into(),
+                    path: format!("/v1/registry/persons/RF-{i}"),
+                    decision: "allow".into(),
+                    status: 200,
+                    policy_version: "v".into(),
+                    subjects: vec![format!("RF-{i}")],
+                    ..Entry::default()
+                })
+                .await
+                .unwrap()
+            });
+            if waits.len() >= 256 {
+                waits.join_next().await;
+            }
+        }
+        while waits.join_next().await.is_some() {}
+        log.close();
+        drop(log);
+        writer.finish().await;
+        let key = AuditKey::load_or_create(&dir.path().join("k")).unwrap();
+        let origin = default_origin("fig");
+        let mut tree = None;
+        for (size, label) in [
+            (10_000, "first head over 10,000 records"),
+            (11_000, "next head, 1,000 records later"),
+        ] {
+            let nodes_before: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_tree_nodes")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+            let started = std::time::Instant::now();
+            let mut tx = store.begin_write().await.unwrap();
+            tree = advance(tx.conn(), "fig", &origin, &key, tree, size)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            let took = started.elapsed();
+            let nodes: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_tree_nodes")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+            let head = latest(&store, "fig").await.unwrap().unwrap();
+            println!(
+                "{label}: {took:?} (SQLite transaction included); note {} bytes, edge {} bytes, {} subtree rows",
+                head.note.len(),
+                head.edge.len(),
+                nodes - nodes_before
+            );
+        }
+        let reader = TreeReader::new(&store, "fig");
+        let started = std::time::Instant::now();
+        let proof = reader.inclusion(4321, 11_000).await.unwrap();
+        println!(
+            "inclusion proof in a tree of 11,000: {} hashes, read in {:?}",
+            proof.len(),
+            started.elapsed()
+        );
+        let started = std::time::Instant::now();
+        let proof = reader.consistency(10_000, 11_000).await.unwrap();
+        println!(
+            "consistency proof 10,000 -> 11,000: {} hashes, read in {:?}",
+            proof.len(),
+            started.elapsed()
+        );
+        let n = 10_000_000;
+        let lens: Vec<usize> = [0, 1, n / 2, 8_388_607, 8_388_608, n - 1]
+            .into_iter()
+            .map(|i| merkle::inclusion_ranges(i, n).len())
+            .collect();
+        println!("inclusion proof lengths in a tree of 10,000,000 leaves: {lens:?} hashes (32 bytes each)");
+        println!(
+            "consistency proof 9,999,000 -> 10,000,000: {} hashes",
+            merkle::consistency_ranges(9_999_000, n).len()
+        );
+    }
 }
