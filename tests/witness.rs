@@ -223,3 +223,63 @@ async fn witness_refuses_a_fork_a_rollback_a_bad_proof_and_unknown_logs() {
     );
     w.stop().await;
 }
+
+/// Starts `karibche witness serve` on an ephemeral port; its address from the banner.
+fn spawn_witness(dir: &std::path::Path, log: &str) -> (common::KillOnDrop, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_karibche"))
+        .args([
+            "witness",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "w.cli",
+        ])
+        .args(["--dir", dir.to_str().unwrap(), "--log", log])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    (common::KillOnDrop(child), addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_witness_command_cosigns_and_remembers_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = AuditKey::load_or_create(&dir.path().join("node.key")).unwrap();
+    let origin = "karibche/audit/n-cli";
+    let log = format!("{origin}={}", key.public_hex());
+    let wdir = dir.path().join("w");
+    let (child, addr) = spawn_witness(&wdir, &log);
+    let text = note::checkpoint_text(origin, 3, &[9; 32]);
+    let checkpoint = note::Note {
+        signatures: vec![note::sign(&key, origin, &text)],
+        text,
+    }
+    .render();
+    let body = AddCheckpoint {
+        old: 0,
+        proof: vec![],
+        checkpoint,
+    }
+    .render();
+    let (s, line) = post(addr, body.clone()).await;
+    assert_eq!(s, 200, "{line}");
+    drop(child);
+
+    let (_child, addr) = spawn_witness(&wdir, &log);
+    let latest = client::fetch_latest(&format!("http://{addr}"), origin)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(latest.contains(line.trim()), "{latest}");
+    // The same `old 0` is now stale: the restarted witness says where it is.
+    let (s, size) = post(addr, body).await;
+    assert_eq!((s, size.as_str()), (409, "3\n"));
+}
