@@ -46,6 +46,27 @@ async fn witnessed_node(db: &Path, key: &Arc<AuditKey>, w: &RunningWitness) -> W
         .unwrap();
     let (log, writer) = audit_node(&store, key.clone(), NODE).await;
     let board = Arc::new(WitnessBoard::default());
+    let (stop, tasks) = witnessing(&store, &log, w, &board);
+    Witnessed {
+        store,
+        log,
+        writer,
+        board,
+        stop,
+        tasks,
+    }
+}
+
+/// The witness task for `log`, reporting to `board`; send `true` to stop it.
+fn witnessing(
+    store: &Store,
+    log: &AuditLog,
+    w: &RunningWitness,
+    board: &Arc<WitnessBoard>,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let tasks = client::spawn(
         store.clone(),
@@ -59,14 +80,18 @@ async fn witnessed_node(db: &Path, key: &Arc<AuditKey>, w: &RunningWitness) -> W
         board.clone(),
         shutdown,
     );
-    Witnessed {
-        store,
-        log,
-        writer,
-        board,
-        stop,
-        tasks,
-    }
+    (stop, tasks)
+}
+
+/// A writer for [`NODE`] signing a tree head every `every` records.
+fn checkpointed(key: &Arc<AuditKey>, every: u64) -> audit::AuditConfig {
+    let mut config = audit::AuditConfig::new(NODE);
+    config.checkpoints = Some(audit::CheckpointPolicy {
+        key: key.clone(),
+        every,
+        interval: Duration::from_secs(3600),
+    });
+    config
 }
 
 impl Witnessed {
@@ -445,53 +470,17 @@ async fn figures_append_latency_with_and_without_witnessing() {
     let dir = tempfile::tempdir().unwrap();
     let key = Arc::new(AuditKey::load_or_create(&dir.path().join("node.key")).unwrap());
     let w = start_witness(&dir.path().join("w"), known(&key), 0).await;
-    let witnessed = witnessed_node(&dir.path().join("on.db"), &key, &w).await;
-    let plain_store = Store::connect(&format!("sqlite://{}", dir.path().join("off.db").display()))
+    let url = |name: &str| format!("sqlite://{}", dir.path().join(name).display());
+    let store = Store::connect(&url("on.db")).await.unwrap();
+    let plain_store = Store::connect(&url("off.db")).await.unwrap();
+    let (on, on_writer) = AuditLog::start(store.clone(), checkpointed(&key, 100))
         .await
         .unwrap();
-    let mut config = audit::AuditConfig::new(NODE);
-    config.checkpoints = Some(audit::CheckpointPolicy {
-        key: key.clone(),
-        every: 100,
-        interval: Duration::from_secs(3600),
-    });
-    let (plain, plain_writer) = AuditLog::start(plain_store.clone(), config).await.unwrap();
-    // The witnessed node gets the same checkpoint rate: restart its writer with every = 100.
-    let Witnessed {
-        store,
-        log,
-        writer,
-        board,
-        stop,
-        tasks,
-    } = witnessed;
-    log.close();
-    drop(log);
-    writer.finish().await;
-    let mut config = audit::AuditConfig::new(NODE);
-    config.checkpoints = Some(audit::CheckpointPolicy {
-        key: key.clone(),
-        every: 100,
-        interval: Duration::from_secs(3600),
-    });
-    let _ = stop.send(true);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (on, on_writer) = AuditLog::start(store.clone(), config).await.unwrap();
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let tasks = client::spawn(
-        store.clone(),
-        NODE.into(),
-        on.tree_heads(),
-        vec![WitnessPeer {
-            name: w.witness.name().into(),
-            url: format!("http://{}", w.addr),
-            public_key: hex::decode(w.witness.public_hex()).unwrap(),
-        }],
-        board.clone(),
-        shutdown,
-    );
+    let (plain, plain_writer) = AuditLog::start(plain_store.clone(), checkpointed(&key, 100))
+        .await
+        .unwrap();
+    let board = Arc::new(WitnessBoard::default());
+    let (stop, tasks) = witnessing(&store, &on, &w, &board);
     const PER_NODE: usize = 6_000;
     const CONCURRENCY: usize = 32;
     let run = |log: AuditLog, tag: &'static str| async move {

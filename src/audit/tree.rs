@@ -335,7 +335,7 @@ mod tests {
     #[tokio::test]
     #[ignore]
     async fn figures() {
-        use crate::audit::{AuditConfig, AuditLog, Entry};
+        use crate::audit::{AuditConfig, AuditLog};
         let (store, dir) = crate::testing::sqlite_store().await;
         let (log, writer) = AuditLog::start(store.clone(), AuditConfig::new("fig"))
             .await
@@ -344,19 +344,8 @@ mod tests {
         for i in 0..11_000 {
             let log = log.clone();
             waits.spawn(async move {
-                log.append(Entry {
-                    id: format!("fig-{i}"),
-                    ts: crate::audit::now_ts(),
-                    method: "GET".into(),
-                    path: format!("/v1/registry/persons/RF-{i}"),
-                    decision: "allow".into(),
-                    status: 200,
-                    policy_version: "v".into(),
-                    subjects: vec![format!("RF-{i}")],
-                    ..Entry::default()
-                })
-                .await
-                .unwrap()
+                let entry = crate::audit::checkpoint::tests::read_of("fig", i);
+                log.append(entry).await.unwrap()
             });
             if waits.len() >= 256 {
                 waits.join_next().await;

@@ -250,7 +250,8 @@ impl Witness {
             Some(c) => (c.size, merkle::from_hex(&c.root).unwrap_or([0; 32])),
             None => (0, merkle::empty_root()),
         };
-        if req.old > size {
+        // A smaller tree than the one cosigned: whatever `old` says, the log went back.
+        if size < latest_size {
             self.refuse(
                 &origin,
                 "rollback",
@@ -260,23 +261,14 @@ impl Witness {
                 &req.checkpoint,
             )
             .await;
+        }
+        if req.old > size {
             return plain(
                 StatusCode::BAD_REQUEST,
                 "old size is larger than the checkpoint",
             );
         }
         if req.old != latest_size {
-            if size < latest_size {
-                self.refuse(
-                    &origin,
-                    "rollback",
-                    req.old,
-                    size,
-                    latest_size,
-                    &req.checkpoint,
-                )
-                .await;
-            }
             return text(
                 StatusCode::CONFLICT,
                 "text/x.tlog.size",
