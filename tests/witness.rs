@@ -283,3 +283,64 @@ async fn the_witness_command_cosigns_and_remembers_across_a_restart() {
     let (s, size) = post(addr, body).await;
     assert_eq!((s, size.as_str()), (409, "3\n"));
 }
+
+/// The real gateway with a witness that is down: ready, and `/readyz` and
+/// `/metrics` say how far behind the witness is; once it is up, it catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_witness_is_down_stays_ready_and_says_so() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let wdir = tempfile::tempdir().unwrap();
+    let wkey = AuditKey::load_or_create(&wdir.path().join("witness.key")).unwrap();
+    let public_key = wkey.public_hex().to_owned();
+    let gw = common::TestGateway::start_configured(common::Db::Sqlite, move |c, _| {
+        c.audit.checkpoint_every = 1;
+        c.audit.witnesses = vec![karibche::config::WitnessSettings {
+            name: "witness.test".into(),
+            url: format!("http://127.0.0.1:{port}"),
+            public_key,
+        }];
+    })
+    .await
+    .unwrap();
+    let admin = gw.running.started.admin;
+    let detail = |body: &str| {
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["witnesses"]["witness.test"]
+            .clone()
+    };
+    let down = common::eventually(Duration::from_secs(20), async || {
+        let (status, body) = common::admin_get(admin, "/readyz").await;
+        status == 200
+            && detail(&body)["error"].is_string()
+            && detail(&body)["behind"].as_u64() > Some(0)
+    })
+    .await;
+    assert!(down, "{}", common::admin_get(admin, "/readyz").await.1);
+    let (_, metrics) = common::admin_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("karibche_audit_witness_behind{witness=\"witness.test\"} "),
+        "{metrics}"
+    );
+
+    let node_key = AuditKey::load_or_create(&gw.config.audit_key_path()).unwrap();
+    let w = start_witness(
+        wdir.path(),
+        vec![KnownLog {
+            origin: audit::tree::default_origin(&gw.config.node),
+            public_key: node_key.public_bytes().to_vec(),
+        }],
+        port,
+    )
+    .await;
+    let caught_up = common::eventually(Duration::from_secs(40), async || {
+        let (_, body) = common::admin_get(admin, "/readyz").await;
+        detail(&body)["behind"] == 0 && detail(&body)["error"].is_null()
+    })
+    .await;
+    assert!(caught_up, "{}", common::admin_get(admin, "/readyz").await.1);
+    gw.shutdown().await;
+    w.stop().await;
+}
