@@ -315,6 +315,15 @@ mod tests {
                 }
             }
         }
+        // One record's evidence, on either database: no cosignatures, so the smallest covering head.
+        let ev = crate::audit::evidence::prove(&store, "n-tree-30", &[])
+            .await
+            .unwrap();
+        let covering = heads.iter().find(|h| h.size >= 31).unwrap().size as u64;
+        assert_eq!((ev.record.seq, ev.tree_size), (31, covering));
+        let file = serde_json::to_vec(&ev).unwrap();
+        let v = crate::audit::evidence::verify(&file, None, Some(key.public_hex())).unwrap();
+        assert!(v.cosigned_by.is_empty());
     }
 
     #[tokio::test]
