@@ -118,6 +118,9 @@ pub struct RegistryConfig {
     /// gateway's database is SQLite (so its writes never wait on the audit log's
     /// write lock, and the other way round), else the gateway's database.
     pub database_url: Option<String>,
+    /// Health and metrics of `karibche registry serve` (the register as its own
+    /// process); apart from the gateway's `admin.listen`. Default `127.0.0.1:9091`.
+    pub admin_listen: SocketAddr,
 }
 
 /// Health and metrics listener (plain HTTP; keep it on a private interface).
@@ -248,6 +251,25 @@ pub struct LimitsConfig {
     /// The longest a breaker stays open between probes. Default 60 s.
     #[serde(with = "humantime_serde_compat")]
     pub breaker_max_open: Duration,
+    /// Where quotas are kept: `local` (default: each replica enforces its share,
+    /// see `replicas`) or `redis://host:port[/db]` (shared by all replicas; the
+    /// local share is the fallback while Redis is slow or down).
+    pub backend: String,
+    /// Prefix of every Redis key, so deployments can share one Redis. Default `karibche:`.
+    pub redis_prefix: String,
+    /// The longest a quota check waits for Redis before it takes the local share. Default 25 ms.
+    #[serde(with = "humantime_serde_compat")]
+    pub redis_timeout: Duration,
+}
+
+/// Default `limits.backend`: each replica enforces its share of every quota.
+pub const LOCAL_LIMITS: &str = "local";
+
+impl LimitsConfig {
+    /// The Redis URL of the shared-quota backend, or `None` for the local split.
+    pub fn redis_url(&self) -> Option<&str> {
+        (self.backend != LOCAL_LIMITS).then_some(self.backend.as_str())
+    }
 }
 
 impl Default for LimitsConfig {
@@ -262,6 +284,9 @@ impl Default for LimitsConfig {
             breaker_failures: 5,
             breaker_open: Duration::from_secs(5),
             breaker_max_open: Duration::from_secs(60),
+            backend: LOCAL_LIMITS.to_owned(),
+            redis_prefix: "karibche:".to_owned(),
+            redis_timeout: Duration::from_millis(25),
         }
     }
 }
@@ -309,6 +334,7 @@ impl Default for RegistryConfig {
             seed_persons: 10_000,
             seed: 2013,
             database_url: None,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
         }
     }
 }
@@ -465,6 +491,19 @@ impl Config {
             if n == 0 {
                 problems.push(format!("{name} must be at least 1"));
             }
+        }
+        if let Some(url) = l.redis_url() {
+            let redis = url.starts_with("redis://")
+                && redis::IntoConnectionInfo::into_connection_info(url).is_ok();
+            if !redis {
+                problems.push(format!(
+                    "limits.backend must be \"local\" or redis://host:port[/db], not {url:?}"
+                ));
+            }
+        }
+        if l.redis_timeout.is_zero() || l.redis_timeout > Duration::from_secs(1) {
+            problems
+                .push("limits.redis_timeout must be longer than zero and at most 1 s".to_owned());
         }
         if l.breaker_max_open < l.breaker_open {
             problems.push(
@@ -675,6 +714,27 @@ mod tests {
             panic!("expected invalid")
         };
         assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn limits_backend_is_local_or_redis() {
+        let c = Config::default();
+        assert_eq!(c.limits.redis_url(), None);
+        let c: Config = toml::from_str(
+            "[limits]\nbackend = \"redis://127.0.0.1:6379/2\"\nredis_prefix = \"t:\"\nredis_timeout = \"10ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.redis_url(), Some("redis://127.0.0.1:6379/2"));
+        assert_eq!(c.limits.redis_timeout, Duration::from_millis(10));
+        c.validate().unwrap();
+        for bad in ["memcached://x", "redis://", "redis-ish"] {
+            let mut c = Config::default();
+            c.limits.backend = bad.to_owned();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        let mut c = Config::default();
+        c.limits.redis_timeout = Duration::ZERO;
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub enum Command {
     /// Development certificates.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
-    /// The built-in register of foreigners.
+    /// The register of foreigners: serve it as its own process, seed it, measure it.
     #[command(subcommand)]
     Registry(registry::RegistryCommand),
     /// Load generator: mutual TLS, officers' tokens, HTTP/1.1 or HTTP/2, fixed rate or max throughput (BENCHMARKS.md).
@@ -135,6 +135,9 @@ impl Cli {
             config.database_url = Some(u.clone());
         }
         if let Command::Serve(s) = &self.command {
+            s.apply(&mut config);
+        }
+        if let Command::Registry(registry::RegistryCommand::Serve(s)) = &self.command {
             s.apply(&mut config);
         }
         config.validate()?;
@@ -178,7 +181,12 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
-    let quiet = !matches!(cli.command, Command::Serve(_) | Command::Witness(_));
+    let quiet = !matches!(
+        cli.command,
+        Command::Serve(_)
+            | Command::Registry(registry::RegistryCommand::Serve(_))
+            | Command::Witness(_)
+    );
     init_logging(cli.common.log_format, if quiet { "warn" } else { "info" });
     let config = cli.config()?;
     match &cli.command {
