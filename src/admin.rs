@@ -146,6 +146,10 @@ impl AdminState {
                 },
                 "open_breakers": open,
                 "providers": providers,
+                // Witnesses never make the node unready: the log stays local and durable.
+                "witnesses": self.audit.witnesses().snapshot().into_iter().map(|(name, w)| {
+                    (name, serde_json::json!({"cosigned_size": w.cosigned, "behind": w.behind, "error": w.error}))
+                }).collect::<serde_json::Map<_, _>>(),
             }),
         )
     }
@@ -174,6 +178,17 @@ impl AdminState {
             "# HELP karibche_audit_queue_depth Records waiting for the audit writer.\n# TYPE karibche_audit_queue_depth gauge\nkaribche_audit_queue_depth {}",
             a.queue_depth
         );
+        let _ = writeln!(
+            out,
+            "# HELP karibche_audit_witness_behind Records in signed tree heads a witness has not cosigned yet.\n# TYPE karibche_audit_witness_behind gauge"
+        );
+        for (name, w) in self.audit.witnesses().snapshot() {
+            let _ = writeln!(
+                out,
+                "karibche_audit_witness_behind{{witness=\"{name}\"}} {}",
+                w.behind
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP karibche_policy_info The policy version in force.\n# TYPE karibche_policy_info gauge\nkaribche_policy_info{{version=\"{}\"}} 1",

@@ -33,6 +33,7 @@ pub mod policy;
 pub mod registry;
 pub mod serve;
 pub mod token;
+pub mod witness;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -112,6 +113,9 @@ pub enum Command {
     /// Data subjects' consents: record, revoke, list (each change is an audit event).
     #[command(subcommand)]
     Consent(consent::ConsentCommand),
+    /// Witness other nodes' audit logs: cosign checkpoints that extend the last one, refuse rollbacks and forks.
+    #[command(subcommand)]
+    Witness(witness::WitnessCommand),
 }
 
 impl Cli {
@@ -179,7 +183,9 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
 async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
     let quiet = !matches!(
         cli.command,
-        Command::Serve(_) | Command::Registry(registry::RegistryCommand::Serve(_))
+        Command::Serve(_)
+            | Command::Registry(registry::RegistryCommand::Serve(_))
+            | Command::Witness(_)
     );
     init_logging(cli.common.log_format, if quiet { "warn" } else { "info" });
     let config = cli.config()?;
@@ -192,5 +198,6 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Certs(cmd) => certs::run(&config, cmd),
         Command::Registry(cmd) => registry::run(&config, cmd).await,
         Command::Consent(cmd) => consent::run(&config, cmd).await,
+        Command::Witness(cmd) => witness::run(cmd).await,
     }
 }
