@@ -155,6 +155,10 @@ impl AdminState {
                 },
                 "open_breakers": open,
                 "providers": providers,
+                // Witnesses never make the node unready: the log stays local and durable.
+                "witnesses": self.audit.witnesses().snapshot().into_iter().map(|(name, w)| {
+                    (name, serde_json::json!({"cosigned_size": w.cosigned, "behind": w.behind, "error": w.error}))
+                }).collect::<serde_json::Map<_, _>>(),
             }),
         )
     }
@@ -192,6 +196,20 @@ impl AdminState {
             "audit_queue_depth",
             "Records waiting for the audit writer",
             gauge(a.queue_depth as i64),
+        );
+        let witnesses = self.audit.witnesses().snapshot();
+        more.register(
+            "audit_witness_behind",
+            "Records in signed tree heads a witness has not cosigned yet",
+            gauges(
+                ["witness", ""],
+                witnesses.iter().map(|(name, w)| {
+                    (
+                        [name.as_str(), ""],
+                        i64::try_from(w.behind).unwrap_or(i64::MAX),
+                    )
+                }),
+            ),
         );
         let commits = self.audit.histograms();
         more.register(

@@ -34,6 +34,7 @@ pub mod policy;
 pub mod registry;
 pub mod serve;
 pub mod token;
+pub mod witness;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -125,6 +126,9 @@ pub enum Command {
     /// Data subjects' consents: record, revoke, list (each change is an audit event).
     #[command(subcommand)]
     Consent(consent::ConsentCommand),
+    /// Witness other nodes' audit logs: cosign checkpoints that extend the last one, refuse rollbacks and forks.
+    #[command(subcommand)]
+    Witness(witness::WitnessCommand),
     /// Ask a node's admin endpoint whether it is ready (exit 0) or not (exit 1).
     Health(health::HealthArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -228,7 +232,9 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let quiet = !matches!(
         cli.command,
-        Command::Serve(_) | Command::Registry(registry::RegistryCommand::Serve(_))
+        Command::Serve(_)
+            | Command::Registry(registry::RegistryCommand::Serve(_))
+            | Command::Witness(_)
     );
     init_logging(cli.common.log_format, if quiet { "warn" } else { "info" });
     let config = cli.config()?;
@@ -241,6 +247,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Certs(cmd) => certs::run(&config, cmd),
         Command::Registry(cmd) => registry::run(&config, cmd).await,
         Command::Consent(cmd) => consent::run(&config, cmd).await,
+        Command::Witness(cmd) => witness::run(cmd).await,
         Command::Health(args) => health::run(args).await,
         Command::Completions { shell } => completions(*shell),
         Command::Man => man(),

@@ -1388,6 +1388,91 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
     panic!("this test needs `{name}` (package {package}); `bash .ci/run` installs it")
 }
 
+/// A `karibche witness` served in-process (issue 17).
+pub struct RunningWitness {
+    /// The witness: its key and state.
+    pub witness: std::sync::Arc<karibche::witness::Witness>,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// Send `true` to stop it.
+    pub stop: tokio::sync::watch::Sender<bool>,
+    /// The server task.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a witness on `port` (0: ephemeral) keeping its state in `dir`.
+pub async fn start_witness(
+    dir: &std::path::Path,
+    logs: Vec<karibche::witness::KnownLog>,
+    port: u16,
+) -> RunningWitness {
+    let witness =
+        std::sync::Arc::new(karibche::witness::Witness::open(dir, "witness.test", logs).unwrap());
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(karibche::witness::serve(witness.clone(), listener, rx));
+    RunningWitness {
+        witness,
+        addr,
+        stop,
+        task,
+    }
+}
+
+impl RunningWitness {
+    /// Stops it and waits for its listener to close.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// An audit writer for `name` on `store` signing a tree head every 5 records.
+pub async fn audit_node(
+    store: &karibche::store::Store,
+    key: std::sync::Arc<karibche::audit::AuditKey>,
+    name: &str,
+) -> (karibche::audit::AuditLog, karibche::audit::AuditWriter) {
+    let mut config = karibche::audit::AuditConfig::new(name);
+    config.checkpoints = Some(karibche::audit::CheckpointPolicy {
+        key,
+        every: 5,
+        interval: Duration::from_secs(3600),
+    });
+    karibche::audit::AuditLog::start(store.clone(), config)
+        .await
+        .unwrap()
+}
+
+/// Appends `n` reads with ids `{prefix}-{i}`, each recording the release of
+/// the body [`read_body`]`(prefix, i)`.
+pub async fn write_reads(log: &karibche::audit::AuditLog, prefix: &str, n: usize) {
+    for i in 0..n {
+        log.append(karibche::audit::Entry {
+            id: format!("{prefix}-{i}"),
+            ts: karibche::audit::now_ts(),
+            method: "GET".into(),
+            path: format!("/v1/registry/persons/RF-{i}"),
+            decision: "allow".into(),
+            status: 200,
+            policy_version: "v".into(),
+            subjects: vec![format!("RF-{i}")],
+            response_digest: Some(sha256_hex(read_body(prefix, i).as_bytes())),
+            ..karibche::audit::Entry::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// The response body [`write_reads`] records for read `i`.
+pub fn read_body(prefix: &str, i: usize) -> String {
+    format!("{{\"id\":\"RF-{i}\",\"request\":\"{prefix}\"}}")
+}
+
 /// A `karibche registry serve` process of the real binary, killed (SIGKILL) when dropped.
 pub struct RegistryProcess {
     pub child: KillOnDrop,
