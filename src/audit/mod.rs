@@ -43,7 +43,7 @@ pub use record::{
     GENESIS_HASH, PHASE_ATTEMPT, PHASE_OUTCOME,
 };
 pub use writer::{
-    AuditConfig, AuditLog, AuditStats, AuditWriter, CheckpointPolicy, Committed,
+    AuditConfig, AuditLog, AuditStats, AuditWriter, CheckpointPolicy, CommitHistograms, Committed,
     DEFAULT_RESTRICTED_REPORT_DELAY,
 };
 

@@ -37,7 +37,7 @@ pub struct FilterArgs {
     #[arg(long)]
     pub purpose: Option<String>,
     /// allow or deny.
-    #[arg(long)]
+    #[arg(long, value_parser = ["allow", "deny"])]
     pub decision: Option<String>,
     /// At or after this time (RFC 3339).
     #[arg(long)]
