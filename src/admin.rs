@@ -39,19 +39,52 @@ pub struct AdminState {
     pub limits: Arc<Limits>,
     /// Providers' breakers, reported by `/readyz` and `/metrics`.
     pub providers: Arc<Providers>,
+    /// The policy versions of the live replicas on this database (`runtime::cluster`).
+    pub cluster: Arc<PolicyVersions>,
+}
+
+/// The policy version each live replica on the database runs, as last read.
+#[derive(Debug, Default)]
+pub struct PolicyVersions {
+    /// (policy version, node) pairs, sorted.
+    rows: ArcSwap<Vec<(String, String)>>,
+}
+
+impl PolicyVersions {
+    /// Replaces the view with freshly read (version, node) rows.
+    pub fn set(&self, rows: Vec<(String, String)>) {
+        self.rows.store(Arc::new(rows));
+    }
+
+    /// Each version in use and the nodes running it.
+    pub fn by_version(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut out = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for (v, n) in self.rows.load().iter() {
+            out.entry(v.clone()).or_default().push(n.clone());
+        }
+        out
+    }
+
+    /// Whether live replicas run more than one policy version.
+    pub fn mixed(&self) -> bool {
+        self.by_version().len() > 1
+    }
+
+    /// `version: node, node; version: node` for a log line.
+    pub fn describe(&self) -> String {
+        self.by_version()
+            .iter()
+            .map(|(v, n)| format!("{v}: {}", n.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }
 
 impl AdminState {
     /// Answers one admin request.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Body> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
-                "Method not allowed",
-                "the admin endpoint is read-only",
-            )
-            .to_response();
+        if let Some(refused) = refuse_writes(req.method()) {
+            return refused;
         }
         match req.uri().path() {
             "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
@@ -102,8 +135,21 @@ impl AdminState {
                 "database": database,
                 "audit_log": audit,
                 "policy_version": self.policy.load().version(),
+                // Replicas on this database and the policy each runs; mixed is a warning, not unready.
+                "policy_versions_in_cluster": self.cluster.by_version(),
+                "mixed_policy_versions": self.cluster.mixed(),
+                // Redis down keeps the node ready: it enforces its local share meanwhile.
+                "quotas": match self.limits.shared() {
+                    None => "local",
+                    Some(s) if s.is_up() => "shared",
+                    Some(_) => "local-fallback",
+                },
                 "open_breakers": open,
                 "providers": providers,
+                // Witnesses never make the node unready: the log stays local and durable.
+                "witnesses": self.audit.witnesses().snapshot().into_iter().map(|(name, w)| {
+                    (name, serde_json::json!({"cosigned_size": w.cosigned, "behind": w.behind, "error": w.error}))
+                }).collect::<serde_json::Map<_, _>>(),
             }),
         )
     }
@@ -134,8 +180,24 @@ impl AdminState {
         );
         let _ = writeln!(
             out,
+            "# HELP karibche_audit_witness_behind Records in signed tree heads a witness has not cosigned yet.\n# TYPE karibche_audit_witness_behind gauge"
+        );
+        for (name, w) in self.audit.witnesses().snapshot() {
+            let _ = writeln!(
+                out,
+                "karibche_audit_witness_behind{{witness=\"{name}\"}} {}",
+                w.behind
+            );
+        }
+        let _ = writeln!(
+            out,
             "# HELP karibche_policy_info The policy version in force.\n# TYPE karibche_policy_info gauge\nkaribche_policy_info{{version=\"{}\"}} 1",
             self.policy.load().version()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP karibche_policy_versions_in_cluster Distinct policy versions among the live replicas on this database (more than 1: replicas disagree).\n# TYPE karibche_policy_versions_in_cluster gauge\nkaribche_policy_versions_in_cluster {}",
+            self.cluster.by_version().len()
         );
         let _ = writeln!(
             out,
@@ -152,6 +214,24 @@ impl AdminState {
             "# HELP karibche_rate_limit_keys Agencies and officers with limiter state in memory.\n# TYPE karibche_rate_limit_keys gauge\nkaribche_rate_limit_keys {}",
             self.limits.keys()
         );
+        if let Some(shared) = self.limits.shared() {
+            let _ = writeln!(
+                out,
+                "# HELP karibche_limits_backend_up 1 while the shared-quota backend (Redis) answers; 0: this replica enforces its local share.\n# TYPE karibche_limits_backend_up gauge\nkaribche_limits_backend_up {}",
+                u8::from(shared.is_up())
+            );
+            let _ = writeln!(
+                out,
+                "# HELP karibche_limits_backend_fallbacks_total Quota checks that took the local share because Redis did not answer in time.\n# TYPE karibche_limits_backend_fallbacks_total counter"
+            );
+            for (why, n) in shared.fallbacks() {
+                let _ = writeln!(
+                    out,
+                    "karibche_limits_backend_fallbacks_total{{reason=\"{}\"}} {n}",
+                    why.as_str()
+                );
+            }
+        }
         let states = self.providers.states();
         let _ = writeln!(
             out,
@@ -237,11 +317,29 @@ impl AdminState {
                 s.wait_timeouts
             );
         }
-        let mut resp = Response::new(Full::new(Bytes::from(out)));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        resp
+        prometheus_text(out)
     }
+}
+
+/// `405` for anything but GET and HEAD: admin endpoints are read-only.
+pub fn refuse_writes(method: &Method) -> Option<Response<Body>> {
+    (method != Method::GET && method != Method::HEAD).then(|| {
+        Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "Method not allowed",
+            "the admin endpoint is read-only",
+        )
+        .to_response()
+    })
+}
+
+/// A `/metrics` answer: `out` in the Prometheus text format.
+pub fn prometheus_text(out: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(out)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
 }

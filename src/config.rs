@@ -118,6 +118,9 @@ pub struct RegistryConfig {
     /// gateway's database is SQLite (so its writes never wait on the audit log's
     /// write lock, and the other way round), else the gateway's database.
     pub database_url: Option<String>,
+    /// Health and metrics of `karibche registry serve` (the register as its own
+    /// process); apart from the gateway's `admin.listen`. Default `127.0.0.1:9091`.
+    pub admin_listen: SocketAddr,
 }
 
 /// Health and metrics listener (plain HTTP; keep it on a private interface).
@@ -203,6 +206,22 @@ pub struct AuditSettings {
     /// How long accesses under `restricted` grants stay out of the data subject's report. Default 365 days.
     #[serde(with = "humantime_serde_compat")]
     pub restricted_report_delay: Duration,
+    /// The origin line of the node's signed tree heads (C2SP checkpoints). Default `karibche/audit/<node>`.
+    pub origin: Option<String>,
+    /// Witnesses the node sends its tree heads to (`[[audit.witnesses]]`). Default none.
+    pub witnesses: Vec<WitnessSettings>,
+}
+
+/// One witness of the node's audit log (C2SP tlog-witness over plain HTTP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessSettings {
+    /// The witness's key name: the name on its cosignature lines.
+    pub name: String,
+    /// Its base URL, `http://host:port`.
+    pub url: String,
+    /// Its Ed25519 public key, hex (`karibche witness pubkey`).
+    pub public_key: String,
 }
 
 /// Rate limits and overload bounds.
@@ -232,6 +251,25 @@ pub struct LimitsConfig {
     /// The longest a breaker stays open between probes. Default 60 s.
     #[serde(with = "humantime_serde_compat")]
     pub breaker_max_open: Duration,
+    /// Where quotas are kept: `local` (default: each replica enforces its share,
+    /// see `replicas`) or `redis://host:port[/db]` (shared by all replicas; the
+    /// local share is the fallback while Redis is slow or down).
+    pub backend: String,
+    /// Prefix of every Redis key, so deployments can share one Redis. Default `karibche:`.
+    pub redis_prefix: String,
+    /// The longest a quota check waits for Redis before it takes the local share. Default 25 ms.
+    #[serde(with = "humantime_serde_compat")]
+    pub redis_timeout: Duration,
+}
+
+/// Default `limits.backend`: each replica enforces its share of every quota.
+pub const LOCAL_LIMITS: &str = "local";
+
+impl LimitsConfig {
+    /// The Redis URL of the shared-quota backend, or `None` for the local split.
+    pub fn redis_url(&self) -> Option<&str> {
+        (self.backend != LOCAL_LIMITS).then_some(self.backend.as_str())
+    }
 }
 
 impl Default for LimitsConfig {
@@ -246,6 +284,9 @@ impl Default for LimitsConfig {
             breaker_failures: 5,
             breaker_open: Duration::from_secs(5),
             breaker_max_open: Duration::from_secs(60),
+            backend: LOCAL_LIMITS.to_owned(),
+            redis_prefix: "karibche:".to_owned(),
+            redis_timeout: Duration::from_millis(25),
         }
     }
 }
@@ -293,6 +334,7 @@ impl Default for RegistryConfig {
             seed_persons: 10_000,
             seed: 2013,
             database_url: None,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
         }
     }
 }
@@ -346,6 +388,8 @@ impl Default for AuditSettings {
             checkpoint_interval: Duration::from_secs(60),
             key: None,
             restricted_report_delay: DEFAULT_RESTRICTED_REPORT_DELAY,
+            origin: None,
+            witnesses: Vec::new(),
         }
     }
 }
@@ -448,6 +492,19 @@ impl Config {
                 problems.push(format!("{name} must be at least 1"));
             }
         }
+        if let Some(url) = l.redis_url() {
+            let redis = url.starts_with("redis://")
+                && redis::IntoConnectionInfo::into_connection_info(url).is_ok();
+            if !redis {
+                problems.push(format!(
+                    "limits.backend must be \"local\" or redis://host:port[/db], not {url:?}"
+                ));
+            }
+        }
+        if l.redis_timeout.is_zero() || l.redis_timeout > Duration::from_secs(1) {
+            problems
+                .push("limits.redis_timeout must be longer than zero and at most 1 s".to_owned());
+        }
         if l.breaker_max_open < l.breaker_open {
             problems.push(
                 "limits.breaker_max_open must not be shorter than limits.breaker_open".to_owned(),
@@ -461,6 +518,29 @@ impl Config {
                 "audit.max_batch, audit.queue and audit.checkpoint_every must be at least 1"
                     .to_owned(),
             );
+        }
+        for (i, w) in self.audit.witnesses.iter().enumerate() {
+            if w.name.is_empty() || w.name.contains([' ', '\n', '+']) {
+                problems.push(format!(
+                    "audit.witnesses[{i}].name must be non-empty, without spaces or '+'"
+                ));
+            }
+            if !w.url.starts_with("http://") {
+                problems.push(format!("audit.witnesses[{i}].url must be http://host:port (plain HTTP on a private network, or a TLS-terminating proxy in front of it)"));
+            }
+            if hex::decode(&w.public_key).map_or(true, |k| k.len() != 32) {
+                problems.push(format!(
+                    "audit.witnesses[{i}].public_key must be 64 hex digits (an Ed25519 key)"
+                ));
+            }
+        }
+        if self
+            .audit
+            .origin
+            .as_deref()
+            .is_some_and(|o| o.is_empty() || o.contains('\n'))
+        {
+            problems.push("audit.origin must be one non-empty line".to_owned());
         }
         let mut addrs = vec![
             ("gateway.listen", g.listen),
@@ -634,6 +714,27 @@ mod tests {
             panic!("expected invalid")
         };
         assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn limits_backend_is_local_or_redis() {
+        let c = Config::default();
+        assert_eq!(c.limits.redis_url(), None);
+        let c: Config = toml::from_str(
+            "[limits]\nbackend = \"redis://127.0.0.1:6379/2\"\nredis_prefix = \"t:\"\nredis_timeout = \"10ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.redis_url(), Some("redis://127.0.0.1:6379/2"));
+        assert_eq!(c.limits.redis_timeout, Duration::from_millis(10));
+        c.validate().unwrap();
+        for bad in ["memcached://x", "redis://", "redis-ish"] {
+            let mut c = Config::default();
+            c.limits.backend = bad.to_owned();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        let mut c = Config::default();
+        c.limits.redis_timeout = Duration::ZERO;
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Test support shared by the unit tests and the integration tests in
-//! `tests/`: throw-away databases on SQLite and PostgreSQL.
+//! `tests/`: throw-away databases on SQLite and PostgreSQL, and a Redis of a
+//! test's own ([`RedisServer`]) that it may stop.
 //!
 //! PostgreSQL tests use the server at `KARIBCHE_TEST_POSTGRES` (default
 //! `postgres://postgres@127.0.0.1:5432/test`), create a fresh database per
@@ -106,5 +107,77 @@ pub async fn sqlite_store() -> (Store, tempfile::TempDir) {
     {
         Ok(store) => (store, dir),
         Err(err) => panic!("cannot open test database: {err}"),
+    }
+}
+
+/// A `redis-server` of the test's own, on a free port in a temporary
+/// directory, so the test may stall (SIGSTOP) or kill it without touching the
+/// shared Redis. Killed when dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: std::process::Child,
+    /// `redis://127.0.0.1:PORT`.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one and waits (bounded) until it answers PING; `None` if it cannot be started.
+    pub async fn start() -> Option<RedisServer> {
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().ok()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let server = RedisServer {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let client = redis::Client::open(server.url.as_str()).ok()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                let pong: redis::RedisResult<String> =
+                    redis::cmd("PING").query_async(&mut conn).await;
+                if pong.is_ok() {
+                    return Some(server);
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`, `-KILL`, …) to the server.
+    pub fn signal(&self, signal: &str) {
+        let _ = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Kills the server and waits for it to go.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal("-CONT");
+            self.stop();
+        }
     }
 }

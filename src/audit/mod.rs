@@ -17,6 +17,9 @@ pub mod bench;
 pub mod chain;
 pub mod checkpoint;
 pub mod event;
+pub mod evidence;
+pub mod merkle;
+pub mod note;
 pub mod offline;
 pub mod open;
 pub mod query;
@@ -24,6 +27,7 @@ pub mod record;
 pub mod report;
 pub mod sampling;
 pub mod text;
+pub mod tree;
 pub mod writer;
 
 #[cfg(test)]

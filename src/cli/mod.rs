@@ -33,6 +33,7 @@ pub mod policy;
 pub mod registry;
 pub mod serve;
 pub mod token;
+pub mod witness;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,7 +105,7 @@ pub enum Command {
     /// Development certificates.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
-    /// The built-in register of foreigners.
+    /// The register of foreigners: serve it as its own process, seed it, measure it.
     #[command(subcommand)]
     Registry(registry::RegistryCommand),
     /// Load generator: mutual TLS, officers' tokens, HTTP/1.1 or HTTP/2, fixed rate or max throughput (BENCHMARKS.md).
@@ -112,6 +113,9 @@ pub enum Command {
     /// Data subjects' consents: record, revoke, list (each change is an audit event).
     #[command(subcommand)]
     Consent(consent::ConsentCommand),
+    /// Witness other nodes' audit logs: cosign checkpoints that extend the last one, refuse rollbacks and forks.
+    #[command(subcommand)]
+    Witness(witness::WitnessCommand),
 }
 
 impl Cli {
@@ -131,6 +135,9 @@ impl Cli {
             config.database_url = Some(u.clone());
         }
         if let Command::Serve(s) = &self.command {
+            s.apply(&mut config);
+        }
+        if let Command::Registry(registry::RegistryCommand::Serve(s)) = &self.command {
             s.apply(&mut config);
         }
         config.validate()?;
@@ -174,7 +181,12 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
-    let quiet = !matches!(cli.command, Command::Serve(_));
+    let quiet = !matches!(
+        cli.command,
+        Command::Serve(_)
+            | Command::Registry(registry::RegistryCommand::Serve(_))
+            | Command::Witness(_)
+    );
     init_logging(cli.common.log_format, if quiet { "warn" } else { "info" });
     let config = cli.config()?;
     match &cli.command {
@@ -186,5 +198,6 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Certs(cmd) => certs::run(&config, cmd),
         Command::Registry(cmd) => registry::run(&config, cmd).await,
         Command::Consent(cmd) => consent::run(&config, cmd).await,
+        Command::Witness(cmd) => witness::run(cmd).await,
     }
 }

@@ -1,16 +1,19 @@
-//! `karibche registry …`: seed the built-in register with synthetic persons,
-//! and measure its lookups.
+//! `karibche registry …`: serve the register as its own process, seed it with
+//! synthetic persons, and measure its lookups.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
 use crate::config::Config;
 
 /// `karibche registry …`
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
+    /// Serve the register as its own process (gateways run `--no-registry` and name its URL in providers.toml).
+    Serve(RegistryServeArgs),
     /// Seed synthetic persons into an empty register.
     Seed {
         /// How many persons.
@@ -31,9 +34,55 @@ pub enum RegistryCommand {
     },
 }
 
+/// `karibche registry serve` options.
+#[derive(Debug, Args)]
+pub struct RegistryServeArgs {
+    /// The register's TLS listen address [default: 127.0.0.1:8444].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Its health and metrics listen address [default: 127.0.0.1:9091].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Synthetic persons to seed into an empty register [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub seed_persons: Option<usize>,
+}
+
+impl RegistryServeArgs {
+    /// Lays these flags over the configuration (file and defaults).
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(a) = self.listen {
+            config.registry.listen = a;
+        }
+        if let Some(a) = self.admin_listen {
+            config.registry.admin_listen = a;
+        }
+        if let Some(n) = self.seed_persons {
+            config.registry.seed_persons = n;
+        }
+    }
+}
+
 /// Runs `karibche registry …`.
 pub async fn run(config: &Config, cmd: &RegistryCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        RegistryCommand::Serve(_) => {
+            use crate::runtime::registry::{serve_registry, RegistryListeners};
+            let listeners = RegistryListeners::bind(config).await?;
+            serve_registry(config.clone(), listeners, |r| {
+                // A register whose standard output is gone keeps serving.
+                let banner = writeln!(
+                    std::io::stdout().lock(),
+                    "karibche register is ready ({} persons)\n  register         https://{} (only the gateway's certificate is accepted)\n  health, metrics  http://{}/healthz  /readyz  /metrics",
+                    r.persons, r.api, r.admin
+                );
+                if let Err(err) = banner {
+                    tracing::debug!(%err, "banner not printed");
+                }
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         RegistryCommand::Seed { persons, seed } => {
             let store =
                 crate::store::Store::connect_registry(&config.registry_database_url()).await?;

@@ -1,6 +1,7 @@
 //! limit: the officer's, the grant's and the agency's quota (`crate::limits`),
 //! checked once the policy has allowed the request; a used-up quota is a 429
-//! with `Retry-After` and the `RateLimit` headers.
+//! with `Retry-After` and the `RateLimit` headers. With shared quotas the
+//! check is one bounded round trip to Redis (`limits::redis`).
 
 use crate::gateway::refusal::Refusal;
 use crate::gateway::route::Route;
@@ -8,7 +9,7 @@ use crate::gateway::Gateway;
 
 impl Gateway {
     /// limit: takes one request from each quota the request falls under, or refuses it.
-    pub(crate) fn limit(
+    pub(crate) async fn limit(
         &self,
         agency: &str,
         officer: &str,
@@ -16,6 +17,7 @@ impl Gateway {
     ) -> Result<(), Refusal> {
         self.rate
             .check(agency, officer, route.provider, route.service)
+            .await
             .map_err(|e| Refusal::rate_limited(&e))
     }
 }

@@ -304,7 +304,7 @@ impl Gateway {
         };
         let allow = authz::authorise(policy, asked, service, parts.uri.query(), exchange)?;
         // limit: the officer's, the grant's and the agency's quota.
-        self.limit(agency, &officer.id, &route)?;
+        self.limit(agency, &officer.id, &route).await?;
         // body: a write's, within the grant's limit and fields.
         let (body, written) = match operation {
             Operation::Write => {

@@ -12,8 +12,12 @@
 //! the runtime's housekeeping calls periodically, so memory stays bounded however many
 //! officers pass.
 //!
-//! Several replicas share a quota by configuration: each enforces
-//! `rate / replicas` with `ceil(burst / replicas)`.
+//! Several replicas share a quota in one of two ways. The embedded default
+//! (`limits.backend = "local"`) is a fixed split: each replica enforces
+//! `rate / replicas` with `ceil(burst / replicas)`. With `limits.backend =
+//! "redis://…"` ([`redis`]) every replica takes from one GCRA cell per quota
+//! in Redis, and the local split is the fallback for a request Redis does not
+//! answer in time.
 //!
 //! Over the limit a request gets 429 with `Retry-After`, `RateLimit-Policy`
 //! and `RateLimit` ([`Exceeded::headers`]). What the audit log keeps of a
@@ -24,6 +28,7 @@
 //! listener (`src/runtime/connections.rs`), not here.
 
 pub mod quota;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -39,6 +44,7 @@ use governor::{Quota, RateLimiter};
 use http::{HeaderName, HeaderValue};
 
 pub use quota::{AgencyRates, LimitError, LimitErrors, LimitSet, Rate, LIMITS_FILE};
+pub use redis::{Fallback, RedisQuotas};
 
 /// The reason code of a request refused by a quota (audit log and metrics).
 pub const RATE_LIMITED: &str = "rate_limited";
@@ -138,18 +144,31 @@ fn keyed_limiter<K: std::hash::Hash + Eq + Clone>(quota: Quota) -> Keyed<K> {
 
 /// A limiter and the quota it was built with, so a reload can tell whether to keep it.
 struct Bucket<L> {
+    /// This replica's share (the local limiter's quota).
     quota: Quota,
+    /// The whole quota, all replicas together (the shared backend's).
+    whole: Quota,
     limiter: Arc<L>,
 }
 
 impl<L> Bucket<L> {
     /// The old bucket when its quota is unchanged, so its state survives; a fresh one otherwise.
-    fn reuse(old: Option<&Bucket<L>>, quota: Quota, make: impl FnOnce(Quota) -> L) -> Bucket<L> {
+    fn reuse(
+        old: Option<&Bucket<L>>,
+        rate: &Rate,
+        replicas: u32,
+        make: impl FnOnce(Quota) -> L,
+    ) -> Bucket<L> {
+        let quota = rate.quota(replicas);
         let limiter = match old {
             Some(b) if b.quota == quota => b.limiter.clone(),
             _ => Arc::new(make(quota)),
         };
-        Bucket { quota, limiter }
+        Bucket {
+            quota,
+            whole: rate.quota(1),
+            limiter,
+        }
     }
 }
 
@@ -177,18 +196,19 @@ fn grant_key(agency: &str, provider: &str, service: &str) -> String {
 
 impl Table {
     fn build(set: &LimitSet, replicas: u32, old: Option<&Table>) -> Table {
-        let q = |r: &Rate| r.quota(replicas);
         let default_agency = set.agency.map(|r| {
             Bucket::reuse(
                 old.and_then(|o| o.default_agency.as_ref()),
-                q(&r),
+                &r,
+                replicas,
                 keyed_limiter,
             )
         });
         let default_officer = set.officer.map(|r| {
             Bucket::reuse(
                 old.and_then(|o| o.default_officer.as_ref()),
-                q(&r),
+                &r,
+                replicas,
                 keyed_limiter,
             )
         });
@@ -199,10 +219,12 @@ impl Table {
                 let was = old.and_then(|o| o.agencies.get(id));
                 let buckets = AgencyBuckets {
                     agency: rates.agency.map(|r| {
-                        Bucket::reuse(was.and_then(|w| w.agency.as_ref()), q(&r), direct_limiter)
+                        let was = was.and_then(|w| w.agency.as_ref());
+                        Bucket::reuse(was, &r, replicas, direct_limiter)
                     }),
                     officers: rates.officer.map(|r| {
-                        Bucket::reuse(was.and_then(|w| w.officers.as_ref()), q(&r), keyed_limiter)
+                        let was = was.and_then(|w| w.officers.as_ref());
+                        Bucket::reuse(was, &r, replicas, keyed_limiter)
                     }),
                 };
                 (id.clone(), buckets)
@@ -213,8 +235,8 @@ impl Table {
             .iter()
             .map(|((a, p, s), r)| {
                 let key = grant_key(a, p, s);
-                let bucket =
-                    Bucket::reuse(old.and_then(|o| o.grants.get(&key)), q(r), direct_limiter);
+                let was = old.and_then(|o| o.grants.get(&key));
+                let bucket = Bucket::reuse(was, r, replicas, direct_limiter);
                 (key, bucket)
             })
             .collect();
@@ -231,6 +253,8 @@ impl Table {
 pub struct Limits {
     table: ArcSwap<Table>,
     replicas: u32,
+    /// The shared backend; `None`: the local split only (`limits.backend = "local"`).
+    shared: Option<RedisQuotas>,
 }
 
 impl fmt::Debug for Limits {
@@ -238,7 +262,70 @@ impl fmt::Debug for Limits {
         f.debug_struct("Limits")
             .field("replicas", &self.replicas)
             .field("keys", &self.keys())
+            .field("shared", &self.shared)
             .finish_non_exhaustive()
+    }
+}
+
+/// One quota a request falls under: which, and its limiter here.
+struct Step<'a> {
+    scope: Scope,
+    agency: &'a str,
+    officer: &'a str,
+    local: Local<'a>,
+}
+
+/// A quota's local limiter (and the key the request takes from it).
+enum Local<'a> {
+    /// An agency's own quota, or a grant's (with its `agency/provider/service` key).
+    Direct(&'a Bucket<Direct>),
+    /// Keyed by officer (an agency's officer override) or by agency (the default agency quota).
+    Keyed(&'a Bucket<Keyed<String>>, &'a str),
+    /// The default officer quota, keyed by (agency, officer).
+    Pair(&'a Bucket<Keyed<(String, String)>>),
+}
+
+impl Step<'_> {
+    /// Takes one request from this replica's share.
+    fn take_local(&self) -> Result<(), Exceeded> {
+        match self.local {
+            Local::Direct(b) => direct(b, self.scope),
+            Local::Keyed(b, k) => keyed(b, &k.to_owned(), self.scope),
+            Local::Pair(b) => keyed(
+                b,
+                &(self.agency.to_owned(), self.officer.to_owned()),
+                self.scope,
+            ),
+        }
+    }
+
+    /// The whole quota (all replicas together).
+    fn whole(&self) -> Quota {
+        match self.local {
+            Local::Direct(b) => b.whole,
+            Local::Keyed(b, _) => b.whole,
+            Local::Pair(b) => b.whole,
+        }
+    }
+
+    /// The shared cell: named by scope, quota and key, so a changed quota starts afresh.
+    fn cell(&self, provider: &str, service: &str) -> redis::Cell {
+        let whole = self.whole();
+        let interval_us = u64::try_from(whole.replenish_interval().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let burst = whole.burst_size().get();
+        // Agency ids are kebab-case: neither ':' nor '/' occurs in them.
+        let name = match self.scope {
+            Scope::Officer => format!("{}:{}", self.agency, self.officer),
+            Scope::Grant => grant_key(self.agency, provider, service),
+            Scope::Agency => self.agency.to_owned(),
+        };
+        redis::Cell {
+            key: format!("{}:{interval_us}:{burst}:{name}", self.scope.as_str()),
+            interval_us,
+            burst,
+        }
     }
 }
 
@@ -248,7 +335,19 @@ impl Limits {
         Limits {
             table: ArcSwap::from_pointee(Table::build(set, replicas, None)),
             replicas: replicas.max(1),
+            shared: None,
         }
+    }
+
+    /// The same limiters with quotas shared in Redis; the local split stays as the fallback.
+    pub fn with_shared(mut self, shared: RedisQuotas) -> Limits {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// The shared backend, if configured (for its counters).
+    pub fn shared(&self) -> Option<&RedisQuotas> {
+        self.shared.as_ref()
     }
 
     /// Swaps in the quotas of `set`; limiters whose quota is unchanged keep their state.
@@ -258,11 +357,60 @@ impl Limits {
             .store(Arc::new(Table::build(set, self.replicas, Some(&old))));
     }
 
-    /// Takes one request from the officer's, the grant's and the agency's quota, in that order.
+    /// Takes one request from the officer's, the grant's and the agency's quota, in that order:
+    /// from the shared quotas when a backend is configured and answers in time, else from
+    /// this replica's share ([`Limits::check_local`]).
+    pub async fn check(
+        &self,
+        agency: &str,
+        officer: &str,
+        provider: &str,
+        service: &str,
+    ) -> Result<(), Exceeded> {
+        if let Some(shared) = &self.shared {
+            if let Some(answer) = self
+                .check_shared(shared, [agency, officer, provider, service])
+                .await
+            {
+                return answer;
+            }
+            // Counted and logged by the backend; this request takes the local split.
+        }
+        self.check_local(agency, officer, provider, service)
+    }
+
+    /// The shared quotas' answer, or `None` when Redis gave none in time.
+    async fn check_shared(
+        &self,
+        shared: &RedisQuotas,
+        [agency, officer, provider, service]: [&str; 4],
+    ) -> Option<Result<(), Exceeded>> {
+        let t = self.table.load();
+        let steps = plan(&t, agency, officer, provider, service);
+        if steps.is_empty() {
+            return Some(Ok(()));
+        }
+        let cells: Vec<redis::Cell> = steps.iter().map(|s| s.cell(provider, service)).collect();
+        let (i, wait) = match shared.take(&cells).await {
+            Ok(None) => return Some(Ok(())),
+            Ok(Some(refused)) => refused,
+            Err(_) => return None,
+        };
+        let s = steps.get(i)?;
+        let whole = s.whole();
+        Some(Err(Exceeded {
+            scope: s.scope,
+            burst: whole.burst_size().get(),
+            window: whole.burst_size_replenished_in(),
+            retry_after: wait,
+        }))
+    }
+
+    /// Takes one request from this replica's share of each quota, in the order of [`Limits::check`].
     ///
     /// The most specific quota is asked first so that an officer over their own
     /// quota does not use up the agency's, which the other officers share.
-    pub fn check(
+    pub fn check_local(
         &self,
         agency: &str,
         officer: &str,
@@ -270,29 +418,9 @@ impl Limits {
         service: &str,
     ) -> Result<(), Exceeded> {
         let t = self.table.load();
-        let own = t.agencies.get(agency);
-        match own.and_then(|a| a.officers.as_ref()) {
-            Some(b) => keyed(b, &officer.to_owned(), Scope::Officer)?,
-            None => {
-                if let Some(b) = &t.default_officer {
-                    keyed(b, &(agency.to_owned(), officer.to_owned()), Scope::Officer)?;
-                }
-            }
-        }
-        if !t.grants.is_empty() {
-            if let Some(b) = t.grants.get(&grant_key(agency, provider, service)) {
-                direct(b, Scope::Grant)?;
-            }
-        }
-        match own.and_then(|a| a.agency.as_ref()) {
-            Some(b) => direct(b, Scope::Agency)?,
-            None => {
-                if let Some(b) = &t.default_agency {
-                    keyed(b, &agency.to_owned(), Scope::Agency)?;
-                }
-            }
-        }
-        Ok(())
+        plan(&t, agency, officer, provider, service)
+            .iter()
+            .try_for_each(Step::take_local)
     }
 
     /// Drops the state of keys whose bucket is full again (indistinguishable from new) and frees the memory.
@@ -323,6 +451,46 @@ impl Limits {
                 .map(|b| b.limiter.len())
                 .sum::<usize>()
     }
+}
+
+/// The quotas a request falls under, most specific first: officer, grant, agency.
+fn plan<'a>(
+    t: &'a Table,
+    agency: &'a str,
+    officer: &'a str,
+    provider: &str,
+    service: &str,
+) -> Vec<Step<'a>> {
+    let step = |scope, local| Step {
+        scope,
+        agency,
+        officer,
+        local,
+    };
+    let mut steps = Vec::with_capacity(3);
+    let own = t.agencies.get(agency);
+    match own.and_then(|a| a.officers.as_ref()) {
+        Some(b) => steps.push(step(Scope::Officer, Local::Keyed(b, officer))),
+        None => {
+            if let Some(b) = &t.default_officer {
+                steps.push(step(Scope::Officer, Local::Pair(b)));
+            }
+        }
+    }
+    if !t.grants.is_empty() {
+        if let Some(b) = t.grants.get(&grant_key(agency, provider, service)) {
+            steps.push(step(Scope::Grant, Local::Direct(b)));
+        }
+    }
+    match own.and_then(|a| a.agency.as_ref()) {
+        Some(b) => steps.push(step(Scope::Agency, Local::Direct(b))),
+        None => {
+            if let Some(b) = &t.default_agency {
+                steps.push(step(Scope::Agency, Local::Keyed(b, agency)));
+            }
+        }
+    }
+    steps
 }
 
 fn direct(b: &Bucket<Direct>, scope: Scope) -> Result<(), Exceeded> {
@@ -367,7 +535,7 @@ mod tests {
     fn allowed(l: &Limits, agency: &str, officer: &str, n: usize) -> Vec<Result<(), Scope>> {
         (0..n)
             .map(|_| {
-                l.check(agency, officer, "registry", "persons")
+                l.check_local(agency, officer, "registry", "persons")
                     .map_err(|e| e.scope)
             })
             .collect()
@@ -397,9 +565,11 @@ mod tests {
         );
         assert_eq!(allowed(&l, "mia-border", "o", 4)[3], Err(Scope::Officer));
         assert_eq!(allowed(&l, "ssg", "o", 2)[1], Err(Scope::Officer));
-        assert!(l.check("mfa-consular", "a", "registry", "visas").is_ok());
+        assert!(l
+            .check_local("mfa-consular", "a", "registry", "visas")
+            .is_ok());
         let e = l
-            .check("mfa-consular", "b", "registry", "visas")
+            .check_local("mfa-consular", "b", "registry", "visas")
             .unwrap_err();
         assert_eq!(e.scope, Scope::Grant);
         assert!(e.retry_after > Duration::from_secs(3500));
@@ -456,7 +626,7 @@ mod tests {
             1,
         );
         for i in 0..100 {
-            l.check("ssg", &format!("o{i}"), "registry", "persons")
+            l.check_local("ssg", &format!("o{i}"), "registry", "persons")
                 .unwrap();
         }
         assert_eq!(l.keys(), 100);
@@ -477,7 +647,7 @@ mod tests {
         let n = 1_000_000;
         let t = Instant::now();
         for i in 0..n {
-            let _ = l.check("ssg", &officers[i % officers.len()], "registry", "persons");
+            let _ = l.check_local("ssg", &officers[i % officers.len()], "registry", "persons");
         }
         let per = t.elapsed() / n as u32;
         println!(

@@ -11,11 +11,14 @@
 //! The rooms: [`listener`] (accept loops and their bounds), [`connections`]
 //! (per-agency connection caps), [`housekeeping`] (periodic chores),
 //! [`reload`] (policies and credentials while running), [`shutdown`] (the
-//! stop signal every task ends on).
+//! stop signal every task ends on), [`registry`] (the register as a process
+//! of its own: `karibche registry serve`).
 
+pub mod cluster;
 pub mod connections;
 pub mod housekeeping;
 pub mod listener;
+pub mod registry;
 pub mod reload;
 pub mod shutdown;
 
@@ -32,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::AdminState;
+use crate::admin::{AdminState, PolicyVersions};
 use crate::audit::{AuditConfig, AuditLog, AuditWriter};
 use crate::config::Config;
 use crate::gateway::forward::breaker::{BreakerSettings, Providers};
@@ -140,6 +143,9 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The shared-quota backend (`limits.backend`) could not be set up.
+    #[error("limits.backend: {0}")]
+    LimitsBackend(String),
     /// A blocking start-up task failed to run.
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -254,11 +260,15 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
 
     let (stop_gateway, gateway_rx) = watch::channel(false);
     let (stop_rest, rest_rx) = watch::channel(false);
-    let shared = Shared::new(config.clone(), policy, &quotas, audit, rest_rx);
+    let rate = open_limits(&config, &quotas).await?;
+    // Witnesses get the node's tree heads off the request path (crate::witness::client).
+    let witness_tasks = crate::witness::client::start(&config, &audit, rest_rx.clone());
+    let shared = Shared::new(config.clone(), policy, rate, audit, rest_rx);
     let limits = listen_limits(&config);
     let mut rest_tasks = Vec::new();
     let gateway_tls = Arc::new(ReloadableTls::new(tls.gateway));
     rest_tasks.extend(start_credential_reloaders(&shared, &gateway_tls, &keys));
+    rest_tasks.extend(witness_tasks);
     let registry = start_register(&shared, listeners.registry, tls.registry, &stores, &limits)?;
     let builtin = registry
         .iter()
@@ -289,7 +299,15 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     )?;
     let (reloader, reload_task) = start_policy_reloader(&shared);
     rest_tasks.push(reload_task);
-    let (admin_addr, admin_task) = start_admin(&shared, &stores.store, listeners.admin)?;
+    let cluster = Arc::new(PolicyVersions::default());
+    rest_tasks.push(tokio::spawn(cluster::run(
+        stores.store.clone(),
+        config.node.clone(),
+        shared.policy.clone(),
+        cluster.clone(),
+        shared.stop.clone(),
+    )));
+    let (admin_addr, admin_task) = start_admin(&shared, &stores.store, &cluster, listeners.admin)?;
     rest_tasks.push(admin_task);
 
     let started = Started {
@@ -343,13 +361,13 @@ impl Shared {
     fn new(
         config: Arc<Config>,
         policy: Policy,
-        quotas: &LimitSet,
+        rate: Limits,
         audit: AuditLog,
         stop: Shutdown,
     ) -> Shared {
         let metrics = Arc::new(Metrics::default());
         metrics.set_certificates(crate::identity::inventory::expiry_gauges(&config));
-        let rate = Arc::new(Limits::new(quotas, config.limits.replicas));
+        let rate = Arc::new(rate);
         let l = &config.limits;
         let providers = Arc::new(Providers::new(BreakerSettings {
             concurrency: l.provider_concurrency,
@@ -434,6 +452,21 @@ async fn open_stores(config: &Config, with_registry: bool) -> Result<Stores, Sta
     })
 }
 
+/// The limiters: this replica's share of each quota and, with `limits.backend =
+/// "redis://…"`, the quotas shared in Redis (a Redis that is down at start means
+/// the local share until it is back, not a node that will not start).
+async fn open_limits(config: &Config, quotas: &LimitSet) -> Result<Limits, StartError> {
+    let l = &config.limits;
+    let local = Limits::new(quotas, l.replicas);
+    let Some(url) = l.redis_url() else {
+        return Ok(local);
+    };
+    let shared = crate::limits::RedisQuotas::open(url, &l.redis_prefix, l.redis_timeout)
+        .await
+        .map_err(|e| StartError::LimitsBackend(e.to_string()))?;
+    Ok(local.with_shared(shared))
+}
+
 /// Brings the register's search keys up to date and seeds an empty one; returns how many persons it holds.
 async fn prepare_register(config: &Config, registry: Option<&Store>) -> Result<i64, StartError> {
     let Some(reg) = registry else { return Ok(0) };
@@ -453,6 +486,9 @@ async fn open_audit(
     audit_config.max_batch = config.audit.max_batch;
     audit_config.queue = config.audit.queue;
     audit_config.restricted_report_delay = config.audit.restricted_report_delay;
+    if let Some(origin) = &config.audit.origin {
+        audit_config.origin = origin.clone();
+    }
     let signing = Signing {
         key_path: config.audit_key_path(),
         missing: MissingKey::Create,
@@ -560,33 +596,23 @@ fn start_register(
     let Some(listener) = listener else {
         return Ok(None);
     };
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: shared.config.registry.listen,
-        source,
-    })?;
     let db = stores
         .registry
         .clone()
         .unwrap_or_else(|| stores.store.clone());
-    let registry = Arc::new(crate::registry::Registry::new(db));
-    let max_body = shared.config.gateway.max_body_bytes;
-    let handler = move |info: Arc<ConnInfo>, req: Request<Incoming>| {
-        let registry = registry.clone();
-        // Boxed: hyper keeps a slot the size of this future for the
-        // connection's whole life, and the register's is kilobytes.
-        Box::pin(
-            async move { crate::registry::provider_request(&registry, &info, req, max_body).await },
-        )
-    };
-    let task = tokio::spawn(serve_tls(
-        "registry",
+    let (addr, task) = registry::spawn_register(
         listener,
-        Arc::new(ReloadableTls::new(tls)),
+        tls,
+        db,
         limits.clone(),
         shared.metrics.clone(),
-        handler,
+        shared.config.gateway.max_body_bytes,
         shared.stop.clone(),
-    ));
+    )
+    .map_err(|source| StartError::Bind {
+        addr: shared.config.registry.listen,
+        source,
+    })?;
     Ok(Some((addr, task)))
 }
 
@@ -674,6 +700,7 @@ fn start_policy_reloader(shared: &Shared) -> (Arc<reload::Reloader>, JoinHandle<
 fn start_admin(
     shared: &Shared,
     store: &Store,
+    cluster: &Arc<PolicyVersions>,
     listener: TcpListener,
 ) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
     let addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -688,6 +715,7 @@ fn start_admin(
         policy: shared.policy.clone(),
         limits: shared.rate.clone(),
         providers: shared.providers.clone(),
+        cluster: cluster.clone(),
     });
     let handler = {
         let admin = admin.clone();
@@ -740,14 +768,7 @@ fn load_tls(config: &Config) -> Result<TlsConfigs, StartError> {
     // The register trusts the same CA for its one client, the gateway, and
     // then checks the gateway's identity on every request.
     let registry = if config.registry.enabled {
-        tls::server_config(
-            crate::files::load_certs(&config.data_path(&t.registry_cert))?,
-            crate::files::load_key(&config.data_path(&t.registry_key))?,
-            &tls::ClientVerification {
-                cas: provider_ca,
-                ..tls::ClientVerification::default()
-            },
-        )?
+        registry::registry_tls(config)?
     } else {
         gateway.clone()
     };

@@ -90,7 +90,11 @@ impl TestGateway {
         configure(&mut config, dir.path());
         let listeners = Listeners {
             gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            // `configure` may turn the in-process register off (`--no-registry`).
+            registry: match config.registry.enabled {
+                true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                false => None,
+            },
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
         let running = runtime::start(config.clone(), listeners).await.unwrap();
@@ -169,7 +173,11 @@ impl TestGateway {
         running.shutdown().await;
         let listeners = Listeners {
             gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            registry: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            // `configure` may turn the in-process register off (`--no-registry`).
+            registry: match config.registry.enabled {
+                true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                false => None,
+            },
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
         let running = runtime::start(config.clone(), listeners).await.unwrap();
@@ -1150,8 +1158,7 @@ pub fn spawn_serve_with(
     umask: Option<&str>,
     args: &[&str],
 ) -> Spawned {
-    use std::io::{BufRead, BufReader, Read};
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     let bin = env!("CARGO_BIN_EXE_karibche");
     let mut command = match umask {
         Some(mask) => {
@@ -1163,51 +1170,20 @@ pub fn spawn_serve_with(
         }
         None => Command::new(bin),
     };
-    let child = command
+    command
         .args(["--data-dir", data.to_str().unwrap()])
         .args(["--policies", policies.to_str().unwrap()])
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen"])
         .args(["127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
         .args(["--seed-persons", "100"])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    // Standard error is drained on a thread so the child never blocks on a full pipe.
-    let mut stderr = child.stderr.take().unwrap();
-    let errors = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr_after = |line: &str, label: &str| -> Option<SocketAddr> {
-        let rest = line.trim().strip_prefix(label)?.trim();
-        let rest = rest.split("://").nth(1)?;
-        rest.split('/').next()?.parse().ok()
-    };
-    let (mut gateway, mut admin) = (None, None);
-    for line in lines.by_ref() {
-        let Ok(line) = line else { break };
-        gateway = gateway.or_else(|| addr_after(&line, "gateway"));
-        admin = admin.or_else(|| addr_after(&line, "health, metrics"));
-        if let (Some(gateway), Some(admin)) = (gateway, admin) {
-            // Keep draining standard output too.
-            std::thread::spawn(move || for _ in lines {});
-            return Spawned::Ready(ServeProcess {
-                child,
-                gateway,
-                admin,
-            });
-        }
-    }
-    let status = child.wait().unwrap();
-    Spawned::Exited {
-        code: status.code(),
-        stderr: errors.join().unwrap_or_default(),
+        .args(args);
+    match spawn_until_banner(command, &["gateway", "health, metrics"]) {
+        Ok((child, addrs)) => Spawned::Ready(ServeProcess {
+            child,
+            gateway: addrs[0],
+            admin: addrs[1],
+        }),
+        Err((code, stderr)) => Spawned::Exited { code, stderr },
     }
 }
 
@@ -1397,4 +1373,198 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
         }
     }
     panic!("this test needs `{name}` (package {package}); `bash .ci/run` installs it")
+}
+
+/// A `karibche witness` served in-process (issue 17).
+pub struct RunningWitness {
+    /// The witness: its key and state.
+    pub witness: std::sync::Arc<karibche::witness::Witness>,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// Send `true` to stop it.
+    pub stop: tokio::sync::watch::Sender<bool>,
+    /// The server task.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a witness on `port` (0: ephemeral) keeping its state in `dir`.
+pub async fn start_witness(
+    dir: &std::path::Path,
+    logs: Vec<karibche::witness::KnownLog>,
+    port: u16,
+) -> RunningWitness {
+    let witness =
+        std::sync::Arc::new(karibche::witness::Witness::open(dir, "witness.test", logs).unwrap());
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(karibche::witness::serve(witness.clone(), listener, rx));
+    RunningWitness {
+        witness,
+        addr,
+        stop,
+        task,
+    }
+}
+
+impl RunningWitness {
+    /// Stops it and waits for its listener to close.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// An audit writer for `name` on `store` signing a tree head every 5 records.
+pub async fn audit_node(
+    store: &karibche::store::Store,
+    key: std::sync::Arc<karibche::audit::AuditKey>,
+    name: &str,
+) -> (karibche::audit::AuditLog, karibche::audit::AuditWriter) {
+    let mut config = karibche::audit::AuditConfig::new(name);
+    config.checkpoints = Some(karibche::audit::CheckpointPolicy {
+        key,
+        every: 5,
+        interval: Duration::from_secs(3600),
+    });
+    karibche::audit::AuditLog::start(store.clone(), config)
+        .await
+        .unwrap()
+}
+
+/// Appends `n` reads with ids `{prefix}-{i}`, each recording the release of
+/// the body [`read_body`]`(prefix, i)`.
+pub async fn write_reads(log: &karibche::audit::AuditLog, prefix: &str, n: usize) {
+    for i in 0..n {
+        log.append(karibche::audit::Entry {
+            id: format!("{prefix}-{i}"),
+            ts: karibche::audit::now_ts(),
+            method: "GET".into(),
+            path: format!("/v1/registry/persons/RF-{i}"),
+            decision: "allow".into(),
+            status: 200,
+            policy_version: "v".into(),
+            subjects: vec![format!("RF-{i}")],
+            response_digest: Some(sha256_hex(read_body(prefix, i).as_bytes())),
+            ..karibche::audit::Entry::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// The response body [`write_reads`] records for read `i`.
+pub fn read_body(prefix: &str, i: usize) -> String {
+    format!("{{\"id\":\"RF-{i}\",\"request\":\"{prefix}\"}}")
+}
+
+/// A `karibche registry serve` process of the real binary, killed (SIGKILL) when dropped.
+pub struct RegistryProcess {
+    pub child: KillOnDrop,
+    /// Its TLS API (what a gateway's providers.toml names).
+    pub api: SocketAddr,
+    /// Its health and metrics.
+    pub admin: SocketAddr,
+}
+
+/// Starts `karibche registry serve` with data (PKI, `registry.db`) under `data`
+/// and `args` (`--listen`, `--seed-persons`, `--database-url`, …); returns once
+/// its banner is out, or panics with its standard error.
+pub fn spawn_registry(data: &Path, args: &[&str]) -> RegistryProcess {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_karibche"));
+    command
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["registry", "serve"])
+        .args(args);
+    match spawn_until_banner(command, &["register", "health, metrics"]) {
+        Ok((child, addrs)) => RegistryProcess {
+            child,
+            api: addrs[0],
+            admin: addrs[1],
+        },
+        Err((code, stderr)) => {
+            panic!("karibche registry serve exited ({code:?}) before it was ready:\n{stderr}")
+        }
+    }
+}
+
+/// Starts `command` (a `karibche` server, logging at warn) and reads its banner until a
+/// line starting with each of `labels` has named an address (`label  scheme://ADDR…`);
+/// the addresses in the order of `labels`, or how it exited (code, standard error).
+fn spawn_until_banner(
+    mut command: std::process::Command,
+    labels: &[&str],
+) -> Result<(KillOnDrop, Vec<SocketAddr>), (Option<i32>, String)> {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let child = command
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    // Standard error is drained on a thread so the child never blocks on a full pipe.
+    let mut stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr_after = |line: &str, label: &str| -> Option<SocketAddr> {
+        let rest = line.trim().strip_prefix(label)?.trim();
+        rest.split("://")
+            .nth(1)?
+            .split(['/', ' '])
+            .next()?
+            .parse()
+            .ok()
+    };
+    let mut found: Vec<Option<SocketAddr>> = vec![None; labels.len()];
+    for line in lines.by_ref() {
+        let Ok(line) = line else { break };
+        for (slot, label) in found.iter_mut().zip(labels) {
+            *slot = slot.or_else(|| addr_after(&line, label));
+        }
+        if found.iter().all(Option::is_some) {
+            // Keep draining standard output too.
+            std::thread::spawn(move || for _ in lines {});
+            return Ok((child, found.into_iter().flatten().collect()));
+        }
+    }
+    let status = child.wait().unwrap();
+    Err((status.code(), errors.join().unwrap_or_default()))
+}
+
+/// A copy of the repository's policies under `dir` whose register is served at `url`
+/// (its own process) instead of inside the gateway.
+pub fn policies_with_registry_at(dir: &Path, url: &str) -> PathBuf {
+    let out = copy_policies(dir);
+    let path = out.join("providers.toml");
+    let s = std::fs::read_to_string(&path).unwrap();
+    assert!(s.contains("upstream = \"builtin:registry\""));
+    std::fs::write(
+        path,
+        s.replace(
+            "upstream = \"builtin:registry\"",
+            &format!("upstream = \"{url}\""),
+        ),
+    )
+    .unwrap();
+    out
+}
+
+/// A configuration whose data directory is `dir/var` with the development PKI
+/// and agency keys made ahead: what separate processes (a register, gateway
+/// replicas) share, as they would share a volume.
+pub fn shared_data(dir: &Path) -> Config {
+    let config = Config {
+        data_dir: dir.join("var"),
+        ..Config::default()
+    };
+    dev_pki_ahead(&config);
+    config
 }
