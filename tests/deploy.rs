@@ -246,7 +246,7 @@ fn the_compose_file_validates_and_runs_two_replicas_on_one_pki() {
         "{register}"
     );
 
-    // The gateway's settings parse (the Redis keys are the shared-quota backend's own).
+    // The settings parse and validate as the gateway and the register read them.
     for file in [
         "deploy/config/gateway.toml",
         "deploy/k8s/config/gateway.toml",
@@ -259,6 +259,10 @@ fn the_compose_file_validates_and_runs_two_replicas_on_one_pki() {
             "{file}: the register is its own service"
         );
         assert_eq!(config.admin.listen.port(), 9090, "{file}");
+        assert!(
+            config.limits.redis_url().is_some(),
+            "{file}: quotas shared in Redis"
+        );
     }
     for file in [
         "deploy/config/registry.toml",
@@ -269,14 +273,9 @@ fn the_compose_file_validates_and_runs_two_replicas_on_one_pki() {
     }
 }
 
-/// A configuration file as the gateway reads it, less the shared-quota keys of `[limits]`
-/// (`backend`, `redis_*`), which tests of that backend check.
+/// A configuration file as the gateway reads it, validated.
 fn parse_config(text: &str) -> karibche::config::Config {
-    let mut value: toml::Table = toml::from_str(text).unwrap();
-    if let Some(limits) = value.get_mut("limits").and_then(|l| l.as_table_mut()) {
-        limits.retain(|k, _| k != "backend" && !k.starts_with("redis_"));
-    }
-    let config: karibche::config::Config = value.try_into().unwrap();
+    let config: karibche::config::Config = toml::from_str(text).unwrap();
     config.validate().unwrap();
     config
 }
