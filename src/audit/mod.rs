@@ -12,6 +12,7 @@
 
 pub mod ahead;
 pub mod archive;
+pub mod backup;
 pub mod bench;
 pub mod chain;
 pub mod checkpoint;
