@@ -29,6 +29,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once every listener is up.
     pub ready: AtomicBool,
+    /// Set at shutdown: `/readyz` answers 503 "draining" so balancers move away before the listener closes.
+    pub draining: AtomicBool,
     /// The database, pinged by `/readyz`.
     pub store: Store,
     /// The audit writer, for its counters.
@@ -99,7 +101,8 @@ impl AdminState {
 
     /// Whether every listener is up, the database answers and the audit log can be written.
     async fn readiness(&self) -> (bool, bool, bool) {
-        let listening = self.ready.load(Ordering::Acquire);
+        let listening =
+            self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire);
         let database = tokio::time::timeout(Duration::from_secs(2), self.store.ping())
             .await
             .map(|r| r.is_ok())
@@ -139,7 +142,13 @@ impl AdminState {
         json_response(
             status,
             &serde_json::json!({
-                "status": if ok { "ready" } else { "not ready" },
+                "status": if ok {
+                    "ready"
+                } else if self.draining.load(Ordering::Acquire) {
+                    "draining"
+                } else {
+                    "not ready"
+                },
                 "listeners": listening,
                 "database": database,
                 "audit_log": audit,

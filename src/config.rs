@@ -118,6 +118,9 @@ pub struct GatewayConfig {
     /// How long in-flight requests may take to finish at shutdown. Default 20 s.
     #[serde(with = "humantime_serde_compat")]
     pub shutdown_grace: Duration,
+    /// At shutdown, how long `/readyz` answers 503 "draining" before the listener closes (lets a balancer move away). Default 0.
+    #[serde(with = "humantime_serde_compat")]
+    pub drain_delay: Duration,
 }
 
 /// The built-in register of foreigners.
@@ -341,6 +344,7 @@ impl Default for GatewayConfig {
             max_response_bytes: 16 * 1024 * 1024,
             upstream_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(20),
+            drain_delay: Duration::ZERO,
         }
     }
 }

@@ -53,13 +53,9 @@ fn yaml_documents(file: &Path) -> Vec<Value> {
 
 fn render_k8s(out: &Path) -> Vec<Value> {
     let kubectl = require_tool("kubectl", "kubectl");
-    // The policies are the repository's own files, outside deploy/k8s.
-    let yaml = run(Command::new(kubectl).args([
-        "kustomize",
-        "--load-restrictor",
-        "LoadRestrictionsNone",
-        repo().join("deploy/k8s").to_str().unwrap(),
-    ]));
+    // Exactly the documented command: no load-restrictor flag.
+    let yaml =
+        run(Command::new(kubectl).args(["kustomize", repo().join("deploy/k8s").to_str().unwrap()]));
     std::fs::write(out, yaml).unwrap();
     yaml_documents(out)
 }
@@ -289,6 +285,42 @@ fn args_of(command: &Value) -> Vec<String> {
             .collect(),
         Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
         other => panic!("a command is a list or a string, not {other}"),
+    }
+}
+
+#[test]
+fn the_k8s_policy_set_is_the_repository_s_but_for_the_register_s_address() {
+    let k8s = repo().join("deploy/k8s/policies");
+    let mut files = Vec::new();
+    let mut dirs = vec![k8s.clone()];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    assert!(
+        files.len() > 3,
+        "deploy/k8s/policies holds the policy files"
+    );
+    for file in files {
+        let rel = file.strip_prefix(&k8s).unwrap();
+        let source = if rel == Path::new("providers.toml") {
+            repo().join("deploy/config/providers.toml")
+        } else {
+            repo().join("policies").join(rel)
+        };
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            std::fs::read_to_string(&source).unwrap_or_default(),
+            "deploy/k8s/policies/{} drifted from {}: copy it again",
+            rel.display(),
+            source.display()
+        );
     }
 }
 

@@ -565,3 +565,34 @@ async fn a_decision_on_an_asylum_case_is_logged_against_the_person() {
     assert_eq!(again.status, StatusCode::CONFLICT);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_says_draining_on_readyz_before_the_listener_closes() {
+    let gw = TestGateway::start_configured(Db::from_env(), |c, _| {
+        c.gateway.drain_delay = Duration::from_secs(2);
+    })
+    .await
+    .expect("the test database is available");
+    let admin = gw.running.started.admin;
+    let (status, _) = admin_get(admin, "/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    let token = gw.token("mia-border", "border-control", None);
+    let client = gw.client("mia-border");
+    let target = person_path(PERSON);
+    let stopping = tokio::spawn(gw.running.shutdown());
+    // The balancer's health check turns red while requests are still served.
+    assert!(
+        common::eventually(Duration::from_secs(2), async || {
+            let (status, body) = admin_get(admin, "/readyz").await;
+            status == StatusCode::SERVICE_UNAVAILABLE && body.contains("\"draining\"")
+        })
+        .await,
+        "/readyz says draining"
+    );
+    let r = client
+        .send(Method::GET, &target, Some(&token), None)
+        .await
+        .expect("still served while draining");
+    assert_eq!(r.status, StatusCode::OK);
+    stopping.await.unwrap();
+}

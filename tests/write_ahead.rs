@@ -332,12 +332,18 @@ async fn reset_streams_cannot_pile_up_pipelines() {
     let (attempts, outcomes) = changes(&records);
     assert!(attempts.len() >= limit - 60, "{} attempts", attempts.len());
     // Each ends at the provider's timeout (504), or — past the agency's fair share of
-    // the provider — after waiting for a slot (503 `upstream_busy`); either way recorded.
+    // the provider — after waiting for a slot (503 `upstream_busy`), or, once enough
+    // timeouts opened the provider's breaker (a slow machine), refused by it (503
+    // `upstream_circuit_open`); whichever, recorded.
     for a in &attempts {
         let outcome = &outcomes[a.entry.id.as_str()].entry;
         assert!(
             outcome.status == 504
-                || (outcome.status == 503 && outcome.reason.as_deref() == Some("upstream_busy")),
+                || (outcome.status == 503
+                    && matches!(
+                        outcome.reason.as_deref(),
+                        Some("upstream_busy" | "upstream_circuit_open")
+                    )),
             "{outcome:?}"
         );
     }

@@ -194,6 +194,10 @@ pub struct Running {
     node_lock: crate::store::NodeLock,
     /// How long pipelines get at shutdown to finish.
     shutdown_grace: Duration,
+    /// How long `/readyz` says "draining" before the gateway stops accepting.
+    drain_delay: Duration,
+    /// The admin endpoint, told first that the node is going away.
+    admin: Arc<AdminState>,
 }
 
 impl Running {
@@ -204,6 +208,12 @@ impl Running {
 
     /// Stops accepting, lets requests in flight finish (bounded), flushes the audit log, closes the database.
     pub async fn shutdown(self) {
+        // Balancers see 503 on /readyz first and move new connections elsewhere.
+        self.admin.draining.store(true, Ordering::Release);
+        if !self.drain_delay.is_zero() {
+            tracing::info!(delay = ?self.drain_delay, "draining: /readyz answers 503 before the listener closes");
+            tokio::time::sleep(self.drain_delay).await;
+        }
         let stopping = std::time::Instant::now();
         let _ = self.stop_gateway.send(true);
         let _ = self.gateway_task.await;
@@ -307,7 +317,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         cluster.clone(),
         shared.stop.clone(),
     )));
-    let (admin_addr, admin_task) = start_admin(&shared, &stores.store, &cluster, listeners.admin)?;
+    let (admin_addr, admin_task, admin) =
+        start_admin(&shared, &stores.store, &cluster, listeners.admin)?;
     rest_tasks.push(admin_task);
 
     let started = Started {
@@ -341,6 +352,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         reloader,
         node_lock: stores.node_lock,
         shutdown_grace: config.gateway.shutdown_grace,
+        drain_delay: config.gateway.drain_delay,
+        admin,
     })
 }
 
@@ -703,7 +716,7 @@ fn start_admin(
     store: &Store,
     cluster: &Arc<PolicyVersions>,
     listener: TcpListener,
-) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
+) -> Result<(SocketAddr, JoinHandle<()>, Arc<AdminState>), StartError> {
     let addr = listener.local_addr().map_err(|source| StartError::Bind {
         addr: shared.config.admin.listen,
         source,
@@ -711,6 +724,7 @@ fn start_admin(
     let admin = Arc::new(AdminState {
         metrics: shared.metrics.clone(),
         ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
         store: store.clone(),
         audit: shared.audit.clone(),
         policy: shared.policy.clone(),
@@ -727,7 +741,7 @@ fn start_admin(
     };
     let task = tokio::spawn(serve_plain(listener, handler, shared.stop.clone()));
     admin.ready.store(true, Ordering::Release);
-    Ok((addr, task))
+    Ok((addr, task, admin))
 }
 
 /// Runs the system until SIGTERM or Ctrl-C, then shuts down cleanly.
