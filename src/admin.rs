@@ -150,6 +150,10 @@ impl AdminState {
                 "witnesses": self.audit.witnesses().snapshot().into_iter().map(|(name, w)| {
                     (name, serde_json::json!({"cosigned_size": w.cosigned, "behind": w.behind, "error": w.error}))
                 }).collect::<serde_json::Map<_, _>>(),
+                // Nor does the time-stamping authority (null: none configured).
+                "timestamps": self.audit.timestamps().snapshot().map(|t| {
+                    serde_json::json!({"stamped_size": t.stamped, "behind": t.behind, "error": t.error})
+                }),
             }),
         )
     }
@@ -187,6 +191,13 @@ impl AdminState {
                 out,
                 "karibche_audit_witness_behind{{witness=\"{name}\"}} {}",
                 w.behind
+            );
+        }
+        if let Some(t) = self.audit.timestamps().snapshot() {
+            let _ = writeln!(
+                out,
+                "# HELP karibche_audit_timestamp_behind Records in signed tree heads the time-stamping authority has not stamped yet.\n# TYPE karibche_audit_timestamp_behind gauge\nkaribche_audit_timestamp_behind {}",
+                t.behind
             );
         }
         let _ = writeln!(
