@@ -52,6 +52,24 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Pseudonyms released under `pseudonymise` transforms.
     pub pseudonyms: PseudonymConfig,
+    /// W3C Trace Context.
+    pub tracing: TracingConfig,
+}
+
+/// W3C Trace Context (`traceparent`, `tracestate`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// Continue the trace an agency's `traceparent` names; `false` starts a new one for every request. Default `true`.
+    pub trust_incoming: bool,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            trust_incoming: true,
+        }
+    }
 }
 
 /// The key behind `pseudonymise` transforms.
@@ -318,6 +336,7 @@ impl Default for Config {
             audit: AuditSettings::default(),
             pseudonyms: PseudonymConfig::default(),
             limits: LimitsConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }

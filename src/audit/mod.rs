@@ -12,6 +12,7 @@
 
 pub mod ahead;
 pub mod archive;
+pub mod backup;
 pub mod bench;
 pub mod chain;
 pub mod checkpoint;
@@ -44,7 +45,7 @@ pub use record::{
     GENESIS_HASH, PHASE_ATTEMPT, PHASE_OUTCOME,
 };
 pub use writer::{
-    AuditConfig, AuditLog, AuditStats, AuditWriter, CheckpointPolicy, Committed,
+    AuditConfig, AuditLog, AuditStats, AuditWriter, CheckpointPolicy, CommitHistograms, Committed,
     DEFAULT_RESTRICTED_REPORT_DELAY,
 };
 

@@ -121,6 +121,29 @@ struct Counters {
     failed_records: AtomicU64,
     /// Set while the store cannot commit (an outage), cleared once a transaction commits again.
     failing: std::sync::atomic::AtomicBool,
+    histograms: CommitHistograms,
+}
+
+/// How long committed transactions took and how many records each held, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct CommitHistograms {
+    /// Seconds from a transaction's begin to its commit.
+    pub seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Records per committed transaction.
+    pub records: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for CommitHistograms {
+    fn default() -> Self {
+        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        CommitHistograms {
+            seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            records: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+        }
+    }
 }
 
 /// One caller waiting for its record.
@@ -263,6 +286,11 @@ impl AuditLog {
             queue_depth: self.tx.max_capacity().saturating_sub(self.tx.capacity()),
             failing: c.failing.load(Ordering::Relaxed),
         }
+    }
+
+    /// Commit latency and batch size histograms (shared: they keep counting).
+    pub fn histograms(&self) -> CommitHistograms {
+        self.counters.histograms.clone()
     }
 
     /// The database the log is written to.
@@ -508,6 +536,7 @@ impl Writer {
     /// back from what is really there.
     async fn commit(&mut self, entries: &[&Entry]) -> Result<Vec<Committed>, Failure> {
         let backend = self.store.backend();
+        let began = Instant::now();
         let result = async {
             let mut tx = self
                 .store
@@ -570,6 +599,8 @@ impl Writer {
                 c.batches.fetch_add(1, Ordering::Relaxed);
                 c.committed
                     .fetch_add(chained.len() as u64, Ordering::Relaxed);
+                c.histograms.seconds.observe(began.elapsed().as_secs_f64());
+                c.histograms.records.observe(chained.len() as f64);
                 Ok(chained
                     .into_iter()
                     .map(|r| Committed {
@@ -828,7 +859,8 @@ async fn write_rows(
                 .bind(e.phase.as_deref())
                 .bind(e.attempt_id.as_deref())
                 .bind(e.request_digest.as_deref())
-                .bind((!e.written.is_empty()).then(|| json_list(&e.written)));
+                .bind((!e.written.is_empty()).then(|| json_list(&e.written)))
+                .bind(e.trace_id.as_deref());
         }
         q.execute(&mut *conn).await?;
     }

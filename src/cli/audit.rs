@@ -37,7 +37,7 @@ pub struct FilterArgs {
     #[arg(long)]
     pub purpose: Option<String>,
     /// allow or deny.
-    #[arg(long)]
+    #[arg(long, value_parser = ["allow", "deny"])]
     pub decision: Option<String>,
     /// At or after this time (RFC 3339).
     #[arg(long)]
@@ -170,6 +170,12 @@ pub enum AuditCommand {
         #[arg(long, value_name = "RFC3339")]
         before: String,
         /// The archive file (created; FILE.checkpoints is written beside it).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// A consistent copy of the live log that verifies (SQLite: VACUUM INTO; PostgreSQL: pg_dump).
+    Backup {
+        /// The copy (SQLite file, or pg_dump custom-format dump); never overwritten.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -411,6 +417,26 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
             match format {
                 ReportFormat::Text => out!("{report}"),
                 ReportFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            ExitCode::SUCCESS
+        }
+        AuditCommand::Backup { out } => {
+            let done = crate::audit::backup::backup(&store, &config.database_url(), out).await;
+            match done.with_context(|| format!("backup to {} failed", out.display()))? {
+                crate::audit::backup::BackupOutcome::Sqlite {
+                    path,
+                    bytes,
+                    report,
+                } => {
+                    out!("{report}");
+                    outln!("backup {} ({bytes} bytes) verifies", path.display());
+                }
+                crate::audit::backup::BackupOutcome::PgDump { path, command } => {
+                    outln!("{command}\nwrote {}; restore it with pg_restore (README: Backup and restore)", path.display());
+                }
+                crate::audit::backup::BackupOutcome::PgDumpCommand { command } => {
+                    bail!("PostgreSQL is backed up with pg_dump, which is not installed here; run:\n  {command}")
+                }
             }
             ExitCode::SUCCESS
         }

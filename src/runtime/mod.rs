@@ -651,6 +651,7 @@ fn build_gateway(
         },
         pseudonymiser: Arc::new(pseudonymiser),
         rate: shared.rate.clone(),
+        trust_trace: shared.config.tracing.trust_incoming,
         providers: shared.providers.clone(),
         consents: crate::consent::Consents::new(store.clone(), shared.audit.clone()),
         pipelines: tokio_util::task::TaskTracker::new(),
@@ -746,7 +747,12 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let running = start(config, listeners).await?;
     on_ready(&running.started);
+    // systemd's Type=notify (deploy/karibche.service); nothing without $NOTIFY_SOCKET.
+    if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(%err, "readiness not notified to systemd");
+    }
     shutdown::wait_for_signal().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: draining requests, flushing the audit log");
     running.shutdown().await;
     tracing::info!("stopped");
