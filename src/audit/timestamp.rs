@@ -38,6 +38,7 @@ use x509_tsp::{MessageImprint, TimeStampReq, TimeStampResp, TspVersion, TstInfo}
 use super::tree;
 use super::AuditError;
 use crate::store::Store;
+use crate::witness::client::{next_backoff, next_round};
 
 const ID_SIGNED_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.2");
 const ID_CT_TST_INFO: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.16.1.4");
@@ -519,23 +520,10 @@ impl Task {
                         behind: head.saturating_sub(stamped),
                         error: Some(e.to_string()),
                     });
-                    let w = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    Some(w)
+                    Some(next_backoff(&mut backoff))
                 }
             };
-            let retry = async {
-                match wait {
-                    Some(w) => tokio::time::sleep(w).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                r = heads.changed() => if r.is_err() { return },
-                () = retry => {}
-            }
-            if *shutdown.borrow() {
+            if !next_round(&mut heads, &mut shutdown, wait).await {
                 return;
             }
         }
