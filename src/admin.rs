@@ -168,6 +168,10 @@ impl AdminState {
                 "witnesses": self.audit.witnesses().snapshot().into_iter().map(|(name, w)| {
                     (name, serde_json::json!({"cosigned_size": w.cosigned, "behind": w.behind, "error": w.error}))
                 }).collect::<serde_json::Map<_, _>>(),
+                // Nor does the time-stamping authority (null: none configured).
+                "timestamps": self.audit.timestamps().snapshot().map(|t| {
+                    serde_json::json!({"stamped_size": t.stamped, "behind": t.behind, "error": t.error})
+                }),
             }),
         )
     }
@@ -220,6 +224,13 @@ impl AdminState {
                 }),
             ),
         );
+        if let Some(t) = self.audit.timestamps().snapshot() {
+            more.register(
+                "audit_timestamp_behind",
+                "Records in signed tree heads the time-stamping authority has not stamped yet",
+                gauge(i64::try_from(t.behind).unwrap_or(i64::MAX)),
+            );
+        }
         let commits = self.audit.histograms();
         more.register(
             "audit_commit_duration_seconds",

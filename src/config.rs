@@ -231,6 +231,18 @@ pub struct AuditSettings {
     pub origin: Option<String>,
     /// Witnesses the node sends its tree heads to (`[[audit.witnesses]]`). Default none.
     pub witnesses: Vec<WitnessSettings>,
+    /// An RFC 3161 time-stamping authority for the node's tree heads (`[audit.tsa]`). Default none.
+    pub tsa: Option<TsaSettings>,
+}
+
+/// The time-stamping authority of the node's tree heads (RFC 3161 over HTTP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TsaSettings {
+    /// Where TimeStampReqs are POSTed, `http://…` (`application/timestamp-query`).
+    pub url: String,
+    /// The TSA's certificate (PEM); its key must have signed every token. Relative to `data_dir`.
+    pub certificate: PathBuf,
 }
 
 /// One witness of the node's audit log (C2SP tlog-witness over plain HTTP).
@@ -413,6 +425,7 @@ impl Default for AuditSettings {
             restricted_report_delay: DEFAULT_RESTRICTED_REPORT_DELAY,
             origin: None,
             witnesses: Vec::new(),
+            tsa: None,
         }
     }
 }
@@ -555,6 +568,11 @@ impl Config {
                 problems.push(format!(
                     "audit.witnesses[{i}].public_key must be 64 hex digits (an Ed25519 key)"
                 ));
+            }
+        }
+        if let Some(tsa) = &self.audit.tsa {
+            if !tsa.url.starts_with("http://") {
+                problems.push("audit.tsa.url must be http://… (RFC 3161 over HTTP; the token is signed, so no TLS is needed)".to_owned());
             }
         }
         if self

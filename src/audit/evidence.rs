@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 use super::merkle::{self, Hash};
 use super::note::{self, Note};
 use super::record::{Record, Row};
+use super::timestamp::{self, TsaCertificate};
 use super::tree::{self, TreeReader};
 use super::AuditError;
 use crate::store::Store;
+use base64::Engine;
 
 /// The `format` of evidence files this version writes and reads.
 pub const FORMAT: &str = "karibche-evidence-v1";
@@ -70,6 +72,23 @@ pub struct Evidence {
     pub log_key: KeyInfo,
     /// The keys of the witnesses whose cosignatures the checkpoint carries.
     pub witness_keys: Vec<KeyInfo>,
+    /// The RFC 3161 time-stamp of the checkpoint, when the node has one (`[audit.tsa]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<TimestampInfo>,
+}
+
+/// An RFC 3161 time-stamp token over the checkpoint note, with the TSA certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimestampInfo {
+    /// The token (CMS ContentInfo holding a SignedData over a TSTInfo), base64 DER.
+    pub token: String,
+    /// The TSA certificate whose key signed the token, base64 DER.
+    pub tsa_certificate: String,
+    /// Hex SHA-256 of the certificate's DER: compare it with the one the TSA publishes.
+    pub tsa_fingerprint: String,
+    /// The token's genTime, RFC 3339 UTC.
+    pub gen_time: String,
 }
 
 /// What a verified evidence file shows.
@@ -89,6 +108,8 @@ pub struct Verified {
     pub log_fingerprint: String,
     /// Witnesses whose cosignatures verified, with their fingerprints and the times they cosigned (Unix seconds).
     pub cosigned_by: Vec<(String, String, u64)>,
+    /// The TSA certificate's fingerprint and the genTime, when the checkpoint is time-stamped.
+    pub timestamped: Option<(String, String)>,
     /// Whether a response body was checked against the record's `response_digest`.
     pub body_checked: bool,
 }
@@ -117,6 +138,12 @@ impl std::fmt::Display for Verified {
                 "no witness cosignatures: the log's operators alone vouch for this tree"
             )?;
         }
+        if let Some((fp, time)) = &self.timestamped {
+            writeln!(
+                f,
+                "time-stamped at {time} by the TSA whose certificate has fingerprint {fp}"
+            )?;
+        }
         if self.body_checked {
             writeln!(
                 f,
@@ -134,6 +161,18 @@ pub async fn prove(
     store: &Store,
     id: &str,
     witnesses: &[(String, Vec<u8>)],
+) -> Result<Evidence, AuditError> {
+    prove_with(store, id, witnesses, None).await
+}
+
+/// [`prove`], carrying the head's time-stamp token when `tsa` (the configured
+/// TSA certificate) verified it; without a cosigned head, the smallest
+/// time-stamped head covering the record is preferred.
+pub async fn prove_with(
+    store: &Store,
+    id: &str,
+    witnesses: &[(String, Vec<u8>)],
+    tsa: Option<&TsaCertificate>,
 ) -> Result<Evidence, AuditError> {
     let row: Option<Row> = sqlx::query_as("SELECT * FROM audit_log WHERE id = $1")
         .bind(id)
@@ -159,7 +198,19 @@ pub async fn prove(
     .bind(index as i64)
     .fetch_one(store.pool())
     .await?;
-    let head = match cosigned {
+    let stamped: Option<i64> = match tsa {
+        Some(_) => {
+            sqlx::query_scalar(
+                "SELECT MIN(size) FROM audit_timestamps WHERE node = $1 AND size > $2",
+            )
+            .bind(node.as_str())
+            .bind(index as i64)
+            .fetch_one(store.pool())
+            .await?
+        }
+        None => None,
+    };
+    let head = match cosigned.or(stamped) {
         Some(size) => tree::heads(store, &node)
             .await?
             .into_iter()
@@ -198,6 +249,30 @@ pub async fn prove(
         }
     }
     let leaf = tree::leaf_of(&record.hash).ok_or_else(|| bad("chain hash is not hex"))?;
+    let mut stamp = None;
+    if let Some(cert) = tsa {
+        if let Some(t) = timestamp::stored(store, &node, size).await? {
+            let b64 = &base64::engine::general_purpose::STANDARD;
+            let ok = b64
+                .decode(&t.token)
+                .ok()
+                .filter(|der| timestamp::verify_token(der, head.note.as_bytes(), cert).is_ok());
+            match ok {
+                Some(_) => {
+                    stamp = Some(TimestampInfo {
+                        token: t.token,
+                        tsa_certificate: b64.encode(cert.der()),
+                        tsa_fingerprint: cert.fingerprint(),
+                        gen_time: t.gen_time,
+                    })
+                }
+                None => tracing::warn!(
+                    size,
+                    "the stored time-stamp token does not verify with the configured TSA certificate; left out"
+                ),
+            }
+        }
+    }
     Ok(Evidence {
         format: FORMAT.to_owned(),
         record,
@@ -208,6 +283,7 @@ pub async fn prove(
         checkpoint: signed.render(),
         log_key: KeyInfo::new(&origin, &key),
         witness_keys,
+        timestamp: stamp,
     })
 }
 
@@ -215,6 +291,16 @@ pub async fn prove(
 /// the one the record says was released; with `trusted`, that the log key is
 /// that one (hex). Any change to any byte of the file makes it fail.
 pub fn verify(file: &[u8], body: Option<&[u8]>, trusted: Option<&str>) -> Result<Verified, String> {
+    verify_with(file, body, trusted, None)
+}
+
+/// [`verify`]; with `tsa`, the file's TSA certificate must be that one (DER).
+pub fn verify_with(
+    file: &[u8],
+    body: Option<&[u8]>,
+    trusted: Option<&str>,
+    tsa: Option<&[u8]>,
+) -> Result<Verified, String> {
     let raw: serde_json::Value =
         serde_json::from_slice(file).map_err(|e| format!("not JSON: {e}"))?;
     let ev: Evidence =
@@ -285,6 +371,13 @@ pub fn verify(file: &[u8], body: Option<&[u8]>, trusted: Option<&str>) -> Result
     if !merkle::verify_inclusion(ev.leaf_index, size, &leaf, &proof, &root) {
         return Err("the inclusion proof does not lead to the checkpoint's root".into());
     }
+    let timestamped = match &ev.timestamp {
+        Some(t) => Some(verify_timestamp(t, &ev.checkpoint, tsa)?),
+        None if tsa.is_some() => {
+            return Err("a TSA certificate was given but the file has no time-stamp".into())
+        }
+        None => None,
+    };
     if let Some(body) = body {
         let digest = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body));
         match &r.entry.response_digest {
@@ -301,8 +394,41 @@ pub fn verify(file: &[u8], body: Option<&[u8]>, trusted: Option<&str>) -> Result
         tree_size: size,
         log_fingerprint: ev.log_key.fingerprint.clone(),
         cosigned_by,
+        timestamped,
         body_checked: body.is_some(),
     })
+}
+
+/// Checks a file's time-stamp over the checkpoint note; (fingerprint, genTime).
+fn verify_timestamp(
+    t: &TimestampInfo,
+    checkpoint: &str,
+    pinned: Option<&[u8]>,
+) -> Result<(String, String), String> {
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let canonical = |s: &str, what: &str| {
+        b64.decode(s)
+            .ok()
+            .filter(|d| b64.encode(d) == s)
+            .ok_or_else(|| format!("the {what} is not canonical base64"))
+    };
+    let cert_der = canonical(&t.tsa_certificate, "TSA certificate")?;
+    if let Some(p) = pinned {
+        if p != cert_der.as_slice() {
+            return Err("the TSA certificate is not the trusted one".into());
+        }
+    }
+    let cert = TsaCertificate::from_bytes(&cert_der).map_err(|e| e.to_string())?;
+    if cert.der() != cert_der.as_slice() || cert.fingerprint() != t.tsa_fingerprint {
+        return Err("tsa_fingerprint does not match the TSA certificate".into());
+    }
+    let token = canonical(&t.token, "time-stamp token")?;
+    let stamp =
+        timestamp::verify_token(&token, checkpoint.as_bytes(), &cert).map_err(|e| e.to_string())?;
+    if stamp.gen_time != t.gen_time {
+        return Err("gen_time does not match the token's genTime".into());
+    }
+    Ok((t.tsa_fingerprint.clone(), stamp.gen_time))
 }
 
 /// The raw key a [`KeyInfo`] names, if its fingerprint and verifier key agree with it.

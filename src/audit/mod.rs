@@ -27,6 +27,7 @@ pub mod record;
 pub mod report;
 pub mod sampling;
 pub mod text;
+pub mod timestamp;
 pub mod tree;
 pub mod writer;
 

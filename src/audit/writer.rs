@@ -178,6 +178,8 @@ pub struct AuditLog {
     origin: Arc<str>,
     /// How far each witness is behind, reported by the witness tasks.
     witnesses: Arc<crate::witness::client::WitnessBoard>,
+    /// How far the time-stamping authority is behind, reported by its task.
+    timestamps: Arc<super::timestamp::TimestampBoard>,
 }
 
 /// The writer task; [`AuditWriter::finish`] waits for it to drain and stop.
@@ -251,6 +253,7 @@ impl AuditLog {
                 tree_heads,
                 origin,
                 witnesses: Arc::default(),
+                timestamps: Arc::default(),
             },
             AuditWriter { task },
         ))
@@ -308,6 +311,11 @@ impl AuditLog {
     /// How far each witness is behind (empty without witnesses).
     pub fn witnesses(&self) -> &Arc<crate::witness::client::WitnessBoard> {
         &self.witnesses
+    }
+
+    /// How far the time-stamping authority is behind (`None` without one).
+    pub fn timestamps(&self) -> &Arc<super::timestamp::TimestampBoard> {
+        &self.timestamps
     }
 
     /// The origin line of this node's tree heads.

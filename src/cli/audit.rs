@@ -125,6 +125,9 @@ pub enum AuditCommand {
         /// Trusted log public key (hex, `audit pubkey`).
         #[arg(long, value_name = "HEX")]
         pubkey: Option<String>,
+        /// Trusted TSA certificate (PEM or DER): the file's time-stamp must be signed by it.
+        #[arg(long, value_name = "FILE")]
+        tsa_cert: Option<PathBuf>,
     },
     /// A data subject's access report: who asked for the person's record, when, why, and what they got.
     Report {
@@ -227,12 +230,27 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
         store.close().await;
         return Ok(ExitCode::SUCCESS);
     }
-    if let AuditCommand::VerifyProof { file, body, pubkey } = cmd {
+    if let AuditCommand::VerifyProof {
+        file,
+        body,
+        pubkey,
+        tsa_cert,
+    } = cmd
+    {
         let read =
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-        let outcome =
-            (|| Ok::<_, anyhow::Error>((read(file)?, body.as_ref().map(read).transpose()?)))();
-        let (evidence, body) = match outcome {
+        let outcome = (|| {
+            let tsa = match tsa_cert {
+                Some(p) => Some(
+                    crate::audit::timestamp::TsaCertificate::load(p)?
+                        .der()
+                        .to_vec(),
+                ),
+                None => None,
+            };
+            Ok::<_, anyhow::Error>((read(file)?, body.as_ref().map(read).transpose()?, tsa))
+        })();
+        let (evidence, body, tsa) = match outcome {
             Ok(x) => x,
             Err(err) => {
                 eprintln!("karibche: {err:#}");
@@ -240,7 +258,12 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
             }
         };
         return Ok(
-            match crate::audit::evidence::verify(&evidence, body.as_deref(), pubkey.as_deref()) {
+            match crate::audit::evidence::verify_with(
+                &evidence,
+                body.as_deref(),
+                pubkey.as_deref(),
+                tsa.as_deref(),
+            ) {
                 Ok(v) => {
                     out!("VALID: {v}");
                     ExitCode::SUCCESS
@@ -312,15 +335,26 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
             ExitCode::SUCCESS
         }
         AuditCommand::Prove { record, out } => {
-            let evidence =
-                crate::audit::evidence::prove(&store, record, &witness_keys(config)).await?;
+            let tsa = tsa_certificate(config)?;
+            let evidence = crate::audit::evidence::prove_with(
+                &store,
+                record,
+                &witness_keys(config),
+                tsa.as_ref(),
+            )
+            .await?;
             write_evidence(out, &evidence)?;
             outln!(
-                "wrote {}: record {} in the tree of {} records, {} cosignature(s)",
+                "wrote {}: record {} in the tree of {} records, {} cosignature(s){}",
                 out.display(),
                 record,
                 evidence.tree_size,
-                evidence.witness_keys.len()
+                evidence.witness_keys.len(),
+                if evidence.timestamp.is_some() {
+                    ", time-stamped"
+                } else {
+                    ""
+                }
             );
             ExitCode::SUCCESS
         }
@@ -354,6 +388,7 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("cannot create {}", dir.display()))?;
                 let keys = witness_keys(config);
+                let tsa = tsa_certificate(config)?;
                 let mut written = 0;
                 for access in &report.accesses {
                     let id = &access.record_id;
@@ -368,7 +403,8 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
                             }
                         })
                         .collect();
-                    match crate::audit::evidence::prove(&store, id, &keys).await {
+                    match crate::audit::evidence::prove_with(&store, id, &keys, tsa.as_ref()).await
+                    {
                         Ok(e) => {
                             write_evidence(&dir.join(format!("{name}.json")), &e)?;
                             written += 1;
@@ -529,13 +565,57 @@ async fn verify_database(
     }
     let store = crate::store::Store::connect(&config.database_url()).await?;
     let report = crate::audit::chain::verify_witnessed(&store, node, pubkey, from, &notes).await;
+    let tsa = tsa_certificate(config);
+    let stamps = match &tsa {
+        Ok(tsa) => {
+            crate::audit::timestamp::check_stored(
+                &store,
+                node.unwrap_or(&config.node),
+                tsa.as_ref(),
+            )
+            .await
+        }
+        Err(_) => Ok(Default::default()),
+    };
     store.close().await;
-    let report = report?;
+    let (report, stamps) = (report?, stamps?);
+    tsa?;
     out!("{report}");
     if report.nodes.is_empty() {
         outln!("no audit records");
     }
-    Ok((report.intact(), report.rolled_back()))
+    if stamps.verified > 0 {
+        outln!(
+            "{} time-stamp token(s) verify with the TSA certificate",
+            stamps.verified
+        );
+    }
+    if stamps.unchecked > 0 {
+        outln!(
+            "{} time-stamp token(s) not checked: no [audit.tsa] certificate configured",
+            stamps.unchecked
+        );
+    }
+    for (size, why) in &stamps.failed {
+        outln!("TAMPERED: the time-stamp token of the tree head of {size} records fails: {why}");
+    }
+    Ok((
+        report.intact() && stamps.failed.is_empty(),
+        report.rolled_back(),
+    ))
+}
+
+/// The configured TSA certificate (`[audit.tsa]`), if any.
+fn tsa_certificate(
+    config: &Config,
+) -> anyhow::Result<Option<crate::audit::timestamp::TsaCertificate>> {
+    config
+        .audit
+        .tsa
+        .as_ref()
+        .map(|t| crate::audit::timestamp::TsaCertificate::load(&config.data_path(&t.certificate)))
+        .transpose()
+        .context("audit.tsa.certificate")
 }
 
 /// The configured witnesses' names and keys, for the evidence files.

@@ -106,6 +106,9 @@ pub enum StartError {
     /// A certificate or key file could not be read.
     #[error(transparent)]
     Files(#[from] crate::files::FileError),
+    /// `[audit.tsa]` names a certificate that cannot verify time-stamps.
+    #[error("audit.tsa: {0}")]
+    Timestamp(#[from] crate::audit::timestamp::TimestampError),
     /// The development certificates or keys could not be created.
     #[error(transparent)]
     Pki(#[from] crate::devpki::PkiError),
@@ -272,7 +275,13 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     let (stop_rest, rest_rx) = watch::channel(false);
     let rate = open_limits(&config, &quotas).await?;
     // Witnesses get the node's tree heads off the request path (crate::witness::client).
-    let witness_tasks = crate::witness::client::start(&config, &audit, rest_rx.clone());
+    let mut witness_tasks = crate::witness::client::start(&config, &audit, rest_rx.clone());
+    // So is the time-stamping authority (crate::audit::timestamp); a bad TSA certificate stops startup.
+    witness_tasks.extend(crate::audit::timestamp::start(
+        &config,
+        &audit,
+        rest_rx.clone(),
+    )?);
     let shared = Shared::new(config.clone(), policy, rate, audit, rest_rx);
     let limits = listen_limits(&config);
     let mut rest_tasks = Vec::new();

@@ -176,23 +176,10 @@ impl Task {
                             error: Some(e.to_string()),
                         },
                     );
-                    let w = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    Some(w)
+                    Some(next_backoff(&mut backoff))
                 }
             };
-            let retry = async {
-                match wait {
-                    Some(w) => tokio::time::sleep(w).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                r = heads.changed() => if r.is_err() { return },
-                () = retry => {}
-            }
-            if *shutdown.borrow() {
+            if !next_round(&mut heads, &mut shutdown, wait).await {
                 return;
             }
         }
@@ -305,6 +292,35 @@ impl Task {
         tracing::info!(witness = %self.peer.name, size, "tree head cosigned");
         Ok(())
     }
+}
+
+/// Waits for the next round of a task that follows the tree heads (the
+/// witness tasks, the time-stamp task): a new head, or `wait` (a retry) when
+/// the last round failed. `false` when the task should stop.
+pub(crate) async fn next_round(
+    heads: &mut tokio::sync::watch::Receiver<u64>,
+    shutdown: &mut crate::runtime::shutdown::Shutdown,
+    wait: Option<Duration>,
+) -> bool {
+    let retry = async {
+        match wait {
+            Some(w) => tokio::time::sleep(w).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown.changed() => return false,
+        r = heads.changed() => if r.is_err() { return false },
+        () = retry => {}
+    }
+    !*shutdown.borrow()
+}
+
+/// The retry delay to wait now; doubles `backoff` up to 30 s for the next failure.
+pub(crate) fn next_backoff(backoff: &mut Duration) -> Duration {
+    let w = *backoff;
+    *backoff = (*backoff * 2).min(Duration::from_secs(30));
+    w
 }
 
 /// Every cosignature line stored for `node`'s head of `size`, with the witness names.

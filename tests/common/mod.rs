@@ -1599,6 +1599,147 @@ pub fn shared_data(dir: &Path) -> Config {
     config
 }
 
+/// A test double for an RFC 3161 time-stamping authority (a boundary karibche
+/// does not own): OpenSSL's real `openssl ts -reply` behind a minimal HTTP/1.1
+/// wrapper. Its key and certificate (extendedKeyUsage timeStamping, critical)
+/// and its `ts` configuration are made in `dir` with openssl.
+pub struct TsaDouble {
+    /// Its directory: `tsa.pem` is the certificate the gateway is configured with.
+    pub dir: PathBuf,
+    /// Where it listens (`http://{addr}/`).
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TsaDouble {
+    /// Makes a TSA in `dir` with an RSA (`ec = false`) or P-256 key; does not serve yet.
+    pub fn make(dir: &Path, ec: bool) {
+        let openssl = require_tool("openssl", "openssl");
+        std::fs::create_dir_all(dir).unwrap();
+        let key = if ec { "ec" } else { "rsa:2048" };
+        let mut cmd = std::process::Command::new(&openssl);
+        cmd.current_dir(dir)
+            .args(["req", "-x509", "-nodes", "-days", "2", "-newkey", key])
+            .args([
+                "-keyout",
+                "tsa.key",
+                "-out",
+                "tsa.pem",
+                "-subj",
+                "/CN=Test TSA",
+            ])
+            .args(["-addext", "extendedKeyUsage=critical,timeStamping"]);
+        if ec {
+            cmd.args(["-pkeyopt", "ec_paramgen_curve:P-256"]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        std::fs::write(dir.join("serial"), "01\n").unwrap();
+        let cnf = format!(
+            "[ tsa ]\ndefault_tsa = tsa1\n[ tsa1 ]\ndir = {}\nserial = $dir/serial\n\
+             crypto_device = builtin\nsigner_cert = $dir/tsa.pem\nsigner_key = $dir/tsa.key\n\
+             signer_digest = sha256\ndefault_policy = 1.3.6.1.4.1.99999.1\ndigests = sha256\n\
+             accuracy = secs:1\nordering = no\ntsa_name = no\ness_cert_id_chain = no\n\
+             ess_cert_id_alg = sha256\n",
+            dir.display()
+        );
+        std::fs::write(dir.join("ts.cnf"), cnf).unwrap();
+    }
+
+    /// Serves the TSA made in `dir` on `port` (0: ephemeral).
+    pub async fn serve(dir: &Path, port: u16) -> TsaDouble {
+        let openssl = require_tool("openssl", "openssl");
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let d = dir.to_path_buf();
+        // One request at a time: openssl keeps its serial number in a file.
+        let lock = Arc::new(tokio::sync::Mutex::new(0u64));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (d, openssl, lock) = (d.clone(), openssl.clone(), lock.clone());
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let body = loop {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break buf[end + 4..end + 4 + len].to_vec();
+                        }
+                    };
+                    let mut n = lock.lock().await;
+                    *n += 1;
+                    let (q, r) = (d.join(format!("q{n}.tsq")), d.join(format!("r{n}.tsr")));
+                    std::fs::write(&q, body).unwrap();
+                    let out = tokio::process::Command::new(&openssl)
+                        .args(["ts", "-reply", "-config"])
+                        .arg(d.join("ts.cnf"))
+                        .arg("-queryfile")
+                        .arg(&q)
+                        .arg("-out")
+                        .arg(&r)
+                        .output()
+                        .await
+                        .unwrap();
+                    drop(n);
+                    let reply = std::fs::read(&r).unwrap_or_default();
+                    let status = if out.status.success() {
+                        "200 OK"
+                    } else {
+                        "500 Error"
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/timestamp-reply\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        reply.len()
+                    );
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(&reply).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        TsaDouble {
+            dir: dir.to_path_buf(),
+            addr,
+            task,
+        }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Its certificate.
+    pub fn certificate(&self) -> karibche::audit::timestamp::TsaCertificate {
+        karibche::audit::timestamp::TsaCertificate::load(&self.dir.join("tsa.pem")).unwrap()
+    }
+
+    /// Stops listening (the port is free again once this returns).
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
 /// [`spawn_serve_with`] logging to the file `log` at `level` (`RUST_LOG`), for tests that read the logs.
 pub fn spawn_serve_logging_to(
     data: &Path,
