@@ -115,6 +115,12 @@ fn print_banner(s: &Started, data_dir: &std::path::Path) -> std::io::Result<()> 
         "  health, metrics  http://{}/healthz  /readyz  /metrics",
         s.admin
     )?;
+    if let Some(c) = s.console {
+        writeln!(
+            out,
+            "  console          https://{c}/  (sign in: {exe} console login --agency pdps --officer officer-1 --purpose supervision)"
+        )?;
+    }
     writeln!(out, "  CA certificate   {}", pki.join("ca.pem").display())?;
     writeln!(
         out,
