@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Client, Db, KillOnDrop, TestGateway, PERSON};
-use fantoccini::{Locator, ClientBuilder};
+use fantoccini::{ClientBuilder, Locator};
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use karibche::console::via::CONSOLE_CERTIFICATE;
@@ -94,10 +94,22 @@ impl Http {
         }
     }
 
-    async fn send(&mut self, method: Method, path: &str, form: Option<&[(&str, &str)]>) -> common::Reply {
-        let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        form: Option<&[(&str, &str)]>,
+    ) -> common::Reply {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
         if !self.cookies.is_empty() {
-            let c: Vec<String> = self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let c: Vec<String> = self
+                .cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             req = req.header("cookie", c.join("; "));
         }
         let body = match form {
@@ -111,7 +123,11 @@ impl Http {
             }
             None => Bytes::new(),
         };
-        let reply = self.client.request(req.body(Full::new(body)).unwrap()).await.unwrap();
+        let reply = self
+            .client
+            .request(req.body(Full::new(body)).unwrap())
+            .await
+            .unwrap();
         for v in reply.headers.get_all("set-cookie") {
             let v = v.to_str().unwrap();
             let (pair, _) = v.split_once(';').unwrap_or((v, ""));
@@ -128,7 +144,12 @@ impl Http {
     async fn sign_in(&mut self, token: &str) -> common::Reply {
         let form = self.send(Method::GET, "/signin", None).await;
         let csrf = hidden(&form.body, "csrf");
-        self.send(Method::POST, "/signin", Some(&[("csrf", &csrf), ("token", token)])).await
+        self.send(
+            Method::POST,
+            "/signin",
+            Some(&[("csrf", &csrf), ("token", token)]),
+        )
+        .await
     }
 }
 
@@ -149,16 +170,36 @@ async fn every_answer_has_a_strict_csp_and_cookies_are_strict() {
     let page = http.send(Method::GET, "/signin", None).await;
     assert_eq!(page.status, StatusCode::OK);
     let csp = page.headers["content-security-policy"].to_str().unwrap();
-    assert!(csp.starts_with("default-src 'self'; script-src 'self'"), "{csp}");
-    assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+    assert!(
+        csp.starts_with("default-src 'self'; script-src 'self'"),
+        "{csp}"
+    );
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
+        "{csp}"
+    );
     assert_eq!(page.headers["cache-control"], "no-store");
     let body = String::from_utf8_lossy(&page.body);
-    assert!(!body.contains("<script>") && !body.contains("style="), "no inline script or style");
+    assert!(
+        !body.contains("<script>") && !body.contains("style="),
+        "no inline script or style"
+    );
     for cookie in page.headers.get_all("set-cookie") {
         let c = cookie.to_str().unwrap();
-        assert!(c.contains("HttpOnly") && c.contains("Secure") && c.contains("SameSite=Strict"), "{c}");
+        assert!(
+            c.contains("HttpOnly") && c.contains("Secure") && c.contains("SameSite=Strict"),
+            "{c}"
+        );
     }
-    let signed = http.sign_in(&token(&gw, "pdps", "so-1", "supervision", Duration::from_secs(300))).await;
+    let signed = http
+        .sign_in(&token(
+            &gw,
+            "pdps",
+            "so-1",
+            "supervision",
+            Duration::from_secs(300),
+        ))
+        .await;
     assert_eq!(signed.status, StatusCode::SEE_OTHER);
     let session = signed
         .headers
@@ -167,10 +208,18 @@ async fn every_answer_has_a_strict_csp_and_cookies_are_strict() {
         .map(|v| v.to_str().unwrap().to_owned())
         .find(|c| c.starts_with("karibche_console="))
         .expect("a session cookie");
-    assert!(session.contains("HttpOnly") && session.contains("Secure") && session.contains("SameSite=Strict"), "{session}");
+    assert!(
+        session.contains("HttpOnly")
+            && session.contains("Secure")
+            && session.contains("SameSite=Strict"),
+        "{session}"
+    );
     let css = http.send(Method::GET, "/assets/console.css", None).await;
     assert_eq!(css.status, StatusCode::OK);
-    assert!(css.headers["content-security-policy"].to_str().unwrap().contains("default-src 'self'"));
+    assert!(css.headers["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'self'"));
     gw.shutdown().await;
 }
 
@@ -180,7 +229,13 @@ async fn forms_without_the_sessions_csrf_token_are_refused_and_tokens_sign_in_on
     let t = token(&gw, "pdps", "so-1", "supervision", Duration::from_secs(300));
     // Sign-in without the form's double-submit cookie: refused.
     let mut stranger = Http::new(&gw);
-    let r = stranger.send(Method::POST, "/signin", Some(&[("csrf", "x"), ("token", &t)])).await;
+    let r = stranger
+        .send(
+            Method::POST,
+            "/signin",
+            Some(&[("csrf", "x"), ("token", &t)]),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     let mut http = Http::new(&gw);
     assert_eq!(http.sign_in(&t).await.status, StatusCode::SEE_OTHER);
@@ -191,20 +246,41 @@ async fn forms_without_the_sessions_csrf_token_are_refused_and_tokens_sign_in_on
             form.push(("csrf", c));
         }
         let r = http.send(Method::POST, "/search", Some(&form)).await;
-        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            StatusCode::FORBIDDEN,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
-    assert_eq!(console_reads(&gw).await.len(), before, "a refused form reads nothing");
+    assert_eq!(
+        console_reads(&gw).await.len(),
+        before,
+        "a refused form reads nothing"
+    );
     let search = http.send(Method::GET, "/search", None).await;
     let csrf = hidden(&search.body, "csrf");
     let r = http
-        .send(Method::POST, "/search", Some(&[("csrf", &csrf), ("subject", PERSON), ("format", "html")]))
+        .send(
+            Method::POST,
+            "/search",
+            Some(&[("csrf", &csrf), ("subject", PERSON), ("format", "html")]),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(console_reads(&gw).await.len(), before + 1, "the search is one recorded API read");
+    assert_eq!(
+        console_reads(&gw).await.len(),
+        before + 1,
+        "the search is one recorded API read"
+    );
     // Sign-out needs the token too, and ends the session.
-    let r = http.send(Method::POST, "/signout", Some(&[("csrf", "nope")])).await;
+    let r = http
+        .send(Method::POST, "/signout", Some(&[("csrf", "nope")]))
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    let r = http.send(Method::POST, "/signout", Some(&[("csrf", &csrf)])).await;
+    let r = http
+        .send(Method::POST, "/signout", Some(&[("csrf", &csrf)]))
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     let r = http.send(Method::GET, "/search", None).await;
     assert!(String::from_utf8_lossy(&r.body).contains("Please sign in"));
@@ -219,13 +295,27 @@ async fn the_export_is_the_apis_answer_as_csv() {
     let gw = gateway().await;
     traffic(&gw).await;
     let mut http = Http::new(&gw);
-    http.sign_in(&token(&gw, "pdps", "so-1", "supervision", Duration::from_secs(300))).await;
+    http.sign_in(&token(
+        &gw,
+        "pdps",
+        "so-1",
+        "supervision",
+        Duration::from_secs(300),
+    ))
+    .await;
     let csrf = hidden(&http.send(Method::GET, "/search", None).await.body, "csrf");
     let r = http
-        .send(Method::POST, "/search", Some(&[("csrf", &csrf), ("subject", PERSON), ("format", "csv")]))
+        .send(
+            Method::POST,
+            "/search",
+            Some(&[("csrf", &csrf), ("subject", PERSON), ("format", "csv")]),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/csv"));
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
     let csv = String::from_utf8_lossy(&r.body);
     let lines: Vec<&str> = csv.lines().collect();
     assert!(lines[0].starts_with("seq,node,id,ts,agency"));
@@ -249,7 +339,11 @@ impl Browser {
     async fn start(console: SocketAddr) -> Browser {
         let driver = common::require_tool("chromedriver", "chromium-driver");
         let chromium = common::require_tool("chromium", "chromium");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = std::process::Command::new(driver)
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
@@ -258,7 +352,9 @@ impl Browser {
             .unwrap();
         let driver = KillOnDrop(child);
         let up = common::eventually(Duration::from_secs(20), async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
         })
         .await;
         assert!(up, "chromedriver did not listen");
@@ -289,7 +385,10 @@ impl Browser {
     }
 
     async fn goto(&self, path: &str) {
-        self.client.goto(&format!("{}{path}", self.base)).await.unwrap();
+        self.client
+            .goto(&format!("{}{path}", self.base))
+            .await
+            .unwrap();
     }
 
     async fn text(&self, css: &str) -> String {
@@ -311,7 +410,13 @@ impl Browser {
     }
 
     async fn click(&self, css: &str) {
-        self.client.find(Locator::Css(css)).await.unwrap().click().await.unwrap();
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
     }
 
     async fn title(&self) -> String {
@@ -342,16 +447,37 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
     let b = Browser::start(console_addr(&gw)).await;
 
     // Sign in (pdps, supervision) with a one-time URL; the script posts the token.
-    b.sign_in(&token(&gw, "pdps", "so-1", "supervision", Duration::from_secs(600))).await;
+    b.sign_in(&token(
+        &gw,
+        "pdps",
+        "so-1",
+        "supervision",
+        Duration::from_secs(600),
+    ))
+    .await;
     assert_eq!(b.title().await, "Search the access log");
-    assert!(!b.client.current_url().await.unwrap().as_str().contains("token"), "the token leaves the address bar");
+    assert!(
+        !b.client
+            .current_url()
+            .await
+            .unwrap()
+            .as_str()
+            .contains("token"),
+        "the token leaves the address bar"
+    );
 
     // Search by subject (posted: the id is in no console URL).
     b.fill("#f-subject", PERSON).await;
     b.click("#search").await;
     let count = b.text("#result-count").await;
     assert!(count.starts_with('3') || count.starts_with('4'), "{count}");
-    assert!(!b.client.current_url().await.unwrap().as_str().contains(PERSON));
+    assert!(!b
+        .client
+        .current_url()
+        .await
+        .unwrap()
+        .as_str()
+        .contains(PERSON));
     b.shot("search").await;
 
     // Open a record: every field, and its verification.
@@ -365,7 +491,11 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
     b.fill("#subject", PERSON).await;
     b.click("#open").await;
     assert_eq!(b.text("#person-id").await, PERSON);
-    assert!(b.text("#person-report").await.contains("Border"), "{}", b.text("#person-report").await);
+    assert!(
+        b.text("#person-report").await.contains("Border"),
+        "{}",
+        b.text("#person-report").await
+    );
     b.shot("person").await;
 
     // Explain, on the policy page.
@@ -381,7 +511,11 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
 
     // Charts are SVG drawn on the server.
     b.goto("/charts").await;
-    let svgs = b.client.find_all(Locator::Css("figure.chart svg")).await.unwrap();
+    let svgs = b
+        .client
+        .find_all(Locator::Css("figure.chart svg"))
+        .await
+        .unwrap();
     assert_eq!(svgs.len(), 3);
     b.shot("charts").await;
     b.goto("/signals").await;
@@ -398,21 +532,41 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
     assert!(b.title().await.starts_with("Please sign in"));
 
     // A public service hall prints a person's report in Georgian, under its own purpose.
-    b.sign_in(&token(&gw, "psda", "hall-7", "subject-access-request", Duration::from_secs(600))).await;
+    b.sign_in(&token(
+        &gw,
+        "psda",
+        "hall-7",
+        "subject-access-request",
+        Duration::from_secs(600),
+    ))
+    .await;
     b.goto("/report").await;
     b.fill("#subject", PERSON).await;
     b.click("#lang-ka").await;
     b.click("#open").await;
-    assert_eq!(b.text("#report-title").await, "ანგარიში თქვენს პერსონალურ მონაცემებზე წვდომის შესახებ");
+    assert_eq!(
+        b.text("#report-title").await,
+        "ანგარიში თქვენს პერსონალურ მონაცემებზე წვდომის შესახებ"
+    );
     let table = b.text("#report-table").await;
-    assert!(table.contains("Border") || table.contains("border"), "other agencies' accesses are in the report: {table}");
+    assert!(
+        table.contains("Border") || table.contains("border"),
+        "other agencies' accesses are in the report: {table}"
+    );
     b.shot("report-ka").await;
     b.click("#print").await; // the print dialog is a no-op headless; the handler must not fail
     b.goto("/search").await;
     b.click("#signout").await;
 
     // An agency's security officer sees their agency only: another's records are refused.
-    b.sign_in(&token(&gw, "psda", "so-psda", "internal-audit", Duration::from_secs(600))).await;
+    b.sign_in(&token(
+        &gw,
+        "psda",
+        "so-psda",
+        "internal-audit",
+        Duration::from_secs(600),
+    ))
+    .await;
     b.fill("#f-agency", "mia-border").await;
     b.click("#search").await;
     assert_eq!(b.title().await, "Refused");
@@ -421,31 +575,55 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
     b.click("#signout").await;
 
     // Expiry: a session never outlives its token.
-    b.sign_in(&token(&gw, "pdps", "so-2", "supervision", Duration::from_secs(3))).await;
+    b.sign_in(&token(
+        &gw,
+        "pdps",
+        "so-2",
+        "supervision",
+        Duration::from_secs(3),
+    ))
+    .await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
     b.goto("/search").await;
-    assert!(b.title().await.starts_with("Please sign in"), "{}", b.title().await);
+    assert!(
+        b.title().await.starts_with("Please sign in"),
+        "{}",
+        b.title().await
+    );
 
     // Each page view with log data left its own audit record, under the officer who saw it.
     let reads = console_reads(&gw).await;
     let by = |officer: &str, service: &str| {
         reads
             .iter()
-            .filter(|r| r.entry.officer.as_deref() == Some(officer) && r.entry.service.as_deref() == Some(service))
+            .filter(|r| {
+                r.entry.officer.as_deref() == Some(officer)
+                    && r.entry.service.as_deref() == Some(service)
+            })
             .count()
     };
     // search, record, person (records), charts, signals
-    assert!(by("so-1", "records") >= 5, "{:#?}", reads.iter().map(|r| &r.entry.path).collect::<Vec<_>>());
+    assert!(
+        by("so-1", "records") >= 5,
+        "{:#?}",
+        reads.iter().map(|r| &r.entry.path).collect::<Vec<_>>()
+    );
     assert_eq!(by("so-1", "report"), 1, "the person page's report");
     assert_eq!(by("hall-7", "report"), 1, "the printed report");
-    let refused: Vec<_> = reads.iter().filter(|r| r.entry.officer.as_deref() == Some("so-psda")).collect();
+    let refused: Vec<_> = reads
+        .iter()
+        .filter(|r| r.entry.officer.as_deref() == Some("so-psda"))
+        .collect();
     assert_eq!(refused.len(), 1);
     assert_eq!(refused[0].entry.decision.as_str(), "deny");
     let subject_search = reads
         .iter()
         .find(|r| r.entry.officer.as_deref() == Some("so-1") && r.entry.subjects == [PERSON])
         .expect("the subject search names the person in its record, as the API's does");
-    assert!(subject_search.entry.path.starts_with("/v1/audit/records?subject="));
+    assert!(subject_search
+        .entry
+        .path
+        .starts_with("/v1/audit/records?subject="));
     b.client.clone().close().await.unwrap();
     gw.shutdown().await;
 }
@@ -495,12 +673,29 @@ async fn search_page_over_a_large_log() {
     }
     println!("seeded {n} records in {:.1?}", started.elapsed());
     let mut http = Http::new(&gw);
-    http.sign_in(&token(&gw, "pdps", "so-1", "supervision", Duration::from_secs(3600))).await;
+    http.sign_in(&token(
+        &gw,
+        "pdps",
+        "so-1",
+        "supervision",
+        Duration::from_secs(3600),
+    ))
+    .await;
     let csrf = hidden(&http.send(Method::GET, "/search", None).await.body, "csrf");
     for (label, form) in [
         ("no filter (first page)", vec![("format", "html")]),
-        ("by subject", vec![("subject", "RF-0004242"), ("format", "html")]),
-        ("by agency and officer", vec![("agency", "psda"), ("officer", "officer-9"), ("format", "html")]),
+        (
+            "by subject",
+            vec![("subject", "RF-0004242"), ("format", "html")],
+        ),
+        (
+            "by agency and officer",
+            vec![
+                ("agency", "psda"),
+                ("officer", "officer-9"),
+                ("format", "html"),
+            ],
+        ),
     ] {
         let mut times = Vec::new();
         for _ in 0..5 {

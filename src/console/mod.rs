@@ -102,7 +102,11 @@ impl Console {
     }
 
     /// Answers one browser request; never panics on input.
-    pub async fn handle(self: Arc<Self>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(
+        self: Arc<Self>,
+        conn: Arc<ConnInfo>,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
         let mut resp = self.route(&conn, req).await;
         secure(&mut resp);
         resp
@@ -132,19 +136,20 @@ impl Console {
                 None => return plain(StatusCode::BAD_REQUEST, "malformed query string"),
             }
         } else {
-            return plain(StatusCode::METHOD_NOT_ALLOWED, "the console answers GET and POST");
+            return plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "the console answers GET and POST",
+            );
         };
         if (&method, path.as_str()) == (&Method::POST, "/signin") {
             return pages::signin(self, conn, &headers, &params).await;
         }
-        let Some(session) = session::cookie(&headers, session::COOKIE)
-            .and_then(|id| self.sessions.touch(id))
+        let Some(session) =
+            session::cookie(&headers, session::COOKIE).and_then(|id| self.sessions.touch(id))
         else {
             return pages::signin_form(Some("Please sign in (no session, or it has expired)."));
         };
-        if method == Method::POST
-            && !session::same_secret(&param(&params, "csrf"), &session.csrf)
-        {
+        if method == Method::POST && !session::same_secret(&param(&params, "csrf"), &session.csrf) {
             return plain(
                 StatusCode::FORBIDDEN,
                 "this form did not come from your console session (CSRF token missing or wrong)",
@@ -180,7 +185,10 @@ impl Console {
 fn secure(resp: &mut Response<Body>) {
     let h = resp.headers_mut();
     h.insert("content-security-policy", HeaderValue::from_static(CSP));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

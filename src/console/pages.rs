@@ -44,7 +44,10 @@ fn render(t: &impl Template) -> Response<Body> {
         Ok(body) => html(StatusCode::OK, body),
         Err(err) => {
             tracing::error!(%err, "console page not rendered");
-            plain(StatusCode::INTERNAL_SERVER_ERROR, "the page could not be rendered")
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page could not be rendered",
+            )
         }
     }
 }
@@ -103,7 +106,11 @@ pub fn signin_form(note: Option<&str>) -> Response<Body> {
     });
     set_cookie(
         &mut resp,
-        &session::set_cookie(session::SIGNIN_COOKIE, &csrf, Some(std::time::Duration::from_secs(600))),
+        &session::set_cookie(
+            session::SIGNIN_COOKIE,
+            &csrf,
+            Some(std::time::Duration::from_secs(600)),
+        ),
     );
     resp
 }
@@ -134,7 +141,10 @@ pub async fn signin(
 ) -> Response<Body> {
     let refuse = |text: String| {
         let mut r = message(StatusCode::UNAUTHORIZED, None, "Not signed in", text, None);
-        set_cookie(&mut r, &session::set_cookie(session::SIGNIN_COOKIE, "", Some(std::time::Duration::ZERO)));
+        set_cookie(
+            &mut r,
+            &session::set_cookie(session::SIGNIN_COOKIE, "", Some(std::time::Duration::ZERO)),
+        );
         r
     };
     let expected = session::cookie(headers, session::SIGNIN_COOKIE).unwrap_or_default();
@@ -199,10 +209,22 @@ pub async fn signin(
         Ok(s) => s,
         Err(err) => return refuse(format!("{err}.")),
     };
-    record_event(console, &session, "console-sign-in", "signed in to the console").await;
+    record_event(
+        console,
+        &session,
+        "console-sign-in",
+        "signed in to the console",
+    )
+    .await;
     let mut resp = redirect("/search");
-    set_cookie(&mut resp, &session::set_cookie(session::COOKIE, &session.id, None));
-    set_cookie(&mut resp, &session::set_cookie(session::SIGNIN_COOKIE, "", Some(std::time::Duration::ZERO)));
+    set_cookie(
+        &mut resp,
+        &session::set_cookie(session::COOKIE, &session.id, None),
+    );
+    set_cookie(
+        &mut resp,
+        &session::set_cookie(session::SIGNIN_COOKIE, "", Some(std::time::Duration::ZERO)),
+    );
     resp
 }
 
@@ -211,7 +233,10 @@ async fn record_event(console: &Console, s: &Session, name: &str, what: &str) {
     let policy = console.gateway.policy.load();
     let mut entry = crate::audit::event::event(
         name,
-        format!("officer {} of {} ({}) {what}", s.officer.id, s.agency, s.officer.purpose),
+        format!(
+            "officer {} of {} ({}) {what}",
+            s.officer.id, s.agency, s.officer.purpose
+        ),
         policy.version(),
     );
     entry.agency = Some(s.agency.clone());
@@ -226,9 +251,18 @@ async fn record_event(console: &Console, s: &Session, name: &str, what: &str) {
 /// `POST /signout`: the session ends here and now.
 pub async fn signout(console: &Console, v: &Visit<'_>) -> Response<Body> {
     console.sessions.close(&v.session.id);
-    record_event(console, &v.session, "console-sign-out", "signed out of the console").await;
+    record_event(
+        console,
+        &v.session,
+        "console-sign-out",
+        "signed out of the console",
+    )
+    .await;
     let mut resp = signin_form(Some("Signed out"));
-    set_cookie(&mut resp, &session::set_cookie(session::COOKIE, "", Some(std::time::Duration::ZERO)));
+    set_cookie(
+        &mut resp,
+        &session::set_cookie(session::COOKIE, "", Some(std::time::Duration::ZERO)),
+    );
     resp
 }
 
@@ -237,21 +271,41 @@ pub async fn signout(console: &Console, v: &Visit<'_>) -> Response<Body> {
 /// Asks the auditors' API, as the officer, through the whole pipeline; a refusal becomes a page.
 async fn api(console: &Console, v: &Visit<'_>, path: &str) -> Result<bytes::Bytes, Response<Body>> {
     let s = &v.session;
-    let answer = via::get(&console.gateway, v.conn.peer, s.client.clone(), &s.token, path)
-        .await
-        .map_err(|err| {
-            tracing::error!(%err, "console request through the pipeline failed");
-            message(StatusCode::BAD_GATEWAY, Some(s), "Not available", "The gateway did not answer.".into(), None)
-        })?;
+    let answer = via::get(
+        &console.gateway,
+        v.conn.peer,
+        s.client.clone(),
+        &s.token,
+        path,
+    )
+    .await
+    .map_err(|err| {
+        tracing::error!(%err, "console request through the pipeline failed");
+        message(
+            StatusCode::BAD_GATEWAY,
+            Some(s),
+            "Not available",
+            "The gateway did not answer.".into(),
+            None,
+        )
+    })?;
     if answer.status.is_success() {
         return Ok(answer.body);
     }
     let problem: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
-    let said = |k: &str| problem.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let said = |k: &str| {
+        problem
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
     if answer.status == StatusCode::UNAUTHORIZED {
         // The token behind the session is no longer accepted (expired, key rotated): the session ends.
         console.sessions.close(&s.id);
-        return Err(signin_form(Some("Your session has ended: its token is no longer accepted")));
+        return Err(signin_form(Some(
+            "Your session has ended: its token is no longer accepted",
+        )));
     }
     Err(message(
         answer.status,
@@ -321,7 +375,10 @@ fn row(v: &Value) -> Row {
         subjects: text(v, "subjects"),
         decision: text(v, "decision"),
         reason: text(v, "reason"),
-        restricted: v.get("restricted").and_then(Value::as_bool).unwrap_or(false),
+        restricted: v
+            .get("restricted")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
     }
 }
 
@@ -381,7 +438,10 @@ impl Fields {
 
     /// The fields set, for the next page's form.
     pub fn hidden(&self) -> Vec<(&'static str, String)> {
-        self.pairs().into_iter().filter(|(_, v)| !v.is_empty()).collect()
+        self.pairs()
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .collect()
     }
 }
 
@@ -434,7 +494,10 @@ pub async fn search(console: &Console, v: &Visit<'_>) -> Response<Body> {
     let after = v.get("after");
     let cursor = after.rsplitn(3, '|').collect::<Vec<_>>();
     let cursor = match cursor.as_slice() {
-        [seq, node, ts] => seq.parse::<i64>().ok().map(|s| (ts.to_string(), node.to_string(), s)),
+        [seq, node, ts] => seq
+            .parse::<i64>()
+            .ok()
+            .map(|s| (ts.to_string(), node.to_string(), s)),
         _ => None,
     };
     let mut pairs = f.pairs();
@@ -445,9 +508,18 @@ pub async fn search(console: &Console, v: &Visit<'_>) -> Response<Body> {
             p.1 = ts.clone();
         }
     }
-    pairs.push(("limit", (PAGE + 1 + if cursor.is_some() { slack } else { 0 }).to_string()));
+    pairs.push((
+        "limit",
+        (PAGE + 1 + if cursor.is_some() { slack } else { 0 }).to_string(),
+    ));
     pairs.push(("format", "json".into()));
-    let body = match api(console, v, &format!("/v1/audit/records?{}", query_string(&pairs))).await {
+    let body = match api(
+        console,
+        v,
+        &format!("/v1/audit/records?{}", query_string(&pairs)),
+    )
+    .await
+    {
         Ok(b) => b,
         Err(page) => return page,
     };
@@ -484,16 +556,42 @@ pub async fn search(console: &Console, v: &Visit<'_>) -> Response<Body> {
 
 /// The columns of a CSV export (every field the auditors' API may release that reads well in a sheet).
 const CSV_COLUMNS: &[&str] = &[
-    "seq", "node", "id", "ts", "agency", "officer", "purpose", "legal_basis", "case_ref", "consent_ref",
-    "provider", "service", "operation", "method", "path", "subjects", "fields", "decision", "reason",
-    "status", "restricted", "policy_version", "hash",
+    "seq",
+    "node",
+    "id",
+    "ts",
+    "agency",
+    "officer",
+    "purpose",
+    "legal_basis",
+    "case_ref",
+    "consent_ref",
+    "provider",
+    "service",
+    "operation",
+    "method",
+    "path",
+    "subjects",
+    "fields",
+    "decision",
+    "reason",
+    "status",
+    "restricted",
+    "policy_version",
+    "hash",
 ];
 
 async fn export(console: &Console, v: &Visit<'_>, f: &Fields, format: &str) -> Response<Body> {
     let mut pairs = f.pairs();
     pairs.push(("limit", MAX_LIMIT.to_string()));
     pairs.push(("format", "jsonl".into()));
-    let body = match api(console, v, &format!("/v1/audit/records?{}", query_string(&pairs))).await {
+    let body = match api(
+        console,
+        v,
+        &format!("/v1/audit/records?{}", query_string(&pairs)),
+    )
+    .await
+    {
         Ok(b) => b,
         Err(page) => return page,
     };
@@ -503,12 +601,18 @@ async fn export(console: &Console, v: &Visit<'_>, f: &Fields, format: &str) -> R
         let mut csv = CSV_COLUMNS.join(",");
         csv.push_str("\r\n");
         for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let Ok(r) = serde_json::from_slice::<Value>(line) else { continue };
+            let Ok(r) = serde_json::from_slice::<Value>(line) else {
+                continue;
+            };
             let cells: Vec<String> = CSV_COLUMNS.iter().map(|c| csv_cell(&text(&r, c))).collect();
             csv.push_str(&cells.join(","));
             csv.push_str("\r\n");
         }
-        ("text/csv; charset=utf-8", "audit-records.csv", bytes::Bytes::from(csv))
+        (
+            "text/csv; charset=utf-8",
+            "audit-records.csv",
+            bytes::Bytes::from(csv),
+        )
     };
     let mut resp = Response::new(http_body_util::Full::new(out));
     let h = resp.headers_mut();
@@ -560,7 +664,13 @@ pub async fn record(console: &Console, v: &Visit<'_>) -> Response<Body> {
         ("limit", "100".to_owned()),
         ("format", "json".to_owned()),
     ];
-    let body = match api(console, v, &format!("/v1/audit/records?{}", query_string(&pairs))).await {
+    let body = match api(
+        console,
+        v,
+        &format!("/v1/audit/records?{}", query_string(&pairs)),
+    )
+    .await
+    {
         Ok(b) => b,
         Err(page) => return page,
     };
@@ -611,21 +721,32 @@ async fn verification(console: &Console, node: &str, ts: &str, seq: i64) -> (boo
         return (false, "the record could not be read back".into());
     };
     let hash_ok = record.expected_hash().is_ok_and(|h| h == record.hash);
-    let cps = crate::audit::checkpoint::list(store, node).await.unwrap_or_default();
+    let cps = crate::audit::checkpoint::list(store, node)
+        .await
+        .unwrap_or_default();
     let covering = cps.iter().find(|c| c.seq >= seq);
     let checkpoint = match covering {
-        None => "none yet: the writer signs a checkpoint every so many records or seconds".to_owned(),
+        None => {
+            "none yet: the writer signs a checkpoint every so many records or seconds".to_owned()
+        }
         Some(c) => {
             let sig = match c.verify(None) {
                 Ok(()) => "signature valid".to_owned(),
                 Err(e) => format!("SIGNATURE INVALID: {e}"),
             };
             let exact = if c.seq == seq {
-                if c.hash == record.hash { "; it names this record's hash" } else { "; it names ANOTHER hash for this record" }
+                if c.hash == record.hash {
+                    "; it names this record's hash"
+                } else {
+                    "; it names ANOTHER hash for this record"
+                }
             } else {
                 "; the chain from this record to it is checked by \"Verify the chains\""
             };
-            format!("record {} of {}, signed {} ({sig}{exact})", c.seq, c.node, c.ts)
+            format!(
+                "record {} of {}, signed {} ({sig}{exact})",
+                c.seq, c.node, c.ts
+            )
         }
     };
     (hash_ok, checkpoint)
@@ -672,7 +793,11 @@ pub struct Shown {
 fn shown(a: &Value) -> Shown {
     let or = |a1: &str, a2: &str| {
         let t = text(a, a1);
-        if t.is_empty() { text(a, a2) } else { t }
+        if t.is_empty() {
+            text(a, a2)
+        } else {
+            t
+        }
     };
     Shown {
         at: text(a, "at"),
@@ -703,13 +828,26 @@ pub async fn person(console: &Console, v: &Visit<'_>) -> Response<Body> {
     if subject.is_empty() {
         return person_form(v);
     }
-    let q = query_string(&[("subject", subject.clone()), ("limit", MAX_LIMIT.to_string()), ("format", "json".into())]);
+    let q = query_string(&[
+        ("subject", subject.clone()),
+        ("limit", MAX_LIMIT.to_string()),
+        ("format", "json".into()),
+    ]);
     let body = match api(console, v, &format!("/v1/audit/records?{q}")).await {
         Ok(b) => b,
         Err(page) => return page,
     };
     let rows = records(&body).iter().map(row).collect();
-    let report = match api(console, v, &format!("/v1/audit/report?{}", query_string(&[("subject", subject.clone())]))).await {
+    let report = match api(
+        console,
+        v,
+        &format!(
+            "/v1/audit/report?{}",
+            query_string(&[("subject", subject.clone())])
+        ),
+    )
+    .await
+    {
         Ok(b) => serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
         Err(page) => return page,
     };
@@ -822,8 +960,21 @@ pub async fn report(console: &Console, v: &Visit<'_>) -> Response<Body> {
     if subject.is_empty() {
         return report_form(v);
     }
-    let (lang, t) = if v.get("lang") == "en" { ("en", &ENGLISH) } else { ("ka", &GEORGIAN) };
-    let report = match api(console, v, &format!("/v1/audit/report?{}", query_string(&[("subject", subject.clone())]))).await {
+    let (lang, t) = if v.get("lang") == "en" {
+        ("en", &ENGLISH)
+    } else {
+        ("ka", &GEORGIAN)
+    };
+    let report = match api(
+        console,
+        v,
+        &format!(
+            "/v1/audit/report?{}",
+            query_string(&[("subject", subject.clone())])
+        ),
+    )
+    .await
+    {
         Ok(b) => serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
         Err(page) => return page,
     };
@@ -906,7 +1057,12 @@ pub async fn signals(console: &Console, v: &Visit<'_>) -> Response<Body> {
 fn links(rs: &[&Value]) -> Vec<(String, String)> {
     rs.iter()
         .take(5)
-        .map(|r| (format!("{}#{}", text(r, "node"), text(r, "seq")), record_href(r)))
+        .map(|r| {
+            (
+                format!("{}#{}", text(r, "node"), text(r, "seq")),
+                record_href(r),
+            )
+        })
         .collect()
 }
 
@@ -920,9 +1076,14 @@ pub fn compute_signals(recs: &[Value], log: &[String]) -> Vec<Signal> {
         .iter()
         .filter(|r| text(r, "method") != "EVENT" && !log.contains(&text(r, "provider")))
         .collect();
-    let allowed: Vec<&Value> = reads.iter().copied().filter(|r| text(r, "decision") == "allow").collect();
+    let allowed: Vec<&Value> = reads
+        .iter()
+        .copied()
+        .filter(|r| text(r, "decision") == "allow")
+        .collect();
     // 1. Distinct persons per officer against colleagues with the same agency and purpose.
-    let mut persons: BTreeMap<(String, String), BTreeMap<String, (BTreeSet<String>, Vec<&Value>)>> = BTreeMap::new();
+    let mut persons: BTreeMap<(String, String), BTreeMap<String, (BTreeSet<String>, Vec<&Value>)>> =
+        BTreeMap::new();
     for r in &allowed {
         let e = persons
             .entry((text(r, "agency"), text(r, "purpose")))
@@ -964,7 +1125,10 @@ pub fn compute_signals(recs: &[Value], log: &[String]) -> Vec<Signal> {
     for r in &allowed {
         let Some(t) = at(r) else { continue };
         let local = t.to_offset(time::UtcOffset::from_hms(4, 0, 0).unwrap_or(time::UtcOffset::UTC));
-        let weekend = matches!(local.weekday(), time::Weekday::Saturday | time::Weekday::Sunday);
+        let weekend = matches!(
+            local.weekday(),
+            time::Weekday::Saturday | time::Weekday::Sunday
+        );
         if weekend || local.hour() < 8 || local.hour() >= 19 {
             late.push(Item {
                 text: format!(
@@ -986,7 +1150,12 @@ pub fn compute_signals(recs: &[Value], log: &[String]) -> Vec<Signal> {
     let mut by_person: HashMap<String, Vec<(OffsetDateTime, String, &Value)>> = HashMap::new();
     for r in &reads {
         let Some(t) = at(r) else { continue };
-        for s in r.get("subjects").and_then(Value::as_array).into_iter().flatten() {
+        for s in r
+            .get("subjects")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if let Some(s) = s.as_str() {
                 by_person
                     .entry(s.to_owned())
@@ -1002,7 +1171,10 @@ pub fn compute_signals(recs: &[Value], log: &[String]) -> Vec<Signal> {
         hits.sort_by_key(|h| h.0);
         let mut best: Option<(usize, usize, usize)> = None;
         for i in 0..hits.len() {
-            let end = hits[i..].iter().take_while(|h| h.0 - hits[i].0 <= time::Duration::days(1)).count();
+            let end = hits[i..]
+                .iter()
+                .take_while(|h| h.0 - hits[i].0 <= time::Duration::days(1))
+                .count();
             let agencies: BTreeSet<&str> = hits[i..i + end].iter().map(|h| h.1.as_str()).collect();
             if agencies.len() >= 3 && best.is_none_or(|b| agencies.len() > b.0) {
                 best = Some((agencies.len(), i, end));
@@ -1030,7 +1202,10 @@ pub fn compute_signals(recs: &[Value], log: &[String]) -> Vec<Signal> {
     for ((agency, officer), hits) in denied {
         let mut best = (0, 0);
         for i in 0..hits.len() {
-            let n = hits[i..].iter().take_while(|h| h.0 - hits[i].0 <= time::Duration::minutes(10)).count();
+            let n = hits[i..]
+                .iter()
+                .take_while(|h| h.0 - hits[i].0 <= time::Duration::minutes(10))
+                .count();
             if n > best.0 {
                 best = (n, i);
             }
@@ -1038,7 +1213,10 @@ pub fn compute_signals(recs: &[Value], log: &[String]) -> Vec<Signal> {
         if best.0 >= 5 {
             let rs: Vec<&Value> = hits[best.1..best.1 + best.0].iter().map(|h| h.1).collect();
             bursts.push(Item {
-                text: format!("{officer} ({agency}) was refused {} times within ten minutes", best.0),
+                text: format!(
+                    "{officer} ({agency}) was refused {} times within ten minutes",
+                    best.0
+                ),
                 links: links(&rs),
             });
         }
@@ -1097,13 +1275,18 @@ pub async fn charts(console: &Console, v: &Visit<'_>) -> Response<Body> {
 /// The charts of a set of records, as SVG documents.
 pub fn draw_charts(recs: &[Value]) -> Vec<(String, String)> {
     use charts_rs::{BarChart, LineChart, Series};
-    let requests: Vec<&Value> = recs.iter().filter(|r| text(r, "method") != "EVENT").collect();
+    let requests: Vec<&Value> = recs
+        .iter()
+        .filter(|r| text(r, "method") != "EVENT")
+        .collect();
     let day = |r: &Value| text(r, "ts").chars().take(10).collect::<String>();
     let days: BTreeSet<String> = requests.iter().map(|r| day(r)).collect();
     let days: Vec<String> = days.into_iter().collect();
     let mut per_agency: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     for r in &requests {
-        let counts = per_agency.entry(text(r, "agency")).or_insert_with(|| vec![0.0; days.len()]);
+        let counts = per_agency
+            .entry(text(r, "agency"))
+            .or_insert_with(|| vec![0.0; days.len()]);
         if let Ok(i) = days.binary_search(&day(r)) {
             counts[i] += 1.0;
         }
@@ -1115,15 +1298,26 @@ pub fn draw_charts(recs: &[Value]) -> Vec<(String, String)> {
         }
         m
     };
-    let reasons = count_by(&|r| text(r, "decision") == "deny" || !text(r, "reason").is_empty(), "reason");
-    let quota = count_by(&|r| text(r, "reason") == crate::limits::RATE_LIMITED, "agency");
+    let reasons = count_by(
+        &|r| text(r, "decision") == "deny" || !text(r, "reason").is_empty(),
+        "reason",
+    );
+    let quota = count_by(
+        &|r| text(r, "reason") == crate::limits::RATE_LIMITED,
+        "agency",
+    );
     let mut out = Vec::new();
-    let svg = |r: Result<String, charts_rs::Error>| r.unwrap_or_else(|e| {
-        tracing::warn!(%e, "chart not drawn");
-        String::new()
-    });
+    let svg = |r: Result<String, charts_rs::Error>| {
+        r.unwrap_or_else(|e| {
+            tracing::warn!(%e, "chart not drawn");
+            String::new()
+        })
+    };
     let mut line = LineChart::new(
-        per_agency.into_iter().map(|(a, d)| Series::new(if a.is_empty() { "(none)".into() } else { a }, d)).collect(),
+        per_agency
+            .into_iter()
+            .map(|(a, d)| Series::new(if a.is_empty() { "(none)".into() } else { a }, d))
+            .collect(),
         days.iter().map(|d| d.chars().skip(5).collect()).collect(),
     );
     line.width = 900.0;
@@ -1135,7 +1329,10 @@ pub fn draw_charts(recs: &[Value]) -> Vec<(String, String)> {
         svg(c.svg())
     };
     out.push(("Refusals by reason".to_owned(), bar(reasons, "refusals")));
-    out.push(("Quota refusals (429) by agency".to_owned(), bar(quota, "quota refusals")));
+    out.push((
+        "Quota refusals (429) by agency".to_owned(),
+        bar(quota, "quota refusals"),
+    ));
     out
 }
 
@@ -1187,14 +1384,21 @@ struct PolicyPage<'a> {
 }
 
 /// `GET /policy`: the policy as loaded (no log or register data), and the explain form.
-pub fn policy(console: &Console, v: &Visit<'_>, explained: Option<(Explain, String)>) -> Response<Body> {
+pub fn policy(
+    console: &Console,
+    v: &Visit<'_>,
+    explained: Option<(Explain, String)>,
+) -> Response<Body> {
     let policy = console.gateway.policy.load_full();
     let mut agencies: Vec<AgencyRow> = policy
         .agencies()
         .map(|a| {
             let c = &a.certificate;
             let certificate = [
-                c.uri_san.iter().map(|s| format!("URI {s}")).collect::<Vec<_>>(),
+                c.uri_san
+                    .iter()
+                    .map(|s| format!("URI {s}"))
+                    .collect::<Vec<_>>(),
                 c.dns_san.iter().map(|s| format!("DNS {s}")).collect(),
                 c.subject.iter().map(|s| format!("subject {s}")).collect(),
                 c.sha256.iter().map(|s| format!("SHA-256 {s}")).collect(),
@@ -1221,8 +1425,18 @@ pub fn policy(console: &Console, v: &Visit<'_>, explained: Option<(Explain, Stri
                         .collect::<Vec<_>>()
                         .join(", "),
                         service: format!("{}/{}", g.provider, g.service),
-                        operations: g.operations.iter().map(|o| o.as_str()).collect::<Vec<_>>().join(", "),
-                        purposes: g.purposes.iter().map(|p| p.code.to_string()).collect::<Vec<_>>().join(", "),
+                        operations: g
+                            .operations
+                            .iter()
+                            .map(|o| o.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        purposes: g
+                            .purposes
+                            .iter()
+                            .map(|p| p.code.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         fields: g.fields.paths().join(", "),
                         location: format!("{}:{}", g.location.file.display(), g.location.line),
                     })
@@ -1261,7 +1475,13 @@ pub fn policy(console: &Console, v: &Visit<'_>, explained: Option<(Explain, Stri
         .collect();
     let (x, explained) = match explained {
         Some((x, e)) => (x, Some(e)),
-        None => (Explain { method: "GET".into(), ..Explain::default() }, None),
+        None => (
+            Explain {
+                method: "GET".into(),
+                ..Explain::default()
+            },
+            None,
+        ),
     };
     render(&PolicyPage {
         lang: "en",
@@ -1294,7 +1514,10 @@ pub fn explain(console: &Console, v: &Visit<'_>) -> Response<Body> {
             .ok()
             .and_then(|m| crate::policy::Operation::from_method(&m)),
     ) {
-        (None, _) => format!("{:?} is not a gateway path /v1/{{provider}}/{{service}}/…", x.path),
+        (None, _) => format!(
+            "{:?} is not a gateway path /v1/{{provider}}/{{service}}/…",
+            x.path
+        ),
         (_, None) => format!("method {:?} is not forwarded by the gateway", x.method),
         (Some((provider, service)), Some(operation)) => {
             let req = crate::policy::DecisionRequest {
@@ -1349,7 +1572,13 @@ pub async fn verify_chains(console: &Console, v: &Visit<'_>) -> Response<Body> {
         Ok(r) => r,
         Err(err) => {
             tracing::error!(%err, "chain verification failed to run");
-            return message(StatusCode::SERVICE_UNAVAILABLE, Some(&v.session), "Not verified", "The log could not be read.".into(), None);
+            return message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(&v.session),
+                "Not verified",
+                "The log could not be read.".into(),
+                None,
+            );
         }
     };
     let nodes = report
@@ -1364,7 +1593,10 @@ pub async fn verify_chains(console: &Console, v: &Visit<'_>) -> Response<Body> {
                     if n.unknown_outcomes.is_empty() {
                         String::new()
                     } else {
-                        format!("; {} attempt(s) without a recorded outcome", n.unknown_outcomes.len())
+                        format!(
+                            "; {} attempt(s) without a recorded outcome",
+                            n.unknown_outcomes.len()
+                        )
                     }
                 ),
                 Some((seq, why)) => format!("BROKEN at record {seq}: {why}"),
@@ -1405,7 +1637,10 @@ mod tests {
         for (_, svg) in draw_charts(&recs) {
             assert!(svg.starts_with("<svg"), "{svg:.80}");
             assert!(!svg.contains("<script"), "no script in a chart");
-            assert!(!svg.contains("style="), "no inline style (CSP style-src 'self')");
+            assert!(
+                !svg.contains("style="),
+                "no inline style (CSP style-src 'self')"
+            );
         }
     }
 
@@ -1431,6 +1666,9 @@ mod tests {
         assert_eq!(s[0].items.len(), 1, "the wide reader");
         assert!(s[0].items[0].text.starts_with("wide "));
         assert_eq!(s[3].items.len(), 1, "the burst");
-        assert!(s[1].items.is_empty(), "10:00 UTC is 14:00 in Tbilisi on a Tuesday");
+        assert!(
+            s[1].items.is_empty(),
+            "10:00 UTC is 14:00 in Tbilisi on a Tuesday"
+        );
     }
 }

@@ -178,7 +178,8 @@ pub fn random_hex(n: usize) -> String {
 
 /// Compares two secrets in constant time.
 pub fn same_secret(a: &str, b: &str) -> bool {
-    !a.is_empty() && aws_lc_rs::constant_time::verify_slices_are_equal(a.as_bytes(), b.as_bytes()).is_ok()
+    !a.is_empty()
+        && aws_lc_rs::constant_time::verify_slices_are_equal(a.as_bytes(), b.as_bytes()).is_ok()
 }
 
 /// The value of the cookie `name` in a `Cookie` header.
@@ -216,12 +217,24 @@ mod tests {
     fn sessions_expire_and_tokens_sign_in_once() {
         let s = Sessions::new(Duration::from_secs(60), Duration::from_millis(50), 2);
         let a = s
-            .open("pdps", officer("j1"), "t".into(), Duration::from_secs(60), None)
+            .open(
+                "pdps",
+                officer("j1"),
+                "t".into(),
+                Duration::from_secs(60),
+                None,
+            )
             .unwrap();
         assert!(s.touch(&a.id).is_some());
         assert_eq!(
-            s.open("pdps", officer("j1"), "t".into(), Duration::from_secs(60), None)
-                .unwrap_err(),
+            s.open(
+                "pdps",
+                officer("j1"),
+                "t".into(),
+                Duration::from_secs(60),
+                None
+            )
+            .unwrap_err(),
             SignInError::Replayed
         );
         std::thread::sleep(Duration::from_millis(60));

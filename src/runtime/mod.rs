@@ -706,7 +706,9 @@ async fn start_console(
         let config = &shared.config;
         let chain = crate::files::load_certs(&config.data_path(&config.tls.cert))?;
         let key = crate::files::load_key(&config.data_path(&config.tls.key))?;
-        Arc::new(ReloadableTls::new(tls::server_config_without_clients(chain, key)?))
+        Arc::new(ReloadableTls::new(tls::server_config_without_clients(
+            chain, key,
+        )?))
     };
     let console = crate::console::Console::new(gateway.clone(), c);
     let task = tokio::spawn(serve_tls(
