@@ -2,10 +2,10 @@
 //!
 //! `/healthz` answers while the process runs; `/readyz` only once the
 //! database, the policies and every listener are up (and the database still
-//! answers); `/metrics` is Prometheus text format: the counters of
-//! [`crate::metrics`] plus what the audit writer, limiters and breakers report.
+//! answers); `/metrics` is OpenMetrics text (`prometheus-client`): the metrics
+//! of [`crate::metrics`] plus what the audit writer, limiters and breakers
+//! report, read into a registry of their own at each scrape.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +16,9 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::audit::AuditLog;
-use crate::gateway::forward::breaker::Providers;
+use crate::gateway::forward::breaker::{ProviderState, Providers};
 use crate::limits::Limits;
-use crate::metrics::Metrics;
+use crate::metrics::{counter, counters, gauge, gauges, Metrics, Registry};
 use crate::policy::Policy;
 use crate::problem::{json_response, Body, Problem};
 use crate::store::Store;
@@ -89,17 +89,28 @@ impl AdminState {
         match req.uri().path() {
             "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
             "/readyz" => self.readyz().await,
-            "/metrics" => self.metrics_response(),
+            "/metrics" => {
+                self.metrics_response(wants_openmetrics(req.headers()))
+                    .await
+            }
             _ => Problem::not_found("no such admin endpoint").to_response(),
         }
     }
 
-    async fn readyz(&self) -> Response<Body> {
+    /// Whether every listener is up, the database answers and the audit log can be written.
+    async fn readiness(&self) -> (bool, bool, bool) {
         let listening = self.ready.load(Ordering::Acquire);
         let database = tokio::time::timeout(Duration::from_secs(2), self.store.ping())
             .await
             .map(|r| r.is_ok())
             .unwrap_or(false);
+        // A log that cannot be written means every data request gets 503: not ready.
+        let audit = !self.audit.stats().failing;
+        (listening, database, audit)
+    }
+
+    async fn readyz(&self) -> Response<Body> {
+        let (listening, database, audit) = self.readiness().await;
         // An open breaker is reported but keeps the gateway ready: every replica
         // shares the provider, so taking this one out of rotation would not help.
         let providers: serde_json::Map<String, serde_json::Value> = self
@@ -119,8 +130,6 @@ impl AdminState {
             .filter(|(_, v)| v["breaker"] != "closed")
             .map(|(k, _)| k)
             .collect();
-        // A log that cannot be written means every data request gets 503: not ready.
-        let audit = !self.audit.stats().failing;
         let ok = listening && database && audit;
         let status = if ok {
             StatusCode::OK
@@ -146,163 +155,181 @@ impl AdminState {
                 },
                 "open_breakers": open,
                 "providers": providers,
+                // Witnesses never make the node unready: the log stays local and durable.
+                "witnesses": self.audit.witnesses().snapshot().into_iter().map(|(name, w)| {
+                    (name, serde_json::json!({"cosigned_size": w.cosigned, "behind": w.behind, "error": w.error}))
+                }).collect::<serde_json::Map<_, _>>(),
             }),
         )
     }
 
-    fn metrics_response(&self) -> Response<Body> {
-        let mut out = String::with_capacity(4096);
-        self.metrics.render(&mut out);
+    async fn metrics_response(&self, openmetrics: bool) -> Response<Body> {
+        let mut more = Registry::with_prefix("karibche");
+        let (listening, database, audit) = self.readiness().await;
+        more.register(
+            "ready",
+            "1 while /readyz answers 200 (listeners up, database answering, audit log writable)",
+            gauge(i64::from(listening && database && audit)),
+        );
+        more.register(
+            "database_up",
+            "1 while the database answers within 2 s",
+            gauge(i64::from(database)),
+        );
         let a = self.audit.stats();
-        let _ = writeln!(
-            out,
-            "# HELP karibche_audit_records_total Audit records committed.\n# TYPE karibche_audit_records_total counter\nkaribche_audit_records_total {}",
-            a.committed
+        more.register(
+            "audit_records",
+            "Audit records committed",
+            counter(a.committed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP karibche_audit_batches_total Audit transactions committed (group commits).\n# TYPE karibche_audit_batches_total counter\nkaribche_audit_batches_total {}",
-            a.batches
+        more.register(
+            "audit_batches",
+            "Audit transactions committed (group commits)",
+            counter(a.batches),
         );
-        let _ = writeln!(
-            out,
-            "# HELP karibche_audit_failed_batches_total Audit transactions that failed.\n# TYPE karibche_audit_failed_batches_total counter\nkaribche_audit_failed_batches_total {}",
-            a.failed_batches
+        more.register(
+            "audit_failed_batches",
+            "Audit transactions that failed",
+            counter(a.failed_batches),
         );
-        let _ = writeln!(
-            out,
-            "# HELP karibche_audit_queue_depth Records waiting for the audit writer.\n# TYPE karibche_audit_queue_depth gauge\nkaribche_audit_queue_depth {}",
-            a.queue_depth
+        more.register(
+            "audit_queue_depth",
+            "Records waiting for the audit writer",
+            gauge(a.queue_depth as i64),
         );
-        let _ = writeln!(
-            out,
-            "# HELP karibche_policy_info The policy version in force.\n# TYPE karibche_policy_info gauge\nkaribche_policy_info{{version=\"{}\"}} 1",
-            self.policy.load().version()
+        let witnesses = self.audit.witnesses().snapshot();
+        more.register(
+            "audit_witness_behind",
+            "Records in signed tree heads a witness has not cosigned yet",
+            gauges(
+                ["witness", ""],
+                witnesses.iter().map(|(name, w)| {
+                    (
+                        [name.as_str(), ""],
+                        i64::try_from(w.behind).unwrap_or(i64::MAX),
+                    )
+                }),
+            ),
         );
-        let _ = writeln!(
-            out,
-            "# HELP karibche_policy_versions_in_cluster Distinct policy versions among the live replicas on this database (more than 1: replicas disagree).\n# TYPE karibche_policy_versions_in_cluster gauge\nkaribche_policy_versions_in_cluster {}",
-            self.cluster.by_version().len()
+        let commits = self.audit.histograms();
+        more.register(
+            "audit_commit_duration_seconds",
+            "Time from an audit transaction's begin to its commit",
+            commits.seconds,
         );
-        let _ = writeln!(
-            out,
-            "# HELP karibche_rate_limit_unrecorded_total Rate-limited requests not recorded one by one (each counted in a summary record).\n# TYPE karibche_rate_limit_unrecorded_total counter\nkaribche_rate_limit_unrecorded_total {}",
-            self.audit.refusals().unrecorded()
+        more.register(
+            "audit_batch_records",
+            "Records per committed audit transaction (group commit)",
+            commits.records,
         );
-        let _ = writeln!(
-            out,
-            "# HELP karibche_rate_limit_summaries_total Summary records of rate-limited requests.\n# TYPE karibche_rate_limit_summaries_total counter\nkaribche_rate_limit_summaries_total {}",
-            self.audit.refusals().summaries()
+        more.register(
+            "audit_failing",
+            "1 while the audit log cannot be written (every data request gets 503)",
+            gauge(i64::from(a.failing)),
         );
-        let _ = writeln!(
-            out,
-            "# HELP karibche_rate_limit_keys Agencies and officers with limiter state in memory.\n# TYPE karibche_rate_limit_keys gauge\nkaribche_rate_limit_keys {}",
-            self.limits.keys()
+        let policy = self.policy.load();
+        more.register(
+            "policy_info",
+            "The policy version in force (value 1)",
+            gauges(["version", ""], [([policy.version(), ""], 1)]),
+        );
+        more.register(
+            "rate_limit_unrecorded",
+            "Rate-limited requests not recorded one by one (each counted in a summary record)",
+            counter(self.audit.refusals().unrecorded()),
+        );
+        more.register(
+            "rate_limit_summaries",
+            "Summary records of rate-limited requests",
+            counter(self.audit.refusals().summaries()),
+        );
+        more.register(
+            "rate_limit_keys",
+            "Agencies and officers with limiter state in memory",
+            gauge(self.limits.keys() as i64),
+        );
+        more.register(
+            "policy_versions_in_cluster",
+            "Distinct policy versions among the live replicas on this database (more than 1: replicas disagree)",
+            gauge(self.cluster.by_version().len() as i64),
         );
         if let Some(shared) = self.limits.shared() {
-            let _ = writeln!(
-                out,
-                "# HELP karibche_limits_backend_up 1 while the shared-quota backend (Redis) answers; 0: this replica enforces its local share.\n# TYPE karibche_limits_backend_up gauge\nkaribche_limits_backend_up {}",
-                u8::from(shared.is_up())
+            more.register(
+                "limits_backend_up",
+                "1 while the shared-quota backend (Redis) answers; 0: this replica enforces its local share",
+                gauge(i64::from(shared.is_up())),
             );
-            let _ = writeln!(
-                out,
-                "# HELP karibche_limits_backend_fallbacks_total Quota checks that took the local share because Redis did not answer in time.\n# TYPE karibche_limits_backend_fallbacks_total counter"
+            let fallbacks = shared.fallbacks();
+            more.register(
+                "limits_backend_fallbacks",
+                "Quota checks that took the local share because Redis did not answer in time",
+                counters(
+                    ["reason", ""],
+                    fallbacks.iter().map(|(why, n)| ([why.as_str(), ""], *n)),
+                ),
             );
-            for (why, n) in shared.fallbacks() {
-                let _ = writeln!(
-                    out,
-                    "karibche_limits_backend_fallbacks_total{{reason=\"{}\"}} {n}",
-                    why.as_str()
-                );
-            }
         }
         let states = self.providers.states();
-        let _ = writeln!(
-            out,
-            "# HELP karibche_provider_breaker_open 1 while a provider's circuit breaker is open or half-open.\n# TYPE karibche_provider_breaker_open gauge"
+        let per_provider = |f: fn(&ProviderState) -> i64| {
+            gauges(
+                ["provider", ""],
+                states.iter().map(|(p, s)| ([p.as_str(), ""], f(s))),
+            )
+        };
+        let per_provider_total = |f: fn(&ProviderState) -> u64| {
+            counters(
+                ["provider", ""],
+                states.iter().map(|(p, s)| ([p.as_str(), ""], f(s))),
+            )
+        };
+        more.register(
+            "provider_breaker_open",
+            "1 while a provider's circuit breaker is open or half-open",
+            per_provider(|s| i64::from(s.breaker != "closed")),
         );
-        for (p, s) in &states {
-            let _ = writeln!(
-                out,
-                "karibche_provider_breaker_open{{provider=\"{p}\"}} {}",
-                u8::from(s.breaker != "closed")
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP karibche_provider_breaker_opened_total Times a provider's circuit breaker opened.\n# TYPE karibche_provider_breaker_opened_total counter"
+        more.register(
+            "provider_breaker_opened",
+            "Times a provider's circuit breaker opened",
+            per_provider_total(|s| s.opened),
         );
-        for (p, s) in &states {
-            let _ = writeln!(
-                out,
-                "karibche_provider_breaker_opened_total{{provider=\"{p}\"}} {}",
-                s.opened
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP karibche_provider_in_flight Requests in flight to a provider.\n# TYPE karibche_provider_in_flight gauge"
+        more.register(
+            "provider_in_flight",
+            "Requests in flight to a provider",
+            per_provider(|s| s.in_flight as i64),
         );
-        for (p, s) in &states {
-            let _ = writeln!(
-                out,
-                "karibche_provider_in_flight{{provider=\"{p}\"}} {}",
-                s.in_flight
-            );
-        }
         // Fair shares (src/gateway/forward/breaker.rs): agency labels come from the policy, so they stay few.
-        for (name, help, kind) in [
-            (
-                "karibche_provider_agency_in_flight",
-                "Requests in flight to a provider per agency.",
-                "gauge",
-            ),
-            (
-                "karibche_provider_agency_waiting",
-                "Requests waiting for a provider slot per agency.",
-                "gauge",
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (p, s) in &states {
-                for a in &s.agencies {
-                    let n = if name.ends_with("waiting") {
-                        a.waiting
-                    } else {
-                        a.in_flight
-                    };
-                    let _ = writeln!(
-                        out,
-                        "{name}{{provider=\"{p}\",agency=\"{}\"}} {n}",
-                        a.agency
-                    );
-                }
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP karibche_provider_waited_total Requests that waited for a provider slot.\n# TYPE karibche_provider_waited_total counter"
+        let per_agency = |waiting: bool| {
+            gauges(
+                ["provider", "agency"],
+                states.iter().flat_map(|(p, s)| {
+                    s.agencies.iter().map(move |a| {
+                        let n = if waiting { a.waiting } else { a.in_flight };
+                        ([p.as_str(), a.agency.as_str()], n as i64)
+                    })
+                }),
+            )
+        };
+        more.register(
+            "provider_agency_in_flight",
+            "Requests in flight to a provider per agency",
+            per_agency(false),
         );
-        for (p, s) in &states {
-            let _ = writeln!(
-                out,
-                "karibche_provider_waited_total{{provider=\"{p}\"}} {}",
-                s.waited
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP karibche_provider_wait_timeouts_total Requests refused because no provider slot came free in time.\n# TYPE karibche_provider_wait_timeouts_total counter"
+        more.register(
+            "provider_agency_waiting",
+            "Requests waiting for a provider slot per agency",
+            per_agency(true),
         );
-        for (p, s) in &states {
-            let _ = writeln!(
-                out,
-                "karibche_provider_wait_timeouts_total{{provider=\"{p}\"}} {}",
-                s.wait_timeouts
-            );
-        }
-        prometheus_text(out)
+        more.register(
+            "provider_waited",
+            "Requests that waited for a provider slot",
+            per_provider_total(|s| s.waited),
+        );
+        more.register(
+            "provider_wait_timeouts",
+            "Requests refused because no provider slot came free in time",
+            per_provider_total(|s| s.wait_timeouts),
+        );
+        metrics_answer(self.metrics.render(&more, openmetrics), openmetrics)
     }
 }
 
@@ -319,12 +346,21 @@ pub fn refuse_writes(method: &Method) -> Option<Response<Body>> {
     })
 }
 
-/// A `/metrics` answer: `out` in the Prometheus text format.
-pub fn prometheus_text(out: String) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(out)));
+/// Whether a scraper asks for OpenMetrics (Prometheus does); a plain client gets the classic text format.
+pub fn wants_openmetrics(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+/// A `/metrics` answer: `text` as [`Metrics::render`] wrote it.
+pub fn metrics_answer(text: String, openmetrics: bool) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        HeaderValue::from_static(crate::metrics::content_type(openmetrics)),
     );
     resp
 }

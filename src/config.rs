@@ -54,6 +54,24 @@ pub struct Config {
     pub pseudonyms: PseudonymConfig,
     /// The web console for security officers and administrators (src/console/).
     pub console: ConsoleConfig,
+    /// W3C Trace Context.
+    pub tracing: TracingConfig,
+}
+
+/// W3C Trace Context (`traceparent`, `tracestate`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// Continue the trace an agency's `traceparent` names; `false` starts a new one for every request. Default `true`.
+    pub trust_incoming: bool,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            trust_incoming: true,
+        }
+    }
 }
 
 /// The web console: its own TLS listener, sessions exchanged for officer tokens.
@@ -241,6 +259,22 @@ pub struct AuditSettings {
     /// How long accesses under `restricted` grants stay out of the data subject's report. Default 365 days.
     #[serde(with = "humantime_serde_compat")]
     pub restricted_report_delay: Duration,
+    /// The origin line of the node's signed tree heads (C2SP checkpoints). Default `karibche/audit/<node>`.
+    pub origin: Option<String>,
+    /// Witnesses the node sends its tree heads to (`[[audit.witnesses]]`). Default none.
+    pub witnesses: Vec<WitnessSettings>,
+}
+
+/// One witness of the node's audit log (C2SP tlog-witness over plain HTTP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessSettings {
+    /// The witness's key name: the name on its cosignature lines.
+    pub name: String,
+    /// Its base URL, `http://host:port`.
+    pub url: String,
+    /// Its Ed25519 public key, hex (`karibche witness pubkey`).
+    pub public_key: String,
 }
 
 /// Rate limits and overload bounds.
@@ -326,6 +360,7 @@ impl Default for Config {
             pseudonyms: PseudonymConfig::default(),
             limits: LimitsConfig::default(),
             console: ConsoleConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }
@@ -408,6 +443,8 @@ impl Default for AuditSettings {
             checkpoint_interval: Duration::from_secs(60),
             key: None,
             restricted_report_delay: DEFAULT_RESTRICTED_REPORT_DELAY,
+            origin: None,
+            witnesses: Vec::new(),
         }
     }
 }
@@ -541,6 +578,29 @@ impl Config {
                 "audit.max_batch, audit.queue and audit.checkpoint_every must be at least 1"
                     .to_owned(),
             );
+        }
+        for (i, w) in self.audit.witnesses.iter().enumerate() {
+            if w.name.is_empty() || w.name.contains([' ', '\n', '+']) {
+                problems.push(format!(
+                    "audit.witnesses[{i}].name must be non-empty, without spaces or '+'"
+                ));
+            }
+            if !w.url.starts_with("http://") {
+                problems.push(format!("audit.witnesses[{i}].url must be http://host:port (plain HTTP on a private network, or a TLS-terminating proxy in front of it)"));
+            }
+            if hex::decode(&w.public_key).map_or(true, |k| k.len() != 32) {
+                problems.push(format!(
+                    "audit.witnesses[{i}].public_key must be 64 hex digits (an Ed25519 key)"
+                ));
+            }
+        }
+        if self
+            .audit
+            .origin
+            .as_deref()
+            .is_some_and(|o| o.is_empty() || o.contains('\n'))
+        {
+            problems.push("audit.origin must be one non-empty line".to_owned());
         }
         let mut addrs = vec![
             ("gateway.listen", g.listen),

@@ -12,7 +12,7 @@ async fn main() -> ExitCode {
     match karibche::cli::run(cli).await {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("karibche: {err:#}");
+            eprintln!("karibche: {}", karibche::cli::error_message(&err));
             ExitCode::FAILURE
         }
     }

@@ -472,13 +472,19 @@ async fn rotated_agency_keys_take_effect_without_restart() {
 async fn metrics_report_days_left_per_certificate() {
     let gw = TestGateway::start().await;
     let (_, text) = admin_get(gw.running.started.admin, "/metrics").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     let days = |label: &str| -> f64 {
-        let prefix = format!("karibche_certificate_expiry_days{{cert=\"{label}\"}} ");
-        text.lines()
+        let prefix = format!("karibche_certificate_expiry_timestamp_seconds{{cert=\"{label}\"}} ");
+        let not_after: f64 = text
+            .lines()
             .find_map(|l| l.strip_prefix(&prefix))
             .unwrap_or_else(|| panic!("no {label} in {text}"))
             .parse()
-            .unwrap()
+            .unwrap();
+        (not_after - now) / 86_400.0
     };
     assert!(days("gateway") > 360.0);
     assert!(days("client_ca:karibche development CA") > 3600.0);

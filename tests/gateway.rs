@@ -476,7 +476,7 @@ async fn admin_reports_health_readiness_and_metrics() {
     assert_eq!(status, StatusCode::OK, "{ready}");
     let (_, metrics) = get("/metrics").await;
     assert!(
-        metrics.contains("karibche_requests_total{class=\"2xx\"} 1"),
+        metrics.contains("karibche_requests_total{agency=\"mia-border\",provider=\"registry\",service=\"persons\",class=\"2xx\"} 1"),
         "{metrics}"
     );
     assert!(

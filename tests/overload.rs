@@ -148,7 +148,9 @@ async fn an_agency_over_its_quota_gets_429_while_another_is_served() {
         metrics.contains("karibche_rate_limit_unrecorded_total 8"),
         "{metrics}"
     );
-    assert!(metrics.contains("karibche_denials_total{reason=\"rate_limited\"} 9"));
+    assert!(
+        metrics.contains("karibche_denials_total{agency=\"mia-border\",reason=\"rate_limited\"} 9")
+    );
     gw.shutdown().await;
 }
 

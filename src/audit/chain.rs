@@ -6,7 +6,10 @@
 //! newest records leaves a shorter, intact chain. Signed checkpoints (the
 //! last `seq` and `hash` kept elsewhere) close that gap.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+
+use super::merkle::{CompactRange, Hash};
 
 use super::checkpoint::Checkpoint;
 use super::record::{Row, GENESIS_HASH};
@@ -41,6 +44,11 @@ pub struct NodeReport {
     /// node stopped between the change and its record, so whether the change
     /// was made is unknown. Reported, not tampering.
     pub unknown_outcomes: Vec<(i64, String)>,
+    /// The log is shorter than, or differs from, a checkpoint a witness cosigned:
+    /// records were cut off or the database was restored from an older copy. Why, naming the range.
+    pub rolled_back: Option<String>,
+    /// Signed Merkle tree heads whose root the records still give.
+    pub tree_heads: usize,
 }
 
 /// Attempts seen while reading a chain, until their outcome comes.
@@ -74,7 +82,14 @@ impl Outcomes {
 impl VerifyReport {
     /// Whether every chain verified.
     pub fn intact(&self) -> bool {
-        self.nodes.iter().all(|n| n.broken_at.is_none())
+        self.nodes
+            .iter()
+            .all(|n| n.broken_at.is_none() && n.rolled_back.is_none())
+    }
+
+    /// Whether some chain is shorter than or differs from a witnessed checkpoint.
+    pub fn rolled_back(&self) -> bool {
+        self.nodes.iter().any(|n| n.rolled_back.is_some())
     }
 }
 
@@ -89,6 +104,13 @@ impl fmt::Display for VerifyReport {
 
 impl fmt::Display for NodeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(why) = &self.rolled_back {
+            write!(f, "node {}: TRUNCATED OR ROLLED BACK: {why}", self.node)?;
+            if let Some((seq, reason)) = &self.broken_at {
+                write!(f, "; also broken at seq {seq}: {reason}")?;
+            }
+            return Ok(());
+        }
         match &self.broken_at {
             None => {
                 write!(f, "node {}: {} records", self.node, self.records)?;
@@ -98,6 +120,9 @@ impl fmt::Display for NodeReport {
                 write!(f, ", chain intact")?;
                 if self.checkpoints > 0 {
                     write!(f, ", {} signed checkpoint(s) verified", self.checkpoints)?;
+                }
+                if self.tree_heads > 0 {
+                    write!(f, ", {} signed tree head(s) verified", self.tree_heads)?;
                 }
                 if !self.unknown_outcomes.is_empty() {
                     let listed: Vec<String> = self
@@ -144,6 +169,20 @@ pub async fn verify_from(
     trusted: Option<&str>,
     from: Option<i64>,
 ) -> Result<VerifyReport, AuditError> {
+    verify_witnessed(store, node, trusted, from, &[]).await
+}
+
+/// [`verify_from`], and every chain checked against `witnessed`: signed
+/// checkpoints (C2SP notes, e.g. the latest a witness cosigned) kept outside
+/// the database. A chain shorter than one, or whose tree at its size has
+/// another root, is reported as truncated or rolled back.
+pub async fn verify_witnessed(
+    store: &Store,
+    node: Option<&str>,
+    trusted: Option<&str>,
+    from: Option<i64>,
+    witnessed: &[String],
+) -> Result<VerifyReport, AuditError> {
     let nodes: Vec<String> =
         match node {
             Some(node) => vec![node.to_owned()],
@@ -155,9 +194,40 @@ pub async fn verify_from(
         };
     let mut reports = Vec::with_capacity(nodes.len());
     for node in nodes {
-        let (mut report, last) = verify_node(store, node, trusted, from).await?;
+        let heads = super::tree::heads(store, &node).await?;
+        let origin = heads
+            .last()
+            .and_then(|h| super::note::Note::parse(&h.note))
+            .and_then(|n| super::note::parse_checkpoint_text(&n.text))
+            .map_or_else(|| super::tree::default_origin(&node), |(o, _, _)| o);
+        let outside: Vec<(u64, Hash, String)> = witnessed
+            .iter()
+            .filter_map(|w| {
+                let n = super::note::Note::parse(w)?;
+                let (o, size, root) = super::note::parse_checkpoint_text(&n.text)?;
+                (o == origin).then_some((size, root, w.clone()))
+            })
+            .collect();
+        let want: BTreeSet<u64> = heads
+            .iter()
+            .map(|h| h.size as u64)
+            .chain(outside.iter().map(|w| w.0))
+            .collect();
+        let (mut report, last, roots) = verify_node(store, node, trusted, from, &want).await?;
         if report.broken_at.is_none() {
             check_checkpoints(store, &mut report, last, trusted).await?;
+        }
+        if let Some(roots) = roots {
+            let key = node_key(store, &report.node, trusted).await?;
+            check_tree(
+                &mut report,
+                last,
+                &roots,
+                key.as_deref(),
+                &origin,
+                &heads,
+                &outside,
+            );
         }
         reports.push(report);
     }
@@ -184,7 +254,8 @@ async fn verify_node(
     node: String,
     trusted: Option<&str>,
     from: Option<i64>,
-) -> Result<(NodeReport, i64), AuditError> {
+    want: &BTreeSet<u64>,
+) -> Result<(NodeReport, i64, Option<BTreeMap<u64, Hash>>), AuditError> {
     // Records moved to an archive: the chain goes on from its signed checkpoint.
     let archived = archived_base(store, &node).await?;
     let (base_seq, base_hash) = match &archived {
@@ -210,8 +281,13 @@ async fn verify_node(
         checkpoints: 0,
         first_seq,
         unknown_outcomes: Vec::new(),
+        rolled_back: None,
+        tree_heads: 0,
     };
     let mut outcomes = Outcomes::default();
+    // The Merkle tree is rebuilt from the records themselves when the whole chain is read.
+    let mut tree = (first_seq == 1 && prev_hash.is_some()).then(CompactRange::default);
+    let mut roots = BTreeMap::new();
     if let Some(cp) = &archived {
         if let Err(why) = cp.verify(trusted) {
             return Ok((
@@ -221,6 +297,7 @@ async fn verify_node(
                     format!("archive checkpoint at seq {}: {why}", cp.seq),
                 ),
                 base_seq,
+                None,
             ));
         }
     }
@@ -257,7 +334,7 @@ async fn verify_node(
                 } else {
                     format!("unexpected seq {seq} (chains start at 1)")
                 };
-                return Ok((broken(records, seq, why), expected_seq - 1));
+                return Ok((broken(records, seq, why), expected_seq - 1, None));
             }
             if seq > expected_seq {
                 let why = if records == 0 && archived.is_some() && from.is_none() {
@@ -267,11 +344,11 @@ async fn verify_node(
                 } else {
                     format!("record {expected_seq} is missing (next is {seq})")
                 };
-                return Ok((broken(records, expected_seq, why), expected_seq - 1));
+                return Ok((broken(records, expected_seq, why), expected_seq - 1, None));
             }
             let record = match row.into_record() {
                 Ok(r) => r,
-                Err(reason) => return Ok((broken(records, seq, reason), expected_seq - 1)),
+                Err(reason) => return Ok((broken(records, seq, reason), expected_seq - 1, None)),
             };
             if prev_hash.as_ref().is_some_and(|p| *p != record.prev_hash) {
                 let why = if records == 0 && archived.is_some() {
@@ -279,7 +356,7 @@ async fn verify_node(
                 } else {
                     "prev_hash does not match the previous record"
                 };
-                return Ok((broken(records, seq, why.into()), expected_seq - 1));
+                return Ok((broken(records, seq, why.into()), expected_seq - 1, None));
             }
             if record.expected_hash()? != record.hash {
                 return Ok((
@@ -289,6 +366,7 @@ async fn verify_node(
                         "hash does not match the record's content".into(),
                     ),
                     expected_seq - 1,
+                    None,
                 ));
             }
             let mut indexed = Vec::new();
@@ -307,9 +385,27 @@ async fn verify_node(
                         "subject index does not match the record".into(),
                     ),
                     expected_seq - 1,
+                    None,
                 ));
             }
             outcomes.see(seq, &record.entry);
+            if let Some(t) = tree.as_mut() {
+                match super::tree::leaf_of(&record.hash) {
+                    Some(leaf) => {
+                        t.push(leaf);
+                        if want.contains(&t.size) {
+                            roots.insert(t.size, t.root());
+                        }
+                    }
+                    None => {
+                        return Ok((
+                            broken(records, seq, "hash is not 64 hex digits".into()),
+                            expected_seq - 1,
+                            None,
+                        ))
+                    }
+                }
+            }
             records += 1;
             expected_seq += 1;
             prev_hash = Some(record.hash);
@@ -322,6 +418,7 @@ async fn verify_node(
                     "subject index lists a record that does not exist".into(),
                 ),
                 expected_seq - 1,
+                None,
             ));
         }
         after = last;
@@ -348,6 +445,7 @@ async fn verify_node(
                 "subject index lists a record that does not exist".into(),
             ),
             last_seq,
+            None,
         ));
     }
     Ok((
@@ -358,8 +456,11 @@ async fn verify_node(
             checkpoints: 0,
             first_seq,
             unknown_outcomes: outcomes.unknown(),
+            rolled_back: None,
+            tree_heads: 0,
         },
         last_seq,
+        tree.map(|_| roots),
     ))
 }
 
@@ -408,4 +509,93 @@ async fn check_checkpoints(
         report.checkpoints += 1;
     }
     Ok(())
+}
+
+/// The key a node's tree heads are checked against: `trusted`, else the key
+/// its newest chain checkpoint names.
+async fn node_key(
+    store: &Store,
+    node: &str,
+    trusted: Option<&str>,
+) -> Result<Option<Vec<u8>>, AuditError> {
+    let hex_key = match trusted {
+        Some(t) => Some(t.to_owned()),
+        None => sqlx::query_scalar(
+            "SELECT public_key FROM audit_checkpoints WHERE node = $1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(node)
+        .fetch_optional(store.pool())
+        .await?,
+    };
+    Ok(hex_key.and_then(|k| hex::decode(k).ok()))
+}
+
+/// Every stored tree head must be signed and have the root the records give;
+/// every checkpoint kept outside the database (`outside`) must be signed, no
+/// larger than the chain and have the root the chain gives at its size.
+fn check_tree(
+    report: &mut NodeReport,
+    last_seq: i64,
+    roots: &BTreeMap<u64, Hash>,
+    key: Option<&[u8]>,
+    origin: &str,
+    heads: &[super::tree::TreeHead],
+    outside: &[(u64, Hash, String)],
+) {
+    let signed = |note: &str| {
+        let Some(n) = super::note::Note::parse(note) else {
+            return false;
+        };
+        key.is_some_and(|k| {
+            n.signatures
+                .iter()
+                .any(|l| super::note::verify(origin, k, &n.text, l))
+        })
+    };
+    if report.broken_at.is_none() {
+        for h in heads {
+            let size = h.size as u64;
+            let root = super::merkle::from_hex(&h.root);
+            let texts = super::note::Note::parse(&h.note)
+                .and_then(|n| super::note::parse_checkpoint_text(&n.text));
+            let why = if !signed(&h.note) || texts.map(|t| (t.1, Some(t.2))) != Some((size, root)) {
+                Some(format!(
+                    "tree head of size {size}: signature does not verify"
+                ))
+            } else if h.size > last_seq {
+                Some(format!("records removed from the end: the chain ends at seq {last_seq} but a signed tree head covers {size} records"))
+            } else if roots.get(&size).copied() != root {
+                Some(format!("the chain was rewritten: the first {size} records no longer give the root of their signed tree head"))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                report.broken_at = Some(((size as i64).min(last_seq + 1), why));
+                break;
+            }
+            report.tree_heads += 1;
+        }
+    }
+    // The newest witnessed checkpoint decides; an unsigned one proves nothing.
+    let Some((size, root, note)) = outside.iter().max_by_key(|w| w.0) else {
+        return;
+    };
+    if !signed(note) {
+        report.broken_at.get_or_insert((
+            0,
+            format!("the witnessed checkpoint of size {size} is not signed by this node's key"),
+        ));
+        return;
+    }
+    let size = *size;
+    if size as i64 > last_seq {
+        report.rolled_back = Some(format!(
+            "records {}..={size} are missing: a witness cosigned a tree of {size} records but the log holds {last_seq}",
+            last_seq + 1
+        ));
+    } else if roots.get(&size) != Some(root) {
+        report.rolled_back = Some(format!(
+            "records 1..={size} are not the ones a witness cosigned (the tree of the first {size} records has another root): the log was restored from an older copy or forked, and records up to {size} were replaced"
+        ));
+    }
 }

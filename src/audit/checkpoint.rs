@@ -80,6 +80,16 @@ impl AuditKey {
         &self.public_hex
     }
 
+    /// The public key's 32 raw bytes.
+    pub fn public_bytes(&self) -> &[u8] {
+        self.pair.public_key().as_ref()
+    }
+
+    /// An Ed25519 signature over `message` (for signed notes, [`super::note`]).
+    pub fn sign_bytes(&self, message: &[u8]) -> Vec<u8> {
+        self.pair.sign(message).as_ref().to_vec()
+    }
+
     /// Signs a checkpoint of `node`'s chain at `seq`/`hash`, time-stamped now.
     pub fn sign(&self, node: &str, seq: i64, hash: &str) -> Checkpoint {
         let ts = super::now_ts();
@@ -220,7 +230,7 @@ pub(crate) mod tests {
         every: u64,
         records: usize,
     ) -> std::sync::Arc<AuditKey> {
-        use crate::audit::{AuditConfig, AuditLog, CheckpointPolicy, Entry};
+        use crate::audit::{AuditConfig, AuditLog, CheckpointPolicy};
         let key = std::sync::Arc::new(AuditKey::load_or_create(&dir.join("k")).unwrap());
         let mut config = AuditConfig::new(node);
         config.max_batch = max_batch;
@@ -231,24 +241,27 @@ pub(crate) mod tests {
         });
         let (log, writer) = AuditLog::start(store.clone(), config).await.unwrap();
         for i in 0..records {
-            log.append(Entry {
-                id: format!("{node}-{i}"),
-                ts: crate::audit::now_ts(),
-                method: "GET".into(),
-                path: format!("/v1/registry/persons/RF-{i}"),
-                decision: "allow".into(),
-                status: 200,
-                policy_version: "v".into(),
-                subjects: vec![format!("RF-{i}")],
-                ..Entry::default()
-            })
-            .await
-            .unwrap();
+            log.append(read_of(node, i)).await.unwrap();
         }
         log.close();
         drop(log);
         writer.finish().await;
         key
+    }
+
+    /// Read number `i` of `node`: the entry the checkpoint and tree tests write.
+    pub(crate) fn read_of(node: &str, i: usize) -> crate::audit::Entry {
+        crate::audit::Entry {
+            id: format!("{node}-{i}"),
+            ts: crate::audit::now_ts(),
+            method: "GET".into(),
+            path: format!("/v1/registry/persons/RF-{i}"),
+            decision: "allow".into(),
+            status: 200,
+            policy_version: "v".into(),
+            subjects: vec![format!("RF-{i}")],
+            ..crate::audit::Entry::default()
+        }
     }
 
     async fn scenario(store: Store) {

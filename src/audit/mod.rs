@@ -12,10 +12,14 @@
 
 pub mod ahead;
 pub mod archive;
+pub mod backup;
 pub mod bench;
 pub mod chain;
 pub mod checkpoint;
 pub mod event;
+pub mod evidence;
+pub mod merkle;
+pub mod note;
 pub mod offline;
 pub mod open;
 pub mod query;
@@ -23,6 +27,7 @@ pub mod record;
 pub mod report;
 pub mod sampling;
 pub mod text;
+pub mod tree;
 pub mod writer;
 
 #[cfg(test)]
@@ -39,7 +44,7 @@ pub use record::{
     GENESIS_HASH, PHASE_ATTEMPT, PHASE_OUTCOME,
 };
 pub use writer::{
-    AuditConfig, AuditLog, AuditStats, AuditWriter, CheckpointPolicy, Committed,
+    AuditConfig, AuditLog, AuditStats, AuditWriter, CheckpointPolicy, CommitHistograms, Committed,
     DEFAULT_RESTRICTED_REPORT_DELAY,
 };
 

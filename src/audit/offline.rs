@@ -63,6 +63,8 @@ fn verify_chain(
         checkpoints: 0,
         first_seq: chain.first().map_or(1, |r| r.seq),
         unknown_outcomes: Vec::new(),
+        rolled_back: None,
+        tree_heads: 0,
     };
     let mut outcomes = super::chain::Outcomes::default();
     let Some(first) = chain.first() else {

@@ -1,7 +1,7 @@
 //! The audit record and its hash: what one request leaves behind, and the one
 //! canonical serialisation that both the writer and the verifier hash.
 //!
-//! A record's hash covers every column, its place in the node's chain (`node`,
+//! A record's hash covers every column but `trace_id` (a correlation aid stored beside it), its place in the node's chain (`node`,
 //! `seq`) and the previous record's hash, so changing, inserting or removing
 //! any stored row breaks the chain from that row on.
 
@@ -93,6 +93,10 @@ pub struct Entry {
     /// The field paths a change writes (its body's members), on a change's records.
     #[serde(default)]
     pub written: Vec<String>,
+    /// The request's W3C trace id (`traceparent`). Stored beside the record,
+    /// not covered by its hash: a correlation aid, not evidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// What the record says was decided: stored and hashed as `"allow"` / `"deny"`.
@@ -514,6 +518,8 @@ pub(crate) struct Row {
     attempt_id: Option<String>,
     request_digest: Option<String>,
     written: Option<String>,
+    #[sqlx(default)]
+    trace_id: Option<String>,
     /// For an attempt, how many outcomes name it; only the queries that ask for it compute it.
     #[sqlx(default)]
     outcomes: Option<i64>,
@@ -596,6 +602,7 @@ impl Row {
                 attempt_id: self.attempt_id,
                 request_digest: self.request_digest,
                 written,
+                trace_id: self.trace_id,
             },
             prev_hash: self.prev_hash,
             hash: self.hash,
@@ -604,20 +611,20 @@ impl Row {
     }
 }
 
-/// The columns of `audit_log` in insert order (34 of them).
+/// The columns of `audit_log` in insert order (35 of them).
 macro_rules! audit_columns {
     () => {
         "node, seq, id, ts, agency, certificate, officer, purpose, legal_basis, case_ref, \
          consent_ref, token_id, provider, service, operation, method, path, subjects, fields, \
          decision, reason, status, policy_version, prev_hash, hash, shadow_decision, \
          response_digest, restricted, upstream_status, pseudonymised, phase, attempt_id, \
-         request_digest, written"
+         request_digest, written, trace_id"
     };
 }
 pub(crate) use audit_columns;
 
 /// How many columns [`audit_columns!`] lists.
-pub(crate) const AUDIT_COLUMN_COUNT: usize = 34;
+pub(crate) const AUDIT_COLUMN_COUNT: usize = 35;
 
 #[cfg(test)]
 mod pinned {
@@ -656,6 +663,7 @@ mod pinned {
             attempt_id: Some("0190f3a2-7b1c-7000-8000-000000000000".into()),
             request_digest: Some("ef".repeat(32)),
             written: vec!["employer.name".into(), "person_id".into()],
+            trace_id: None,
         }
     }
 
@@ -699,4 +707,18 @@ mod pinned {
     }
 
     const PINNED_ENTRY_JSON: &str = r#"{"id":"0190f3a2-7b1c-7000-8000-000000000001","ts":"2026-11-03T09:15:02.123456Z","agency":"mia-border","certificate":"abababababababababababababababababababababababababababababababab","officer":"officer-7","purpose":"border-control","legal_basis":"Aliens Act s. 12","case_ref":"CASE-1","consent_ref":"consent-1","token_id":"jti-1","provider":"registry","service":"persons","operation":"write","method":"POST","path":"/v1/registry/persons/RF-1?x=1","subjects":["RF-1","RF-2"],"fields":["id","names.surname"],"decision":"allow","reason":"upstream_error","status":502,"policy_version":"v-123","shadow_decision":"deny","response_digest":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd","restricted":true,"upstream_status":500,"pseudonymised":true,"phase":"outcome","attempt_id":"0190f3a2-7b1c-7000-8000-000000000000","request_digest":"efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef","written":["employer.name","person_id"]}"#;
+
+    #[test]
+    fn the_trace_id_is_stored_beside_the_record_not_hashed() {
+        let mut e = Entry {
+            id: "0190f3a2-7b1c-7000-8000-000000000001".into(),
+            ..Entry::default()
+        };
+        let before = chain_hash(1, "node-a", &e, GENESIS_HASH).unwrap();
+        e.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
+        assert_eq!(chain_hash(1, "node-a", &e, GENESIS_HASH).unwrap(), before);
+        assert!(serde_json::to_string(&e)
+            .unwrap()
+            .contains("\"trace_id\":\"4bf9"));
+    }
 }

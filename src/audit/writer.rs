@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use super::checkpoint::{self, AuditKey, Checkpoint};
+use super::merkle::CompactRange;
 use super::record::{audit_columns, prepare, Entry, AUDIT_COLUMN_COUNT, GENESIS_HASH};
 use super::sampling::RefusalLog;
 use super::AuditError;
@@ -52,6 +53,8 @@ pub struct AuditConfig {
     pub checkpoints: Option<CheckpointPolicy>,
     /// How long accesses under restricted grants stay out of the data subject's report (default 365 days).
     pub restricted_report_delay: Duration,
+    /// The origin line of the node's signed tree heads (default `karibche/audit/{node}`).
+    pub origin: String,
 }
 
 /// When the writer signs a checkpoint of its chain head.
@@ -68,8 +71,10 @@ pub struct CheckpointPolicy {
 impl AuditConfig {
     /// Defaults for `node`: batches of 512, a queue of 8192.
     pub fn new(node: impl Into<String>) -> Self {
+        let node = node.into();
         AuditConfig {
-            node: node.into(),
+            origin: super::tree::default_origin(&node),
+            node,
             max_batch: DEFAULT_AUDIT_MAX_BATCH,
             queue: DEFAULT_AUDIT_QUEUE,
             checkpoints: None,
@@ -116,6 +121,29 @@ struct Counters {
     failed_records: AtomicU64,
     /// Set while the store cannot commit (an outage), cleared once a transaction commits again.
     failing: std::sync::atomic::AtomicBool,
+    histograms: CommitHistograms,
+}
+
+/// How long committed transactions took and how many records each held, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct CommitHistograms {
+    /// Seconds from a transaction's begin to its commit.
+    pub seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Records per committed transaction.
+    pub records: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for CommitHistograms {
+    fn default() -> Self {
+        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        CommitHistograms {
+            seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            records: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+        }
+    }
 }
 
 /// One caller waiting for its record.
@@ -144,6 +172,12 @@ pub struct AuditLog {
     restricted_report_delay: Duration,
     /// Which rate-limit refusals get a record of their own, and the summaries of the rest.
     refusals: Arc<RefusalLog>,
+    /// The size of the newest signed tree head: what the witness task sends on.
+    tree_heads: tokio::sync::watch::Receiver<u64>,
+    /// The origin line of the node's tree heads.
+    origin: Arc<str>,
+    /// How far each witness is behind, reported by the witness tasks.
+    witnesses: Arc<crate::witness::client::WitnessBoard>,
 }
 
 /// The writer task; [`AuditWriter::finish`] waits for it to drain and stop.
@@ -182,6 +216,11 @@ impl AuditLog {
         };
         tracing::info!(node = %config.node, seq = head.seq, "audit chain head loaded");
         let last_checkpoint = checkpoint::latest(&store, &config.node).await?.unwrap_or(0);
+        let tree_size = super::tree::latest(&store, &config.node)
+            .await?
+            .map_or(0, |h| h.size as u64);
+        let (heads_tx, tree_heads) = tokio::sync::watch::channel(tree_size);
+        let origin: Arc<str> = config.origin.as_str().into();
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let restricted_report_delay = config.restricted_report_delay;
         let counters = Arc::new(Counters::default());
@@ -195,6 +234,10 @@ impl AuditLog {
             checkpoints: config.checkpoints,
             last_checkpoint: (last_checkpoint, Instant::now()),
             outage: None,
+            origin: origin.clone(),
+            tree: None,
+            tree_disabled: false,
+            heads: heads_tx,
         };
         let task = tokio::spawn(writer.run(rx, close.clone()));
         Ok((
@@ -205,6 +248,9 @@ impl AuditLog {
                 store,
                 restricted_report_delay,
                 refusals: Arc::new(RefusalLog::new(Duration::from_secs(1), 10_000)),
+                tree_heads,
+                origin,
+                witnesses: Arc::default(),
             },
             AuditWriter { task },
         ))
@@ -239,6 +285,11 @@ impl AuditLog {
         }
     }
 
+    /// Commit latency and batch size histograms (shared: they keep counting).
+    pub fn histograms(&self) -> CommitHistograms {
+        self.counters.histograms.clone()
+    }
+
     /// The database the log is written to.
     pub fn store(&self) -> &Store {
         &self.store
@@ -247,6 +298,21 @@ impl AuditLog {
     /// How long accesses under restricted grants stay out of the data subject's report.
     pub fn restricted_report_delay(&self) -> Duration {
         self.restricted_report_delay
+    }
+
+    /// The size of the newest signed tree head, updated as the writer signs them.
+    pub fn tree_heads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.tree_heads.clone()
+    }
+
+    /// How far each witness is behind (empty without witnesses).
+    pub fn witnesses(&self) -> &Arc<crate::witness::client::WitnessBoard> {
+        &self.witnesses
+    }
+
+    /// The origin line of this node's tree heads.
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// Stops taking entries (later `append`s fail); what is queued is still committed.
@@ -284,6 +350,14 @@ struct Writer {
     last_checkpoint: (i64, Instant),
     /// Set while the store cannot commit; cleared by the event that says so.
     outage: Option<Outage>,
+    /// The origin line of the signed tree heads.
+    origin: Arc<str>,
+    /// The Merkle tree as of the last head; `None` after a failed transaction (read back from the head).
+    tree: Option<CompactRange>,
+    /// Set once the tree cannot be extended (records archived before it existed): chain checkpoints only.
+    tree_disabled: bool,
+    /// Tells the witness task about each new tree head.
+    heads: tokio::sync::watch::Sender<u64>,
 }
 
 /// A time when the store refused to commit: what the recovery event reports.
@@ -454,6 +528,7 @@ impl Writer {
     /// back from what is really there.
     async fn commit(&mut self, entries: &[&Entry]) -> Result<Vec<Committed>, Failure> {
         let backend = self.store.backend();
+        let began = Instant::now();
         let result = async {
             let mut tx = self
                 .store
@@ -489,25 +564,35 @@ impl Writer {
             )
             .await
             .map_err(|e| Failure::of(&e, backend))?;
+            let tree = match checkpoint {
+                Some(_) => self
+                    .advance_tree(tx.conn(), seq)
+                    .await
+                    .map_err(|e| Failure::of(&e, backend))?,
+                None => None,
+            };
             // Last, so the node lock is checked as close to the commit as it can be (crate::store::locks).
             self.store
                 .check_node_lock(tx.conn())
                 .await
                 .map_err(|e| Failure::of(&e, backend))?;
             tx.commit().await.map_err(|e| Failure::of(&e, backend))?;
-            Ok((chained, checkpoint, Head { seq, hash: prev }))
+            Ok((chained, checkpoint, tree, Head { seq, hash: prev }))
         }
         .await;
         match result {
-            Ok((chained, checkpoint, head)) => {
+            Ok((chained, checkpoint, tree, head)) => {
                 if checkpoint.is_some() {
                     self.last_checkpoint = (head.seq, Instant::now());
                 }
+                self.tree_advanced(tree);
                 self.head = Some(head);
                 let c = &self.counters;
                 c.batches.fetch_add(1, Ordering::Relaxed);
                 c.committed
                     .fetch_add(chained.len() as u64, Ordering::Relaxed);
+                c.histograms.seconds.observe(began.elapsed().as_secs_f64());
+                c.histograms.records.observe(chained.len() as f64);
                 Ok(chained
                     .into_iter()
                     .map(|r| Committed {
@@ -518,6 +603,7 @@ impl Writer {
             }
             Err(failure) => {
                 self.head = None;
+                self.tree = None;
                 self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
                 Err(failure)
             }
@@ -606,9 +692,46 @@ impl Writer {
         due.then(|| policy.key.sign(&self.node, seq, hash))
     }
 
+    /// Extends the Merkle tree to `seq` and signs its head, on the transaction's
+    /// connection; `None` if the tree is not kept (no key, or it cannot be extended).
+    async fn advance_tree(
+        &mut self,
+        conn: &mut AnyConnection,
+        seq: i64,
+    ) -> Result<Option<CompactRange>, sqlx::Error> {
+        let Some(policy) = &self.checkpoints else {
+            return Ok(None);
+        };
+        if self.tree_disabled {
+            return Ok(None);
+        }
+        let tree = super::tree::advance(
+            conn,
+            &self.node,
+            &self.origin,
+            &policy.key,
+            self.tree.clone(),
+            seq,
+        )
+        .await?;
+        if tree.is_none() {
+            tracing::warn!(node = %self.node, "the Merkle tree cannot be extended (records below it were archived before it existed); only chain checkpoints are signed");
+            self.tree_disabled = true;
+        }
+        Ok(tree)
+    }
+
+    /// After a commit: the tree as of its head, announced to the witness task.
+    fn tree_advanced(&mut self, tree: Option<CompactRange>) {
+        if let Some(tree) = tree {
+            self.heads.send_replace(tree.size);
+            self.tree = Some(tree);
+        }
+    }
+
     /// At shutdown: a checkpoint of the head if records came after the last one.
     async fn final_checkpoint(&mut self) {
-        let (Some(policy), Some(head)) = (&self.checkpoints, &self.head) else {
+        let (Some(policy), Some(head)) = (&self.checkpoints, self.head.clone()) else {
             return;
         };
         if head.seq <= self.last_checkpoint.0 {
@@ -618,11 +741,15 @@ impl Writer {
         let result = async {
             let mut tx = self.store.begin_write().await?;
             checkpoint::insert(tx.conn(), &cp).await?;
-            tx.commit().await
+            let tree = self.advance_tree(tx.conn(), head.seq).await?;
+            tx.commit().await.map(|()| tree)
         }
         .await;
         match result {
-            Ok(()) => self.last_checkpoint = (head.seq, Instant::now()),
+            Ok(tree) => {
+                self.tree_advanced(tree);
+                self.last_checkpoint = (head.seq, Instant::now());
+            }
             Err(err) => {
                 tracing::error!(node = %self.node, %err, "final audit checkpoint not written")
             }
@@ -724,7 +851,8 @@ async fn write_rows(
                 .bind(e.phase.as_deref())
                 .bind(e.attempt_id.as_deref())
                 .bind(e.request_digest.as_deref())
-                .bind((!e.written.is_empty()).then(|| json_list(&e.written)));
+                .bind((!e.written.is_empty()).then(|| json_list(&e.written)))
+                .bind(e.trace_id.as_deref());
         }
         q.execute(&mut *conn).await?;
     }

@@ -2,7 +2,8 @@
 //! log, from the database or from an export file, offline.
 //!
 //! `verify` keeps exit codes a script can rely on: 0 intact, 1 tampered,
-//! 2 could not check.
+//! 2 could not check, 3 truncated or rolled back (shorter than, or different
+//! from, a checkpoint a witness cosigned). `verify-proof`: 0 valid, 1 not, 2 unreadable.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,7 +37,7 @@ pub struct FilterArgs {
     #[arg(long)]
     pub purpose: Option<String>,
     /// allow or deny.
-    #[arg(long)]
+    #[arg(long, value_parser = ["allow", "deny"])]
     pub decision: Option<String>,
     /// At or after this time (RFC 3339).
     #[arg(long)]
@@ -78,7 +79,7 @@ impl FilterArgs {
 /// `karibche audit …`
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Recompute every node's hash chain. Exit 0: intact; 1: tampered; 2: could not check.
+    /// Recompute every node's hash chain and Merkle tree. Exit 0: intact; 1: tampered; 2: could not check; 3: truncated or rolled back.
     Verify {
         /// Only this node's chain.
         #[arg(long)]
@@ -95,6 +96,35 @@ pub enum AuditCommand {
         /// With --file: the checkpoints exported beside it (`audit export --checkpoints`).
         #[arg(long, value_name = "FILE", requires = "file")]
         checkpoints: Option<PathBuf>,
+        /// Check against the latest checkpoint this witness cosigned (its base URL). Repeatable.
+        #[arg(long, value_name = "URL", conflicts_with = "file")]
+        witness: Vec<String>,
+        /// Check against the configured witnesses' latest cosigned checkpoints (`[[audit.witnesses]]`).
+        #[arg(long, conflicts_with = "file")]
+        witnesses: bool,
+        /// Check against a cosigned checkpoint kept elsewhere (a signed note, as a witness returns it). Repeatable.
+        #[arg(long, value_name = "FILE", conflicts_with = "file")]
+        witnessed: Vec<PathBuf>,
+    },
+    /// Write a self-contained evidence file for one record (docs/EVIDENCE.md).
+    Prove {
+        /// The record's id (`x-request-id`, or `record_id` in a report).
+        #[arg(long, value_name = "ID")]
+        record: String,
+        /// The evidence file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Check an evidence file offline (no database). Exit 0: valid; 1: not valid; 2: unreadable.
+    VerifyProof {
+        /// The evidence file (`audit prove`).
+        file: PathBuf,
+        /// The response body the agency received: must be the one the record says was released.
+        #[arg(long, value_name = "FILE")]
+        body: Option<PathBuf>,
+        /// Trusted log public key (hex, `audit pubkey`).
+        #[arg(long, value_name = "HEX")]
+        pubkey: Option<String>,
     },
     /// A data subject's access report: who asked for the person's record, when, why, and what they got.
     Report {
@@ -104,6 +134,9 @@ pub enum AuditCommand {
         /// Plain words, or JSON for a portal.
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         format: ReportFormat,
+        /// Also write one evidence file per listed access into this directory (`<record id>.json`).
+        #[arg(long, value_name = "DIR")]
+        proofs: Option<PathBuf>,
     },
     /// Print this node's audit public key (hex Ed25519), for offline verification.
     Pubkey,
@@ -134,6 +167,12 @@ pub enum AuditCommand {
         #[arg(long, value_name = "RFC3339")]
         before: String,
         /// The archive file (created; FILE.checkpoints is written beside it).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// A consistent copy of the live log that verifies (SQLite: VACUUM INTO; PostgreSQL: pg_dump).
+    Backup {
+        /// The copy (SQLite file, or pg_dump custom-format dump); never overwritten.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -188,22 +227,63 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
         store.close().await;
         return Ok(ExitCode::SUCCESS);
     }
+    if let AuditCommand::VerifyProof { file, body, pubkey } = cmd {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let outcome =
+            (|| Ok::<_, anyhow::Error>((read(file)?, body.as_ref().map(read).transpose()?)))();
+        let (evidence, body) = match outcome {
+            Ok(x) => x,
+            Err(err) => {
+                eprintln!("karibche: {err:#}");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        return Ok(
+            match crate::audit::evidence::verify(&evidence, body.as_deref(), pubkey.as_deref()) {
+                Ok(v) => {
+                    out!("VALID: {v}");
+                    ExitCode::SUCCESS
+                }
+                Err(why) => {
+                    outln!("NOT VALID: {why}");
+                    ExitCode::from(1)
+                }
+            },
+        );
+    }
     if let AuditCommand::Verify {
         file,
         checkpoints,
         pubkey,
         node,
         from,
+        witness,
+        witnesses,
+        witnessed,
     } = cmd
     {
-        // Exit codes a script can rely on: 0 intact, 1 tampered, 2 could not check.
+        // Exit codes a script can rely on: 0 intact, 1 tampered, 2 could not check, 3 truncated or rolled back.
+        let mut urls = witness.clone();
+        if *witnesses {
+            urls.extend(config.audit.witnesses.iter().map(|w| w.url.clone()));
+        }
         let outcome = match file {
-            Some(file) => verify_file(file, checkpoints.as_ref(), pubkey.as_deref()),
-            None => verify_database(config, node.as_deref(), pubkey.as_deref(), *from).await,
+            Some(file) => {
+                verify_file(file, checkpoints.as_ref(), pubkey.as_deref()).map(|ok| (ok, false))
+            }
+            None => {
+                let sources = Witnessed {
+                    urls: &urls,
+                    files: witnessed,
+                };
+                verify_database(config, node.as_deref(), pubkey.as_deref(), *from, sources).await
+            }
         };
         return Ok(match outcome {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::from(1),
+            Ok((_, true)) => ExitCode::from(3),
+            Ok((true, _)) => ExitCode::SUCCESS,
+            Ok((false, _)) => ExitCode::from(1),
             Err(err) if super::is_broken_pipe(&err) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("karibche: could not verify the audit log: {err:#}");
@@ -213,7 +293,9 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
     }
     let store = crate::store::Store::connect(&config.database_url()).await?;
     let code = match cmd {
-        AuditCommand::Bench { .. } | AuditCommand::Verify { .. } => ExitCode::SUCCESS,
+        AuditCommand::Bench { .. }
+        | AuditCommand::Verify { .. }
+        | AuditCommand::VerifyProof { .. } => ExitCode::SUCCESS,
         AuditCommand::Archive { before, out } => {
             let path = config.audit_key_path();
             let key = if path.exists() {
@@ -229,7 +311,24 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
             }
             ExitCode::SUCCESS
         }
-        AuditCommand::Report { subject, format } => {
+        AuditCommand::Prove { record, out } => {
+            let evidence =
+                crate::audit::evidence::prove(&store, record, &witness_keys(config)).await?;
+            write_evidence(out, &evidence)?;
+            outln!(
+                "wrote {}: record {} in the tree of {} records, {} cosignature(s)",
+                out.display(),
+                record,
+                evidence.tree_size,
+                evidence.witness_keys.len()
+            );
+            ExitCode::SUCCESS
+        }
+        AuditCommand::Report {
+            subject,
+            format,
+            proofs,
+        } => {
             // Names come from the policy in force; without it the report shows ids.
             let policy = Policy::load(&config.policies_dir).ok();
             let name_of = |kind: crate::audit::report::NameKind, id: &str| {
@@ -251,9 +350,57 @@ pub async fn run(config: &Config, cmd: &AuditCommand) -> anyhow::Result<ExitCode
             let report =
                 crate::audit::report::subject_report_with(&store, subject, &options, &name_of)
                     .await?;
+            if let Some(dir) = proofs {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let keys = witness_keys(config);
+                let mut written = 0;
+                for access in &report.accesses {
+                    let id = &access.record_id;
+                    // Ids are the gateway's request ids; keep only what is safe in a file name.
+                    let name: String = id
+                        .chars()
+                        .map(|c| {
+                            if c.is_ascii_alphanumeric() || c == '-' {
+                                c
+                            } else {
+                                '_'
+                            }
+                        })
+                        .collect();
+                    match crate::audit::evidence::prove(&store, id, &keys).await {
+                        Ok(e) => {
+                            write_evidence(&dir.join(format!("{name}.json")), &e)?;
+                            written += 1;
+                        }
+                        Err(err) => eprintln!("karibche: no proof for record {id}: {err}"),
+                    }
+                }
+                eprintln!("wrote {written} evidence file(s) to {}", dir.display());
+            }
             match format {
                 ReportFormat::Text => out!("{report}"),
                 ReportFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            ExitCode::SUCCESS
+        }
+        AuditCommand::Backup { out } => {
+            let done = crate::audit::backup::backup(&store, &config.database_url(), out).await;
+            match done.with_context(|| format!("backup to {} failed", out.display()))? {
+                crate::audit::backup::BackupOutcome::Sqlite {
+                    path,
+                    bytes,
+                    report,
+                } => {
+                    out!("{report}");
+                    outln!("backup {} ({bytes} bytes) verifies", path.display());
+                }
+                crate::audit::backup::BackupOutcome::PgDump { path, command } => {
+                    outln!("{command}\nwrote {}; restore it with pg_restore (README: Backup and restore)", path.display());
+                }
+                crate::audit::backup::BackupOutcome::PgDumpCommand { command } => {
+                    bail!("PostgreSQL is backed up with pg_dump, which is not installed here; run:\n  {command}")
+                }
             }
             ExitCode::SUCCESS
         }
@@ -344,20 +491,70 @@ fn verify_file(
     Ok(report.intact())
 }
 
-/// `audit verify` against the database. `Ok(intact)`, or why it could not be checked.
+/// Where `audit verify` finds checkpoints kept outside the database.
+struct Witnessed<'a> {
+    /// Witnesses' base URLs.
+    urls: &'a [String],
+    /// Files holding a cosigned checkpoint each.
+    files: &'a [PathBuf],
+}
+
+/// `audit verify` against the database. `Ok((intact, truncated or rolled
+/// back))`, or why it could not be checked.
 async fn verify_database(
     config: &Config,
     node: Option<&str>,
     pubkey: Option<&str>,
     from: Option<i64>,
-) -> anyhow::Result<bool> {
+    sources: Witnessed<'_>,
+) -> anyhow::Result<(bool, bool)> {
+    let mut notes = Vec::new();
+    for f in sources.files {
+        notes.push(
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+        );
+    }
+    let origin = config
+        .audit
+        .origin
+        .clone()
+        .unwrap_or_else(|| crate::audit::tree::default_origin(node.unwrap_or(&config.node)));
+    for url in sources.urls {
+        // A witness that cannot be asked leaves the question open: that is an error, not "intact".
+        match crate::witness::client::fetch_latest(url, &origin).await {
+            Ok(Some(note)) => notes.push(note),
+            Ok(None) => eprintln!("karibche: witness {url} has cosigned nothing for {origin}"),
+            Err(err) => bail!("cannot ask witness {err}"),
+        }
+    }
     let store = crate::store::Store::connect(&config.database_url()).await?;
-    let report = crate::audit::verify_from(&store, node, pubkey, from).await;
+    let report = crate::audit::chain::verify_witnessed(&store, node, pubkey, from, &notes).await;
     store.close().await;
     let report = report?;
     out!("{report}");
     if report.nodes.is_empty() {
         outln!("no audit records");
     }
-    Ok(report.intact())
+    Ok((report.intact(), report.rolled_back()))
+}
+
+/// The configured witnesses' names and keys, for the evidence files.
+fn witness_keys(config: &Config) -> Vec<(String, Vec<u8>)> {
+    config
+        .audit
+        .witnesses
+        .iter()
+        .filter_map(|w| Some((w.name.clone(), hex::decode(&w.public_key).ok()?)))
+        .collect()
+}
+
+/// Writes an evidence file (pretty JSON).
+fn write_evidence(
+    path: &std::path::Path,
+    evidence: &crate::audit::evidence::Evidence,
+) -> anyhow::Result<()> {
+    let mut json = serde_json::to_vec_pretty(evidence)?;
+    json.push(b'\n');
+    crate::files::write_atomic(path, &json, 0o644)
+        .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -13,8 +13,18 @@ use crate::runtime;
 /// `karibche certs …`
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {
-    /// Create the development CA, gateway, register and agency certificates and token keys that are missing.
-    Init,
+    /// Create the development CA, gateway, register and agency certificates, token keys, the
+    /// pseudonym secret and the node's audit key, where missing.
+    Init {
+        /// Another DNS name or IP address for the gateway's certificate (besides localhost),
+        /// e.g. a compose service or Kubernetes Service name; repeatable.
+        #[arg(long = "gateway-name", value_name = "NAME")]
+        gateway_names: Vec<String>,
+        /// Another DNS name or IP address for the register's certificate (besides localhost),
+        /// the host name providers.toml reaches it by; repeatable.
+        #[arg(long = "registry-name", value_name = "NAME")]
+        registry_names: Vec<String>,
+    },
     /// Add an agency's development certificate to the development CRL; a running gateway refuses it within seconds.
     Revoke {
         /// Agency id (as in policies/agencies/).
@@ -54,19 +64,48 @@ pub fn run(config: &Config, cmd: &CertsCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         CertsCommand::Status { warn_days } => status(config, *warn_days),
-        CertsCommand::Init => {
+        CertsCommand::Init {
+            gateway_names,
+            registry_names,
+        } => {
             let policy = runtime::load_policy(&config.policies_dir)?;
             let names: Vec<String> = policy.agencies().map(|a| a.id.clone()).collect();
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let a = crate::devpki::ensure_dev_pki(&config.pki_dir(), &names)?;
+            let servers = crate::devpki::ServerNames {
+                gateway: gateway_names.clone(),
+                registry: registry_names.clone(),
+            };
+            let a = crate::devpki::ensure_dev_pki_named(&config.pki_dir(), &names, &servers)?;
+            for (file, asked) in [
+                ("gateway.pem", gateway_names),
+                ("registry.pem", registry_names),
+            ] {
+                if !asked.is_empty() && !a.created.iter().any(|f| f.ends_with(file)) {
+                    outln!("note: {file} existed and keeps its names; delete it to reissue it with {asked:?}");
+                }
+            }
             let b = crate::devpki::ensure_signing_keys(
                 &config.data_path(&config.tokens.keys_dir),
                 &names,
             )?;
-            for f in a.created.iter().chain(&b.created) {
+            // Replicas must share these two: the pseudonym secret (pseudonyms and the cursors
+            // sealed with it) and the audit key when `audit.key` names one file for all nodes.
+            let mut shared = Vec::new();
+            let pseudonym = config.data_path(&config.pseudonyms.key);
+            if !pseudonym.exists() {
+                crate::gateway::release::transform::Pseudonymiser::load_or_create(&pseudonym, "")
+                    .with_context(|| format!("cannot create {}", pseudonym.display()))?;
+                shared.push(pseudonym);
+            }
+            let audit_key = config.audit_key_path();
+            if !audit_key.exists() {
+                crate::audit::AuditKey::load_or_create(&audit_key)?;
+                shared.push(audit_key);
+            }
+            for f in a.created.iter().chain(&b.created).chain(&shared) {
                 outln!("created {}", f.display());
             }
-            if a.created.is_empty() && b.created.is_empty() {
+            if a.created.is_empty() && b.created.is_empty() && shared.is_empty() {
                 outln!(
                     "all development certificates and keys exist under {}",
                     config.data_dir.display()

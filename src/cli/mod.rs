@@ -30,15 +30,19 @@ pub mod bench;
 pub mod certs;
 pub mod consent;
 pub mod console;
+pub mod health;
 pub mod policy;
 pub mod registry;
 pub mod serve;
 pub mod token;
+pub mod witness;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::Write as _;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
 
@@ -49,7 +53,7 @@ use crate::config::Config;
 /// from ./policies/, the gateway on 127.0.0.1:8443, the register of
 /// foreigners behind it, health and metrics on 127.0.0.1:9090.
 #[derive(Debug, Parser)]
-#[command(name = "karibche", version, about, long_about)]
+#[command(name = "karibche", version = VERSION, about, long_about)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -58,6 +62,16 @@ pub struct Cli {
     #[command(flatten)]
     pub common: Common,
 }
+
+/// `karibche --version`: the release, the commit and the build date (`build.rs`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KARIBCHE_BUILD_COMMIT"),
+    ", built ",
+    env!("KARIBCHE_BUILD_DATE"),
+    ")"
+);
 
 /// Options every command understands.
 #[derive(Debug, Args)]
@@ -116,6 +130,18 @@ pub enum Command {
     /// The web console: a one-time sign-in URL (development).
     #[command(subcommand)]
     Console(console::ConsoleCommand),
+    /// Witness other nodes' audit logs: cosign checkpoints that extend the last one, refuse rollbacks and forks.
+    #[command(subcommand)]
+    Witness(witness::WitnessCommand),
+    /// Ask a node's admin endpoint whether it is ready (exit 0) or not (exit 1).
+    Health(health::HealthArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) for `man -l -`, or install it as karibche.1.
+    Man,
 }
 
 impl Cli {
@@ -149,12 +175,15 @@ impl Cli {
     }
 }
 
-/// Sets up logging: text or JSON on standard error, level from `RUST_LOG`.
+/// Sets up logging: text or JSON on standard error, level from `RUST_LOG`;
+/// colours only when standard error is a terminal (never in a file or a journal).
 pub fn init_logging(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -168,6 +197,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Err(err) if is_broken_pipe(&err) => Ok(ExitCode::SUCCESS),
         other => other,
     }
+}
+
+/// The one line `karibche` prints for a failed command: each cause once,
+/// even where an error's own message already includes its source's.
+pub fn error_message(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Whether `err` comes from writing to a pipe whose reader has gone.
@@ -185,9 +231,18 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
+    // These need no configuration (a health check must not fail on one).
+    match &cli.command {
+        Command::Health(args) => return health::run(args).await,
+        Command::Completions { shell } => return completions(*shell),
+        Command::Man => return man(),
+        _ => {}
+    }
     let quiet = !matches!(
         cli.command,
-        Command::Serve(_) | Command::Registry(registry::RegistryCommand::Serve(_))
+        Command::Serve(_)
+            | Command::Registry(registry::RegistryCommand::Serve(_))
+            | Command::Witness(_)
     );
     init_logging(cli.common.log_format, if quiet { "warn" } else { "info" });
     let config = cli.config()?;
@@ -201,5 +256,25 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Registry(cmd) => registry::run(&config, cmd).await,
         Command::Consent(cmd) => consent::run(&config, cmd).await,
         Command::Console(cmd) => console::run(&config, cmd),
+        Command::Witness(cmd) => witness::run(cmd).await,
+        Command::Health(args) => health::run(args).await,
+        Command::Completions { shell } => completions(*shell),
+        Command::Man => man(),
     }
+}
+
+/// `karibche completions SHELL`: the completion script, generated from the command line's definition.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "karibche", &mut out);
+    std::io::stdout().lock().write_all(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `karibche man`: the manual page (roff), generated from the command line's definition.
+fn man() -> anyhow::Result<ExitCode> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+    std::io::stdout().lock().write_all(&out)?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -172,9 +172,21 @@ impl Leaf {
 
     /// A server certificate for localhost with the given identity URI (and client use if asked).
     pub fn local_server(common_name: &str, uri: Option<&str>, client: bool) -> Leaf {
+        Leaf::server(common_name, uri, client, &[])
+    }
+
+    /// A server certificate for localhost and `extra` host names or addresses (a compose
+    /// service or Kubernetes Service name), with the given identity URI and client use if asked.
+    pub fn server(common_name: &str, uri: Option<&str>, client: bool, extra: &[String]) -> Leaf {
+        let mut dns: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+        for name in extra {
+            if !dns.contains(name) {
+                dns.push(name.clone());
+            }
+        }
         Leaf {
             common_name: common_name.to_owned(),
-            dns: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            dns,
             uris: uri.map(|u| vec![u.to_owned()]).unwrap_or_default(),
             server: true,
             client,
@@ -220,8 +232,30 @@ pub fn agency_files(pki_dir: &Path, agency: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// Host names the gateway's and the register's certificates carry besides localhost, for
+/// deployments that reach them by a service name (compose, Kubernetes).
+#[derive(Debug, Clone, Default)]
+pub struct ServerNames {
+    /// Extra DNS names or IP addresses of the gateway's certificate.
+    pub gateway: Vec<String>,
+    /// Extra DNS names or IP addresses of the register's certificate.
+    pub registry: Vec<String>,
+}
+
 /// Creates the development CA, gateway, register and agency certificates that are missing.
 pub fn ensure_dev_pki(pki_dir: &Path, agencies: &[&str]) -> Result<PkiReport, PkiError> {
+    ensure_dev_pki_named(pki_dir, agencies, &ServerNames::default())
+}
+
+/// [`ensure_dev_pki`] with extra names in the gateway's and the register's certificates.
+///
+/// Names only apply to certificates created now: an existing certificate is kept as it is
+/// (delete it, or the whole directory, to reissue it with new names).
+pub fn ensure_dev_pki_named(
+    pki_dir: &Path,
+    agencies: &[&str],
+    names: &ServerNames,
+) -> Result<PkiReport, PkiError> {
     let mut report = PkiReport::default();
     crate::files::create_private_dir(&pki_dir.join("agencies")).map_err(io_err(pki_dir))?;
     let (ca_pem, ca_key) = (pki_dir.join("ca.pem"), pki_dir.join("ca.key"));
@@ -243,12 +277,17 @@ pub fn ensure_dev_pki(pki_dir: &Path, agencies: &[&str]) -> Result<PkiReport, Pk
         (
             pki_dir.join("gateway.pem"),
             pki_dir.join("gateway.key"),
-            Leaf::local_server("karibche gateway", Some(GATEWAY_URI), true),
+            Leaf::server("karibche gateway", Some(GATEWAY_URI), true, &names.gateway),
         ),
         (
             pki_dir.join("registry.pem"),
             pki_dir.join("registry.key"),
-            Leaf::local_server("karibche register of foreigners", None, false),
+            Leaf::server(
+                "karibche register of foreigners",
+                None,
+                false,
+                &names.registry,
+            ),
         ),
     ];
     for agency in agencies {
@@ -326,6 +365,46 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
         assert_eq!(crate::files::fingerprint(&certs[0]).len(), 64);
+    }
+
+    #[test]
+    fn server_names_are_in_the_gateway_and_register_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ServerNames {
+            gateway: vec!["gateway-a".into(), "gateway.karibche.svc".into()],
+            registry: vec!["registry".into(), "10.0.0.7".into()],
+        };
+        ensure_dev_pki_named(dir.path(), &["psda"], &names).unwrap();
+        let sans = |file: &str| -> Vec<String> {
+            let der = crate::files::load_certs(&dir.path().join(file)).unwrap();
+            let (_, cert) = x509_parser::parse_x509_certificate(der[0].as_ref()).unwrap();
+            let san = cert.subject_alternative_name().unwrap().unwrap();
+            san.value
+                .general_names
+                .iter()
+                .map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
+                    x509_parser::extensions::GeneralName::IPAddress(ip) => format!("ip:{ip:?}"),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        let gateway = sans("gateway.pem");
+        for name in ["localhost", "gateway-a", "gateway.karibche.svc"] {
+            assert!(gateway.contains(&name.to_string()), "{name} in {gateway:?}");
+        }
+        assert!(
+            gateway.iter().any(|n| n.contains(GATEWAY_URI)),
+            "the gateway keeps its identity URI: {gateway:?}"
+        );
+        assert!(!gateway.contains(&"registry".to_string()));
+        let registry = sans("registry.pem");
+        assert!(registry.contains(&"registry".to_string()), "{registry:?}");
+        assert!(
+            registry.contains(&"ip:[10, 0, 0, 7]".to_string()),
+            "an address becomes an IP SAN: {registry:?}"
+        );
+        assert!(!registry.contains(&"gateway-a".to_string()));
     }
 
     #[test]

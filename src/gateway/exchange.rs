@@ -13,6 +13,7 @@ use crate::audit::text::{
     self, MAX_CLAIM_CHARS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_PURPOSE_CHARS,
 };
 use crate::audit::{Decision, Entry};
+use crate::gateway::trace::TraceContext;
 use crate::identity::token::Officer;
 use crate::policy::Operation;
 
@@ -52,6 +53,8 @@ pub struct Exchange {
     fields: Vec<String>,
     response_digest: Option<String>,
     upstream_status: Option<u16>,
+    trace: TraceContext,
+    upstream_time: Option<std::time::Duration>,
 }
 
 /// How a request ended, as its record states it.
@@ -95,6 +98,26 @@ impl Exchange {
             policy_version: policy_version.to_owned(),
             ..Exchange::default()
         }
+    }
+
+    /// The W3C trace the request belongs to (access log, audit record, the provider's `traceparent`).
+    pub fn trace(&mut self, trace: TraceContext) {
+        self.trace = trace;
+    }
+
+    /// The request's trace.
+    pub fn trace_context(&self) -> &TraceContext {
+        &self.trace
+    }
+
+    /// forward: how long the provider call took, waiting for a slot included (access log only).
+    pub fn upstream_time(&mut self, took: std::time::Duration) {
+        self.upstream_time = Some(took);
+    }
+
+    /// The provider call's time, if one was made.
+    pub fn upstream_took(&self) -> Option<std::time::Duration> {
+        self.upstream_time
     }
 
     /// SHA-256 of the client certificate, if one was presented.
@@ -246,6 +269,7 @@ impl Exchange {
             attempt_id: None,
             request_digest: self.request_digest.clone(),
             written: self.written.clone(),
+            trace_id: Some(self.trace.trace_id.clone()),
         }
     }
 }

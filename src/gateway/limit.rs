@@ -18,6 +18,9 @@ impl Gateway {
         self.rate
             .check(agency, officer, route.provider, route.service)
             .await
-            .map_err(|e| Refusal::rate_limited(&e))
+            .map_err(|e| {
+                self.metrics.quota_refused(agency, e.scope.as_str());
+                Refusal::rate_limited(&e)
+            })
     }
 }

@@ -26,6 +26,7 @@
 //! a task of its own, so a client that resets its stream or closes its
 //! connection cannot cut a pipeline short between a change and its record.
 
+pub mod access;
 pub mod authn;
 pub mod authz;
 pub mod body;
@@ -37,6 +38,7 @@ pub mod limit;
 pub mod refusal;
 pub mod release;
 pub mod route;
+pub mod trace;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +48,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use tracing::Instrument;
 
 use crate::audit::sampling::Sample;
 use crate::audit::{Attempt, AuditLog};
@@ -55,12 +58,14 @@ use crate::limits::{Limits, RATE_LIMITED};
 use crate::metrics::Metrics;
 use crate::policy::{Operation, Policy};
 use crate::problem::Body;
+use access::Access;
 use authz::Asked;
 use exchange::{Ending, Exchange};
 use forward::Caller;
 use refusal::Refusal;
 use release::Answer;
 use route::Target;
+use trace::TraceContext;
 
 pub use body::{head_size, MAX_HEADER_FIELDS, MAX_HEAD_BYTES};
 pub use forward::{upstream_client, UpstreamClient};
@@ -100,6 +105,8 @@ pub struct Gateway {
     pub pseudonymiser: Arc<release::transform::Pseudonymiser>,
     /// Agency, officer and grant quotas.
     pub rate: Arc<Limits>,
+    /// Take the agencies' W3C `traceparent`/`tracestate` (`tracing.trust_incoming`); otherwise every request starts a trace.
+    pub trust_trace: bool,
     /// Concurrency caps and circuit breakers of providers.
     pub providers: Arc<forward::breaker::Providers>,
     /// Consent records: checked for `consent = "required"` grants, recorded through `/v1/consents`.
@@ -189,8 +196,10 @@ impl Gateway {
     }
 
     /// Runs one request through the pipeline and answers it; never panics on input.
+    ///
+    /// Everything logged on the way carries the request id (a `request` span),
+    /// and the request ends with its access line ([`access`]).
     pub async fn handle(&self, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
-        let started = Instant::now();
         let policy = self.policy.load_full();
         let path = req.uri().path_and_query().map_or("", |p| p.as_str());
         let mut exchange = Exchange::start(
@@ -199,6 +208,25 @@ impl Gateway {
             conn.client.as_ref().map(|c| c.sha256.as_str()),
             policy.version(),
         );
+        exchange.trace(TraceContext::from_headers(req.headers(), self.trust_trace));
+        let span = tracing::info_span!(
+            "request",
+            request_id = %exchange.id,
+            trace_id = %exchange.trace_context().trace_id,
+        );
+        self.handle_exchange(policy, conn, req, exchange)
+            .instrument(span)
+            .await
+    }
+
+    async fn handle_exchange(
+        &self,
+        policy: Arc<Policy>,
+        conn: Arc<ConnInfo>,
+        req: Request<Incoming>,
+        mut exchange: Exchange,
+    ) -> Response<Body> {
+        let started = Instant::now();
         // Set once a change's attempt is committed; its outcome is then this request's last record.
         let mut ahead = None;
         let outcome = self
@@ -213,18 +241,22 @@ impl Gateway {
                     reason: None,
                 }),
             ),
-            Err(refusal) => {
-                self.metrics.denied(refusal.reason);
-                (
-                    refusal.status,
-                    exchange.entry(Ending {
-                        denied: refusal.side.is_denial(),
-                        status: refusal.status.as_u16(),
-                        reason: Some(refusal.reason),
-                    }),
-                )
-            }
+            Err(refusal) => (
+                refusal.status,
+                exchange.entry(Ending {
+                    denied: refusal.side.is_denial(),
+                    status: refusal.status.as_u16(),
+                    reason: Some(refusal.reason),
+                }),
+            ),
         };
+        let access = Access::of(&entry);
+        let [agency, provider, service] = access.labels(&policy);
+        if let Err(refusal) = &outcome {
+            // A provider's 404/422 on an allowed request is no denial: it counts as a failure.
+            self.metrics
+                .refused(agency, refusal.reason, refusal.side.is_denial());
+        }
         let mut id = exchange.id.clone();
         // A flood of 429s is folded into summary records (src/limits.rs); a 429 carries no data.
         let sample = if entry.reason.as_deref() == Some(RATE_LIMITED) {
@@ -244,7 +276,7 @@ impl Gateway {
             (Ok(()), Ok(answer)) => released_response(status, answer.body, answer.content_type),
             (Ok(()), Err(refusal)) => refusal.to_response(Some(&id)),
             (Err(err), _) => {
-                tracing::error!(request_id = %id, %err, "audit record not committed; refusing the request");
+                tracing::error!(%err, "audit record not committed; refusing the request");
                 self.metrics.audit_failure();
                 Refusal::AUDIT_UNAVAILABLE.to_response(Some(&id))
             }
@@ -252,7 +284,19 @@ impl Gateway {
         if let Ok(v) = HeaderValue::from_str(&id) {
             resp.headers_mut().insert("x-request-id", v);
         }
-        self.metrics.request_done(resp.status(), started.elapsed());
+        let total = started.elapsed();
+        self.metrics
+            .request_done(agency, provider, service, resp.status(), total);
+        access.log(&access::Finished {
+            id: &id,
+            status: resp.status().as_u16(),
+            bytes: hyper::body::Body::size_hint(resp.body())
+                .exact()
+                .unwrap_or(0),
+            upstream: exchange.upstream_took(),
+            total,
+            trace_id: &exchange.trace_context().trace_id,
+        });
         resp
     }
 
@@ -368,10 +412,14 @@ impl Gateway {
             agency,
             officer: &officer,
             request_id: &exchange.id,
+            trace: exchange.trace_context(),
         };
-        let (status, body, content_type) = self
+        let sent = Instant::now();
+        let forwarded = self
             .forward(&base, &route, &parts, query.as_deref(), body, &caller)
-            .await?;
+            .await;
+        exchange.upstream_time(sent.elapsed());
+        let (status, body, content_type) = forwarded?;
         if !status.is_success() {
             exchange.upstream_status(status.as_u16());
             return Err(forward::provider_problem(status, &body, service));
@@ -408,7 +456,7 @@ impl Gateway {
         match self.audit.attempt(exchange.entry(Ending::ATTEMPT)).await {
             Ok(attempt) => Ok(ahead.insert(attempt)),
             Err(err) => {
-                tracing::error!(request_id = %exchange.id, %err, "attempt record not committed; the change is not made");
+                tracing::error!(%err, "attempt record not committed; the change is not made");
                 Err(Refusal::AUDIT_UNAVAILABLE)
             }
         }

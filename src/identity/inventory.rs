@@ -1,6 +1,6 @@
 //! The certificate inventory: every certificate and CRL the gateway's files
 //! hold and when each runs out, for `karibche certs list` and the
-//! `karibche_certificate_expiry_days` gauges in `/metrics`.
+//! `karibche_certificate_expiry_timestamp_seconds` gauges in `/metrics`.
 //!
 //! A certificate that expires unnoticed stops an agency (or the whole
 //! gateway) at the handshake; listing them all in one place, with the days

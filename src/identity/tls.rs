@@ -157,6 +157,7 @@ impl ClientCertVerifier for CachingClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        note_presented(end_entity);
         let key = Self::digest(end_entity, intermediates);
         let t = now.as_secs();
         if self.accepted().get(&key).is_some_and(|until| t < *until) {
@@ -201,6 +202,27 @@ impl ClientCertVerifier for CachingClientVerifier {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+tokio::task_local! {
+    /// SHA-256 of the client certificate presented in the handshake this task runs.
+    static PRESENTED: std::cell::RefCell<Option<String>>;
+}
+
+fn note_presented(end_entity: &CertificateDer<'_>) {
+    let _ = PRESENTED.try_with(|p| *p.borrow_mut() = Some(crate::files::sha256_hex(end_entity)));
+}
+
+/// Runs the handshake `f` and tells, with its outcome, the SHA-256 of the
+/// client certificate it was presented (to log a failed handshake's peer).
+pub async fn noting_presented<F: std::future::Future>(f: F) -> (F::Output, Option<String>) {
+    PRESENTED
+        .scope(std::cell::RefCell::new(None), async move {
+            let out = f.await;
+            let presented = PRESENTED.with(|p| p.borrow_mut().take());
+            (out, presented)
+        })
+        .await
 }
 
 /// A server configuration that requires a client certificate passing `client`.

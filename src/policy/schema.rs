@@ -19,12 +19,13 @@ pub fn schema() -> String {
 fn document() -> Value {
     let kebab = json!({"type": "string", "pattern": "^[a-z0-9]+(-[a-z0-9]+)*$"});
     let field_path = json!({"type": "string", "pattern": "^[a-z0-9_]+(\\.[a-z0-9_]+)*$"});
+    // The pattern holds months to 01-12 and days to their month's (February to 29: the
+    // loader rejects a 29th outside leap years), since validators need not check `format`.
     let date = json!({
         "description": "A day, YYYY-MM-DD: a TOML local date or a string.",
-        "anyOf": [
-            {"type": "string", "format": "date"},
-            {"type": "string", "pattern": "^\\d{4}-\\d{2}-\\d{2}$"}
-        ]
+        "type": "string",
+        "format": "date",
+        "pattern": "^[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-9]))$"
     });
     let string_or_list = json!({
         "anyOf": [

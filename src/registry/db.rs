@@ -27,7 +27,7 @@ pub(crate) enum Ty {
 #[derive(Debug)]
 pub(crate) struct Table {
     pub(crate) name: &'static str,
-    cols: &'static [(&'static str, Ty)],
+    pub(crate) cols: &'static [(&'static str, Ty)],
 }
 
 use Ty::{Int, Text};
@@ -155,8 +155,11 @@ pub(crate) const PERSON_TABLES: [&Table; 9] = [
 /// `serde_json::Value` per cell) by whoever generates them, so the loading task only binds it.
 #[derive(Debug, Default)]
 pub(crate) struct Rows {
-    json: Vec<u8>,
+    /// The rows as JSON, or as `COPY` text.
+    text: Vec<u8>,
     n: usize,
+    /// PostgreSQL `COPY … FROM STDIN` text (tab-separated lines) instead of JSON.
+    copy: bool,
 }
 
 /// One cell of a row.
@@ -168,20 +171,55 @@ pub(crate) enum Cell<'a> {
 
 impl Rows {
     fn push(&mut self, cells: &[Cell<'_>]) {
-        self.json.push(if self.n == 0 { b'[' } else { b',' });
-        self.json.push(b'[');
+        if self.copy {
+            return self.push_copy(cells);
+        }
+        self.text.push(if self.n == 0 { b'[' } else { b',' });
+        self.text.push(b'[');
         for (i, c) in cells.iter().enumerate() {
             if i > 0 {
-                self.json.push(b',');
+                self.text.push(b',');
             }
             match c {
-                Cell::S(s) | Cell::O(Some(s)) => write_json_str(&mut self.json, s),
-                Cell::O(None) => self.json.extend_from_slice(b"null"),
-                Cell::I(i) => self.json.extend_from_slice(i.to_string().as_bytes()),
+                Cell::S(s) | Cell::O(Some(s)) => write_json_str(&mut self.text, s),
+                Cell::O(None) => self.text.extend_from_slice(b"null"),
+                Cell::I(i) => self.text.extend_from_slice(i.to_string().as_bytes()),
             }
         }
-        self.json.push(b']');
+        self.text.push(b']');
         self.n += 1;
+    }
+
+    /// One line of `COPY` text format: cells separated by tabs, `\N` for NULL, and
+    /// backslash, tab, newline and carriage return escaped.
+    fn push_copy(&mut self, cells: &[Cell<'_>]) {
+        for (i, c) in cells.iter().enumerate() {
+            if i > 0 {
+                self.text.push(b'\t');
+            }
+            match c {
+                Cell::S(s) | Cell::O(Some(s)) => {
+                    for &b in s.as_bytes() {
+                        match b {
+                            b'\\' => self.text.extend_from_slice(b"\\\\"),
+                            b'\t' => self.text.extend_from_slice(b"\\t"),
+                            b'\n' => self.text.extend_from_slice(b"\\n"),
+                            b'\r' => self.text.extend_from_slice(b"\\r"),
+                            b => self.text.push(b),
+                        }
+                    }
+                }
+                Cell::O(None) => self.text.extend_from_slice(b"\\N"),
+                Cell::I(i) => self.text.extend_from_slice(i.to_string().as_bytes()),
+            }
+        }
+        self.text.push(b'\n');
+        self.n += 1;
+    }
+
+    /// The `COPY` text of [`PersonRows::for_copy`] rows, or `None` without rows.
+    pub(crate) fn finish_copy(self) -> Option<Vec<u8>> {
+        (self.copy && self.n > 0).then_some(self.text)
     }
 
     /// The JSON text, or `None` without rows.
@@ -189,9 +227,9 @@ impl Rows {
         if self.n == 0 {
             return None;
         }
-        self.json.push(b']');
+        self.text.push(b']');
         // Only valid UTF-8 went in: whole `&str`s, ASCII punctuation and digits.
-        String::from_utf8(self.json).ok()
+        String::from_utf8(self.text).ok()
     }
 }
 
@@ -237,6 +275,15 @@ pub(crate) struct PersonRows {
 }
 
 impl PersonRows {
+    /// Empty rows encoded for PostgreSQL's `COPY` (the bulk load of [`super::seed`]).
+    pub(crate) fn for_copy() -> PersonRows {
+        let mut rows = PersonRows::default();
+        for t in &mut rows.tables {
+            t.copy = true;
+        }
+        rows
+    }
+
     /// Adds a person and all their records.
     pub(crate) fn add(&mut self, p: &Person) {
         use Cell::{I, O, S};
@@ -435,6 +482,13 @@ const KEYED_TABLES: [&str; 7] = [
     "reg_entry_bans",
 ];
 
+/// `COPY <table> (<columns>) FROM STDIN`: the bulk load of [`PersonRows::for_copy`] rows;
+/// `ckey` is left to its column default (a random key drawn by the database).
+pub(crate) fn copy_sql(table: &Table) -> String {
+    let cols: Vec<&str> = table.cols.iter().map(|(c, _)| *c).collect();
+    format!("COPY {} ({}) FROM STDIN", table.name, cols.join(", "))
+}
+
 /// Inserts `rows` into `table` in one statement.
 pub(crate) async fn insert(
     conn: &mut AnyConnection,
@@ -465,6 +519,15 @@ pub(crate) async fn insert_persons(
     Ok(())
 }
 
+/// [`secondary_indexes`] on PostgreSQL: indexes that back no constraint.
+pub(crate) const PG_SECONDARY_INDEXES: &str =
+    "SELECT i.indexname::text, i.indexdef::text FROM pg_indexes i WHERE i.schemaname = current_schema() \
+     AND i.tablename IN ('reg_persons', 'reg_person_nationalities', 'reg_documents', \
+     'reg_visas', 'reg_residence_permits', 'reg_work_permits', 'reg_crossings', \
+     'reg_asylum_cases', 'reg_entry_bans') \
+     AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname) \
+     ORDER BY i.indexname";
+
 /// The secondary indexes of the person tables as `(name, CREATE statement)`, read from the
 /// database's own catalogue so they can be dropped for a bulk load and recreated exactly.
 pub(crate) async fn secondary_indexes(
@@ -478,14 +541,7 @@ pub(crate) async fn secondary_indexes(
              'reg_visas', 'reg_residence_permits', 'reg_work_permits', 'reg_crossings', \
              'reg_asylum_cases', 'reg_entry_bans') ORDER BY name"
         }
-        Backend::Postgres => {
-            "SELECT i.indexname::text, i.indexdef::text FROM pg_indexes i WHERE i.schemaname = current_schema() \
-             AND i.tablename IN ('reg_persons', 'reg_person_nationalities', 'reg_documents', \
-             'reg_visas', 'reg_residence_permits', 'reg_work_permits', 'reg_crossings', \
-             'reg_asylum_cases', 'reg_entry_bans') \
-             AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname) \
-             ORDER BY i.indexname"
-        }
+        Backend::Postgres => PG_SECONDARY_INDEXES,
     };
     sqlx::query_as(sql).fetch_all(conn).await
 }

@@ -43,7 +43,7 @@ pub const EXAMPLE_PERSON_ID: &str = "RF-0000001";
 
 /// Persons generated, serialised and inserted per batch: big enough that each bulk statement
 /// carries thousands of rows, small enough to keep a few batches in memory.
-const SEED_BATCH: usize = 5_000;
+pub(crate) const SEED_BATCH: usize = 5_000;
 /// Batches the generator may run ahead of the database.
 const SEED_QUEUE: usize = 2;
 
@@ -87,9 +87,12 @@ impl Registry {
 /// register always looks current. All persons go in one transaction: a register is either
 /// seeded completely or not at all, and a replica racing another one backs off with 0.
 ///
-/// Speed: a generator thread builds batches of rows as JSON while this task loads the previous
-/// batch, one bulk statement per table and batch; the secondary indexes are dropped for the load
-/// and rebuilt at the end (sorting once beats millions of random B-tree inserts).
+/// Speed: generator threads build batches of rows while this task loads the previous batch.
+/// SQLite: one bulk `INSERT … SELECT` from JSON per table and batch, foreign keys off, the
+/// secondary indexes dropped for the load and rebuilt at the end (sorting once beats millions
+/// of random B-tree inserts). PostgreSQL: `COPY` per table and batch, with the secondary
+/// indexes and the foreign keys dropped for the load and restored (checked) at the end
+/// ([`synth::copy`]).
 pub async fn seed(store: &Store, persons: usize, seed: u64) -> Result<usize, RegistryError> {
     if persons == 0 {
         return Ok(0);
@@ -113,21 +116,27 @@ async fn seed_unless_full(
     let anchor = time::OffsetDateTime::now_utc().date();
     let started = std::time::Instant::now();
     let backend = store.backend();
+    if backend == crate::store::Backend::Postgres {
+        let inserted = synth::copy::seed(store, persons, seed, anchor).await?;
+        log_seeded(inserted, persons, seed, started);
+        return Ok(inserted);
+    }
     let mut conn = store.pool().acquire().await?;
-    if backend == crate::store::Backend::Sqlite {
-        // Consistent by construction; checking each foreign key costs a lookup per row.
-        // A bigger page cache keeps index rebuilds in memory. Both are undone below.
-        sqlx::raw_sql("PRAGMA foreign_keys=OFF; PRAGMA cache_size=-262144; PRAGMA threads=2;")
-            .execute(&mut *conn)
-            .await?;
-    }
+    // SQLite. Consistent by construction; checking each foreign key costs a lookup per row.
+    // A bigger page cache keeps index rebuilds in memory. Both are undone below.
+    sqlx::raw_sql("PRAGMA foreign_keys=OFF; PRAGMA cache_size=-262144; PRAGMA threads=2;")
+        .execute(&mut *conn)
+        .await?;
     let result = seed_on(&mut conn, backend, persons, seed, anchor).await;
-    if backend == crate::store::Backend::Sqlite {
-        sqlx::raw_sql("PRAGMA foreign_keys=ON; PRAGMA cache_size=-2000; PRAGMA threads=0;")
-            .execute(&mut *conn)
-            .await?;
-    }
+    sqlx::raw_sql("PRAGMA foreign_keys=ON; PRAGMA cache_size=-2000; PRAGMA threads=0;")
+        .execute(&mut *conn)
+        .await?;
     let inserted = result?;
+    log_seeded(inserted, persons, seed, started);
+    Ok(inserted)
+}
+
+fn log_seeded(inserted: usize, persons: usize, seed: u64, started: std::time::Instant) {
     if inserted > 0 {
         tracing::info!(
             persons,
@@ -136,17 +145,20 @@ async fn seed_unless_full(
             "register seeded with synthetic foreigners"
         );
     }
-    Ok(inserted)
 }
 
-async fn seed_on(
-    conn: &mut sqlx::AnyConnection,
-    backend: crate::store::Backend,
+/// Generator threads making batches of persons' rows (`copy`: in `COPY` text, else JSON);
+/// the batches arrive on the receiver roughly in id order, at most [`SEED_QUEUE`] ahead.
+fn spawn_generators(
     persons: usize,
     seed: u64,
     anchor: time::Date,
-) -> Result<usize, RegistryError> {
-    let (tx_rows, mut rx_rows) = tokio::sync::mpsc::channel::<db::PersonRows>(SEED_QUEUE);
+    copy: bool,
+) -> (
+    tokio::sync::mpsc::Receiver<db::PersonRows>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let (tx_rows, rx_rows) = tokio::sync::mpsc::channel::<db::PersonRows>(SEED_QUEUE);
     // Generation is the costlier half: one generator per core beside the database's own
     // thread; batches are claimed from a shared counter, so they arrive roughly in id order.
     let workers = std::thread::available_parallelism()
@@ -164,7 +176,11 @@ async fn seed_on(
                 return;
             }
             let end = (first + SEED_BATCH).min(persons + 1);
-            let mut rows = db::PersonRows::default();
+            let mut rows = if copy {
+                db::PersonRows::for_copy()
+            } else {
+                db::PersonRows::default()
+            };
             for i in first..end {
                 rows.add(&synth::person(seed, i as u64, anchor));
             }
@@ -173,14 +189,31 @@ async fn seed_on(
             }
         }));
     }
-    drop(tx_rows);
-    let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
-    if backend == crate::store::Backend::Postgres {
-        // Index rebuilds sort in memory rather than in temporary files; this transaction only.
-        sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
-            .execute(&mut *tx)
-            .await?;
+    (rx_rows, generators)
+}
+
+/// Waits for the generators; an error if one of them panicked.
+async fn join_generators(
+    generators: Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(), RegistryError> {
+    for generator in generators {
+        if let Err(e) = generator.await {
+            tracing::error!(err = %e, "the synthetic data generator failed");
+            return Err(RegistryError::Generator);
+        }
     }
+    Ok(())
+}
+
+async fn seed_on(
+    conn: &mut sqlx::AnyConnection,
+    backend: crate::store::Backend,
+    persons: usize,
+    seed: u64,
+    anchor: time::Date,
+) -> Result<usize, RegistryError> {
+    let (mut rx_rows, generators) = spawn_generators(persons, seed, anchor, false);
+    let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
     // Indexes led by person_id grow in insertion order and stay; the others are rebuilt.
     let indexes: Vec<(String, String)> = db::secondary_indexes(&mut tx, backend)
         .await?
@@ -203,12 +236,7 @@ async fn seed_on(
             Err(e) => return Err(e.into()),
         }
     }
-    for generator in generators {
-        if let Err(e) = generator.await {
-            tracing::error!(err = %e, "the synthetic data generator failed");
-            return Err(RegistryError::Generator);
-        }
-    }
+    join_generators(generators).await?;
     for (_, create) in &indexes {
         // Statements from the database's own catalogue, recreated as they were.
         sqlx::query(sqlx::AssertSqlSafe(create.clone()))

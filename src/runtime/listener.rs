@@ -28,10 +28,87 @@ use tokio_rustls::TlsAcceptor;
 
 use super::connections::ConnectionCaps;
 use super::shutdown::{stopped, Shutdown};
-use crate::identity::tls::ReloadableTls;
+use crate::identity::tls::{noting_presented, ReloadableTls};
 use crate::identity::{ConnInfo, PeerCert};
 use crate::metrics::Metrics;
 use crate::problem::{Body, Problem};
+
+/// Failed handshakes logged at info per second and listener; the rest are
+/// counted and the next line logged says how many were left out.
+const HANDSHAKE_LOGS_PER_SECOND: u32 = 5;
+
+/// Logs failed handshakes at info, at most [`HANDSHAKE_LOGS_PER_SECOND`], so
+/// anyone who reaches the port cannot flood the log (every one is counted in `/metrics`).
+struct HandshakeLog {
+    budget: governor::DefaultDirectRateLimiter,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl HandshakeLog {
+    fn new() -> HandshakeLog {
+        let per_second = std::num::NonZeroU32::new(HANDSHAKE_LOGS_PER_SECOND)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        HandshakeLog {
+            budget: governor::RateLimiter::direct(governor::Quota::per_second(per_second)),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn failed(
+        &self,
+        listener: &'static str,
+        peer: std::net::SocketAddr,
+        reason: &'static str,
+        certificate: Option<&str>,
+        err: &std::io::Error,
+    ) {
+        // A peer that hung up or reset mid-handshake (a scanner, a health probe, a client
+        // giving up) says nothing about certificates: debug only, like before.
+        if reason == "io" {
+            tracing::debug!(listener, %peer, %err, "TLS handshake failed");
+            return;
+        }
+        if self.budget.check().is_err() {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        tracing::info!(listener, %peer, reason, certificate, suppressed, %err, "TLS handshake failed");
+    }
+}
+
+/// The `/metrics` reason of a failed handshake: what the peer's certificate or protocol got wrong.
+fn handshake_reason(err: &std::io::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return "io";
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => "no_certificate",
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::Revoked => "revoked",
+            C::Expired
+            | C::ExpiredContext { .. }
+            | C::NotValidYet
+            | C::NotValidYetContext { .. } => "expired",
+            C::UnknownIssuer => "unknown_ca",
+            C::UnknownRevocationStatus
+            | C::ExpiredRevocationList
+            | C::ExpiredRevocationListContext { .. } => "revocation_unknown",
+            _ => "bad_certificate",
+        },
+        rustls::Error::PeerIncompatible(_) => "incompatible",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        rustls::Error::InvalidMessage(_)
+        | rustls::Error::PeerMisbehaved(_)
+        | rustls::Error::InappropriateHandshakeMessage { .. }
+        | rustls::Error::InappropriateMessage { .. } => "protocol",
+        _ => "tls",
+    }
+}
 
 /// Bounds applied to every connection of one listener.
 #[derive(Debug, Clone)]
@@ -207,6 +284,7 @@ pub async fn serve_tls<H, F>(
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
+    let handshake_log = Arc::new(HandshakeLog::new());
     let mut conns = tokio::task::JoinSet::new();
     let builders = Arc::new([
         protocol_builder(&limits, Protocol::Http1),
@@ -253,25 +331,31 @@ pub async fn serve_tls<H, F>(
         let mut replaced = tls.replaced();
         let handler = handler.clone();
         let metrics = metrics.clone();
+        let handshake_log = handshake_log.clone();
         let builders = builders.clone();
         let limits = limits.clone();
         let mut shutdown = shutdown.clone();
         conns.spawn(async move {
-            let tls_stream =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(err)) => {
-                        metrics.handshake_failed(name);
-                        tracing::debug!(listener = name, %peer, %err, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        metrics.handshake_failed(name);
-                        metrics.overload(name, "handshake_timeout");
-                        tracing::debug!(listener = name, %peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
+            let (handshake, presented) = noting_presented(tokio::time::timeout(
+                limits.handshake_timeout,
+                acceptor.accept(stream),
+            ))
+            .await;
+            let tls_stream = match handshake {
+                Ok(Ok(s)) => s,
+                Ok(Err(err)) => {
+                    let reason = handshake_reason(&err);
+                    metrics.handshake_failed(name, reason);
+                    handshake_log.failed(name, peer, reason, presented.as_deref(), &err);
+                    return;
+                }
+                Err(_) => {
+                    metrics.handshake_failed(name, "timeout");
+                    metrics.overload(name, "handshake_timeout");
+                    tracing::debug!(listener = name, %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
             let client = tls_stream
                 .get_ref()
                 .1

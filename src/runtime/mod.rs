@@ -263,11 +263,14 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     let (stop_gateway, gateway_rx) = watch::channel(false);
     let (stop_rest, rest_rx) = watch::channel(false);
     let rate = open_limits(&config, &quotas).await?;
+    // Witnesses get the node's tree heads off the request path (crate::witness::client).
+    let witness_tasks = crate::witness::client::start(&config, &audit, rest_rx.clone());
     let shared = Shared::new(config.clone(), policy, rate, audit, rest_rx);
     let limits = listen_limits(&config);
     let mut rest_tasks = Vec::new();
     let gateway_tls = Arc::new(ReloadableTls::new(tls.gateway));
     rest_tasks.extend(start_credential_reloaders(&shared, &gateway_tls, &keys));
+    rest_tasks.extend(witness_tasks);
     let registry = start_register(&shared, listeners.registry, tls.registry, &stores, &limits)?;
     let builtin = registry
         .iter()
@@ -489,6 +492,9 @@ async fn open_audit(
     audit_config.max_batch = config.audit.max_batch;
     audit_config.queue = config.audit.queue;
     audit_config.restricted_report_delay = config.audit.restricted_report_delay;
+    if let Some(origin) = &config.audit.origin {
+        audit_config.origin = origin.clone();
+    }
     let signing = Signing {
         key_path: config.audit_key_path(),
         missing: MissingKey::Create,
@@ -642,6 +648,7 @@ fn build_gateway(
         },
         pseudonymiser: Arc::new(pseudonymiser),
         rate: shared.rate.clone(),
+        trust_trace: shared.config.tracing.trust_incoming,
         providers: shared.providers.clone(),
         consents: crate::consent::Consents::new(store.clone(), shared.audit.clone()),
         pipelines: tokio_util::task::TaskTracker::new(),
@@ -779,7 +786,12 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let running = start(config, listeners).await?;
     on_ready(&running.started);
+    // systemd's Type=notify (deploy/karibche.service); nothing without $NOTIFY_SOCKET.
+    if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(%err, "readiness not notified to systemd");
+    }
     shutdown::wait_for_signal().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: draining requests, flushing the audit log");
     running.shutdown().await;
     tracing::info!("stopped");

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use super::listener::{serve_plain, serve_tls, ListenLimits};
 use super::{listen_limits, prepare_register, shutdown, StartError};
-use crate::admin::{prometheus_text, refuse_writes};
+use crate::admin::{metrics_answer, refuse_writes, wants_openmetrics};
 use crate::config::Config;
 use crate::identity::tls::{self, ReloadableTls};
 use crate::identity::ConnInfo;
@@ -222,9 +222,11 @@ impl RegistryAdmin {
                 )
             }
             "/metrics" => {
-                let mut out = String::with_capacity(2048);
-                self.metrics.render(&mut out);
-                prometheus_text(out)
+                let openmetrics = wants_openmetrics(req.headers());
+                let text = self
+                    .metrics
+                    .render(&crate::metrics::Registry::default(), openmetrics);
+                metrics_answer(text, openmetrics)
             }
             _ => Problem::not_found("no such admin endpoint").to_response(),
         }

@@ -15,7 +15,7 @@ pub(super) async fn stopped(rx: &mut Shutdown) {
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
-pub(super) async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -1158,6 +1158,26 @@ pub fn spawn_serve_with(
     umask: Option<&str>,
     args: &[&str],
 ) -> Spawned {
+    match spawn_until_banner(serve_command(data, policies, umask, args), &SERVE_BANNER) {
+        Ok((child, addrs)) => Spawned::Ready(ServeProcess {
+            child,
+            gateway: addrs[0],
+            admin: addrs[1],
+        }),
+        Err((code, stderr)) => Spawned::Exited { code, stderr },
+    }
+}
+
+/// The banner lines naming the gateway's and the admin endpoint's addresses.
+const SERVE_BANNER: [&str; 2] = ["gateway", "health, metrics"];
+
+/// The command line of [`spawn_serve_with`].
+fn serve_command(
+    data: &Path,
+    policies: &Path,
+    umask: Option<&str>,
+    args: &[&str],
+) -> std::process::Command {
     use std::process::Command;
     let bin = env!("CARGO_BIN_EXE_karibche");
     let mut command = match umask {
@@ -1177,14 +1197,7 @@ pub fn spawn_serve_with(
         .args(["127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
         .args(["--seed-persons", "100"])
         .args(args);
-    match spawn_until_banner(command, &["gateway", "health, metrics"]) {
-        Ok((child, addrs)) => Spawned::Ready(ServeProcess {
-            child,
-            gateway: addrs[0],
-            admin: addrs[1],
-        }),
-        Err((code, stderr)) => Spawned::Exited { code, stderr },
-    }
+    command
 }
 
 /// Copies the repository's policies under `dir` and adds a provider
@@ -1375,6 +1388,91 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
     panic!("this test needs `{name}` (package {package}); `bash .ci/run` installs it")
 }
 
+/// A `karibche witness` served in-process (issue 17).
+pub struct RunningWitness {
+    /// The witness: its key and state.
+    pub witness: std::sync::Arc<karibche::witness::Witness>,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// Send `true` to stop it.
+    pub stop: tokio::sync::watch::Sender<bool>,
+    /// The server task.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a witness on `port` (0: ephemeral) keeping its state in `dir`.
+pub async fn start_witness(
+    dir: &std::path::Path,
+    logs: Vec<karibche::witness::KnownLog>,
+    port: u16,
+) -> RunningWitness {
+    let witness =
+        std::sync::Arc::new(karibche::witness::Witness::open(dir, "witness.test", logs).unwrap());
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(karibche::witness::serve(witness.clone(), listener, rx));
+    RunningWitness {
+        witness,
+        addr,
+        stop,
+        task,
+    }
+}
+
+impl RunningWitness {
+    /// Stops it and waits for its listener to close.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// An audit writer for `name` on `store` signing a tree head every 5 records.
+pub async fn audit_node(
+    store: &karibche::store::Store,
+    key: std::sync::Arc<karibche::audit::AuditKey>,
+    name: &str,
+) -> (karibche::audit::AuditLog, karibche::audit::AuditWriter) {
+    let mut config = karibche::audit::AuditConfig::new(name);
+    config.checkpoints = Some(karibche::audit::CheckpointPolicy {
+        key,
+        every: 5,
+        interval: Duration::from_secs(3600),
+    });
+    karibche::audit::AuditLog::start(store.clone(), config)
+        .await
+        .unwrap()
+}
+
+/// Appends `n` reads with ids `{prefix}-{i}`, each recording the release of
+/// the body [`read_body`]`(prefix, i)`.
+pub async fn write_reads(log: &karibche::audit::AuditLog, prefix: &str, n: usize) {
+    for i in 0..n {
+        log.append(karibche::audit::Entry {
+            id: format!("{prefix}-{i}"),
+            ts: karibche::audit::now_ts(),
+            method: "GET".into(),
+            path: format!("/v1/registry/persons/RF-{i}"),
+            decision: "allow".into(),
+            status: 200,
+            policy_version: "v".into(),
+            subjects: vec![format!("RF-{i}")],
+            response_digest: Some(sha256_hex(read_body(prefix, i).as_bytes())),
+            ..karibche::audit::Entry::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// The response body [`write_reads`] records for read `i`.
+pub fn read_body(prefix: &str, i: usize) -> String {
+    format!("{{\"id\":\"RF-{i}\",\"request\":\"{prefix}\"}}")
+}
+
 /// A `karibche registry serve` process of the real binary, killed (SIGKILL) when dropped.
 pub struct RegistryProcess {
     pub child: KillOnDrop,
@@ -1409,23 +1507,38 @@ pub fn spawn_registry(data: &Path, args: &[&str]) -> RegistryProcess {
 /// line starting with each of `labels` has named an address (`label  scheme://ADDR…`);
 /// the addresses in the order of `labels`, or how it exited (code, standard error).
 fn spawn_until_banner(
+    command: std::process::Command,
+    labels: &[&str],
+) -> Result<(KillOnDrop, Vec<SocketAddr>), (Option<i32>, String)> {
+    spawn_until_banner_logging(command, labels, None)
+}
+
+/// [`spawn_until_banner`], with standard error written to a file at a `RUST_LOG` level
+/// when `log` is given (an early exit then reports no standard error).
+fn spawn_until_banner_logging(
     mut command: std::process::Command,
     labels: &[&str],
+    log: Option<(std::fs::File, &str)>,
 ) -> Result<(KillOnDrop, Vec<SocketAddr>), (Option<i32>, String)> {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
     let child = command
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log.as_ref().map_or("warn", |(_, level)| level))
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(match log {
+            Some((file, _)) => Stdio::from(file),
+            None => Stdio::piped(),
+        })
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);
     // Standard error is drained on a thread so the child never blocks on a full pipe.
-    let mut stderr = child.stderr.take().unwrap();
+    let stderr = child.stderr.take();
     let errors = std::thread::spawn(move || {
         let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
+        if let Some(mut stderr) = stderr {
+            let _ = stderr.read_to_string(&mut s);
+        }
         s
     });
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -1482,4 +1595,24 @@ pub fn shared_data(dir: &Path) -> Config {
     };
     dev_pki_ahead(&config);
     config
+}
+
+/// [`spawn_serve_with`] logging to the file `log` at `level` (`RUST_LOG`), for tests that read the logs.
+pub fn spawn_serve_logging_to(
+    data: &Path,
+    policies: &Path,
+    args: &[&str],
+    log: &Path,
+    level: &str,
+) -> Spawned {
+    let file = std::fs::File::create(log).unwrap();
+    let command = serve_command(data, policies, None, args);
+    match spawn_until_banner_logging(command, &SERVE_BANNER, Some((file, level))) {
+        Ok((child, addrs)) => Spawned::Ready(ServeProcess {
+            child,
+            gateway: addrs[0],
+            admin: addrs[1],
+        }),
+        Err((code, stderr)) => Spawned::Exited { code, stderr },
+    }
 }

@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::gateway::refusal::Refusal;
 use crate::gateway::route::Route;
+use crate::gateway::trace::TraceContext;
 use crate::gateway::Gateway;
 use crate::identity::token::Officer;
 use crate::policy::Service;
@@ -52,6 +53,8 @@ pub(crate) struct Caller<'a> {
     pub officer: &'a Officer,
     /// The request (and record) id.
     pub request_id: &'a str,
+    /// The request's W3C trace, passed on as `traceparent`/`tracestate`.
+    pub trace: &'a TraceContext,
 }
 
 impl Gateway {
@@ -89,9 +92,13 @@ impl Gateway {
         up = up
             .header(header::ACCEPT, "application/json")
             .header("x-request-id", caller.request_id)
+            .header("traceparent", caller.trace.traceparent())
             .header("x-karibche-agency", caller.agency)
             .header("x-karibche-purpose", header_safe(&caller.officer.purpose))
             .header("x-karibche-officer", header_safe(&caller.officer.id));
+        if let Some(state) = &caller.trace.state {
+            up = up.header("tracestate", header_safe(state));
+        }
         let up = up
             .body(Full::new(body))
             .map_err(|_| Refusal::UNFORWARDABLE_HEADER)?;
@@ -134,10 +141,17 @@ impl Gateway {
                 .to_bytes();
             Ok((status, body, content_type))
         };
-        match tokio::time::timeout(self.limits.upstream_timeout, call).await {
+        let started = std::time::Instant::now();
+        let answered = tokio::time::timeout(self.limits.upstream_timeout, call).await;
+        self.metrics
+            .upstream_done(route.provider, started.elapsed());
+        match answered {
             Ok(Ok(x)) => {
                 // 501: the provider does not implement what this request asks, which is not a failure.
                 let failed = x.0.is_server_error() && x.0 != StatusCode::NOT_IMPLEMENTED;
+                if failed {
+                    self.metrics.upstream_error(route.provider, "server_error");
+                }
                 permit.done(!failed);
                 Ok(x)
             }
@@ -149,12 +163,17 @@ impl Gateway {
                     // (an unreported probe lets the next request probe instead).
                     drop(permit);
                 }
-                self.metrics.upstream_error();
+                let kind = if refusal.reason == Refusal::PROVIDER_TOO_LARGE.reason {
+                    "too_large"
+                } else {
+                    "unreachable"
+                };
+                self.metrics.upstream_error(route.provider, kind);
                 Err(refusal)
             }
             Err(_) => {
                 permit.done(false);
-                self.metrics.upstream_error();
+                self.metrics.upstream_error(route.provider, "timeout");
                 tracing::warn!(provider = route.provider, "provider timed out");
                 Err(Refusal::PROVIDER_TIMEOUT)
             }

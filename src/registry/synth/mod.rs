@@ -24,6 +24,7 @@
 
 use time::{Date, Duration, Month};
 
+pub(crate) mod copy;
 mod countries;
 
 use super::dates::{iso, parse_date};
