@@ -754,6 +754,18 @@ async fn verification(console: &Console, node: &str, ts: &str, seq: i64) -> (boo
 
 // ---------------------------------------------------------------- a person
 
+/// The person's report as the auditors' API gives it to this officer.
+async fn subject_report(
+    console: &Console,
+    v: &Visit<'_>,
+    subject: &str,
+) -> Result<Value, Response<Body>> {
+    let q = query_string(&[("subject", subject.to_owned())]);
+    let body = api(console, v, &format!("/v1/audit/report?{q}")).await?;
+    Ok(serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null))
+}
+
+
 #[derive(Template)]
 #[template(path = "subject_form.html")]
 struct SubjectForm<'a> {
@@ -838,17 +850,8 @@ pub async fn person(console: &Console, v: &Visit<'_>) -> Response<Body> {
         Err(page) => return page,
     };
     let rows = records(&body).iter().map(row).collect();
-    let report = match api(
-        console,
-        v,
-        &format!(
-            "/v1/audit/report?{}",
-            query_string(&[("subject", subject.clone())])
-        ),
-    )
-    .await
-    {
-        Ok(b) => serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
+    let report = match subject_report(console, v, &subject).await {
+        Ok(r) => r,
         Err(page) => return page,
     };
     render(&Person {
@@ -965,17 +968,8 @@ pub async fn report(console: &Console, v: &Visit<'_>) -> Response<Body> {
     } else {
         ("ka", &GEORGIAN)
     };
-    let report = match api(
-        console,
-        v,
-        &format!(
-            "/v1/audit/report?{}",
-            query_string(&[("subject", subject.clone())])
-        ),
-    )
-    .await
-    {
-        Ok(b) => serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
+    let report = match subject_report(console, v, &subject).await {
+        Ok(r) => r,
         Err(page) => return page,
     };
     let policy = console.gateway.policy.load();
