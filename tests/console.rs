@@ -8,6 +8,8 @@
 //! the walkthrough counts them at the end. Screenshots of the main pages go
 //! to `target/console-screenshots/`.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::SocketAddr;

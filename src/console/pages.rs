@@ -765,7 +765,6 @@ async fn subject_report(
     Ok(serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null))
 }
 
-
 #[derive(Template)]
 #[template(path = "subject_form.html")]
 struct SubjectForm<'a> {
@@ -1064,6 +1063,9 @@ fn at(r: &Value) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(&text(r, "ts"), &Rfc3339).ok()
 }
 
+/// One officer's reads: the distinct persons and the records.
+type Reads<'a> = (BTreeSet<String>, Vec<&'a Value>);
+
 /// The four signals over a set of records (`log` names the providers that are the log itself).
 pub fn compute_signals(recs: &[Value], log: &[String]) -> Vec<Signal> {
     let reads: Vec<&Value> = recs
@@ -1076,8 +1078,7 @@ pub fn compute_signals(recs: &[Value], log: &[String]) -> Vec<Signal> {
         .filter(|r| text(r, "decision") == "allow")
         .collect();
     // 1. Distinct persons per officer against colleagues with the same agency and purpose.
-    let mut persons: BTreeMap<(String, String), BTreeMap<String, (BTreeSet<String>, Vec<&Value>)>> =
-        BTreeMap::new();
+    let mut persons: BTreeMap<(String, String), BTreeMap<String, Reads<'_>>> = BTreeMap::new();
     for r in &allowed {
         let e = persons
             .entry((text(r, "agency"), text(r, "purpose")))
