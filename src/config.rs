@@ -52,6 +52,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Pseudonyms released under `pseudonymise` transforms.
     pub pseudonyms: PseudonymConfig,
+    /// The web console for security officers and administrators (src/console/).
+    pub console: ConsoleConfig,
     /// W3C Trace Context.
     pub tracing: TracingConfig,
 }
@@ -68,6 +70,39 @@ impl Default for TracingConfig {
     fn default() -> Self {
         TracingConfig {
             trust_incoming: true,
+        }
+    }
+}
+
+/// The web console: its own TLS listener, sessions exchanged for officer tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Serve the console. Default false; `karibche serve` without `--config` turns it on.
+    pub enabled: bool,
+    /// Its TLS listener (the gateway's certificate). Default `127.0.0.1:8445`.
+    pub listen: SocketAddr,
+    /// Ask for the agency's client certificate on the console too. Default false.
+    pub require_client_certificate: bool,
+    /// A session unused this long ends. Default 15 minutes.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// A session ends this long after sign-in, used or not (and never after its token). Default 8 hours.
+    #[serde(with = "humantime_serde_compat")]
+    pub absolute_timeout: Duration,
+    /// Sessions held at once (in memory, this node only). Default 1,000.
+    pub max_sessions: usize,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8445)),
+            require_client_certificate: false,
+            idle_timeout: Duration::from_secs(15 * 60),
+            absolute_timeout: Duration::from_secs(8 * 3600),
+            max_sessions: 1000,
         }
     }
 }
@@ -339,6 +374,7 @@ impl Default for Config {
             audit: AuditSettings::default(),
             pseudonyms: PseudonymConfig::default(),
             limits: LimitsConfig::default(),
+            console: ConsoleConfig::default(),
             tracing: TracingConfig::default(),
         }
     }
@@ -499,6 +535,8 @@ impl Config {
             ("limits.idle_timeout", self.limits.idle_timeout),
             ("limits.breaker_open", self.limits.breaker_open),
             ("limits.provider_wait", self.limits.provider_wait),
+            ("console.idle_timeout", self.console.idle_timeout),
+            ("console.absolute_timeout", self.console.absolute_timeout),
         ] {
             if d.is_zero() {
                 problems.push(format!("{name} must be longer than zero"));
@@ -509,6 +547,9 @@ impl Config {
         }
         if self.tls.client_ca.is_empty() {
             problems.push("tls.client_ca must name at least one CA file".to_owned());
+        }
+        if self.console.max_sessions == 0 {
+            problems.push("console.max_sessions must be at least 1".to_owned());
         }
         if self.tokens.max_token_bytes < 256 {
             problems.push("tokens.max_token_bytes must be at least 256".to_owned());

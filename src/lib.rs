@@ -38,6 +38,8 @@
 //! development certificates, keys and tokens and nothing else; [`bench`](mod@bench) is
 //! the load generator; [`cli`] has one file per command, and the `karibche`
 //! binary only parses its command line and calls [`cli::run`].
+//! [`console`] is the web console for security officers and administrators,
+//! whose pages read the log through the same pipeline as the auditors' API.
 //! `docs/ARCHITECTURE.md` draws the rooms and says where to add a step, a
 //! provider or a command.
 
@@ -49,6 +51,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod consent;
+pub mod console;
 pub mod devpki;
 pub mod files;
 pub mod gateway;

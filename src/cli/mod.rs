@@ -29,6 +29,7 @@ pub mod audit;
 pub mod bench;
 pub mod certs;
 pub mod consent;
+pub mod console;
 pub mod health;
 pub mod policy;
 pub mod registry;
@@ -126,6 +127,9 @@ pub enum Command {
     /// Data subjects' consents: record, revoke, list (each change is an audit event).
     #[command(subcommand)]
     Consent(consent::ConsentCommand),
+    /// The web console: a one-time sign-in URL (development).
+    #[command(subcommand)]
+    Console(console::ConsoleCommand),
     /// Witness other nodes' audit logs: cosign checkpoints that extend the last one, refuse rollbacks and forks.
     #[command(subcommand)]
     Witness(witness::WitnessCommand),
@@ -157,6 +161,10 @@ impl Cli {
             config.database_url = Some(u.clone());
         }
         if let Command::Serve(s) = &self.command {
+            // The development defaults include the web console; a configuration file says for itself.
+            if self.common.config.is_none() {
+                config.console.enabled = true;
+            }
             s.apply(&mut config);
         }
         if let Command::Registry(registry::RegistryCommand::Serve(s)) = &self.command {
@@ -247,6 +255,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Certs(cmd) => certs::run(&config, cmd),
         Command::Registry(cmd) => registry::run(&config, cmd).await,
         Command::Consent(cmd) => consent::run(&config, cmd).await,
+        Command::Console(cmd) => console::run(&config, cmd),
         Command::Witness(cmd) => witness::run(cmd).await,
         Command::Health(args) => health::run(args).await,
         Command::Completions { shell } => completions(*shell),

@@ -25,6 +25,10 @@ pub struct ServeArgs {
     /// Built-in register listen address [default: 127.0.0.1:8444].
     #[arg(long, value_name = "ADDR")]
     pub registry_listen: Option<SocketAddr>,
+    /// Web console listen address; turns the console on [default: 127.0.0.1:8445, on without --config;
+    /// an ephemeral port when --listen names one].
+    #[arg(long, value_name = "ADDR")]
+    pub console_listen: Option<SocketAddr>,
     /// Do not run the built-in register in this process.
     #[arg(long)]
     pub no_registry: bool,
@@ -41,6 +45,14 @@ impl ServeArgs {
     pub fn apply(&self, config: &mut Config) {
         if let Some(a) = self.listen {
             config.gateway.listen = a;
+            // A gateway on an ephemeral port (tests, several instances) gets an ephemeral console too.
+            if a.port() == 0 {
+                config.console.listen = SocketAddr::new(a.ip(), 0);
+            }
+        }
+        if let Some(a) = self.console_listen {
+            config.console.listen = a;
+            config.console.enabled = true;
         }
         if let Some(a) = self.admin_listen {
             config.admin.listen = a;
@@ -115,6 +127,12 @@ fn print_banner(s: &Started, data_dir: &std::path::Path) -> std::io::Result<()> 
         "  health, metrics  http://{}/healthz  /readyz  /metrics",
         s.admin
     )?;
+    if let Some(c) = s.console {
+        writeln!(
+            out,
+            "  console          https://{c}/  (sign in: {exe} console login --agency pdps --officer officer-1 --purpose supervision)"
+        )?;
+    }
     writeln!(out, "  CA certificate   {}", pki.join("ca.pem").display())?;
     writeln!(
         out,

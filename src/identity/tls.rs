@@ -247,6 +247,21 @@ pub fn server_config(
     Ok(config)
 }
 
+/// A server configuration that asks for no client certificate (the web console, where officers
+/// sign in with their token): the same versions, suites, ALPN and resumption as [`server_config`].
+pub fn server_config_without_clients(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    Ok(config)
+}
+
 /// A client configuration that presents `chain` and trusts servers chaining to `server_roots`.
 pub fn client_config(
     server_roots: RootCertStore,

@@ -163,6 +163,8 @@ pub struct Started {
     pub registry: Option<SocketAddr>,
     /// Where health and metrics are served.
     pub admin: SocketAddr,
+    /// Where the web console listens, when it is on.
+    pub console: Option<SocketAddr>,
     /// The database URL in use.
     pub database_url: String,
     /// The policy version in force.
@@ -308,6 +310,9 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         shared.audit.clone(),
         shared.stop.clone(),
     )));
+    let console = start_console(&shared, &gateway, &gateway_tls, gateway_rx.clone()).await?;
+    let (console_addr, console_task) = console.unzip();
+    rest_tasks.extend(console_task);
     let (gateway_addr, gateway_task) = start_gateway_listener(
         &shared,
         listeners.gateway,
@@ -334,6 +339,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         gateway: gateway_addr,
         registry: registry_addr,
         admin: admin_addr,
+        console: console_addr,
         database_url: config.database_url(),
         policy_version: shared.policy.load().version().to_owned(),
         agencies,
@@ -702,6 +708,48 @@ fn start_gateway_listener(
         stop,
     ));
     Ok((addr, task))
+}
+
+/// Binds and serves the web console (`[console]`), when it is on: the gateway's
+/// certificate, and the gateway's own client-certificate check (reloads
+/// included) when `console.require_client_certificate` is set.
+async fn start_console(
+    shared: &Shared,
+    gateway: &Arc<Gateway>,
+    gateway_tls: &Arc<ReloadableTls>,
+    stop: Shutdown,
+) -> Result<Option<(SocketAddr, JoinHandle<()>)>, StartError> {
+    let c = &shared.config.console;
+    if !c.enabled {
+        return Ok(None);
+    }
+    let bind = |source| StartError::Bind {
+        addr: c.listen,
+        source,
+    };
+    let listener = TcpListener::bind(c.listen).await.map_err(bind)?;
+    let addr = listener.local_addr().map_err(bind)?;
+    let tls = if c.require_client_certificate {
+        gateway_tls.clone()
+    } else {
+        let config = &shared.config;
+        let chain = crate::files::load_certs(&config.data_path(&config.tls.cert))?;
+        let key = crate::files::load_key(&config.data_path(&config.tls.key))?;
+        Arc::new(ReloadableTls::new(tls::server_config_without_clients(
+            chain, key,
+        )?))
+    };
+    let console = crate::console::Console::new(gateway.clone(), c);
+    let task = tokio::spawn(serve_tls(
+        "console",
+        listener,
+        tls,
+        listen_limits(&shared.config),
+        shared.metrics.clone(),
+        move |info: Arc<ConnInfo>, req: Request<Incoming>| console.clone().handle(info, req),
+        stop,
+    ));
+    Ok(Some((addr, task)))
 }
 
 /// Starts reloading the policy files (and quotas) on a change or SIGHUP.

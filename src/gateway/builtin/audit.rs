@@ -93,6 +93,10 @@ impl Builtin for AuditApi {
 }
 /// The purpose under which an audit grant reaches every agency's records.
 pub const SUPERVISION: &str = "supervision";
+/// The purpose under which a public service hall answers a person's request for their own
+/// report (`psda`, the console's printable report): the report covers every agency, as the
+/// person would receive it, and a grant under it names no other service.
+pub const SUBJECT_ACCESS: &str = "subject-access-request";
 /// Records returned when the request names no `limit`.
 pub const DEFAULT_LIMIT: i64 = 1000;
 /// The most records one request returns.
@@ -175,7 +179,8 @@ pub async fn serve(
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
-    let own_only = asker.purpose != SUPERVISION;
+    let own_only = asker.purpose != SUPERVISION
+        && !(ask.service == "report" && asker.purpose == SUBJECT_ACCESS);
     let agency = match get("agency") {
         Some(a) if own_only && a != asker.agency => return Err(ApiError::OutOfScope),
         Some(a) => Some(a),

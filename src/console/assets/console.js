@@ -1,0 +1,17 @@
+// The console's only script, served from the binary (CSP: script-src 'self').
+// The pages work without it; it adds two conveniences.
+document.addEventListener("DOMContentLoaded", function () {
+  // A one-time sign-in URL (`karibche console login`) carries the token in its
+  // fragment, which browsers never send: put it in the form and post it.
+  var form = document.getElementById("signin-form");
+  var token = document.getElementById("token");
+  if (form && token && location.hash.indexOf("#token=") === 0) {
+    token.value = decodeURIComponent(location.hash.slice(7));
+    history.replaceState(null, "", location.pathname);
+    form.submit();
+  }
+  var print = document.getElementById("print");
+  if (print) {
+    print.addEventListener("click", function () { window.print(); });
+  }
+});
