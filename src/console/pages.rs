@@ -316,6 +316,20 @@ async fn api(console: &Console, v: &Visit<'_>, path: &str) -> Result<bytes::Byte
     ))
 }
 
+/// `GET /v1/audit/records` with these query pairs, as the officer, through the pipeline.
+async fn audit_records(
+    console: &Console,
+    v: &Visit<'_>,
+    pairs: &[(&str, String)],
+) -> Result<bytes::Bytes, Response<Body>> {
+    api(
+        console,
+        v,
+        &format!("/v1/audit/records?{}", query_string(pairs)),
+    )
+    .await
+}
+
 fn query_string(pairs: &[(&str, String)]) -> String {
     pairs
         .iter()
@@ -513,13 +527,7 @@ pub async fn search(console: &Console, v: &Visit<'_>) -> Response<Body> {
         (PAGE + 1 + if cursor.is_some() { slack } else { 0 }).to_string(),
     ));
     pairs.push(("format", "json".into()));
-    let body = match api(
-        console,
-        v,
-        &format!("/v1/audit/records?{}", query_string(&pairs)),
-    )
-    .await
-    {
+    let body = match audit_records(console, v, &pairs).await {
         Ok(b) => b,
         Err(page) => return page,
     };
@@ -585,13 +593,7 @@ async fn export(console: &Console, v: &Visit<'_>, f: &Fields, format: &str) -> R
     let mut pairs = f.pairs();
     pairs.push(("limit", MAX_LIMIT.to_string()));
     pairs.push(("format", "jsonl".into()));
-    let body = match api(
-        console,
-        v,
-        &format!("/v1/audit/records?{}", query_string(&pairs)),
-    )
-    .await
-    {
+    let body = match audit_records(console, v, &pairs).await {
         Ok(b) => b,
         Err(page) => return page,
     };
@@ -664,13 +666,7 @@ pub async fn record(console: &Console, v: &Visit<'_>) -> Response<Body> {
         ("limit", "100".to_owned()),
         ("format", "json".to_owned()),
     ];
-    let body = match api(
-        console,
-        v,
-        &format!("/v1/audit/records?{}", query_string(&pairs)),
-    )
-    .await
-    {
+    let body = match audit_records(console, v, &pairs).await {
         Ok(b) => b,
         Err(page) => return page,
     };
