@@ -160,10 +160,13 @@ impl Gateway {
         let slot = PipelineSlot::take(&conn.pipelines);
         let task = if slot.admitted {
             let gateway = self.clone();
-            Some(self.pipelines.spawn(async move {
+            // Boxed: the pipeline's state is several KiB, and a task's future is moved
+            // whole at every change of its stage (spawn, completion, the join), so
+            // spawning it unboxed costs more in copies than the allocation does.
+            Some(self.pipelines.spawn(Box::pin(async move {
                 let _slot = slot;
                 gateway.handle(conn, req).await
-            }))
+            })))
         } else {
             self.metrics.overload("gateway", "pipelines_connection");
             None

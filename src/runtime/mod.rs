@@ -660,7 +660,7 @@ fn build_gateway(
         require_bound_tokens: shared.config.tokens.require_bound_tokens,
         audit: shared.audit.clone(),
         metrics: shared.metrics.clone(),
-        upstream: upstream_client(upstream, Duration::from_secs(5)),
+        upstream: upstream_client(upstream, Duration::from_secs(5), g.upstream_http2),
         builtin,
         limits: PipelineLimits {
             max_body_bytes: g.max_body_bytes,

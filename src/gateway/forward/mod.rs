@@ -25,18 +25,37 @@ use breaker::Refused;
 /// The HTTPS client towards providers; pooled, so connections are reused.
 pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Builds the pooled provider client presenting the gateway's certificate.
-pub fn upstream_client(tls: rustls::ClientConfig, connect_timeout: Duration) -> UpstreamClient {
+/// Builds the pooled provider client presenting the gateway's certificate; it offers
+/// HTTP/2 to providers only when `http2` is set (`gateway.upstream_http2`).
+///
+/// HTTP/1.1 is the default: each request then has a pooled connection of its own, where
+/// HTTP/2 funnels every request through one connection task on each side and adds
+/// framing, header compression and flow control the provider has to undo.
+pub fn upstream_client(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    http2: bool,
+) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+    let https = if http2 {
+        hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http)
+    } else {
+        // Built by hand so ALPN can say `http/1.1` (the builder leaves it empty for
+        // HTTP/1.1 alone), for providers that insist on it.
+        let mut tls = tls;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut https = hyper_rustls::HttpsConnector::from((http, tls));
+        https.enforce_https();
+        https
+    };
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
