@@ -44,12 +44,80 @@ impl Gateway {
             let ct = ct.split(';').next().unwrap_or_default().trim();
             ct.eq_ignore_ascii_case("application/json") || ct.ends_with("+json")
         });
-        let parsed = if json {
-            serde_json::from_slice::<serde_json::Value>(&body).ok()
-        } else {
-            None
+        if !json {
+            tracing::warn!(service = %service.id, "provider answered with something other than JSON");
+            return Err(Refusal::PROVIDER_BAD_RESPONSE);
+        }
+        // The provider's cursor is its position (a register id); only a sealed one leaves.
+        let scope = cursor::Scope {
+            agency,
+            provider: route.provider,
+            service: &service.id,
         };
-        let mut value = parsed.ok_or_else(|| {
+        let (body, released) = if allow.transforms.is_empty() {
+            self.release_raw(&body, allow, service, scope)?
+        } else {
+            self.release_transformed(&body, allow, agency, service, scope)?
+        };
+        for s in &released.subjects {
+            exchange.subject(s);
+        }
+        exchange.released_fields(released.fields);
+        exchange.released_body(&body);
+        Ok(Answer {
+            status,
+            body: Bytes::from(body),
+            content_type: "application/json",
+        })
+    }
+
+    /// Minimised straight from the provider's bytes ([`minimise::apply_raw`]): what a
+    /// grant without transforms releases.
+    fn release_raw(
+        &self,
+        body: &[u8],
+        allow: &Allow,
+        service: &Service,
+        scope: cursor::Scope<'_>,
+    ) -> Result<(Vec<u8>, minimise::Released), Refusal> {
+        let cursors = self.pseudonymiser.cursors();
+        let now = cursor::now_secs();
+        let mut unsealed = None;
+        let mut seal = |position: &str| {
+            cursors
+                .seal(scope, position, now)
+                .map_err(|e| unsealed = Some(e))
+                .ok()
+        };
+        let released = minimise::apply_raw(
+            body,
+            &allow.fields,
+            service.collection.as_deref(),
+            &service.subject_field,
+            &mut seal,
+        );
+        match (released, unsealed) {
+            (Some(released), _) => Ok(released),
+            (None, Some(e)) => {
+                tracing::warn!(service = %service.id, err = %e, "provider cursor not sealed; answer withheld");
+                Err(Refusal::PROVIDER_BAD_RESPONSE)
+            }
+            // Not JSON, or JSON the one pass does not take (a repeated key): the tree decides.
+            (None, None) => self.release_transformed(body, allow, "", service, scope),
+        }
+    }
+
+    /// Minimised, then transformed (pseudonymised, coarsened) field by field: what a grant
+    /// with transforms releases.
+    fn release_transformed(
+        &self,
+        body: &[u8],
+        allow: &Allow,
+        agency: &str,
+        service: &Service,
+        scope: cursor::Scope<'_>,
+    ) -> Result<(Vec<u8>, minimise::Released), Refusal> {
+        let mut value = serde_json::from_slice::<serde_json::Value>(body).map_err(|_| {
             tracing::warn!(service = %service.id, "provider answered with something other than JSON");
             Refusal::PROVIDER_BAD_RESPONSE
         })?;
@@ -59,10 +127,6 @@ impl Gateway {
             service.collection.as_deref(),
             &service.subject_field,
         );
-        for s in &released.subjects {
-            exchange.subject(s);
-        }
-        exchange.released_fields(released.fields);
         let context = transform::Context {
             pseudonymiser: &self.pseudonymiser,
             agency,
@@ -74,12 +138,6 @@ impl Gateway {
             &allow.transforms,
             &context,
         );
-        // The provider's cursor is its position (a register id); only a sealed one leaves.
-        let scope = cursor::Scope {
-            agency,
-            provider: route.provider,
-            service: &service.id,
-        };
         self.pseudonymiser
             .cursors()
             .seal_next(&mut value, scope, cursor::now_secs())
@@ -88,12 +146,7 @@ impl Gateway {
                 Refusal::PROVIDER_BAD_RESPONSE
             })?;
         let body = serde_json::to_vec(&value).map_err(|_| Refusal::INTERNAL)?;
-        exchange.released_body(&body);
-        Ok(Answer {
-            status,
-            body: Bytes::from(body),
-            content_type: "application/json",
-        })
+        Ok((body, released))
     }
 
     /// Opens the `cursor` of a forwarded query: only a cursor the gateway sealed
