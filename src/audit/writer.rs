@@ -17,9 +17,8 @@
 //! node is ready again as soon as that event commits.
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -32,13 +31,7 @@ use super::sampling::RefusalLog;
 use super::AuditError;
 use crate::config::{DEFAULT_AUDIT_MAX_BATCH, DEFAULT_AUDIT_QUEUE};
 use crate::store::{Backend, Store};
-use sqlx::AnyConnection;
-
-/// Rows per multi-row `INSERT` into `audit_log`: 32 × 28 parameters stays far
-/// below SQLite's and PostgreSQL's parameter limits.
-const LOG_ROWS_PER_INSERT: usize = 32;
-/// Rows per multi-row `INSERT` into `audit_subjects` (3 parameters each).
-const SUBJECT_ROWS_PER_INSERT: usize = 256;
+use sqlx::{AnyConnection, AssertSqlSafe};
 
 /// Settings of a node's audit writer.
 #[derive(Debug, Clone)]
@@ -807,6 +800,59 @@ async fn load_head(conn: &mut AnyConnection, node: &str) -> Result<Head, AuditEr
     })
 }
 
+/// The batch insert of records: the rows travel as one bound JSON text (an array of
+/// arrays, one value per column of [`audit_columns!`]), so the statement is the same
+/// for every batch (prepared once per connection) and binds one value, not 35 a row.
+/// PostgreSQL needs its integer columns cast from text.
+static INSERT_LOG: LazyLock<[String; 2]> = LazyLock::new(|| {
+    let integer = [
+        "seq",
+        "status",
+        "restricted",
+        "upstream_status",
+        "pseudonymised",
+    ];
+    let cols: Vec<&str> = audit_columns!().split(", ").map(str::trim).collect();
+    debug_assert_eq!(cols.len(), AUDIT_COLUMN_COUNT);
+    let select = |backend: Backend| {
+        cols.iter()
+            .enumerate()
+            .map(|(i, col)| match backend {
+                Backend::Sqlite => format!("value ->> {i}"),
+                Backend::Postgres if integer.contains(col) => format!("(e ->> {i})::bigint"),
+                Backend::Postgres => format!("e ->> {i}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    [
+        format!(
+            "INSERT INTO audit_log ({}) SELECT {} FROM jsonb_each(?)",
+            audit_columns!(),
+            select(Backend::Sqlite)
+        ),
+        format!(
+            "INSERT INTO audit_log ({}) SELECT {} FROM jsonb_array_elements($1::jsonb) AS e",
+            audit_columns!(),
+            select(Backend::Postgres)
+        ),
+    ]
+});
+
+/// The subject index rows of a batch, as one bound JSON text of `[seq, subject]` pairs.
+const INSERT_SUBJECTS: [&str; 2] = [
+    "INSERT INTO audit_subjects (node, seq, subject) SELECT ?, value ->> 0, value ->> 1 FROM jsonb_each(?)",
+    "INSERT INTO audit_subjects (node, seq, subject) \
+     SELECT $1, (e ->> 0)::bigint, e ->> 1 FROM jsonb_array_elements($2::jsonb) AS e",
+];
+
+fn dialect(backend: Backend) -> usize {
+    match backend {
+        Backend::Sqlite => 0,
+        Backend::Postgres => 1,
+    }
+}
+
 /// Writes the records and their subject index rows (and a checkpoint) on the transaction's connection.
 async fn write_rows(
     conn: &mut AnyConnection,
@@ -815,56 +861,113 @@ async fn write_rows(
     records: &[Chained<'_>],
     checkpoint: Option<&Checkpoint>,
 ) -> Result<(), sqlx::Error> {
-    for chunk in records.chunks(LOG_ROWS_PER_INSERT) {
-        let sql = insert_sql(
-            backend,
-            concat!("INSERT INTO audit_log (", audit_columns!(), ") VALUES "),
-            AUDIT_COLUMN_COUNT,
-            chunk.len(),
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for r in chunk {
-            let e = r.entry;
-            q = q
-                .bind(node)
-                .bind(r.seq)
-                .bind(e.id.as_str())
-                .bind(e.ts.as_str())
-                .bind(e.agency.as_deref())
-                .bind(e.certificate.as_deref())
-                .bind(e.officer.as_deref())
-                .bind(e.purpose.as_deref())
-                .bind(e.legal_basis.as_deref())
-                .bind(e.case_ref.as_deref())
-                .bind(e.consent_ref.as_deref())
-                .bind(e.token_id.as_deref())
-                .bind(e.provider.as_deref())
-                .bind(e.service.as_deref())
-                .bind(e.operation.as_deref())
-                .bind(e.method.as_str())
-                .bind(e.path.as_str())
-                .bind(json_list(&e.subjects))
-                .bind(json_list(&e.fields))
-                .bind(e.decision.as_str())
-                .bind(e.reason.as_deref())
-                .bind(i32::from(e.status))
-                .bind(e.policy_version.as_str())
-                .bind(r.prev_hash.as_str())
-                .bind(r.hash.as_str())
-                .bind(e.shadow_decision.map(super::Decision::as_str))
-                .bind(e.response_digest.as_deref())
-                .bind(i32::from(e.restricted))
-                .bind(e.upstream_status.map(i32::from))
-                .bind(i32::from(e.pseudonymised))
-                .bind(e.phase.as_deref())
-                .bind(e.attempt_id.as_deref())
-                .bind(e.request_digest.as_deref())
-                .bind((!e.written.is_empty()).then(|| json_list(&e.written)))
-                .bind(e.trace_id.as_deref());
-        }
-        q.execute(&mut *conn).await?;
+    let (rows, subjects) = batch_json(node, records).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let d = dialect(backend);
+    sqlx::query(AssertSqlSafe(INSERT_LOG[d].as_str()))
+        .bind(rows)
+        .execute(&mut *conn)
+        .await?;
+    if let Some(subjects) = subjects {
+        sqlx::query(INSERT_SUBJECTS[d])
+            .bind(node)
+            .bind(subjects)
+            .execute(&mut *conn)
+            .await?;
     }
+    if let Some(cp) = checkpoint {
+        checkpoint::insert(conn, cp).await?;
+    }
+    Ok(())
+}
 
+/// One record's columns, in the order of [`audit_columns!`], as its JSON row.
+#[derive(serde::Serialize)]
+struct Row<'a>(
+    &'a str,
+    i64,
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    &'a str,
+    &'a str,
+    String,
+    String,
+    &'a str,
+    Option<&'a str>,
+    u16,
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    u8,
+    Option<u16>,
+    u8,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<String>,
+    Option<&'a str>,
+);
+
+/// The batch's log rows and (if any) subject index rows, each as one JSON text.
+fn batch_json(
+    node: &str,
+    records: &[Chained<'_>],
+) -> Result<(String, Option<String>), serde_json::Error> {
+    let rows: Vec<Row<'_>> = records
+        .iter()
+        .map(|r| {
+            let e = r.entry;
+            Row(
+                node,
+                r.seq,
+                &e.id,
+                &e.ts,
+                e.agency.as_deref(),
+                e.certificate.as_deref(),
+                e.officer.as_deref(),
+                e.purpose.as_deref(),
+                e.legal_basis.as_deref(),
+                e.case_ref.as_deref(),
+                e.consent_ref.as_deref(),
+                e.token_id.as_deref(),
+                e.provider.as_deref(),
+                e.service.as_deref(),
+                e.operation.as_deref(),
+                &e.method,
+                &e.path,
+                json_list(&e.subjects),
+                json_list(&e.fields),
+                e.decision.as_str(),
+                e.reason.as_deref(),
+                e.status,
+                &e.policy_version,
+                &r.prev_hash,
+                &r.hash,
+                e.shadow_decision.map(super::Decision::as_str),
+                e.response_digest.as_deref(),
+                u8::from(e.restricted),
+                e.upstream_status,
+                u8::from(e.pseudonymised),
+                e.phase.as_deref(),
+                e.attempt_id.as_deref(),
+                e.request_digest.as_deref(),
+                (!e.written.is_empty()).then(|| json_list(&e.written)),
+                e.trace_id.as_deref(),
+            )
+        })
+        .collect();
     let subjects: Vec<(i64, &str)> = records
         .iter()
         .flat_map(|r| {
@@ -873,23 +976,12 @@ async fn write_rows(
                 .map(move |s| (r.seq, s))
         })
         .collect();
-    for chunk in subjects.chunks(SUBJECT_ROWS_PER_INSERT) {
-        let sql = insert_sql(
-            backend,
-            "INSERT INTO audit_subjects (node, seq, subject) VALUES ",
-            3,
-            chunk.len(),
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (seq, subject) in chunk {
-            q = q.bind(node).bind(*seq).bind(*subject);
-        }
-        q.execute(&mut *conn).await?;
-    }
-    if let Some(cp) = checkpoint {
-        checkpoint::insert(conn, cp).await?;
-    }
-    Ok(())
+    let subjects = if subjects.is_empty() {
+        None
+    } else {
+        Some(serde_json::to_string(&subjects)?)
+    };
+    Ok((serde_json::to_string(&rows)?, subjects))
 }
 
 /// The subjects of a record without repeats, sorted: the rows of its index.
@@ -904,45 +996,4 @@ pub(crate) fn distinct(subjects: &[String]) -> Vec<&str> {
 fn json_list(items: &[String]) -> String {
     // Serialising strings to JSON cannot fail.
     serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
-}
-
-/// `prefix` followed by `rows` groups of `cols` placeholders.
-///
-/// SQLite gets anonymous `?`: sqlx asks SQLite for the name of every
-/// parameter it binds, and SQLite finds a numbered one by a linear scan, so
-/// `$n` would make a batch of hundreds of parameters cost quadratic time.
-/// PostgreSQL needs `$n`.
-fn insert_sql(backend: Backend, prefix: &str, cols: usize, rows: usize) -> String {
-    let mut sql = String::with_capacity(prefix.len() + rows * cols * 6);
-    sql.push_str(prefix);
-    let mut n = 0;
-    for row in 0..rows {
-        sql.push_str(if row == 0 { "(" } else { ",(" });
-        for col in 0..cols {
-            n += 1;
-            sql.push_str(if col == 0 { "" } else { "," });
-            match backend {
-                Backend::Sqlite => sql.push('?'),
-                Backend::Postgres => {
-                    let _ = write!(sql, "${n}");
-                }
-            }
-        }
-        sql.push(')');
-    }
-    sql
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders_are_numbered_across_rows_on_postgres_and_anonymous_on_sqlite() {
-        assert_eq!(
-            insert_sql(Backend::Postgres, "V ", 2, 2),
-            "V ($1,$2),($3,$4)"
-        );
-        assert_eq!(insert_sql(Backend::Sqlite, "V ", 2, 2), "V (?,?),(?,?)");
-    }
 }
