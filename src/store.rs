@@ -222,6 +222,10 @@ impl Store {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max)
+            // A SQLite connection is a file handle in this process: the test query on every
+            // acquire would only cost a round trip to its worker thread. A connection whose
+            // transaction failed is closed instead (`WriteTx`); PostgreSQL's are tested.
+            .test_before_acquire(backend == Backend::Postgres)
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
@@ -329,7 +333,21 @@ impl Store {
     /// SQLite takes the write lock at once (`BEGIN IMMEDIATE`), so a transaction
     /// that reads before it writes cannot fail half-way on a lock upgrade.
     pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
+        self.begin_write_on(None).await
+    }
+
+    /// [`Store::begin_write`] on `held`, a connection kept from an earlier
+    /// [`WriteTx::commit_keep`] (none: one from the pool). A writer that commits
+    /// often keeps its connection so it is not taken from the pool, and tested,
+    /// for every transaction; one whose transaction failed was closed instead.
+    pub async fn begin_write_on(
+        &self,
+        held: Option<PoolConnection<Any>>,
+    ) -> Result<WriteTx, sqlx::Error> {
+        let mut conn = match held {
+            Some(conn) => conn,
+            None => self.pool.acquire().await?,
+        };
         if conn.is_in_transaction() {
             // Cannot happen with the release check above; never write into someone else's transaction.
             conn.close_on_drop();
@@ -347,10 +365,10 @@ impl Store {
             Backend::Postgres => "BEGIN",
         };
         let mut tx = WriteTx {
-            conn,
+            conn: Some(conn),
             committed: false,
         };
-        sqlx::raw_sql(begin).execute(&mut *tx.conn).await?;
+        sqlx::raw_sql(begin).execute(tx.conn()).await?;
         Ok(tx)
     }
 }
@@ -364,7 +382,8 @@ impl Store {
 /// starts on a clean connection and nothing is ever answered for a commit
 /// that only happened inside an enclosing transaction.
 pub struct WriteTx {
-    conn: PoolConnection<Any>,
+    /// Always set; taken only by [`WriteTx::commit_keep`] once `COMMIT` succeeded.
+    conn: Option<PoolConnection<Any>>,
     committed: bool,
 }
 
@@ -377,21 +396,32 @@ impl std::fmt::Debug for WriteTx {
 impl WriteTx {
     /// The connection to run the transaction's statements on.
     pub fn conn(&mut self) -> &mut AnyConnection {
-        &mut self.conn
+        #[allow(clippy::expect_used)]
+        self.conn
+            .as_deref_mut()
+            .expect("a write transaction holds its connection until it ends")
     }
 
     /// Commits; on failure the connection is closed with the transaction in it.
-    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql("COMMIT").execute(&mut *self.conn).await?;
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.commit_keep().await.map(drop)
+    }
+
+    /// Commits and hands the connection back for the writer's next transaction
+    /// ([`Store::begin_write_on`]); on failure it is closed with the transaction in it.
+    pub async fn commit_keep(mut self) -> Result<PoolConnection<Any>, sqlx::Error> {
+        sqlx::raw_sql("COMMIT").execute(self.conn()).await?;
         self.committed = true;
-        Ok(())
+        self.conn
+            .take()
+            .ok_or_else(|| sqlx::Error::Protocol("write transaction without its connection".into()))
     }
 }
 
 impl Drop for WriteTx {
     fn drop(&mut self) {
-        if !self.committed {
-            self.conn.close_on_drop();
+        if let (false, Some(conn)) = (self.committed, self.conn.as_mut()) {
+            conn.close_on_drop();
         }
     }
 }

@@ -233,6 +233,7 @@ impl AuditLog {
             tree: None,
             tree_disabled: false,
             heads: heads_tx,
+            conn: None,
         };
         let task = tokio::spawn(writer.run(rx, close.clone()));
         Ok((
@@ -359,6 +360,8 @@ struct Writer {
     tree_disabled: bool,
     /// Tells the witness task about each new tree head.
     heads: tokio::sync::watch::Sender<u64>,
+    /// The connection batches commit on, kept between them (none after a failure).
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
 }
 
 /// A time when the store refused to commit: what the recovery event reports.
@@ -530,10 +533,12 @@ impl Writer {
     async fn commit(&mut self, entries: &[&Entry]) -> Result<Vec<Committed>, Failure> {
         let backend = self.store.backend();
         let began = Instant::now();
+        // The connection of the last transaction that committed; a failed one was closed.
+        let held = self.conn.take();
         let result = async {
             let mut tx = self
                 .store
-                .begin_write()
+                .begin_write_on(held)
                 .await
                 .map_err(|e| Failure::of(&e, backend))?;
             let head = match &self.head {
@@ -577,12 +582,16 @@ impl Writer {
                 .check_node_lock(tx.conn())
                 .await
                 .map_err(|e| Failure::of(&e, backend))?;
-            tx.commit().await.map_err(|e| Failure::of(&e, backend))?;
-            Ok((chained, checkpoint, tree, Head { seq, hash: prev }))
+            let conn = tx
+                .commit_keep()
+                .await
+                .map_err(|e| Failure::of(&e, backend))?;
+            Ok((chained, checkpoint, tree, Head { seq, hash: prev }, conn))
         }
         .await;
         match result {
-            Ok((chained, checkpoint, tree, head)) => {
+            Ok((chained, checkpoint, tree, head, conn)) => {
+                self.conn = Some(conn);
                 if checkpoint.is_some() {
                     self.last_checkpoint = (head.seq, Instant::now());
                 }
@@ -846,12 +855,9 @@ const INSERT_SUBJECTS: [&str; 2] = [
      SELECT $1, (e ->> 0)::bigint, e ->> 1 FROM jsonb_array_elements($2::jsonb) AS e",
 ];
 
-fn dialect(backend: Backend) -> usize {
-    match backend {
-        Backend::Sqlite => 0,
-        Backend::Postgres => 1,
-    }
-}
+/// SQLite takes both inserts as one statement text, run in one round trip.
+static INSERT_BATCH_SQLITE: LazyLock<String> =
+    LazyLock::new(|| format!("{}; {}", INSERT_LOG[0], INSERT_SUBJECTS[0]));
 
 /// Writes the records and their subject index rows (and a checkpoint) on the transaction's connection.
 async fn write_rows(
@@ -862,17 +868,29 @@ async fn write_rows(
     checkpoint: Option<&Checkpoint>,
 ) -> Result<(), sqlx::Error> {
     let (rows, subjects) = batch_json(node, records).map_err(|e| sqlx::Error::Encode(e.into()))?;
-    let d = dialect(backend);
-    sqlx::query(AssertSqlSafe(INSERT_LOG[d].as_str()))
-        .bind(rows)
-        .execute(&mut *conn)
-        .await?;
-    if let Some(subjects) = subjects {
-        sqlx::query(INSERT_SUBJECTS[d])
-            .bind(node)
-            .bind(subjects)
-            .execute(&mut *conn)
-            .await?;
+    match backend {
+        // Both statements in one round trip to the connection's worker thread.
+        Backend::Sqlite => {
+            sqlx::query(AssertSqlSafe(INSERT_BATCH_SQLITE.as_str()))
+                .bind(rows)
+                .bind(node)
+                .bind(subjects.unwrap_or_else(|| "[]".to_owned()))
+                .execute(&mut *conn)
+                .await?;
+        }
+        Backend::Postgres => {
+            sqlx::query(AssertSqlSafe(INSERT_LOG[1].as_str()))
+                .bind(rows)
+                .execute(&mut *conn)
+                .await?;
+            if let Some(subjects) = subjects {
+                sqlx::query(INSERT_SUBJECTS[1])
+                    .bind(node)
+                    .bind(subjects)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
     }
     if let Some(cp) = checkpoint {
         checkpoint::insert(conn, cp).await?;
