@@ -809,11 +809,11 @@ async fn load_head(conn: &mut AnyConnection, node: &str) -> Result<Head, AuditEr
     })
 }
 
-/// The batch insert of records: the rows travel as one bound JSON text (an array of
-/// arrays, one value per column of [`audit_columns!`]), so the statement is the same
-/// for every batch (prepared once per connection) and binds one value, not 35 a row.
-/// PostgreSQL needs its integer columns cast from text.
-static INSERT_LOG: LazyLock<[String; 2]> = LazyLock::new(|| {
+/// PostgreSQL's batch insert of records: the rows travel as one bound JSON text (an array
+/// of arrays, one value per column of [`audit_columns!`]; `jsonb` indexes an array in
+/// constant time), so the statement is the same for every batch and binds one value, not
+/// 35 a row. The integer columns are cast from text.
+static INSERT_LOG_POSTGRES: LazyLock<String> = LazyLock::new(|| {
     let integer = [
         "seq",
         "status",
@@ -821,43 +821,69 @@ static INSERT_LOG: LazyLock<[String; 2]> = LazyLock::new(|| {
         "upstream_status",
         "pseudonymised",
     ];
-    let cols: Vec<&str> = audit_columns!().split(", ").map(str::trim).collect();
-    debug_assert_eq!(cols.len(), AUDIT_COLUMN_COUNT);
-    let select = |backend: Backend| {
-        cols.iter()
-            .enumerate()
-            .map(|(i, col)| match backend {
-                Backend::Sqlite => format!("value ->> {i}"),
-                Backend::Postgres if integer.contains(col) => format!("(e ->> {i})::bigint"),
-                Backend::Postgres => format!("e ->> {i}"),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    [
-        format!(
-            "INSERT INTO audit_log ({}) SELECT {} FROM jsonb_each(?)",
-            audit_columns!(),
-            select(Backend::Sqlite)
-        ),
-        format!(
-            "INSERT INTO audit_log ({}) SELECT {} FROM jsonb_array_elements($1::jsonb) AS e",
-            audit_columns!(),
-            select(Backend::Postgres)
-        ),
-    ]
+    let select = audit_columns!()
+        .split(", ")
+        .map(str::trim)
+        .enumerate()
+        .map(|(i, col)| {
+            if integer.contains(&col) {
+                format!("(e ->> {i})::bigint")
+            } else {
+                format!("e ->> {i}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO audit_log ({}) SELECT {select} FROM jsonb_array_elements($1::jsonb) AS e",
+        audit_columns!()
+    )
 });
 
-/// The subject index rows of a batch, as one bound JSON text of `[seq, subject]` pairs.
-const INSERT_SUBJECTS: [&str; 2] = [
-    "INSERT INTO audit_subjects (node, seq, subject) SELECT ?, value ->> 0, value ->> 1 FROM jsonb_each(?)",
-    "INSERT INTO audit_subjects (node, seq, subject) \
-     SELECT $1, (e ->> 0)::bigint, e ->> 1 FROM jsonb_array_elements($2::jsonb) AS e",
-];
+/// PostgreSQL's subject index rows of a batch, as one bound JSON text of `[seq, subject]` pairs.
+const INSERT_SUBJECTS_POSTGRES: &str = "INSERT INTO audit_subjects (node, seq, subject) \
+     SELECT $1, (e ->> 0)::bigint, e ->> 1 FROM jsonb_array_elements($2::jsonb) AS e";
 
-/// SQLite takes both inserts as one statement text, run in one round trip.
-static INSERT_BATCH_SQLITE: LazyLock<String> =
-    LazyLock::new(|| format!("{}; {}", INSERT_LOG[0], INSERT_SUBJECTS[0]));
+/// Most rows in one SQLite insert (256 × 35 values stays far below its 32,766).
+///
+/// SQLite takes positional values (`?`): reading 35 members out of each row of a JSON
+/// text costs it more than binding them. A batch is written in chunks of a power of two
+/// rows, so at most nine statement texts per table exist, each prepared once per connection.
+const SQLITE_MAX_ROWS: usize = 256;
+
+/// `INSERT … VALUES` for 1, 2, 4, … [`SQLITE_MAX_ROWS`] rows of `cols` values (anonymous
+/// `?`: SQLite finds a numbered parameter by a linear scan).
+fn sqlite_inserts(prefix: &str, cols: usize) -> Vec<String> {
+    let row = format!("({})", vec!["?"; cols].join(","));
+    std::iter::successors(Some(1usize), |n| (*n < SQLITE_MAX_ROWS).then_some(n * 2))
+        .map(|rows| format!("{prefix} VALUES {}", vec![row.as_str(); rows].join(",")))
+        .collect()
+}
+
+static INSERT_LOG_SQLITE: LazyLock<Vec<String>> = LazyLock::new(|| {
+    sqlite_inserts(
+        concat!("INSERT INTO audit_log (", audit_columns!(), ")"),
+        AUDIT_COLUMN_COUNT,
+    )
+});
+
+static INSERT_SUBJECTS_SQLITE: LazyLock<Vec<String>> =
+    LazyLock::new(|| sqlite_inserts("INSERT INTO audit_subjects (node, seq, subject)", 3));
+
+/// `items` in runs of the largest power of two that fits (at most [`SQLITE_MAX_ROWS`]),
+/// each with the index of its statement text.
+fn power_chunks<T>(mut items: &[T]) -> impl Iterator<Item = (usize, &[T])> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let n = items.len().min(SQLITE_MAX_ROWS);
+        let k = n.ilog2() as usize;
+        let (chunk, rest) = items.split_at(1 << k);
+        items = rest;
+        Some((k, chunk))
+    })
+}
 
 /// Writes the records and their subject index rows (and a checkpoint) on the transaction's connection.
 async fn write_rows(
@@ -867,24 +893,36 @@ async fn write_rows(
     records: &[Chained<'_>],
     checkpoint: Option<&Checkpoint>,
 ) -> Result<(), sqlx::Error> {
-    let (rows, subjects) = batch_json(node, records).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let subjects = subject_rows(records);
     match backend {
-        // Both statements in one round trip to the connection's worker thread.
         Backend::Sqlite => {
-            sqlx::query(AssertSqlSafe(INSERT_BATCH_SQLITE.as_str()))
-                .bind(rows)
-                .bind(node)
-                .bind(subjects.unwrap_or_else(|| "[]".to_owned()))
-                .execute(&mut *conn)
-                .await?;
+            for (k, chunk) in power_chunks(records) {
+                let sql = INSERT_LOG_SQLITE.get(k).map_or("", String::as_str);
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for r in chunk {
+                    q = bind_row(q, node, r);
+                }
+                q.execute(&mut *conn).await?;
+            }
+            for (k, chunk) in power_chunks(&subjects) {
+                let sql = INSERT_SUBJECTS_SQLITE.get(k).map_or("", String::as_str);
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for (seq, subject) in chunk {
+                    q = q.bind(node).bind(*seq).bind(*subject);
+                }
+                q.execute(&mut *conn).await?;
+            }
         }
         Backend::Postgres => {
-            sqlx::query(AssertSqlSafe(INSERT_LOG[1].as_str()))
+            let rows = log_json(node, records).map_err(|e| sqlx::Error::Encode(e.into()))?;
+            sqlx::query(AssertSqlSafe(INSERT_LOG_POSTGRES.as_str()))
                 .bind(rows)
                 .execute(&mut *conn)
                 .await?;
-            if let Some(subjects) = subjects {
-                sqlx::query(INSERT_SUBJECTS[1])
+            if !subjects.is_empty() {
+                let subjects =
+                    serde_json::to_string(&subjects).map_err(|e| sqlx::Error::Encode(e.into()))?;
+                sqlx::query(INSERT_SUBJECTS_POSTGRES)
                     .bind(node)
                     .bind(subjects)
                     .execute(&mut *conn)
@@ -896,6 +934,48 @@ async fn write_rows(
         checkpoint::insert(conn, cp).await?;
     }
     Ok(())
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// Binds one record's columns, in the order of [`audit_columns!`].
+fn bind_row<'q>(q: AnyQuery<'q>, node: &'q str, r: &'q Chained<'_>) -> AnyQuery<'q> {
+    let e = r.entry;
+    q.bind(node)
+        .bind(r.seq)
+        .bind(e.id.as_str())
+        .bind(e.ts.as_str())
+        .bind(e.agency.as_deref())
+        .bind(e.certificate.as_deref())
+        .bind(e.officer.as_deref())
+        .bind(e.purpose.as_deref())
+        .bind(e.legal_basis.as_deref())
+        .bind(e.case_ref.as_deref())
+        .bind(e.consent_ref.as_deref())
+        .bind(e.token_id.as_deref())
+        .bind(e.provider.as_deref())
+        .bind(e.service.as_deref())
+        .bind(e.operation.as_deref())
+        .bind(e.method.as_str())
+        .bind(e.path.as_str())
+        .bind(json_list(&e.subjects))
+        .bind(json_list(&e.fields))
+        .bind(e.decision.as_str())
+        .bind(e.reason.as_deref())
+        .bind(i32::from(e.status))
+        .bind(e.policy_version.as_str())
+        .bind(r.prev_hash.as_str())
+        .bind(r.hash.as_str())
+        .bind(e.shadow_decision.map(super::Decision::as_str))
+        .bind(e.response_digest.as_deref())
+        .bind(i32::from(e.restricted))
+        .bind(e.upstream_status.map(i32::from))
+        .bind(i32::from(e.pseudonymised))
+        .bind(e.phase.as_deref())
+        .bind(e.attempt_id.as_deref())
+        .bind(e.request_digest.as_deref())
+        .bind((!e.written.is_empty()).then(|| json_list(&e.written)))
+        .bind(e.trace_id.as_deref())
 }
 
 /// One record's columns, in the order of [`audit_columns!`], as its JSON row.
@@ -938,11 +1018,8 @@ struct Row<'a>(
     Option<&'a str>,
 );
 
-/// The batch's log rows and (if any) subject index rows, each as one JSON text.
-fn batch_json(
-    node: &str,
-    records: &[Chained<'_>],
-) -> Result<(String, Option<String>), serde_json::Error> {
+/// The batch's log rows as one JSON text (PostgreSQL).
+fn log_json(node: &str, records: &[Chained<'_>]) -> Result<String, serde_json::Error> {
     let rows: Vec<Row<'_>> = records
         .iter()
         .map(|r| {
@@ -986,20 +1063,19 @@ fn batch_json(
             )
         })
         .collect();
-    let subjects: Vec<(i64, &str)> = records
+    serde_json::to_string(&rows)
+}
+
+/// The batch's subject index rows: each record's distinct subjects.
+fn subject_rows<'a>(records: &'a [Chained<'_>]) -> Vec<(i64, &'a str)> {
+    records
         .iter()
         .flat_map(|r| {
             distinct(&r.entry.subjects)
                 .into_iter()
                 .map(move |s| (r.seq, s))
         })
-        .collect();
-    let subjects = if subjects.is_empty() {
-        None
-    } else {
-        Some(serde_json::to_string(&subjects)?)
-    };
-    Ok((serde_json::to_string(&rows)?, subjects))
+        .collect()
 }
 
 /// The subjects of a record without repeats, sorted: the rows of its index.
@@ -1014,4 +1090,23 @@ pub(crate) fn distinct(subjects: &[String]) -> Vec<&str> {
 fn json_list(items: &[String]) -> String {
     // Serialising strings to JSON cannot fail.
     serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_go_in_power_of_two_chunks_with_few_statement_texts() {
+        let items: Vec<usize> = (0..300).collect();
+        let sizes: Vec<(usize, usize)> = power_chunks(&items).map(|(k, c)| (k, c.len())).collect();
+        assert_eq!(sizes, vec![(8, 256), (5, 32), (3, 8), (2, 4)]);
+        assert_eq!(power_chunks(&items[..1]).count(), 1);
+        assert_eq!(INSERT_LOG_SQLITE.len(), 9);
+        assert!(INSERT_LOG_SQLITE[1].ends_with(&format!(
+            "({0}),({0})",
+            vec!["?"; AUDIT_COLUMN_COUNT].join(",")
+        )));
+        assert!(INSERT_SUBJECTS_SQLITE[0].ends_with("VALUES (?,?,?)"));
+    }
 }
