@@ -384,15 +384,21 @@ fn providers_json(gateway: &Gateway, policy: &Policy) -> Value {
         .providers()
         .map(|p| {
             let state = states.iter().find(|(id, _)| *id == p.id).map(|(_, s)| s);
-            let upstream = match &p.upstream {
-                Upstream::Url(u) => u.clone(),
-                Upstream::Builtin(n) => format!("builtin:{n}"),
+            let (upstream, in_process) = match &p.upstream {
+                Upstream::Url(u) => (u.clone(), false),
+                Upstream::Builtin(n) => (format!("builtin:{n}"), super::find(n).is_some()),
+            };
+            // A provider answered in-process is never forwarded to: it has no breaker.
+            let breaker = match state {
+                Some(s) => s.breaker,
+                None if in_process => "none: answered in-process",
+                None => "not asked yet",
             };
             json!({
                 "id": p.id,
                 "title": p.title,
                 "upstream": upstream,
-                "breaker": state.map_or("not asked yet", |s| s.breaker),
+                "breaker": breaker,
                 "retry_after_seconds": state.and_then(|s| s.retry_after).map(|d| d.as_secs()),
                 "in_flight": state.map_or(0, |s| s.in_flight),
                 "opened": state.map_or(0, |s| s.opened),
