@@ -26,6 +26,9 @@ use crate::problem::Body;
 /// Records where shadow decisions differ, listed on the shadow page (newest first).
 pub const SHADOW_LISTED: usize = 100;
 
+/// A page, or the page that stands in for it (the API's refusal, a failure).
+pub type Page = Result<Response<Body>, Response<Body>>;
+
 /// Reads `path` through the pipeline as the officer and parses its JSON answer.
 async fn api_json(console: &Console, v: &Visit<'_>, path: &str) -> Result<Value, Response<Body>> {
     let body = api(console, v, path).await?;
@@ -106,7 +109,7 @@ struct PolicyPage<'a> {
 }
 
 /// `GET /policy`: the policy as the administrators' API gives it, and the explain form.
-pub async fn policy(console: &Console, v: &Visit<'_>) -> Response<Body> {
+pub async fn policy(console: &Console, v: &Visit<'_>) -> Page {
     let x = Explain {
         method: "GET".into(),
         ..Explain::default()
@@ -119,11 +122,8 @@ async fn policy_page(
     v: &Visit<'_>,
     x: Explain,
     explained: Option<String>,
-) -> Response<Body> {
-    let p = match api_json(console, v, "/v1/admin/policy").await {
-        Ok(p) => p,
-        Err(page) => return page,
-    };
+) -> Page {
+    let p = api_json(console, v, "/v1/admin/policy").await?;
     let agencies: Vec<AgencyRow> = list(&p, "agencies")
         .iter()
         .map(|a| AgencyRow {
@@ -164,7 +164,7 @@ async fn policy_page(
             (a.id.clone(), cells)
         })
         .collect();
-    render(&PolicyPage {
+    Ok(render(&PolicyPage {
         lang: "en",
         title: "Policy",
         who: who(&v.session),
@@ -176,11 +176,11 @@ async fn policy_page(
         purposes,
         services,
         matrix,
-    })
+    }))
 }
 
 /// `POST /explain`: the decision for an imagined request, from the administrators' API.
-pub async fn explain(console: &Console, v: &Visit<'_>) -> Response<Body> {
+pub async fn explain(console: &Console, v: &Visit<'_>) -> Page {
     let x = Explain {
         agency: v.get("agency"),
         purpose: v.get("purpose"),
@@ -195,10 +195,10 @@ pub async fn explain(console: &Console, v: &Visit<'_>) -> Response<Body> {
         ("path", x.path.clone()),
         ("case", x.case.clone()),
     ]);
-    let said = match api_json(console, v, &format!("/v1/admin/explain?{q}")).await {
-        Ok(a) => text(&a, "explanation"),
-        Err(page) => return page,
-    };
+    let said = text(
+        &api_json(console, v, &format!("/v1/admin/explain?{q}")).await?,
+        "explanation",
+    );
     policy_page(console, v, x, Some(said)).await
 }
 
@@ -232,16 +232,13 @@ struct Chains<'a> {
 }
 
 /// `GET /chains` (heads and checkpoints) and `POST /chains` (every chain verified), from the auditors' API.
-pub async fn chains(console: &Console, v: &Visit<'_>, verify: bool) -> Response<Body> {
+pub async fn chains(console: &Console, v: &Visit<'_>, verify: bool) -> Page {
     let path = if verify {
         "/v1/audit/chains?verify=true"
     } else {
         "/v1/audit/chains"
     };
-    let c = match api_json(console, v, path).await {
-        Ok(c) => c,
-        Err(page) => return page,
-    };
+    let c = api_json(console, v, path).await?;
     let short = |h: String| h.chars().take(16).collect::<String>();
     let nodes = list(&c, "nodes")
         .iter()
@@ -283,14 +280,14 @@ pub async fn chains(console: &Console, v: &Visit<'_>, verify: bool) -> Response<
             result: text(n, "result"),
         })
         .collect();
-    render(&Chains {
+    Ok(render(&Chains {
         lang: "en",
         title: "Hash chains",
         who: who(&v.session),
         csrf: v.session.csrf.clone(),
         nodes,
         verified,
-    })
+    }))
 }
 
 // ---------------------------------------------------------------- policy reloads
@@ -325,7 +322,7 @@ struct Reloads<'a> {
 }
 
 /// `GET /reloads[?old=&new=]`: the reload events, the sets this node holds, and the difference between two.
-pub async fn reloads(console: &Console, v: &Visit<'_>) -> Response<Body> {
+pub async fn reloads(console: &Console, v: &Visit<'_>) -> Page {
     let (old, new) = (v.get("old"), v.get("new"));
     let q = query_string(&[("old", old.clone()), ("new", new.clone())]);
     let path = if q.is_empty() {
@@ -333,10 +330,7 @@ pub async fn reloads(console: &Console, v: &Visit<'_>) -> Response<Body> {
     } else {
         format!("/v1/admin/reloads?{q}")
     };
-    let r = match api_json(console, v, &path).await {
-        Ok(r) => r,
-        Err(page) => return page,
-    };
+    let r = api_json(console, v, &path).await?;
     let sets: Vec<SetRow> = list(&r, "sets")
         .iter()
         .map(|s| SetRow {
@@ -371,7 +365,7 @@ pub async fn reloads(console: &Console, v: &Visit<'_>) -> Response<Body> {
             text(d, "text")
         )
     });
-    render(&Reloads {
+    Ok(render(&Reloads {
         lang: "en",
         title: "Policy reloads",
         who: who(&v.session),
@@ -390,7 +384,7 @@ pub async fn reloads(console: &Console, v: &Visit<'_>) -> Response<Body> {
         old,
         new,
         diff,
-    })
+    }))
 }
 
 // ---------------------------------------------------------------- shadow grants
@@ -405,6 +399,9 @@ pub struct Divergence {
     count: usize,
     last: String,
 }
+
+/// Agency, service, purpose, enforced and shadow decision: what a group of diverging records shares.
+type DivergenceKey = (String, String, String, String, String);
 
 /// One such record, for display.
 pub struct ShadowRecord {
@@ -433,11 +430,8 @@ struct Shadow<'a> {
 }
 
 /// `GET /shadow`: the shadow grants, and the records of the window where their decision differs.
-pub async fn shadow(console: &Console, v: &Visit<'_>) -> Response<Body> {
-    let s = match api_json(console, v, "/v1/admin/shadow").await {
-        Ok(s) => s,
-        Err(page) => return page,
-    };
+pub async fn shadow(console: &Console, v: &Visit<'_>) -> Page {
+    let s = api_json(console, v, "/v1/admin/shadow").await?;
     let since = OffsetDateTime::now_utc() - time::Duration::days(WINDOW_DAYS);
     let q = query_string(&[
         ("shadow_diff", "true".into()),
@@ -445,14 +439,12 @@ pub async fn shadow(console: &Console, v: &Visit<'_>) -> Response<Body> {
         ("limit", MAX_LIMIT.to_string()),
         ("format", "json".into()),
     ]);
-    let recs = match api_json(console, v, &format!("/v1/audit/records?{q}")).await {
-        Ok(Value::Array(r)) => r,
-        Ok(_) => Vec::new(),
-        Err(page) => return page,
+    let recs = match api_json(console, v, &format!("/v1/audit/records?{q}")).await? {
+        Value::Array(r) => r,
+        _ => Vec::new(),
     };
     let service = |r: &Value| format!("{}/{}", text(r, "provider"), text(r, "service"));
-    let mut groups: BTreeMap<(String, String, String, String, String), (usize, String)> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<DivergenceKey, (usize, String)> = BTreeMap::new();
     for r in &recs {
         let g = groups
             .entry((
@@ -466,7 +458,7 @@ pub async fn shadow(console: &Console, v: &Visit<'_>) -> Response<Body> {
         g.0 += 1;
         g.1 = text(r, "ts");
     }
-    render(&Shadow {
+    Ok(render(&Shadow {
         lang: "en",
         title: "Shadow grants",
         who: who(&v.session),
@@ -506,7 +498,7 @@ pub async fn shadow(console: &Console, v: &Visit<'_>) -> Response<Body> {
                 reason: text(r, "reason"),
             })
             .collect(),
-    })
+    }))
 }
 
 // ---------------------------------------------------------------- certificates
@@ -539,12 +531,9 @@ const SOON_DAYS: f64 = 30.0;
 const CRL_SOON_DAYS: f64 = 2.0;
 
 /// `GET /certificates`: every certificate and CRL the node uses, with the days left.
-pub async fn certificates(console: &Console, v: &Visit<'_>) -> Response<Body> {
-    let c = match api_json(console, v, "/v1/admin/certificates").await {
-        Ok(c) => c,
-        Err(page) => return page,
-    };
-    render(&Certificates {
+pub async fn certificates(console: &Console, v: &Visit<'_>) -> Page {
+    let c = api_json(console, v, "/v1/admin/certificates").await?;
+    Ok(render(&Certificates {
         lang: "en",
         title: "Certificates and CRLs",
         who: who(&v.session),
@@ -575,7 +564,7 @@ pub async fn certificates(console: &Console, v: &Visit<'_>) -> Response<Body> {
             .iter()
             .filter_map(|p| p.as_str().map(str::to_owned))
             .collect(),
-    })
+    }))
 }
 
 // ---------------------------------------------------------------- providers and quotas
@@ -607,11 +596,8 @@ struct Providers<'a> {
 }
 
 /// `GET /providers`: breakers and slots of each provider; the quotas in force and their refusals.
-pub async fn providers(console: &Console, v: &Visit<'_>) -> Response<Body> {
-    let p = match api_json(console, v, "/v1/admin/providers").await {
-        Ok(p) => p,
-        Err(page) => return page,
-    };
+pub async fn providers(console: &Console, v: &Visit<'_>) -> Page {
+    let p = api_json(console, v, "/v1/admin/providers").await?;
     let s = p.get("settings").unwrap_or(&Value::Null);
     let quotas = p.get("quotas").unwrap_or(&Value::Null);
     let or_default = |v: String| {
@@ -621,7 +607,7 @@ pub async fn providers(console: &Console, v: &Visit<'_>) -> Response<Body> {
             v
         }
     };
-    render(&Providers {
+    Ok(render(&Providers {
         lang: "en",
         title: "Providers and quotas",
         who: who(&v.session),
@@ -705,7 +691,7 @@ pub async fn providers(console: &Console, v: &Visit<'_>) -> Response<Body> {
             },
             text(&p, "replicas")
         ),
-    })
+    }))
 }
 
 // ---------------------------------------------------------------- latency
@@ -729,24 +715,21 @@ struct Latency<'a> {
 }
 
 /// `GET /latency[?by=agency|provider]`: request latency percentiles per interval, one chart per agency or provider.
-pub async fn latency(console: &Console, v: &Visit<'_>) -> Response<Body> {
+pub async fn latency(console: &Console, v: &Visit<'_>) -> Page {
     let by = if v.get("by") == "provider" {
         "provider"
     } else {
         "agency"
     };
-    let l = match api_json(console, v, &format!("/v1/admin/latency?by={by}")).await {
-        Ok(l) => l,
-        Err(page) => return page,
-    };
-    render(&Latency {
+    let l = api_json(console, v, &format!("/v1/admin/latency?by={by}")).await?;
+    Ok(render(&Latency {
         lang: "en",
         title: "Latency",
         who: who(&v.session),
         by: by.to_owned(),
         every: text(&l, "every_seconds"),
         charts: latency_charts(&l),
-    })
+    }))
 }
 
 /// The percentile charts of an administrators' API latency answer, one per agency or provider with requests.

@@ -177,18 +177,23 @@ impl Console {
             (&Method::POST, "/report") => pages::report(self, &visit).await,
             (&Method::GET, "/signals") => pages::signals(self, &visit).await,
             (&Method::GET, "/charts") => pages::charts(self, &visit).await,
-            (&Method::GET, "/policy") => admin::policy(self, &visit).await,
-            (&Method::POST, "/explain") => admin::explain(self, &visit).await,
-            (&Method::GET, "/chains") => admin::chains(self, &visit, false).await,
-            (&Method::POST, "/chains") => admin::chains(self, &visit, true).await,
-            (&Method::GET, "/reloads") => admin::reloads(self, &visit).await,
-            (&Method::GET, "/shadow") => admin::shadow(self, &visit).await,
-            (&Method::GET, "/certificates") => admin::certificates(self, &visit).await,
-            (&Method::GET, "/providers") => admin::providers(self, &visit).await,
-            (&Method::GET, "/latency") => admin::latency(self, &visit).await,
+            (&Method::GET, "/policy") => page(admin::policy(self, &visit).await),
+            (&Method::POST, "/explain") => page(admin::explain(self, &visit).await),
+            (&Method::GET, "/chains") => page(admin::chains(self, &visit, false).await),
+            (&Method::POST, "/chains") => page(admin::chains(self, &visit, true).await),
+            (&Method::GET, "/reloads") => page(admin::reloads(self, &visit).await),
+            (&Method::GET, "/shadow") => page(admin::shadow(self, &visit).await),
+            (&Method::GET, "/certificates") => page(admin::certificates(self, &visit).await),
+            (&Method::GET, "/providers") => page(admin::providers(self, &visit).await),
+            (&Method::GET, "/latency") => page(admin::latency(self, &visit).await),
             _ => plain(StatusCode::NOT_FOUND, "no such console page"),
         }
     }
+}
+
+/// The page, or the answer that stands in for it.
+fn page(p: admin::Page) -> Response<Body> {
+    p.unwrap_or_else(|refused| refused)
 }
 
 /// Headers every console answer carries.
