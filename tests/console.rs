@@ -3,10 +3,15 @@
 //! plain HTTPS for what a browser hides: the Content-Security-Policy, the
 //! cookie flags, CSRF refusals, tokens that sign in only once.
 //!
-//! Every page that shows log data must leave its own audit record (an
-//! auditors' API read through the pipeline, certificate `console-session`):
-//! the walkthrough counts them at the end. Screenshots of the main pages go
-//! to `target/console-screenshots/`.
+//! Every page that shows data must leave its own audit record (an auditors'
+//! or administrators' API read through the pipeline, certificate
+//! `console-session`): the walkthroughs count them at the end. The
+//! administrators' pages are the policy's to give: the gateway's
+//! administrators (`dga`, purpose `policy-administration`) open each and see
+//! its data — a policy file edited during the test shows in the reload
+//! difference and the shadow page — and a security officer is refused them
+//! with a recorded 403. Screenshots of the main pages go to
+//! `target/console-screenshots/`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -68,8 +73,13 @@ async fn traffic(gw: &TestGateway) {
 
 /// Console requests that reached the log: the auditors' API reads made through the console.
 async fn console_reads(gw: &TestGateway) -> Vec<karibche::audit::Record> {
+    console_requests(gw, "audit").await
+}
+
+/// Console requests to `provider` (`audit`, `admin`) that reached the log.
+async fn console_requests(gw: &TestGateway, provider: &str) -> Vec<karibche::audit::Record> {
     let filter = karibche::audit::Filter {
-        provider: Some("audit".into()),
+        provider: Some(provider.into()),
         ..Default::default()
     };
     karibche::audit::query(&gw.running.store, &filter)
@@ -441,15 +451,34 @@ impl Browser {
         std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
     }
 
+    /// Signs in as `officer` of `agency` under `purpose` with a fresh ten-minute token.
+    async fn sign_in_as(&self, gw: &TestGateway, agency: &str, officer: &str, purpose: &str) {
+        self.sign_in(&token(
+            gw,
+            agency,
+            officer,
+            purpose,
+            Duration::from_secs(600),
+        ))
+        .await;
+    }
+
     /// Signs in through the one-time URL `karibche console login` prints (token in the fragment).
     async fn sign_in(&self, token: &str) {
         self.goto(&format!("/signin#token={token}")).await;
-        self.client
+        let signed = self
+            .client
             .wait()
             .at_most(Duration::from_secs(10))
             .for_element(Locator::Css("#signout"))
-            .await
-            .expect("signed in");
+            .await;
+        if let Err(e) = signed {
+            // Say where the browser stands: the page it shows is the cause.
+            let url = self.client.current_url().await.map(|u| u.to_string());
+            let page = self.client.source().await.unwrap_or_default();
+            self.shot("sign-in-failed").await;
+            panic!("not signed in ({e}): at {url:?}, showing:\n{page}");
+        }
     }
 }
 
@@ -460,14 +489,7 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
     let b = Browser::start(console_addr(&gw)).await;
 
     // Sign in (pdps, supervision) with a one-time URL; the script posts the token.
-    b.sign_in(&token(
-        &gw,
-        "pdps",
-        "so-1",
-        "supervision",
-        Duration::from_secs(600),
-    ))
-    .await;
+    b.sign_in_as(&gw, "pdps", "so-1", "supervision").await;
     assert_eq!(b.title().await, "Search the access log");
     assert!(
         !b.client
@@ -511,17 +533,6 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
     );
     b.shot("person").await;
 
-    // Explain, on the policy page.
-    b.goto("/policy").await;
-    b.fill("#x-agency", "mia-border").await;
-    b.fill("#x-purpose", "border-control").await;
-    b.fill("#x-path", &common::person_path(PERSON)).await;
-    b.click("#explain").await;
-    let said = b.text("#explanation").await;
-    assert!(said.contains("allow") || said.contains("ALLOW"), "{said}");
-    assert!(said.contains("mia-border"), "{said}");
-    b.shot("policy").await;
-
     // Charts are SVG drawn on the server.
     b.goto("/charts").await;
     let svgs = b
@@ -534,7 +545,9 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
     b.goto("/signals").await;
     assert_eq!(b.title().await, "Misuse signals");
     b.shot("signals").await;
+    // The chains: heads and checkpoints, then every chain verified (both API reads).
     b.goto("/chains").await;
+    assert!(b.text("#heads").await.contains("record"));
     b.click("#verify").await;
     assert!(b.text("#chains").await.contains("intact"));
 
@@ -545,14 +558,8 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
     assert!(b.title().await.starts_with("Please sign in"));
 
     // A public service hall prints a person's report in Georgian, under its own purpose.
-    b.sign_in(&token(
-        &gw,
-        "psda",
-        "hall-7",
-        "subject-access-request",
-        Duration::from_secs(600),
-    ))
-    .await;
+    b.sign_in_as(&gw, "psda", "hall-7", "subject-access-request")
+        .await;
     b.goto("/report").await;
     b.fill("#subject", PERSON).await;
     b.click("#lang-ka").await;
@@ -572,14 +579,7 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
     b.click("#signout").await;
 
     // An agency's security officer sees their agency only: another's records are refused.
-    b.sign_in(&token(
-        &gw,
-        "psda",
-        "so-psda",
-        "internal-audit",
-        Duration::from_secs(600),
-    ))
-    .await;
+    b.sign_in_as(&gw, "psda", "so-psda", "internal-audit").await;
     b.fill("#f-agency", "mia-border").await;
     b.click("#search").await;
     assert_eq!(b.title().await, "Refused");
@@ -615,7 +615,8 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
             })
             .count()
     };
-    // search, record, person (records), charts, signals
+    // search, record, person (records), charts, signals; the chains twice
+    assert_eq!(by("so-1", "chains"), 2, "heads, then the verification");
     assert!(
         by("so-1", "records") >= 5,
         "{:#?}",
@@ -641,9 +642,227 @@ async fn a_security_officer_follows_the_log_in_a_browser() {
     gw.shutdown().await;
 }
 
+/// A gateway with the console, reading a copy of the policies the test may edit.
+async fn gateway_with_own_policies() -> TestGateway {
+    TestGateway::start_configured(Db::from_env(), |c, dir| {
+        c.console.enabled = true;
+        c.console.listen = "127.0.0.1:0".parse().unwrap();
+        c.policies_dir = common::copy_policies(dir);
+    })
+    .await
+    .expect("the test database is available")
+}
+
+/// A shadow grant for the Border Police: reads of persons only for visa decisions.
+/// Its requests for border control are then allowed, and denied in the shadow.
+const SHADOW_GRANT: &str = "\n# Proposed: border checks move to the visa-decision purpose.\n[[grants]]\nprovider = \"registry\"\nservice = \"persons\"\noperations = [\"read\"]\npurposes = [\"visa-decision\"]\nfields = [\"id\", \"names\"]\nshadow = true\n";
+
+#[tokio::test]
+async fn an_administrator_reads_the_gateway_in_a_browser() {
+    let gw = gateway_with_own_policies().await;
+    let gateway = gw.running.gateway.clone();
+    traffic(&gw).await;
+    let b = Browser::start(console_addr(&gw)).await;
+
+    // The gateway's administrators land on the policy, read through the administrators' API.
+    b.sign_in_as(&gw, "dga", "admin-1", "policy-administration")
+        .await;
+    assert_eq!(b.title().await, "Policy");
+    assert!(b.text("#matrix").await.contains("dga"));
+    b.fill("#x-agency", "mia-border").await;
+    b.fill("#x-purpose", "border-control").await;
+    b.fill("#x-path", &common::person_path(PERSON)).await;
+    b.click("#explain").await;
+    let said = b.text("#explanation").await;
+    assert!(said.contains("allow") || said.contains("ALLOW"), "{said}");
+    assert!(said.contains("mia-border"), "{said}");
+    b.shot("policy").await;
+
+    // A policy file edited while the gateway runs: a shadow grant for the Border Police.
+    let file = gw.config.policies_dir.join("agencies/mia-border.toml");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str(SHADOW_GRANT);
+    std::fs::write(&file, text).unwrap();
+    let before = gateway.policy.load().version().to_owned();
+    // The file watcher may get there first; either way the new set is in force after this.
+    gw.running.reload_policy().await.unwrap();
+    assert_ne!(gateway.policy.load().version(), before, "reloaded");
+    // Border checks now decided twice: allowed, and denied in the shadow. A latency
+    // snapshot between the two bursts gives the chart two intervals.
+    gateway.administration.latency.record(&gateway.metrics);
+    traffic(&gw).await;
+
+    // The reload, and the difference between the two sets in words.
+    b.click("nav a[href='/reloads']").await;
+    assert_eq!(b.title().await, "Policy reloads");
+    assert!(b.text("#events").await.contains("agencies/mia-border.toml"));
+    b.click("#compare").await;
+    let diff = b.text("#diff").await;
+    assert!(diff.contains("mia-border"), "{diff}");
+    assert!(
+        diff.contains("(shadow, not enforced) may now read registry/persons for \"visa-decision\""),
+        "{diff}"
+    );
+    b.shot("reloads").await;
+
+    // The shadow grant, and where it decides otherwise.
+    b.goto("/shadow").await;
+    assert!(b.text("#shadow-grants").await.contains("mia-border"));
+    let diverging = b.text("#divergences").await;
+    assert!(
+        diverging.contains("registry/persons") && diverging.contains("border-control"),
+        "{diverging}"
+    );
+    assert!(
+        !b.text("#shadow-records").await.contains(PERSON),
+        "no subject for administrators"
+    );
+    b.shot("shadow").await;
+
+    // Certificates and CRLs, with the days left.
+    b.goto("/certificates").await;
+    let certs = b.text("#certificates").await;
+    assert!(
+        certs.contains("gateway") && certs.contains("CRL"),
+        "{certs}"
+    );
+    b.shot("certificates").await;
+
+    // Providers' breakers and the quotas in force.
+    b.goto("/providers").await;
+    let providers = b.text("#providers").await;
+    assert!(
+        providers.contains("registry") && providers.contains("closed"),
+        "{providers}"
+    );
+    assert!(b.text("#quota-agencies").await.contains("mia-border"));
+    b.shot("providers").await;
+
+    // Latency percentiles, drawn on the server, by agency and by provider.
+    b.goto("/latency").await;
+    let charts = b
+        .client
+        .find_all(Locator::Css("figure.latency svg"))
+        .await
+        .unwrap();
+    assert!(!charts.is_empty(), "a chart per agency with requests");
+    assert!(b.text("main").await.contains("mia-border"));
+    b.shot("latency").await;
+    b.click("#by-provider").await;
+    b.click("#group").await;
+    assert!(b.text("main").await.contains("registry"));
+
+    // The chains, verified.
+    b.goto("/chains").await;
+    b.click("#verify").await;
+    assert!(b.text("#chains").await.contains("intact"));
+    b.click("#signout").await;
+    assert_eq!(b.title().await, "Signed out");
+
+    // A security officer is not an administrator: refused, with the refusal's record.
+    b.sign_in_as(&gw, "pdps", "so-1", "supervision").await;
+    b.goto("/reloads").await;
+    assert_eq!(b.title().await, "Refused");
+    assert!(b.text("#message").await.contains("Audit record"));
+    b.shot("admin-refused").await;
+
+    // Every page the administrator opened is an API read of its own, recorded under them.
+    let admin = console_requests(&gw, "admin").await;
+    let by = |officer: &str, service: &str| {
+        admin
+            .iter()
+            .filter(|r| {
+                r.entry.officer.as_deref() == Some(officer)
+                    && r.entry.service.as_deref() == Some(service)
+            })
+            .count()
+    };
+    for service in ["reloads", "shadow", "certificates", "providers", "explain"] {
+        assert!(by("admin-1", service) >= 1, "{service}");
+    }
+    assert!(
+        by("admin-1", "policy") >= 2,
+        "the policy page and after explain"
+    );
+    assert_eq!(by("admin-1", "latency"), 2);
+    let shadow_reads: Vec<_> = console_reads(&gw)
+        .await
+        .into_iter()
+        .filter(|r| r.entry.officer.as_deref() == Some("admin-1"))
+        .collect();
+    assert!(shadow_reads
+        .iter()
+        .any(|r| r.entry.path.contains("shadow_diff=true")));
+    let refused: Vec<_> = admin
+        .iter()
+        .filter(|r| r.entry.officer.as_deref() == Some("so-1"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    assert_eq!(refused[0].entry.decision.as_str(), "deny");
+    assert_eq!(refused[0].entry.status, 403);
+    b.client.clone().close().await.unwrap();
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_pages_answer_403_with_their_record_to_others_and_the_log_only_where_shadows_differ()
+{
+    let gw = gateway().await;
+    for (agency, officer, purpose, page) in [
+        ("pdps", "so-1", "supervision", "/policy"),
+        ("pdps", "so-2", "supervision", "/latency"),
+        ("mia-border", "so-3", "internal-audit", "/chains"),
+    ] {
+        let mut http = Http::new(&gw);
+        let signed = http
+            .sign_in(&token(
+                &gw,
+                agency,
+                officer,
+                purpose,
+                Duration::from_secs(300),
+            ))
+            .await;
+        assert_eq!(signed.status, StatusCode::SEE_OTHER);
+        let r = http.send(Method::GET, page, None).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{page}");
+        let body = String::from_utf8_lossy(&r.body);
+        let id = body
+            .split("Audit record: <code>")
+            .nth(1)
+            .and_then(|rest| rest.split('<').next())
+            .unwrap_or_else(|| panic!("the refusal names its record: {body}"));
+        let record = gw.record(id).await;
+        assert_eq!(record.entry.officer.as_deref(), Some(officer));
+        assert_eq!(record.entry.decision.as_str(), "deny");
+        assert_eq!(record.entry.status, 403);
+    }
+    // The administrators' view of the log: only where shadow decisions differ, never by person.
+    let client = gw.client("dga");
+    let t = gw.officer_token("dga", "admin-1", "policy-administration");
+    let r = client.get("/v1/audit/records", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = client
+        .get(
+            &format!("/v1/audit/records?shadow_diff=true&subject={PERSON}"),
+            Some(&t),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = client
+        .get("/v1/audit/records?shadow_diff=true", Some(&t))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = client.get("/v1/admin/certificates", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.json()["certificates"].as_array().unwrap().len() >= 2);
+    gw.shutdown().await;
+}
+
 /// The figure in the README: the search page over a log of a million records
 /// (SQLite), seeded through the library's writer. Not a timed test:
-/// `KARIBCHE_CONSOLE_RECORDS=1000000 cargo test --release --test console -- --ignored --nocapture`.
+/// `KARIBCHE_CONSOLE_RECORDS=1000000 cargo test --test console -- --ignored --nocapture`
+/// (add `--release` for the production build's figure).
 #[tokio::test]
 #[ignore]
 async fn search_page_over_a_large_log() {
@@ -686,15 +905,44 @@ async fn search_page_over_a_large_log() {
     }
     println!("seeded {n} records in {:.1?}", started.elapsed());
     let mut http = Http::new(&gw);
-    http.sign_in(&token(
-        &gw,
-        "pdps",
-        "so-1",
-        "supervision",
-        Duration::from_secs(3600),
-    ))
-    .await;
+    // Within tokens.max_lifetime (15 minutes): a longer token is refused, and the
+    // "pages" timed would be the sign-in form.
+    let signed = http
+        .sign_in(&token(
+            &gw,
+            "pdps",
+            "so-1",
+            "supervision",
+            Duration::from_secs(600),
+        ))
+        .await;
+    assert_eq!(signed.status, StatusCode::SEE_OTHER, "signed in");
     let csrf = hidden(&http.send(Method::GET, "/search", None).await.body, "csrf");
+    // The query alone, as the auditors' API asks it (first page: PAGE + 1 records).
+    let filters = [
+        karibche::audit::Filter::default(),
+        karibche::audit::Filter {
+            subject: Some("RF-0004242".into()),
+            ..Default::default()
+        },
+        karibche::audit::Filter {
+            agency: Some("psda".into()),
+            officer: Some("officer-9".into()),
+            ..Default::default()
+        },
+    ];
+    for (i, mut filter) in filters.into_iter().enumerate() {
+        filter.limit = Some(51);
+        let t = std::time::Instant::now();
+        let found = karibche::audit::query(&gw.running.store, &filter)
+            .await
+            .unwrap();
+        println!(
+            "query alone, filter {i}: {} records in {:.1?}",
+            found.len(),
+            t.elapsed()
+        );
+    }
     for (label, form) in [
         ("no filter (first page)", vec![("format", "html")]),
         (
@@ -718,6 +966,11 @@ async fn search_page_over_a_large_log() {
             let r = http.send(Method::POST, "/search", Some(&f)).await;
             times.push(t.elapsed());
             assert_eq!(r.status, StatusCode::OK);
+            let page = String::from_utf8_lossy(&r.body);
+            assert!(
+                page.contains("id=\"result-count\""),
+                "a page of results, not {page:.300}"
+            );
         }
         times.sort();
         println!("search page, {label}: median {:.1?} (min {:.1?}, max {:.1?}) over 5, each with a fresh TLS connection", times[2], times[0], times[4]);

@@ -6,16 +6,20 @@
 //! ```text
 //! browser ──TLS──▶ console listener ──▶ Console::handle
 //!                    session cookie ─▶ session.rs (token kept, expiries)
-//!                    a page with log data ─▶ via.rs: GET /v1/audit/… through
-//!                        Gateway::handle_detached (authn, authz, limit, audit)
-//!                    pages.rs: the answer as HTML (askama), charts as SVG (charts-rs)
+//!                    every page with data ─▶ via.rs: GET /v1/audit/… or /v1/admin/…
+//!                        through Gateway::handle_detached (authn, authz, limit, audit)
+//!                    pages.rs (security officers, the subject's report),
+//!                    admin.rs (administrators, the chains): the answer as HTML
+//!                        (askama), charts as SVG (charts-rs)
 //! ```
 //!
-//! Nothing here decides who may see what: every page that shows log data is
-//! an auditors' API read ([`crate::gateway::builtin::audit`]) made with the
-//! officer's own token, decided by the policy, held to the officer's quotas
-//! and recorded like any API read. Pages that show no log or register data
-//! (the policy, explain, chain verification) read the gateway's state.
+//! Nothing here decides who may see what: every page that shows data is an
+//! auditors' API read ([`crate::gateway::builtin::audit`]) or an
+//! administrators' API read ([`crate::gateway::builtin::admin`]) made with
+//! the officer's own token, decided by the policy, held to the officer's
+//! quotas and recorded like any API read. A page the policy does not allow
+//! the officer is the API's refusal (403), with its audit record's id. Only
+//! the empty forms (search, person, report) and sign-in read nothing.
 //!
 //! Browser rules: a strict Content-Security-Policy (no inline script or
 //! style; the one script and style sheet are files in the binary), a CSRF
@@ -24,6 +28,7 @@
 //! into a console URL: person, report and search forms post it, and it
 //! reaches the log only as the API records it.
 
+pub mod admin;
 pub mod pages;
 pub mod session;
 pub mod via;
@@ -161,7 +166,7 @@ impl Console {
             params,
         };
         match (&method, path.as_str()) {
-            (&Method::GET, "/") => redirect("/search"),
+            (&Method::GET, "/") => redirect(pages::home(&visit.session)),
             (&Method::POST, "/signout") => pages::signout(self, &visit).await,
             (&Method::GET, "/search") => pages::search_form(&visit),
             (&Method::POST, "/search") => pages::search(self, &visit).await,
@@ -172,13 +177,23 @@ impl Console {
             (&Method::POST, "/report") => pages::report(self, &visit).await,
             (&Method::GET, "/signals") => pages::signals(self, &visit).await,
             (&Method::GET, "/charts") => pages::charts(self, &visit).await,
-            (&Method::GET, "/policy") => pages::policy(self, &visit, None),
-            (&Method::POST, "/explain") => pages::explain(self, &visit),
-            (&Method::GET, "/chains") => pages::chains(self, &visit, None),
-            (&Method::POST, "/chains") => pages::verify_chains(self, &visit).await,
+            (&Method::GET, "/policy") => page(admin::policy(self, &visit).await),
+            (&Method::POST, "/explain") => page(admin::explain(self, &visit).await),
+            (&Method::GET, "/chains") => page(admin::chains(self, &visit, false).await),
+            (&Method::POST, "/chains") => page(admin::chains(self, &visit, true).await),
+            (&Method::GET, "/reloads") => page(admin::reloads(self, &visit).await),
+            (&Method::GET, "/shadow") => page(admin::shadow(self, &visit).await),
+            (&Method::GET, "/certificates") => page(admin::certificates(self, &visit).await),
+            (&Method::GET, "/providers") => page(admin::providers(self, &visit).await),
+            (&Method::GET, "/latency") => page(admin::latency(self, &visit).await),
             _ => plain(StatusCode::NOT_FOUND, "no such console page"),
         }
     }
+}
+
+/// The page, or the answer that stands in for it.
+fn page(p: admin::Page) -> Response<Body> {
+    p.unwrap_or_else(|refused| refused)
 }
 
 /// Headers every console answer carries.

@@ -24,22 +24,29 @@ pub const WINDOW_DAYS: i64 = 7;
 
 /// The signed-in officer, as the page header shows them.
 pub struct Who {
-    officer: String,
-    agency: String,
-    purpose: String,
-    csrf: String,
+    /// The officer's id.
+    pub(super) officer: String,
+    /// The agency whose key signed the token.
+    pub(super) agency: String,
+    /// The purpose the token states.
+    pub(super) purpose: String,
+    /// The session's CSRF token, for the sign-out form.
+    pub(super) csrf: String,
+    /// The administrators' pages lead the navigation (the policy still decides each page).
+    pub(super) admin: bool,
 }
 
-fn who(s: &Session) -> Option<Who> {
+pub(super) fn who(s: &Session) -> Option<Who> {
     Some(Who {
         officer: s.officer.id.clone(),
         agency: s.agency.clone(),
         purpose: s.officer.purpose.clone(),
         csrf: s.csrf.clone(),
+        admin: s.officer.purpose == crate::gateway::builtin::admin::ADMINISTRATION,
     })
 }
 
-fn render(t: &impl Template) -> Response<Body> {
+pub(super) fn render(t: &impl Template) -> Response<Body> {
     match t.render() {
         Ok(body) => html(StatusCode::OK, body),
         Err(err) => {
@@ -64,7 +71,7 @@ struct Message<'a> {
     next: &'a str,
 }
 
-fn message(
+pub(super) fn message(
     status: StatusCode,
     s: Option<&Session>,
     title: &str,
@@ -216,7 +223,7 @@ pub async fn signin(
         "signed in to the console",
     )
     .await;
-    let mut resp = redirect("/search");
+    let mut resp = redirect(home(&session));
     set_cookie(
         &mut resp,
         &session::set_cookie(session::COOKIE, &session.id, None),
@@ -226,6 +233,15 @@ pub async fn signin(
         &session::set_cookie(session::SIGNIN_COOKIE, "", Some(std::time::Duration::ZERO)),
     );
     resp
+}
+
+/// The first page of a session: the policy for administrators, the search for everyone else.
+pub fn home(s: &Session) -> &'static str {
+    if s.officer.purpose == crate::gateway::builtin::admin::ADMINISTRATION {
+        "/policy"
+    } else {
+        "/search"
+    }
 }
 
 /// Records a sign-in or sign-out in the audit log, as an event of this node.
@@ -269,7 +285,11 @@ pub async fn signout(console: &Console, v: &Visit<'_>) -> Response<Body> {
 // ---------------------------------------------------------------- the API, through the pipeline
 
 /// Asks the auditors' API, as the officer, through the whole pipeline; a refusal becomes a page.
-async fn api(console: &Console, v: &Visit<'_>, path: &str) -> Result<bytes::Bytes, Response<Body>> {
+pub(super) async fn api(
+    console: &Console,
+    v: &Visit<'_>,
+    path: &str,
+) -> Result<bytes::Bytes, Response<Body>> {
     let s = &v.session;
     let answer = via::get(
         &console.gateway,
@@ -330,7 +350,7 @@ async fn audit_records(
     .await
 }
 
-fn query_string(pairs: &[(&str, String)]) -> String {
+pub(super) fn query_string(pairs: &[(&str, String)]) -> String {
     pairs
         .iter()
         .filter(|(_, v)| !v.is_empty())
@@ -344,7 +364,7 @@ fn records(body: &[u8]) -> Vec<Value> {
 }
 
 /// A record's field as text (lists joined).
-fn text(v: &Value, k: &str) -> String {
+pub(super) fn text(v: &Value, k: &str) -> String {
     match v.get(k) {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s.clone(),
@@ -1031,7 +1051,12 @@ pub async fn signals(console: &Console, v: &Visit<'_>) -> Response<Body> {
         Ok(r) => r,
         Err(page) => return page,
     };
-    let log = crate::gateway::builtin::audit::log_providers(&console.gateway.policy.load());
+    // Reads of the log and of the gateway's administration name no person's record.
+    let policy = console.gateway.policy.load();
+    let mut log = crate::gateway::builtin::audit::log_providers(&policy);
+    log.extend(policy.providers().filter(|p| {
+        matches!(&p.upstream, crate::policy::Upstream::Builtin(n) if n == crate::gateway::builtin::admin::ADMIN_BUILTIN)
+    }).map(|p| p.id.clone()));
     render(&Signals {
         lang: "en",
         title: "Misuse signals",
@@ -1325,279 +1350,6 @@ pub fn draw_charts(recs: &[Value]) -> Vec<(String, String)> {
         bar(quota, "quota refusals"),
     ));
     out
-}
-
-// ---------------------------------------------------------------- the policy
-
-/// A grant, for display.
-pub struct GrantRow {
-    id: String,
-    flags: String,
-    service: String,
-    operations: String,
-    purposes: String,
-    fields: String,
-    location: String,
-}
-
-/// An agency, for display.
-pub struct AgencyRow {
-    id: String,
-    name: String,
-    certificate: String,
-    grants: Vec<GrantRow>,
-}
-
-/// The explain form's fields.
-#[derive(Default)]
-pub struct Explain {
-    agency: String,
-    purpose: String,
-    method: String,
-    path: String,
-    case: String,
-}
-
-#[derive(Template)]
-#[template(path = "policy.html")]
-struct PolicyPage<'a> {
-    lang: &'a str,
-    title: &'a str,
-    who: Option<Who>,
-    csrf: String,
-    version: String,
-    x: Explain,
-    explained: Option<String>,
-    agencies: Vec<AgencyRow>,
-    purposes: Vec<(String, String, String)>,
-    services: Vec<String>,
-    matrix: Vec<(String, Vec<String>)>,
-}
-
-/// `GET /policy`: the policy as loaded (no log or register data), and the explain form.
-pub fn policy(
-    console: &Console,
-    v: &Visit<'_>,
-    explained: Option<(Explain, String)>,
-) -> Response<Body> {
-    let policy = console.gateway.policy.load_full();
-    let mut agencies: Vec<AgencyRow> = policy
-        .agencies()
-        .map(|a| {
-            let c = &a.certificate;
-            let certificate = [
-                c.uri_san
-                    .iter()
-                    .map(|s| format!("URI {s}"))
-                    .collect::<Vec<_>>(),
-                c.dns_san.iter().map(|s| format!("DNS {s}")).collect(),
-                c.subject.iter().map(|s| format!("subject {s}")).collect(),
-                c.sha256.iter().map(|s| format!("SHA-256 {s}")).collect(),
-            ]
-            .concat()
-            .join("; ");
-            AgencyRow {
-                id: a.id.clone(),
-                name: a.name.clone(),
-                certificate,
-                grants: a
-                    .grants
-                    .iter()
-                    .map(|g| GrantRow {
-                        id: g.id.to_string(),
-                        flags: [
-                            g.shadow.then_some("shadow"),
-                            g.restricted.then_some("restricted"),
-                            g.consent_required.then_some("consent"),
-                            g.case_required.then_some("case"),
-                        ]
-                        .into_iter()
-                        .flatten()
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                        service: format!("{}/{}", g.provider, g.service),
-                        operations: g
-                            .operations
-                            .iter()
-                            .map(|o| o.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        purposes: g
-                            .purposes
-                            .iter()
-                            .map(|p| p.code.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        fields: g.fields.paths().join(", "),
-                        location: format!("{}:{}", g.location.file.display(), g.location.line),
-                    })
-                    .collect(),
-            }
-        })
-        .collect();
-    agencies.sort_by(|a, b| a.id.cmp(&b.id));
-    let mut purposes: Vec<(String, String, String)> = policy
-        .purposes()
-        .map(|p| (p.code.clone(), p.title.clone(), p.legal_basis.clone()))
-        .collect();
-    purposes.sort();
-    let services: BTreeSet<String> = policy
-        .providers()
-        .flat_map(|p| p.services.iter().map(move |s| format!("{}/{}", p.id, s.id)))
-        .collect();
-    let services: Vec<String> = services.into_iter().collect();
-    let matrix = agencies
-        .iter()
-        .map(|a| {
-            let cells = services
-                .iter()
-                .map(|s| {
-                    let ops: BTreeSet<&str> = a
-                        .grants
-                        .iter()
-                        .filter(|g| &g.service == s && !g.flags.contains("shadow"))
-                        .flat_map(|g| g.operations.split(", "))
-                        .collect();
-                    ops.into_iter().collect::<Vec<_>>().join("+")
-                })
-                .collect();
-            (a.id.clone(), cells)
-        })
-        .collect();
-    let (x, explained) = match explained {
-        Some((x, e)) => (x, Some(e)),
-        None => (
-            Explain {
-                method: "GET".into(),
-                ..Explain::default()
-            },
-            None,
-        ),
-    };
-    render(&PolicyPage {
-        lang: "en",
-        title: "Policy",
-        who: who(&v.session),
-        csrf: v.session.csrf.clone(),
-        version: policy.version().to_owned(),
-        x,
-        explained,
-        agencies,
-        purposes,
-        services,
-        matrix,
-    })
-}
-
-/// `POST /explain`: the decision for an imagined request, and the grant that makes it (as `policy explain` says it).
-pub fn explain(console: &Console, v: &Visit<'_>) -> Response<Body> {
-    let x = Explain {
-        agency: v.get("agency"),
-        purpose: v.get("purpose"),
-        method: v.get("method"),
-        path: v.get("path"),
-        case: v.get("case"),
-    };
-    let policy = console.gateway.policy.load_full();
-    let said = match (
-        crate::policy::split_gateway_path(&x.path),
-        http::Method::from_bytes(x.method.as_bytes())
-            .ok()
-            .and_then(|m| crate::policy::Operation::from_method(&m)),
-    ) {
-        (None, _) => format!(
-            "{:?} is not a gateway path /v1/{{provider}}/{{service}}/…",
-            x.path
-        ),
-        (_, None) => format!("method {:?} is not forwarded by the gateway", x.method),
-        (Some((provider, service)), Some(operation)) => {
-            let req = crate::policy::DecisionRequest {
-                agency: &x.agency,
-                provider,
-                service,
-                operation,
-                purpose: &x.purpose,
-                case_ref: Some(x.case.as_str()).filter(|c| !c.is_empty()),
-            };
-            policy.explain(&req, OffsetDateTime::now_utc().date())
-        }
-    };
-    self::policy(console, v, Some((x, said)))
-}
-
-// ---------------------------------------------------------------- the chains
-
-/// One node's chain, verified.
-pub struct NodeRow {
-    node: String,
-    records: i64,
-    checkpoints: usize,
-    ok: bool,
-    result: String,
-}
-
-#[derive(Template)]
-#[template(path = "chains.html")]
-struct Chains<'a> {
-    lang: &'a str,
-    title: &'a str,
-    who: Option<Who>,
-    csrf: String,
-    nodes: Vec<NodeRow>,
-}
-
-/// `GET /chains`: the verify action (and, after it, each node's result).
-pub fn chains(_console: &Console, v: &Visit<'_>, nodes: Option<Vec<NodeRow>>) -> Response<Body> {
-    render(&Chains {
-        lang: "en",
-        title: "Hash chains",
-        who: who(&v.session),
-        csrf: v.session.csrf.clone(),
-        nodes: nodes.unwrap_or_default(),
-    })
-}
-
-/// `POST /chains`: verifies every node's chain and its checkpoints; tampering is named by record.
-pub async fn verify_chains(console: &Console, v: &Visit<'_>) -> Response<Body> {
-    let report = match crate::audit::chain::verify(console.gateway.audit.store(), None).await {
-        Ok(r) => r,
-        Err(err) => {
-            tracing::error!(%err, "chain verification failed to run");
-            return message(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Some(&v.session),
-                "Not verified",
-                "The log could not be read.".into(),
-                None,
-            );
-        }
-    };
-    let nodes = report
-        .nodes
-        .into_iter()
-        .map(|n| NodeRow {
-            ok: n.broken_at.is_none(),
-            result: match &n.broken_at {
-                None => format!(
-                    "intact from record {}{}",
-                    n.first_seq,
-                    if n.unknown_outcomes.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            "; {} attempt(s) without a recorded outcome",
-                            n.unknown_outcomes.len()
-                        )
-                    }
-                ),
-                Some((seq, why)) => format!("BROKEN at record {seq}: {why}"),
-            },
-            node: n.node,
-            records: n.records,
-            checkpoints: n.checkpoints,
-        })
-        .collect();
-    chains(console, v, Some(nodes))
 }
 
 #[cfg(test)]

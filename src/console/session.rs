@@ -215,7 +215,8 @@ mod tests {
 
     #[test]
     fn sessions_expire_and_tokens_sign_in_once() {
-        let s = Sessions::new(Duration::from_secs(60), Duration::from_millis(50), 2);
+        // An absolute expiry long enough that a loaded machine still touches the session in time.
+        let s = Sessions::new(Duration::from_secs(60), Duration::from_millis(500), 2);
         let a = s
             .open(
                 "pdps",
@@ -237,7 +238,7 @@ mod tests {
             .unwrap_err(),
             SignInError::Replayed
         );
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(550));
         assert!(s.touch(&a.id).is_none(), "past the absolute expiry");
         let mut no_jti = officer("x");
         no_jti.token_id = None;

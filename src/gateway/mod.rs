@@ -113,6 +113,8 @@ pub struct Gateway {
     pub consents: crate::consent::Consents,
     /// The requests' pipelines, each a task of its own; shutdown waits for them.
     pub pipelines: tokio_util::task::TaskTracker,
+    /// What the administrators' API reads beyond the above (policy history, certificate files, latency snapshots).
+    pub administration: Arc<builtin::admin::Sources>,
 }
 
 /// Pipelines one connection may have running at once (HTTP/2's stream limit):

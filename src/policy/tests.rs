@@ -82,6 +82,7 @@ fn repository_policies_load() {
     assert_eq!(
         ids,
         [
+            "dga",
             "geostat",
             "mfa-consular",
             "mia-border",
@@ -467,7 +468,7 @@ fields = ["count"]
         "agencies/psda.toml:12:62: duplicate field path \"names.surname\"",
         "agencies/psda.toml:12:79: unknown field \"birth_place.colour\" for registry/persons (known: ",
         "agencies/psda.toml:14:15: valid_until 2026-01-01 is before valid_from 2026-12-01",
-        "agencies/psda.toml:17:12: unknown provider \"regsitry\" (known: audit, gateway, registry)",
+        "agencies/psda.toml:17:12: unknown provider \"regsitry\" (known: admin, audit, gateway, registry)",
         "agencies/psda.toml:25:11: unknown service \"people\" of provider \"registry\" (known: persons, crossings, visas, documents, residence-permits, work-permits, asylum-cases, entry-bans, statistics)",
         "agencies/psda.toml:27:12: a grant needs at least one purpose",
         "agencies/psda.toml:33:15: operation \"write\" is not supported by registry/statistics (supports: read)",

@@ -285,6 +285,15 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         rest_rx.clone(),
     )?);
     let shared = Shared::new(config.clone(), policy, rate, audit, rest_rx);
+    // The administrators' API reads the sets the reloader keeps and the latency snapshots.
+    let administration = Arc::new(crate::gateway::builtin::admin::Sources {
+        history: Arc::new(reload::policy::PolicyHistory::new(
+            shared.policy.load_full(),
+            quotas.clone(),
+        )),
+        config: config.clone(),
+        latency: crate::gateway::builtin::admin::latency::Ring::new(),
+    });
     let limits = listen_limits(&config);
     let mut rest_tasks = Vec::new();
     let gateway_tls = Arc::new(ReloadableTls::new(tls.gateway));
@@ -304,7 +313,13 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         tls.upstream,
         builtin,
         pseudonymiser,
+        administration.clone(),
     );
+    rest_tasks.push(tokio::spawn(crate::gateway::builtin::admin::latency::run(
+        administration.clone(),
+        shared.metrics.clone(),
+        shared.stop.clone(),
+    )));
     rest_tasks.push(tokio::spawn(housekeeping::run(
         shared.rate.clone(),
         shared.audit.clone(),
@@ -321,7 +336,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         &gateway,
         gateway_rx,
     )?;
-    let (reloader, reload_task) = start_policy_reloader(&shared);
+    let (reloader, reload_task) = start_policy_reloader(&shared, &administration.history);
     rest_tasks.push(reload_task);
     let cluster = Arc::new(PolicyVersions::default());
     rest_tasks.push(tokio::spawn(cluster::run(
@@ -652,6 +667,7 @@ fn build_gateway(
     upstream: rustls::ClientConfig,
     builtin: Vec<(String, String)>,
     pseudonymiser: Pseudonymiser,
+    administration: Arc<crate::gateway::builtin::admin::Sources>,
 ) -> Arc<Gateway> {
     let g = &shared.config.gateway;
     Arc::new(Gateway {
@@ -674,6 +690,7 @@ fn build_gateway(
         providers: shared.providers.clone(),
         consents: crate::consent::Consents::new(store.clone(), shared.audit.clone()),
         pipelines: tokio_util::task::TaskTracker::new(),
+        administration,
     })
 }
 
@@ -753,7 +770,10 @@ async fn start_console(
 }
 
 /// Starts reloading the policy files (and quotas) on a change or SIGHUP.
-fn start_policy_reloader(shared: &Shared) -> (Arc<reload::Reloader>, JoinHandle<()>) {
+fn start_policy_reloader(
+    shared: &Shared,
+    history: &Arc<reload::policy::PolicyHistory>,
+) -> (Arc<reload::Reloader>, JoinHandle<()>) {
     let reloader = Arc::new(
         reload::Reloader::new(
             shared.config.policies_dir.clone(),
@@ -761,7 +781,8 @@ fn start_policy_reloader(shared: &Shared) -> (Arc<reload::Reloader>, JoinHandle<
             shared.audit.clone(),
             shared.metrics.clone(),
         )
-        .with_limits(shared.rate.clone()),
+        .with_limits(shared.rate.clone())
+        .with_history(history.clone()),
     );
     let task = reload::spawn(reloader.clone(), shared.stop.clone());
     (reloader, task)

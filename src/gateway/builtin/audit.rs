@@ -2,8 +2,9 @@
 //! itself, for tools.
 //!
 //! ```text
-//! GET /v1/audit/records?subject=&agency=&officer=&purpose=&provider=&service=&decision=&since=&until=&node=&limit=&format=json|jsonl
+//! GET /v1/audit/records?subject=&agency=&officer=&purpose=&provider=&service=&decision=&since=&until=&node=&shadow_diff=&limit=&format=json|jsonl
 //! GET /v1/audit/report?subject=
+//! GET /v1/audit/chains[?verify=true]
 //! ```
 //!
 //! The log is a provider like any other: `providers.toml` names a provider
@@ -93,6 +94,9 @@ impl Builtin for AuditApi {
 }
 /// The purpose under which an audit grant reaches every agency's records.
 pub const SUPERVISION: &str = "supervision";
+/// The purpose under which administrators read the gateway's state
+/// ([`super::admin`]) and, of the log, only where shadow decisions differ.
+pub const ADMINISTRATION: &str = "policy-administration";
 /// The purpose under which a public service hall answers a person's request for their own
 /// report (`psda`, the console's printable report): the report covers every agency, as the
 /// person would receive it, and a grant under it names no other service.
@@ -119,7 +123,7 @@ pub struct Asker<'a> {
 /// What a request to the auditors' API asks for.
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a> {
-    /// `records` or `report`.
+    /// `records`, `report` or `chains`.
     pub service: &'a str,
     /// The path after the service (must be empty).
     pub rest: &'a str,
@@ -179,8 +183,11 @@ pub async fn serve(
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
+    let administration = ask.service == "records" && asker.purpose == ADMINISTRATION;
     let own_only = asker.purpose != SUPERVISION
-        && !(ask.service == "report" && asker.purpose == SUBJECT_ACCESS);
+        && !(ask.service == "report" && asker.purpose == SUBJECT_ACCESS)
+        && !administration
+        && ask.service != "chains";
     let agency = match get("agency") {
         Some(a) if own_only && a != asker.agency => return Err(ApiError::OutOfScope),
         Some(a) => Some(a),
@@ -188,6 +195,21 @@ pub async fn serve(
         None => None,
     };
     let subject = get("subject");
+    let shadow_diff = match get("shadow_diff").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "shadow_diff must be true or false".into(),
+            ))
+        }
+    };
+    if administration && (!shadow_diff || subject.is_some()) {
+        return Err(ApiError::BadRequest(format!(
+            "under {ADMINISTRATION} the log is read only where shadow decisions differ \
+             (shadow_diff=true), and never by data subject"
+        )));
+    }
     if let Some(s) = &subject {
         exchange.subject(s);
         if holds_restricted_grants(policy, asker.agency) {
@@ -199,8 +221,19 @@ pub async fn serve(
             allow_only(
                 &params,
                 &[
-                    "subject", "agency", "officer", "purpose", "provider", "service", "decision",
-                    "since", "until", "node", "limit", "format",
+                    "subject",
+                    "agency",
+                    "officer",
+                    "purpose",
+                    "provider",
+                    "service",
+                    "decision",
+                    "since",
+                    "until",
+                    "node",
+                    "shadow_diff",
+                    "limit",
+                    "format",
                 ],
             )?;
             let limit = match get("limit") {
@@ -230,6 +263,7 @@ pub async fn serve(
                 since: get("since"),
                 until: get("until"),
                 node: get("node"),
+                shadow_diff,
                 limit: Some(limit),
                 ..Filter::default()
             };
@@ -295,8 +329,72 @@ pub async fn serve(
                 content_type: "application/json",
             })
         }
+        "chains" => {
+            allow_only(&params, &["verify"])?;
+            let verify = match get("verify").as_deref() {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(_) => return Err(ApiError::BadRequest("verify must be true or false".into())),
+            };
+            let mut value = chains(audit, verify).await?;
+            exchange.released_fields(minimise::apply(&mut value, fields, None, "subject").fields);
+            Ok(Served {
+                status: StatusCode::OK,
+                body: Bytes::from(serde_json::to_vec(&value).map_err(AuditError::Json)?),
+                content_type: "application/json",
+            })
+        }
         _ => Err(ApiError::NotFound),
     }
+}
+
+/// Each node's chain head and last signed checkpoint; with `verify`, every chain verified.
+async fn chains(audit: &AuditLog, verify: bool) -> Result<serde_json::Value, AuditError> {
+    use serde_json::json;
+    let store = audit.store();
+    // The primary key (node, seq) answers both without reading the records.
+    let heads: Vec<(String, i64)> =
+        sqlx::query_as("SELECT node, MAX(seq) FROM audit_log GROUP BY node ORDER BY node")
+            .fetch_all(store.pool())
+            .await?;
+    let mut nodes = Vec::with_capacity(heads.len());
+    for (node, seq) in heads {
+        let head: Option<(String, String)> =
+            sqlx::query_as("SELECT ts, hash FROM audit_log WHERE node = $1 AND seq = $2")
+                .bind(&node)
+                .bind(seq)
+                .fetch_optional(store.pool())
+                .await?;
+        let (ts, hash) = head.unwrap_or_default();
+        let checkpoint = crate::audit::checkpoint::list(store, &node)
+            .await?
+            .pop()
+            .map(|c| json!({"seq": c.seq, "ts": c.ts, "hash": c.hash, "signature_valid": c.verify(None).is_ok()}));
+        nodes.push(json!({"node": node, "head": {"seq": seq, "ts": ts, "hash": hash}, "checkpoint": checkpoint}));
+    }
+    let verified = if verify {
+        let report = crate::audit::chain::verify(store, None).await?;
+        Some(
+            report
+                .nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "node": n.node,
+                        "records": n.records,
+                        "checkpoints": n.checkpoints,
+                        "intact": n.broken_at.is_none() && n.rolled_back.is_none(),
+                        "broken_at": n.broken_at.as_ref().map(|(seq, _)| seq),
+                        "unknown_outcomes": n.unknown_outcomes.len(),
+                        "result": n.to_string(),
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
+    } else {
+        None
+    };
+    Ok(json!({"nodes": nodes, "verified": verified}))
 }
 
 /// Whether the agency holds any grant marked `restricted`: its interest in a person is itself restricted.
@@ -324,7 +422,7 @@ fn withhold_subjects(value: &mut serde_json::Value) {
     }
 }
 
-fn allow_only(params: &[(String, String)], known: &[&str]) -> Result<(), ApiError> {
+pub(super) fn allow_only(params: &[(String, String)], known: &[&str]) -> Result<(), ApiError> {
     match params.iter().find(|(k, _)| !known.contains(&k.as_str())) {
         Some((k, _)) => Err(ApiError::BadRequest(format!(
             "unknown parameter {k:?} (known: {})",
@@ -346,7 +444,7 @@ fn accepts_jsonl(headers: &HeaderMap) -> bool {
 /// [`MAX_QUERY_VALUE_CHARS`](crate::audit::text::MAX_QUERY_VALUE_CHARS)
 /// characters or holding control characters (it would reach the request's
 /// own record, as a subject or in the path).
-fn parse_query(query: &str) -> Result<Vec<(String, String)>, ApiError> {
+pub(super) fn parse_query(query: &str) -> Result<Vec<(String, String)>, ApiError> {
     use crate::audit::text;
     let mut out: Vec<(String, String)> = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {

@@ -1,6 +1,6 @@
 //! Built-in providers: services the gateway answers in-process instead of
-//! forwarding — the consent API ([`consents`]) and the auditors' API
-//! ([`audit`]). The providers table names them like any provider
+//! forwarding — the consent API ([`consents`]), the auditors' API
+//! ([`audit`]) and the administrators' API ([`admin`]). The providers table names them like any provider
 //! (`upstream = "builtin:<name>"`); the route resolves them, and the request
 //! passes every step of the pipeline (agency, token, decide, limit, body,
 //! consent) before the provider's [`Builtin::serve`] answers in place of
@@ -10,6 +10,7 @@
 //! `TABLE`. (`builtin:registry` is not in the table: the register is a
 //! provider on its own listener, forwarded to by URL.)
 
+pub mod admin;
 pub mod audit;
 pub mod consents;
 
@@ -27,7 +28,7 @@ use crate::identity::token::Officer;
 use crate::policy::{Allow, GatewayPath as Route, Operation, Policy, Service};
 
 /// The built-in providers, by the name after `builtin:`.
-const TABLE: &[&dyn Builtin] = &[&audit::AuditApi, &consents::ConsentApi];
+const TABLE: &[&dyn Builtin] = &[&audit::AuditApi, &consents::ConsentApi, &admin::AdminApi];
 
 /// The built-in provider of that name, if the gateway has one.
 pub fn find(name: &str) -> Option<&'static dyn Builtin> {

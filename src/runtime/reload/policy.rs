@@ -15,7 +15,15 @@
 //! `policy-reload`, decision `allow`, status 0, `policy_version` the new
 //! version, and `reason` naming the old and new versions, the trigger, and
 //! each changed policy file with its SHA-256 before and after.
+//!
+//! The reloader also keeps the last [`HISTORY`] sets this node loaded (the
+//! one it started with included), with their quotas, in a [`PolicyHistory`]:
+//! the administrators' console compares any two of them in words
+//! ([`crate::policy::diff`]). Only sets loaded by this process are there; an
+//! older version, or one another replica loaded, is known by its audit event
+//! alone.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,6 +107,90 @@ pub enum ReloadError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// How many loaded policy sets a node keeps for comparison (a set is its parsed files, some hundred KiB).
+pub const HISTORY: usize = 20;
+
+/// A policy set this node loaded, with the quotas loaded beside it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The set.
+    pub policy: Arc<Policy>,
+    /// Its quotas (`limits.toml`), as applied with it or since.
+    pub quotas: Arc<crate::limits::LimitSet>,
+    /// When it was swapped in (RFC 3339, UTC).
+    pub at: String,
+    /// `start`, or the reload's trigger.
+    pub trigger: &'static str,
+}
+
+/// The policy sets this node has loaded, oldest first, at most [`HISTORY`]:
+/// the last one is the set in force.
+#[derive(Debug)]
+pub struct PolicyHistory {
+    sets: std::sync::Mutex<VecDeque<Loaded>>,
+}
+
+impl PolicyHistory {
+    /// A history that starts with the set the node started with.
+    pub fn new(policy: Arc<Policy>, quotas: crate::limits::LimitSet) -> PolicyHistory {
+        let first = Loaded {
+            policy,
+            quotas: Arc::new(quotas),
+            at: crate::audit::now_ts(),
+            trigger: "start",
+        };
+        PolicyHistory {
+            sets: std::sync::Mutex::new(VecDeque::from([first])),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Loaded>> {
+        // Only whole entries are ever pushed or replaced: a poisoned lock holds a valid list.
+        self.sets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every set held, oldest first.
+    pub fn sets(&self) -> Vec<Loaded> {
+        self.lock().iter().cloned().collect()
+    }
+
+    /// The held set of this version, if any.
+    pub fn get(&self, version: &str) -> Option<Loaded> {
+        self.lock()
+            .iter()
+            .rev()
+            .find(|l| l.policy.version() == version)
+            .cloned()
+    }
+
+    /// The set in force and its quotas.
+    pub fn current(&self) -> Option<Loaded> {
+        self.lock().back().cloned()
+    }
+
+    fn push(&self, policy: Arc<Policy>, quotas: crate::limits::LimitSet, trigger: Trigger) {
+        let mut sets = self.lock();
+        sets.push_back(Loaded {
+            policy,
+            quotas: Arc::new(quotas),
+            at: crate::audit::now_ts(),
+            trigger: trigger.as_str(),
+        });
+        while sets.len() > HISTORY {
+            sets.pop_front();
+        }
+    }
+
+    /// The quotas now applied with the set in force (`limits.toml` changed alone).
+    fn requota(&self, quotas: crate::limits::LimitSet) {
+        if let Some(last) = self.lock().back_mut() {
+            last.quotas = Arc::new(quotas);
+        }
+    }
+}
+
 /// Reloads the policy of one running gateway; reloads are serialised.
 pub struct Reloader {
     dir: PathBuf,
@@ -107,6 +199,8 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     /// The running quotas, rebuilt from `limits.toml` with every reload (unchanged keys keep their state).
     limits: Option<Arc<crate::limits::Limits>>,
+    /// The sets loaded so far, for the console's comparison; `None`: not kept.
+    history: Option<Arc<PolicyHistory>>,
     /// One reload at a time, so two triggers cannot race between compare and swap.
     lock: Mutex<()>,
 }
@@ -125,6 +219,7 @@ impl Reloader {
             audit,
             metrics,
             limits: None,
+            history: None,
             lock: Mutex::new(()),
         }
     }
@@ -132,6 +227,12 @@ impl Reloader {
     /// Also rebuilds these quotas from `limits.toml` on every reload.
     pub fn with_limits(mut self, limits: Arc<crate::limits::Limits>) -> Reloader {
         self.limits = Some(limits);
+        self
+    }
+
+    /// Also keeps every set it swaps in (and the quotas applied) in `history`.
+    pub fn with_history(mut self, history: Arc<PolicyHistory>) -> Reloader {
+        self.history = Some(history);
         self
     }
 
@@ -191,6 +292,9 @@ impl Reloader {
             if let Some(limits) = &self.limits {
                 limits.reload(&quotas);
             }
+            if let Some(history) = &self.history {
+                history.requota(quotas);
+            }
             tracing::debug!(version = new.version(), "policy files unchanged");
             return Ok(ReloadOutcome::Unchanged {
                 version: new.version().to_owned(),
@@ -206,6 +310,9 @@ impl Reloader {
         self.policy.store(Arc::clone(&new));
         if let Some(limits) = &self.limits {
             limits.reload(&quotas);
+        }
+        if let Some(history) = &self.history {
+            history.push(Arc::clone(&new), quotas, trigger);
         }
         self.metrics.policy_reloaded();
         let new = new.version().to_owned();
@@ -346,4 +453,31 @@ async fn next_hangup(hangup: &mut Hangup) {
     #[cfg(not(unix))]
     let _ = hangup;
     std::future::pending::<()>().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_history_keeps_the_last_sets_and_the_quotas_in_force() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let policy = Arc::new(Policy::load(&dir).unwrap());
+        let history = PolicyHistory::new(policy.clone(), crate::limits::LimitSet::default());
+        assert_eq!(history.current().unwrap().trigger, "start");
+        for _ in 0..HISTORY + 5 {
+            history.push(
+                policy.clone(),
+                crate::limits::LimitSet::default(),
+                Trigger::Api,
+            );
+        }
+        assert_eq!(history.sets().len(), HISTORY, "bounded");
+        assert!(history.sets().iter().all(|l| l.trigger == "api"));
+        assert!(history.get(policy.version()).is_some());
+        assert!(history.get("0000").is_none());
+        let quotas = crate::limits::LimitSet::load(&dir, &policy).unwrap();
+        history.requota(quotas.clone());
+        assert_eq!(*history.current().unwrap().quotas, quotas);
+    }
 }
