@@ -109,6 +109,7 @@ pub(crate) async fn advance(
     key: &AuditKey,
     from: Option<CompactRange>,
     seq: i64,
+    known: &[(i64, &str)],
 ) -> Result<Option<CompactRange>, sqlx::Error> {
     let mut tree = match from {
         Some(t) => t,
@@ -120,18 +121,33 @@ pub(crate) async fn advance(
             None => CompactRange::default(),
         },
     };
-    let hashes: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT seq, hash FROM audit_log WHERE node = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
-    )
-    .bind(node)
-    .bind(tree.size as i64)
-    .bind(seq)
-    .fetch_all(&mut *conn)
-    .await?;
+    // The writer knows the hashes it committed since the last head; read back only
+    // when it does not (after a restart or a failed transaction).
+    let first = tree.size as i64 + 1;
+    let from_writer = known.first().is_some_and(|(s, _)| *s == first)
+        && known.last().is_some_and(|(s, _)| *s == seq)
+        && known.len() as i64 == seq - first + 1;
+    let read: Vec<(i64, String)> = if from_writer {
+        Vec::new()
+    } else {
+        sqlx::query_as(
+            "SELECT seq, hash FROM audit_log WHERE node = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+        )
+        .bind(node)
+        .bind(tree.size as i64)
+        .bind(seq)
+        .fetch_all(&mut *conn)
+        .await?
+    };
+    let hashes: Vec<(i64, &str)> = if from_writer {
+        known.to_vec()
+    } else {
+        read.iter().map(|(s, h)| (*s, h.as_str())).collect()
+    };
     let mut stored: Vec<(Subtree, Hash)> = Vec::new();
     for (s, hash) in hashes {
         // Archived records are not in the table: the tree cannot be extended past them.
-        let (true, Some(leaf)) = (s == tree.size as i64 + 1, leaf_of(&hash)) else {
+        let (true, Some(leaf)) = (s == tree.size as i64 + 1, leaf_of(hash)) else {
             return Ok(None);
         };
         stored.extend(
@@ -140,17 +156,31 @@ pub(crate) async fn advance(
                 .filter(|(t, _)| t.level >= STORED_LEVEL),
         );
     }
-    for (t, h) in &stored {
-        sqlx::query(
-            "INSERT INTO audit_tree_nodes (node, level, idx, hash) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (node, level, idx) DO NOTHING",
-        )
-        .bind(node)
-        .bind(t.level as i32)
-        .bind(t.index as i64)
-        .bind(hex::encode(h))
-        .execute(&mut *conn)
-        .await?;
+    if !stored.is_empty() {
+        // All of them in one statement, as one JSON text of `[level, index, hash]`.
+        let rows: Vec<(u32, u64, String)> = stored
+            .iter()
+            .map(|(t, h)| (t.level, t.index, hex::encode(h)))
+            .collect();
+        let rows = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let sql = match conn.backend_name() {
+            "PostgreSQL" => {
+                "INSERT INTO audit_tree_nodes (node, level, idx, hash) \
+                 SELECT $1, (e ->> 0)::integer, (e ->> 1)::bigint, e ->> 2 \
+                 FROM jsonb_array_elements($2::jsonb) AS e ON CONFLICT (node, level, idx) DO NOTHING"
+            }
+            // `WHERE true` tells SQLite's parser the ON CONFLICT is the upsert's.
+            _ => {
+                "INSERT INTO audit_tree_nodes (node, level, idx, hash) \
+                 SELECT $1, value ->> 0, value ->> 1, value ->> 2 FROM jsonb_each($2) WHERE true \
+                 ON CONFLICT (node, level, idx) DO NOTHING"
+            }
+        };
+        sqlx::query(sql)
+            .bind(node)
+            .bind(rows)
+            .execute(&mut *conn)
+            .await?;
     }
     let root = tree.root();
     let text = note::checkpoint_text(origin, tree.size, &root);
@@ -377,7 +407,7 @@ mod tests {
                 .unwrap();
             let started = std::time::Instant::now();
             let mut tx = store.begin_write().await.unwrap();
-            tree = advance(tx.conn(), "fig", &origin, &key, tree, size)
+            tree = advance(tx.conn(), "fig", &origin, &key, tree, size, &[])
                 .await
                 .unwrap();
             tx.commit().await.unwrap();

@@ -234,6 +234,7 @@ impl AuditLog {
             tree_disabled: false,
             heads: heads_tx,
             conn: None,
+            leaves: Vec::new(),
         };
         let task = tokio::spawn(writer.run(rx, close.clone()));
         Ok((
@@ -334,6 +335,10 @@ impl AuditWriter {
     }
 }
 
+/// Most leaves the writer keeps for the next tree head (a head is due every 1,000
+/// records by default); a longer stretch is read back from the database instead.
+const MAX_KNOWN_LEAVES: usize = 65_536;
+
 /// How often a failing writer tries the store again by itself: a node out of
 /// rotation gets no requests, so it must find out on its own that it can write.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -360,6 +365,9 @@ struct Writer {
     tree_disabled: bool,
     /// Tells the witness task about each new tree head.
     heads: tokio::sync::watch::Sender<u64>,
+    /// `(seq, hash)` of the records committed since the last tree head, so the next head
+    /// need not read them back; empty when unknown (then they are read).
+    leaves: Vec<(i64, String)>,
     /// The connection batches commit on, kept between them (none after a failure).
     conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
 }
@@ -572,7 +580,7 @@ impl Writer {
             .map_err(|e| Failure::of(&e, backend))?;
             let tree = match checkpoint {
                 Some(_) => self
-                    .advance_tree(tx.conn(), seq)
+                    .advance_tree(tx.conn(), seq, &chained)
                     .await
                     .map_err(|e| Failure::of(&e, backend))?,
                 None => None,
@@ -592,6 +600,9 @@ impl Writer {
         match result {
             Ok((chained, checkpoint, tree, head, conn)) => {
                 self.conn = Some(conn);
+                if tree.is_none() {
+                    self.remember_leaves(&chained);
+                }
                 if checkpoint.is_some() {
                     self.last_checkpoint = (head.seq, Instant::now());
                 }
@@ -614,6 +625,7 @@ impl Writer {
             Err(failure) => {
                 self.head = None;
                 self.tree = None;
+                self.leaves.clear();
                 self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
                 Err(failure)
             }
@@ -708,6 +720,7 @@ impl Writer {
         &mut self,
         conn: &mut AnyConnection,
         seq: i64,
+        batch: &[Chained<'_>],
     ) -> Result<Option<CompactRange>, sqlx::Error> {
         let Some(policy) = &self.checkpoints else {
             return Ok(None);
@@ -715,6 +728,12 @@ impl Writer {
         if self.tree_disabled {
             return Ok(None);
         }
+        let known: Vec<(i64, &str)> = self
+            .leaves
+            .iter()
+            .map(|(s, h)| (*s, h.as_str()))
+            .chain(batch.iter().map(|c| (c.seq, c.hash.as_str())))
+            .collect();
         let tree = super::tree::advance(
             conn,
             &self.node,
@@ -722,6 +741,7 @@ impl Writer {
             &policy.key,
             self.tree.clone(),
             seq,
+            &known,
         )
         .await?;
         if tree.is_none() {
@@ -731,9 +751,24 @@ impl Writer {
         Ok(tree)
     }
 
+    /// After a commit that signed no tree head: its records are the next head's leaves
+    /// (up to [`MAX_KNOWN_LEAVES`]; past that the head reads them back).
+    fn remember_leaves(&mut self, chained: &[Chained<'_>]) {
+        if self.checkpoints.is_none() || self.tree_disabled {
+            return;
+        }
+        if self.leaves.len() + chained.len() > MAX_KNOWN_LEAVES {
+            self.leaves.clear();
+            return;
+        }
+        self.leaves
+            .extend(chained.iter().map(|c| (c.seq, c.hash.clone())));
+    }
+
     /// After a commit: the tree as of its head, announced to the witness task.
     fn tree_advanced(&mut self, tree: Option<CompactRange>) {
         if let Some(tree) = tree {
+            self.leaves.clear();
             self.heads.send_replace(tree.size);
             self.tree = Some(tree);
         }
@@ -751,7 +786,7 @@ impl Writer {
         let result = async {
             let mut tx = self.store.begin_write().await?;
             checkpoint::insert(tx.conn(), &cp).await?;
-            let tree = self.advance_tree(tx.conn(), head.seq).await?;
+            let tree = self.advance_tree(tx.conn(), head.seq, &[]).await?;
             tx.commit().await.map(|()| tree)
         }
         .await;
