@@ -17,6 +17,9 @@ fn git(args: &[&str]) -> Option<String> {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    // `sqlx::migrate!` embeds migrations/ at compile time but does not tell cargo, so an
+    // added migration would otherwise be missed by an incremental build.
+    println!("cargo:rerun-if-changed=migrations");
     println!("cargo:rerun-if-env-changed=KARIBCHE_BUILD_COMMIT");
     println!("cargo:rerun-if-env-changed=KARIBCHE_BUILD_DATE");
     let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
